@@ -1,0 +1,7 @@
+"""dfqvit.kernels: packed low-bit GEMM, log2 attention and fused LayerNorm-quantize kernels.
+
+Importing this package never touches CUDA; Triton kernels compile on first launch.
+"""
+from .errors import DFQViTError, KernelInputError, MissingGPUError
+
+__all__ = ["DFQViTError", "KernelInputError", "MissingGPUError"]
