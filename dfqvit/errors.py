@@ -1,0 +1,35 @@
+"""The ``DFQViTError`` family: every error dfqvit raises on purpose says what it was given, what is
+allowed, and what to do. The base class lives in ``dfqvit.kernels.errors`` so kernels can raise it
+without importing the package above them."""
+from dfqvit.kernels.errors import DFQViTError, KernelInputError, MissingGPUError
+
+
+class UnsupportedBitsError(DFQViTError, ValueError):
+    """Bit width outside what the quantizers / kernels implement."""
+
+
+class UnsupportedModelError(DFQViTError, TypeError):
+    """A model (or a variant of a supported model) that no adapter handles."""
+
+
+class InputShapeError(DFQViTError, ValueError):
+    """Input tensor of the wrong rank, channel count or spatial size."""
+
+
+class NonFiniteInputError(DFQViTError, ValueError):
+    """NaN or Inf in an input tensor."""
+
+
+class CheckpointNotFoundError(DFQViTError, FileNotFoundError):
+    """A model description or checkpoint path that does not exist."""
+
+
+class CalibrationError(DFQViTError, ValueError):
+    """Calibration data that cannot be used (wrong type, empty, too few images)."""
+
+
+__all__ = [
+    "DFQViTError", "KernelInputError", "MissingGPUError", "UnsupportedBitsError",
+    "UnsupportedModelError", "InputShapeError", "NonFiniteInputError", "CheckpointNotFoundError",
+    "CalibrationError",
+]

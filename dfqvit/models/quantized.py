@@ -1,0 +1,144 @@
+"""``QuantizedModel``: a deep copy of a timm model with quantizable modules swapped in, plus the
+switches every stage needs (quantizer state, attention taps, input checks)."""
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from dfqvit.config import QuantConfig
+from dfqvit.errors import InputShapeError, NonFiniteInputError
+from dfqvit.nn import AttentionTap, QuantAttentionBase
+from dfqvit.nn.linear import _QuantWeightLayer
+from dfqvit.quant.quantizers import _Quantizer
+
+from .base import Adapter, InputSpec, find_adapter
+
+
+def validate_images(x, spec: InputSpec, what: str = "input") -> None:
+    """Raise a typed error unless ``x`` is a finite float (B, C, H, W) tensor the model accepts."""
+    if not isinstance(x, torch.Tensor):
+        raise InputShapeError(f"{what} must be a torch.Tensor of shape (B, {spec.channels}, H, W), got {type(x).__name__}")
+    if x.dim() != 4 or x.shape[1] != spec.channels:
+        raise InputShapeError(
+            f"{what} has shape {tuple(x.shape)}; expected (B, {spec.channels}, {spec.height}, {spec.width}) "
+            f"normalized images")
+    if spec.strict_size and tuple(x.shape[2:]) != (spec.height, spec.width):
+        raise InputShapeError(
+            f"{what} has spatial size {tuple(x.shape[2:])} but the model was built for "
+            f"{(spec.height, spec.width)}; resize the images (or build the model with that img_size)")
+    if not x.is_floating_point():
+        raise InputShapeError(f"{what} has dtype {x.dtype}; expected float images normalized with mean/std")
+    if not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise NonFiniteInputError(f"{what} contains {bad} NaN/Inf values; clean or re-normalize the images")
+
+
+class QuantizedModel(nn.Module):
+    """Fake-quant model. ``model`` is the swapped timm model; the original is never touched.
+
+    Attributes:
+        config: the QuantConfig it was built with.
+        skipped: fqns of layers kept in floating point (by config), reported, never silent.
+        input_spec: expected input shape and normalization.
+    """
+
+    def __init__(self, model: nn.Module, adapter: Adapter, config: QuantConfig, skipped: Sequence[str],
+                 input_spec: InputSpec):
+        super().__init__()
+        self.model = model
+        self.adapter = adapter
+        self.config = config
+        self.skipped = tuple(skipped)
+        self.input_spec = input_spec
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.config.check_inputs:
+            validate_images(x, self.input_spec)
+        return self.model(x)
+
+    # -- structure -------------------------------------------------------------------------------------
+
+    @property
+    def blocks(self) -> List[nn.Module]:
+        return self.adapter.blocks(self.model)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return self.adapter.num_prefix_tokens(self.model)
+
+    @property
+    def family(self) -> str:
+        return self.adapter.name
+
+    def attention_modules(self) -> List[QuantAttentionBase]:
+        return [m for m in self.model.modules() if isinstance(m, QuantAttentionBase)]
+
+    def weight_layers(self) -> Iterator[Tuple[str, _QuantWeightLayer]]:
+        for name, m in self.model.named_modules():
+            if isinstance(m, _QuantWeightLayer):
+                yield name, m
+
+    def quantizers(self) -> Iterator[Tuple[str, _Quantizer]]:
+        for name, m in self.model.named_modules():
+            if isinstance(m, _Quantizer):
+                yield name, m
+
+    def activation_quantizers(self) -> Iterator[Tuple[str, _Quantizer]]:
+        return ((n, q) for n, q in self.quantizers() if not n.endswith("weight_quantizer"))
+
+    # -- switches --------------------------------------------------------------------------------------
+
+    def set_quant_state(self, weights: bool, activations: bool) -> None:
+        """Turn weight and activation quantization on or off (both off = the float model)."""
+        for name, q in self.quantizers():
+            q.enabled = weights if name.endswith("weight_quantizer") else activations
+
+    @contextlib.contextmanager
+    def quant_state(self, weights: bool, activations: bool):
+        saved = [(q, q.enabled) for _, q in self.quantizers()]
+        self.set_quant_state(weights, activations)
+        try:
+            yield self
+        finally:
+            for q, enabled in saved:
+                q.enabled = enabled
+
+    @contextlib.contextmanager
+    def record_attention(self, probs: bool = True, context: bool = False):
+        """Yield one AttentionTap per attention module (model order), refreshed by every forward."""
+        modules = self.attention_modules()
+        taps = [AttentionTap(keep_probs=probs, keep_context=context) for _ in modules]
+        for m, tap in zip(modules, taps):
+            m.tap = tap
+        try:
+            yield taps
+        finally:
+            for m in modules:
+                m.tap = None
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"family={self.family}, W{c.w_bits}A{c.a_bits}, softmax={c.softmax_quantizer.value}, "
+                f"float_layers={list(self.skipped)}")
+
+
+def adapt(model: nn.Module, config: Optional[QuantConfig] = None,
+          normalization: Optional[Tuple[Sequence[float], Sequence[float]]] = None) -> QuantizedModel:
+    """Deep-copy ``model``, swap its quantizable modules and return an (uncalibrated) QuantizedModel."""
+    config = config or QuantConfig()
+    adapter = find_adapter(model)
+    adapter.check(model)
+    copied = copy.deepcopy(model).eval()
+    spec = adapter.input_spec(copied)
+    if normalization is not None:
+        mean, std = normalization
+        spec = InputSpec(spec.channels, spec.height, spec.width, tuple(map(float, mean)),
+                         tuple(map(float, std)), spec.strict_size)
+    skipped = adapter.swap(copied, config)
+    for p in copied.parameters():  # stages that train (reconstruction) opt in explicitly
+        p.requires_grad_(False)
+    return QuantizedModel(copied, adapter, config, skipped, spec)

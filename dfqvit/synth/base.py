@@ -1,0 +1,89 @@
+"""``SyntheticSet`` (the saveable result of a synthesis run) and the registry of synthesis methods.
+
+A method is a function ``fn(qmodel, num_images, seed, config, progress) -> SyntheticSet`` registered by
+name; ``dfqvit.compile(calib="name")`` and the CLI look methods up here."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable, Dict, Optional
+
+import torch
+
+from dfqvit.errors import CalibrationError, CheckpointNotFoundError, DFQViTError
+
+SET_FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass
+class SyntheticSet:
+    """Calibration images in the model's normalized input space.
+
+    images: (B, C, H, W) float32. targets: (B,) int64 main class per image, or None when the method
+    uses no labels. method/seed/config describe how they were made (config is a plain dict).
+    """
+
+    images: torch.Tensor
+    targets: Optional[torch.Tensor]
+    method: str
+    seed: int
+    config: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def save(self, path: str) -> None:
+        """One safetensors file; the metadata holds method, seed and config as JSON."""
+        from safetensors.torch import save_file
+
+        tensors = {"images": self.images.detach().float().cpu().contiguous()}
+        if self.targets is not None:
+            tensors["targets"] = self.targets.detach().long().cpu().contiguous()
+        meta = {"format": "dfqvit.SyntheticSet", "version": str(SET_FORMAT_VERSION), "method": self.method,
+                "seed": str(self.seed), "config": json.dumps(self.config, sort_keys=True)}
+        save_file(tensors, path, metadata=meta)
+
+    @classmethod
+    def load(cls, path: str) -> "SyntheticSet":
+        from safetensors import safe_open
+
+        if not os.path.exists(path):
+            raise CheckpointNotFoundError(f"synthetic set {path!r} does not exist")
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as exc:  # safetensors raises its own error types for corrupt headers
+            raise DFQViTError(f"{path!r} is not a readable safetensors file ({exc}); re-create it") from exc
+        if meta.get("format") != "dfqvit.SyntheticSet" or meta.get("version") != str(SET_FORMAT_VERSION):
+            raise DFQViTError(f"{path!r} is not a dfqvit SyntheticSet of version {SET_FORMAT_VERSION} (metadata: {meta})")
+        return cls(images=tensors["images"], targets=tensors.get("targets"), method=meta["method"],
+                   seed=int(meta["seed"]), config=json.loads(meta["config"]))
+
+
+SynthFn = Callable[..., SyntheticSet]
+_METHODS: Dict[str, SynthFn] = {}
+
+
+def register_synth(name: str):
+    """Decorator: register a synthesis function under ``name``."""
+    def deco(fn: SynthFn) -> SynthFn:
+        _METHODS[name] = fn
+        return fn
+    return deco
+
+
+def available_methods():
+    return sorted(_METHODS)
+
+
+def synthesize(method: str, qmodel, num_images: int = 32, seed: int = 0, config=None,
+               progress: bool = True) -> SyntheticSet:
+    """Run the synthesis method ``method`` for ``qmodel`` (a dfqvit QuantizedModel)."""
+    fn = _METHODS.get(method)
+    if fn is None:
+        raise CalibrationError(
+            f"unknown calibration method {method!r}; data-free methods: {available_methods()}. "
+            f"For real images pass a tensor or a DataLoader as calib=")
+    return fn(qmodel, num_images=num_images, seed=seed, config=config, progress=progress)
