@@ -3,5 +3,7 @@
 Importing this package never touches CUDA; Triton kernels compile on first launch.
 """
 from .errors import DFQViTError, KernelInputError, MissingGPUError
+from .packing import PackedLayout, PackedWeight, pack_weight, packed_nbytes
 
-__all__ = ["DFQViTError", "KernelInputError", "MissingGPUError"]
+__all__ = ["DFQViTError", "KernelInputError", "MissingGPUError", "PackedLayout", "PackedWeight",
+           "pack_weight", "packed_nbytes"]

@@ -42,3 +42,261 @@ def log2_dequantize(codes: torch.Tensor, delta, bits: int) -> torch.Tensor:
     levels = 2 ** bits
     value = delta * torch.exp2(-codes)
     return torch.where(codes >= levels, torch.zeros_like(value), value)
+
+
+# ===================================================================================================
+# Everything below is the reference of one kernel family each (packing, qgemm, attention, act_quant).
+# Each function has the same arguments as the torch.library op it mirrors and is that op's CPU
+# implementation. Integer parts are computed in int64 (exact); float parts follow the kernel's order
+# of fp32 operations so that results match bit for bit where the hardware does not contract or
+# approximate (the interpreter), and within the tolerance stated in the tests otherwise.
+# ===================================================================================================
+
+LOG2E = 1.4426950408889634  # same constant as the kernels (kernels/_common.py)
+
+
+# --- packing ---------------------------------------------------------------------------------------
+
+def packed_row_bytes(k: int, storage_bits: int, group_k: int) -> int:
+    """Bytes per output row of a packed weight: K padded up to a multiple of ``group_k``, then
+    ``storage_bits / 8`` bytes per position (int8 rows are not padded)."""
+    if storage_bits == 8:
+        return k
+    k_padded = -(-k // group_k) * group_k
+    return k_padded * storage_bits // 8
+
+
+def _pad_k(codes: torch.Tensor, group_k: int) -> torch.Tensor:
+    n, k = codes.shape
+    k_padded = -(-k // group_k) * group_k
+    out = torch.zeros((n, k_padded), dtype=torch.uint8, device=codes.device)
+    out[:, :k] = codes.to(torch.uint8)
+    return out
+
+
+def pack_int4_reference(codes: torch.Tensor, group_k: int) -> torch.Tensor:
+    """(N, K) codes in [0, 15] -> (N, Kp/2) uint8, layout ``int4_half_split`` (see packing.PackedLayout).
+
+    Inside each group of ``group_k`` K positions, byte j holds position j (low nibble) and position
+    j + group_k/2 (high nibble). K is zero-padded to a multiple of ``group_k``.
+    """
+    c = _pad_k(codes, group_k)
+    n, k_padded = c.shape
+    c = c.view(n, k_padded // group_k, 2, group_k // 2)
+    packed = c[:, :, 0, :] | (c[:, :, 1, :] << 4)
+    return packed.reshape(n, k_padded // 2).contiguous()
+
+
+def unpack_int4_reference(packed: torch.Tensor, k: int, group_k: int) -> torch.Tensor:
+    """Inverse of :func:`pack_int4_reference`: (N, Kp/2) uint8 -> (N, k) uint8 codes."""
+    n, row_bytes = packed.shape
+    p = packed.view(n, row_bytes // (group_k // 2), 1, group_k // 2)
+    codes = torch.cat([p & 0xF, p >> 4], dim=2)
+    return codes.reshape(n, -1)[:, :k].contiguous()
+
+
+def pack_int3_reference(codes: torch.Tensor, group_k: int) -> torch.Tensor:
+    """(N, K) codes in [0, 7] -> (N, 3*Kp/8) uint8, layout ``int3_bitplanes`` (see packing.PackedLayout).
+
+    Each group of ``group_k`` positions becomes ``group_k/4`` bytes of the 2-bit plane (byte r holds the
+    low two bits of positions r + f*group_k/4 at bits 2f..2f+1, f = 0..3) followed by ``group_k/8``
+    bytes of the 1-bit plane (byte r holds bit 2 of position r + i*group_k/8 at bit i, i = 0..7).
+    """
+    c = _pad_k(codes, group_k)
+    n, k_padded = c.shape
+    groups = k_padded // group_k
+    low = (c & 0x3).view(n, groups, 4, group_k // 4)
+    plane2 = low[:, :, 0] | (low[:, :, 1] << 2) | (low[:, :, 2] << 4) | (low[:, :, 3] << 6)
+    high = (c >> 2).view(n, groups, 8, group_k // 8)
+    plane1 = torch.zeros_like(high[:, :, 0])
+    for i in range(8):
+        plane1 |= high[:, :, i] << i
+    return torch.cat([plane2, plane1], dim=2).reshape(n, groups * 3 * group_k // 8).contiguous()
+
+
+def unpack_int3_reference(packed: torch.Tensor, k: int, group_k: int) -> torch.Tensor:
+    """Inverse of :func:`pack_int3_reference`: (N, 3*Kp/8) uint8 -> (N, k) uint8 codes."""
+    n, row_bytes = packed.shape
+    groups = row_bytes // (3 * group_k // 8)
+    p = packed.view(n, groups, 3 * group_k // 8)
+    plane2, plane1 = p[:, :, : group_k // 4], p[:, :, group_k // 4:]
+    low = torch.stack([(plane2 >> (2 * f)) & 0x3 for f in range(4)], dim=2).reshape(n, groups, group_k)
+    high = torch.stack([(plane1 >> i) & 0x1 for i in range(8)], dim=2).reshape(n, groups, group_k)
+    return (low | (high << 2)).reshape(n, groups * group_k)[:, :k].contiguous()
+
+
+def pack_weight_reference(codes: torch.Tensor, storage_bits: int, group_k: int) -> torch.Tensor:
+    """Op ``dfqvit::pack_weight``: dispatch on ``storage_bits`` (3 or 4)."""
+    return pack_int4_reference(codes, group_k) if storage_bits == 4 else pack_int3_reference(codes, group_k)
+
+
+def unpack_weight_reference(packed: torch.Tensor, storage_bits: int, k: int, group_k: int) -> torch.Tensor:
+    """Op ``dfqvit::unpack_weight``: dispatch on ``storage_bits`` (3 or 4)."""
+    if storage_bits == 4:
+        return unpack_int4_reference(packed, k, group_k)
+    return unpack_int3_reference(packed, k, group_k)
+
+
+def unpack_any_reference(w_packed: torch.Tensor, storage_bits: int, k: int, group_k: int) -> torch.Tensor:
+    """Weight codes as int64 (N, K) for any storage (int8 rows are returned as they are)."""
+    if storage_bits == 8:
+        return w_packed.to(torch.int64)
+    return unpack_weight_reference(w_packed, storage_bits, k, group_k).to(torch.int64)
+
+
+# --- qgemm -----------------------------------------------------------------------------------------
+
+def qgemm_accumulator_reference(a: torch.Tensor, a_zero: int, w_codes: torch.Tensor,
+                                w_zero: torch.Tensor) -> torch.Tensor:
+    """Exact ``sum_k (A[m,k] - a_zero) * (W[n,k] - w_zero[n])`` as int32 (M, N); W as unpacked codes."""
+    a64 = a.to(torch.int64) - int(a_zero)
+    w64 = w_codes.to(torch.int64) - w_zero.to(torch.int64)[:, None]
+    return (a64 @ w64.T).to(torch.int32)
+
+
+def gemm_epilogue_reference(acc_fp32: torch.Tensor, row_scale: torch.Tensor, bias, gelu: bool, residual,
+                            out_scale, out_zero: int, out_qmin: int, out_qmax: int,
+                            out_dtype: torch.dtype) -> torch.Tensor:
+    """The fused epilogue, in the kernel's order: scale, + bias, GELU, + residual, re-quantize/cast."""
+    y = acc_fp32 * row_scale[None, :]
+    if bias is not None:
+        y = y + bias.to(torch.float32)[None, :]
+    if gelu:
+        y = y * 0.5 * (1.0 + torch.erf(y * 0.7071067811865476))
+    if residual is not None:
+        y = y + residual.to(torch.float32)
+    if out_scale is not None:
+        return uniform_quantize(y, float(out_scale), float(out_zero), out_qmin, out_qmax).to(torch.int8)
+    return y.to(out_dtype)
+
+
+def qgemm_reference(a: torch.Tensor, a_scale: float, a_zero: int, w_packed: torch.Tensor,
+                    w_scale: torch.Tensor, w_zero: torch.Tensor, w_col_sums: torch.Tensor,
+                    bias, residual, storage_bits: int, k: int, group_k: int, gelu: bool,
+                    out_scale, out_zero: int, out_qmin: int, out_qmax: int,
+                    out_dtype: torch.dtype) -> torch.Tensor:
+    """Op ``dfqvit::qgemm`` (W3/W4/W8 x A8):
+
+    ``y = a_scale * w_scale[n] * sum_k (A - a_zero)(W - w_zero[n]) + bias[n]``, then optional GELU,
+    optional ``+ residual``, then ``uniform_quantize(y, out_scale, out_zero, out_qmin, out_qmax)`` as int8
+    if ``out_scale`` is given, else ``y`` cast to ``out_dtype``. ``w_col_sums`` is not needed here (the
+    kernel uses it for the zero-point correction); it is checked against the codes by the tests.
+    """
+    codes = unpack_any_reference(w_packed, storage_bits, k, group_k)
+    acc = qgemm_accumulator_reference(a, a_zero, codes, w_zero)
+    row_scale = torch.tensor(a_scale, dtype=torch.float32) * w_scale.to(torch.float32)
+    return gemm_epilogue_reference(acc.to(torch.float32), row_scale, bias, gelu, residual, out_scale,
+                                   out_zero, out_qmin, out_qmax, out_dtype)
+
+
+def qgemm_w16_reference(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,
+                        w_zero: torch.Tensor, bias, residual, storage_bits: int, k: int, group_k: int,
+                        gelu: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    """Op ``dfqvit::qgemm_w16`` (weight-only, fp16/bf16 activations):
+    ``y = w_scale[n] * sum_k x[m,k] (W[n,k] - w_zero[n]) + bias[n]``, GELU, + residual, cast.
+
+    Products ``x * (W - w_zero)`` are exact in fp32; only the summation order differs from the kernel.
+    """
+    codes = unpack_any_reference(w_packed, storage_bits, k, group_k)
+    w = (codes - w_zero.to(torch.int64)[:, None]).to(torch.float32)
+    acc = x.to(torch.float32) @ w.T
+    return gemm_epilogue_reference(acc, w_scale.to(torch.float32), bias, gelu, residual, None, 0, 0, 0,
+                                   out_dtype)
+
+
+# --- attention -------------------------------------------------------------------------------------
+
+def attention_bias_mask_reference(bias, mask, batch: int, heads: int, seq: int):
+    """The additive fp32 term before softmax, broadcast to (B, H, N, N), or None.
+
+    ``bias`` broadcasts to (B, H, N, N) (a Swin relative-position bias is (H, N, N)); ``mask`` is
+    (nW, N, N) and batch index b uses window ``b % nW`` (Swin's shifted-window mask, with the batch
+    laid out as image-major, window-minor).
+    """
+    terms = []
+    if bias is not None:
+        terms.append(bias.to(torch.float32).expand(batch, heads, seq, seq))
+    if mask is not None:
+        window = torch.arange(batch, device=mask.device) % mask.shape[0]
+        terms.append(mask.to(torch.float32)[window][:, None].expand(batch, heads, seq, seq))
+    return terms
+
+
+def attention_probs_reference(q: torch.Tensor, k: torch.Tensor, q_scale: float, q_zero: int,
+                              k_scale: float, k_zero: int, sm_scale: float, bias, mask) -> torch.Tensor:
+    """Softmax probabilities (fp32, B x H x N x N) exactly as the kernel forms them: an exact int32
+    ``QK^T`` with zero points, times ``fp32(sm_scale * q_scale * k_scale * log2(e))``, plus
+    ``bias * log2(e)`` and ``mask * log2(e)``, then ``exp2(t - max t) / sum``."""
+    b, h, n, _ = q.shape
+    acc = (q.to(torch.int64) - int(q_zero)) @ (k.to(torch.int64) - int(k_zero)).transpose(-1, -2)
+    qk_scale_log2 = torch.tensor(sm_scale * q_scale * k_scale * LOG2E, dtype=torch.float32)
+    t = acc.to(torch.float32) * qk_scale_log2
+    log2e = torch.tensor(LOG2E, dtype=torch.float32)
+    for term in attention_bias_mask_reference(bias, mask, b, h, n):
+        t = t + term * log2e
+    e = torch.exp2(t - t.amax(dim=-1, keepdim=True))
+    return e / e.sum(dim=-1, keepdim=True)
+
+
+def attention_log2_codes_reference(q, k, q_scale, q_zero, k_scale, k_zero, sm_scale, bias, mask,
+                                   p_delta: float, p_bits: int) -> torch.Tensor:
+    """Log2 codes of the softmax (int16, B x H x N x N): ``log2_quantize(p, p_delta, p_bits)``."""
+    p = attention_probs_reference(q, k, q_scale, q_zero, k_scale, k_zero, sm_scale, bias, mask)
+    return log2_quantize(p, p_delta, p_bits).to(torch.int16)
+
+
+def attention_linear_codes_reference(q, k, q_scale, q_zero, k_scale, k_zero, sm_scale, bias, mask,
+                                     p_scale: float, p_zero: int, p_bits: int) -> torch.Tensor:
+    """Linear codes of the softmax (int16): ``uniform_quantize(p, p_scale, p_zero, 0, 2**p_bits - 1)``."""
+    p = attention_probs_reference(q, k, q_scale, q_zero, k_scale, k_zero, sm_scale, bias, mask)
+    return uniform_quantize(p, float(p_scale), float(p_zero), 0, 2 ** p_bits - 1).to(torch.int16)
+
+
+def _attention_pv(p_hat: torch.Tensor, v: torch.Tensor, v_scale: float, v_zero: int,
+                  out_dtype: torch.dtype) -> torch.Tensor:
+    v_centered = (v.to(torch.int64) - int(v_zero)).to(torch.float32)
+    return ((p_hat @ v_centered) * torch.tensor(v_scale, dtype=torch.float32)).to(out_dtype)
+
+
+def attention_log2_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale: float,
+                             q_zero: int, k_scale: float, k_zero: int, v_scale: float, v_zero: int,
+                             sm_scale: float, bias, mask, p_delta: float, p_bits: int,
+                             out_dtype: torch.dtype) -> torch.Tensor:
+    """Op ``dfqvit::attention_log2``: ``log2_dequantize(log2_quantize(softmax)) @ (v - v_zero) * v_scale``."""
+    codes = attention_log2_codes_reference(q, k, q_scale, q_zero, k_scale, k_zero, sm_scale, bias, mask,
+                                           p_delta, p_bits)
+    p_hat = log2_dequantize(codes.to(torch.float32), p_delta, p_bits)
+    return _attention_pv(p_hat, v, v_scale, v_zero, out_dtype)
+
+
+def attention_linear_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale: float,
+                               q_zero: int, k_scale: float, k_zero: int, v_scale: float, v_zero: int,
+                               sm_scale: float, bias, mask, p_scale: float, p_zero: int, p_bits: int,
+                               out_dtype: torch.dtype) -> torch.Tensor:
+    """Op ``dfqvit::attention_linear``: uniform (linear) softmax quantizer instead of log2."""
+    codes = attention_linear_codes_reference(q, k, q_scale, q_zero, k_scale, k_zero, sm_scale, bias, mask,
+                                             p_scale, p_zero, p_bits)
+    p_hat = uniform_dequantize(codes.to(torch.float32), float(p_scale), float(p_zero))
+    return _attention_pv(p_hat, v, v_scale, v_zero, out_dtype)
+
+
+# --- LayerNorm + quantize --------------------------------------------------------------------------
+
+def layer_norm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm over the last dim in the kernel's fp32 order (two-pass mean/variance, biased variance,
+    ``(x - mean) * (1 / sqrt(var + eps)) * weight + bias``); equals ``F.layer_norm`` up to fp32 rounding."""
+    xf = x.to(torch.float32)
+    c = xf.shape[-1]
+    mean = xf.sum(dim=-1, keepdim=True) / c
+    centered = xf - mean
+    var = (centered * centered).sum(dim=-1, keepdim=True) / c
+    rstd = 1.0 / torch.sqrt(var + torch.tensor(eps, dtype=torch.float32))
+    return centered * rstd * weight.to(torch.float32) + bias.to(torch.float32)
+
+
+def layernorm_quant_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                              out_scale: float, out_zero: int, out_qmin: int, out_qmax: int) -> torch.Tensor:
+    """Op ``dfqvit::layernorm_quant``: ``uniform_quantize(layer_norm(x), out_scale, out_zero, qmin, qmax)``
+    as int8, same shape as ``x``."""
+    y = layer_norm_reference(x, weight, bias, eps)
+    return uniform_quantize(y, float(out_scale), float(out_zero), out_qmin, out_qmax).to(torch.int8)

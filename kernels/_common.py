@@ -1,0 +1,157 @@
+"""Pieces shared by the kernel families: Triton math helpers, device checks, M buckets.
+
+Nothing here touches CUDA at import time. The Triton helpers avoid ``libdevice`` on purpose: the
+interpreter (``TRITON_INTERPRET=1``, how the tests run without a GPU) does not implement it, and the
+helpers below are exact in both worlds.
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from .errors import KernelInputError, MissingGPUError
+
+LOG2E = 1.4426950408889634  # log2(e): softmax in base 2 uses exp2(x * LOG2E) == exp(x)
+SQRT1_2 = 0.7071067811865476  # 1/sqrt(2), the constant of the exact (erf) GELU
+
+# Autotune buckets for M (gemlite's M_CLOSEST idea): configs are tuned once per bucket instead of once
+# per distinct M. ViT uses M = batch * 197, so batch 1, 8, 64, 256 land in 256, 2048, 16384, 65536.
+M_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
+
+
+def m_bucket(m: int) -> int:
+    """The smallest bucket >= m (capped at the largest): the autotune key for the M dimension."""
+    for bucket in M_BUCKETS:
+        if m <= bucket:
+            return bucket
+    return M_BUCKETS[-1]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Triton math helpers
+# ---------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def rint(x):
+    """Round half to even (== ``torch.round``), exact for every fp32 value, without libdevice.
+
+    ``x - floor(x)`` is exact in fp32, so the tie test is exact; values >= 2**23 are integers already
+    (frac == 0). ``libdevice.round`` would round ties away from zero, which differs from torch.
+    """
+    fl = tl.floor(x)
+    frac = x - fl
+    fl_is_odd = (fl - 2.0 * tl.floor(fl * 0.5)) != 0.0
+    round_up = (frac > 0.5) | ((frac == 0.5) & fl_is_odd)
+    return tl.where(round_up, fl + 1.0, fl)
+
+
+@triton.jit
+def uniform_quantize(x, scale, zero_point, qmin, qmax):
+    """``clamp(rint(x / scale) + zero_point, qmin, qmax)`` with IEEE division, as in reference.py."""
+    q = rint(tl.math.div_rn(x, scale)) + zero_point
+    return tl.minimum(tl.maximum(q, qmin), qmax)
+
+
+@triton.jit
+def gelu_erf(x):
+    """Exact GELU (``nn.GELU()``): ``x * 0.5 * (1 + erf(x / sqrt(2)))``."""
+    return x * 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
+
+
+@triton.jit
+def exp2_of_negative_int(k):
+    """``2**-k`` for integer-valued fp32 ``k`` in [0, 126], built from the exponent bits (always exact;
+    ``exp2`` on the GPU is an approximation)."""
+    bits = (127 - k.to(tl.int32)) << 23
+    return bits.to(tl.float32, bitcast=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launch checks
+# ---------------------------------------------------------------------------------------------------
+
+
+def interpreter_requested() -> bool:
+    """True when the environment asks Triton to interpret kernels on the CPU."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def kernel_is_interpreted(kernel) -> bool:
+    """Whether ``kernel`` (a jit function, possibly under autotune/heuristics) was built for the
+    interpreter; Triton decides this once, when the module defining it is imported."""
+    while hasattr(kernel, "fn") and not type(kernel).__name__.endswith("Function"):
+        kernel = kernel.fn
+    return type(kernel).__name__ == "InterpretedFunction"
+
+
+def require_triton_device(entry: str, kernel, tensors: Sequence[torch.Tensor | None]) -> torch.device:
+    """Check that the Triton kernel behind ``entry`` can run on these tensors; return their device.
+
+    CUDA tensors always can. CPU tensors can only under ``TRITON_INTERPRET=1`` set *before* dfqvit
+    was imported (Triton fixes compiled-vs-interpreted when a kernel is defined).
+    """
+    present = [t for t in tensors if t is not None]
+    devices = {t.device.type for t in present}
+    if len(devices) > 1:
+        raise KernelInputError(
+            f"{entry}: tensors are on different devices {sorted(devices)}; move all inputs to one device "
+            "(cuda for the Triton kernel)."
+        )
+    device = present[0].device
+    if device.type == "cuda":
+        return device
+    if device.type == "cpu":
+        if kernel_is_interpreted(kernel):
+            return device
+        if interpreter_requested():
+            raise KernelInputError(
+                f"{entry}: TRITON_INTERPRET=1 is set but the Triton kernels were defined before it was; "
+                "set TRITON_INTERPRET=1 before importing dfqvit (e.g. at the top of conftest.py)."
+            )
+        raise MissingGPUError(
+            f"{entry} runs a Triton kernel and got CPU tensors without TRITON_INTERPRET=1. Move the inputs "
+            "to a CUDA device, call the torch.ops.dfqvit op (its CPU implementation is the PyTorch "
+            "reference), or set TRITON_INTERPRET=1 before importing dfqvit to interpret the kernel on CPU."
+        )
+    raise KernelInputError(f"{entry}: tensors on device type {device.type!r}; allowed: cuda, or cpu under "
+                           "TRITON_INTERPRET=1.")
+
+
+def check_tensor(entry: str, name: str, t: torch.Tensor, *, dtypes: Sequence[torch.dtype] | None = None,
+                 ndim: int | None = None, shape: Sequence[int] | None = None,
+                 contiguous: bool = False, last_dim_contiguous: bool = False) -> None:
+    """Raise a :class:`KernelInputError` naming what was given and what is allowed."""
+    if not isinstance(t, torch.Tensor):
+        raise KernelInputError(f"{entry}: {name} must be a torch.Tensor, got {type(t).__name__}.")
+    if dtypes is not None and t.dtype not in dtypes:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise KernelInputError(f"{entry}: {name} has dtype {str(t.dtype).replace('torch.', '')}; allowed: "
+                               f"{allowed}. Convert it with .to(...) before the call.")
+    if ndim is not None and t.dim() != ndim:
+        raise KernelInputError(f"{entry}: {name} must be {ndim}-D, got shape {tuple(t.shape)}.")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise KernelInputError(f"{entry}: {name} has shape {tuple(t.shape)}; expected {tuple(shape)}.")
+    if contiguous and not t.is_contiguous():
+        raise KernelInputError(f"{entry}: {name} (shape {tuple(t.shape)}, strides {t.stride()}) is not "
+                               "contiguous; call .contiguous() first.")
+    if last_dim_contiguous and t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise KernelInputError(f"{entry}: {name} has stride {t.stride(-1)} in its last dimension; it must be "
+                               "1 (call .contiguous()).")
+
+
+def check_int_range(entry: str, name: str, value: int, lo: int, hi: int) -> None:
+    if not (lo <= int(value) <= hi):
+        raise KernelInputError(f"{entry}: {name}={value} is outside the allowed range [{lo}, {hi}].")
+
+
+def torch_dtype_to_triton(dtype: torch.dtype):
+    return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[dtype]
+
+
+def next_power_of_2(n: int) -> int:
+    return triton.next_power_of_2(int(n))
