@@ -26,7 +26,11 @@ def calibrate_activations(qmodel: QuantizedModel, images: torch.Tensor, progress
     if not quantizers:
         return  # weight-only
     bar = tqdm(total=len(quantizers), desc="calibrate activations", disable=not progress, leave=False)
-    hooks = [q.register_forward_hook(lambda *_: bar.update(1)) for _, q in quantizers]
+
+    def tick(*_):  # a forward hook that returns something would replace the output
+        bar.update(1)
+
+    hooks = [q.register_forward_hook(tick) for _, q in quantizers]
     for _, q in quantizers:
         q.calibrating = True
     try:

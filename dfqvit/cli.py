@@ -1,0 +1,148 @@
+"""``dfqvit`` command line: quantize | eval | synth. Every command calls the same functions as the
+Python API (dfqvit.compile, dfqvit.evaluate)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import List, Optional
+
+import torch
+
+from .errors import DFQViTError
+
+
+def _bits(text: str):
+    parts = [int(p) for p in text.replace("w", "").replace("a", ",").replace("/", ",").split(",") if p]
+    return parts[0] if len(parts) == 1 else tuple(parts)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True,
+                   help="reference-model JSON (e.g. ../shared/models/vit_mini_c10.json) or a timm model name")
+    p.add_argument("--checkpoint", help="state dict (.safetensors/.pth) for a timm model name")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+
+
+def _add_quant_args(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--bits", type=_bits, required=required, default=None,
+                   help="4 (= W4A4) or w,a such as 4,8; activation bits 16 = weight-only")
+    p.add_argument("--calib", default="gaussian",
+                   help="data-free method name (gaussian, ...), an .npz / image folder of real images, "
+                        "or a saved SyntheticSet (.safetensors)")
+    p.add_argument("--calib-images", type=int, default=32, help="number of calibration images (paper: 32)")
+    p.add_argument("--softmax", choices=["log2", "uniform"], default="log2", help="attention-probability quantizer")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _calibration_source(args, spec):
+    """Method name, or real images / a SyntheticSet read from a path."""
+    if not os.path.exists(args.calib):
+        return args.calib
+    if args.calib.endswith(".safetensors"):
+        from .synth import SyntheticSet
+        return SyntheticSet.load(args.calib)
+    from .data import load_images, stack_images
+    dataset = load_images(args.calib, (spec.height, spec.width), spec.mean, spec.std, limit=args.calib_images)
+    return stack_images(dataset, args.calib_images)
+
+
+def _quantize(model, norm, args, progress=True):
+    from .api import compile as dfq_compile
+    from .config import QuantConfig, parse_bits
+    from .models import adapt
+
+    w_bits, a_bits = parse_bits(args.bits)
+    config = QuantConfig(w_bits=w_bits, a_bits=a_bits, softmax_quantizer=args.softmax,
+                         calib_images=args.calib_images)
+    calib = _calibration_source(args, adapt(model, config, normalization=norm).input_spec)
+    return dfq_compile(model, None, calib, config=config, normalization=norm, seed=args.seed,
+                       device=args.device, progress=progress)
+
+
+def cmd_quantize(args) -> int:
+    from .evaluate import evaluate
+    from .models.loading import load_model
+
+    model, norm = load_model(args.model, args.checkpoint)
+    start = time.perf_counter()
+    qmodel = _quantize(model, norm, args)
+    seconds = time.perf_counter() - start
+    report = {"model": args.model, "bits": [qmodel.config.w_bits, qmodel.config.a_bits],
+              "calib": args.calib, "calib_images": args.calib_images, "seed": args.seed,
+              "quantize_seconds": round(seconds, 2), "float_layers": list(qmodel.skipped)}
+    print(f"quantized {args.model} to W{qmodel.config.w_bits}A{qmodel.config.a_bits} "
+          f"with {args.calib} calibration in {seconds:.1f} s (float layers: {', '.join(qmodel.skipped) or 'none'})")
+    if args.eval:
+        from .data import load_images
+        spec = qmodel.input_spec
+        data = load_images(args.eval, (spec.height, spec.width), spec.mean, spec.std, limit=args.limit)
+        fp = evaluate(model.to(args.device), data, args.batch_size, device=args.device, desc="eval fp32")
+        q = evaluate(qmodel, data, args.batch_size, reference=model, device=args.device, desc="eval quantized")
+        report.update(eval_data=args.eval, eval_images=q.images, fp32_top1=round(fp.top1, 2),
+                      quant_top1=round(q.top1, 2), top1_agreement=round(q.agreement, 2))
+        print(f"top-1 on {q.images} images: fp32 {fp.top1:.2f}%  W{qmodel.config.w_bits}A{qmodel.config.a_bits} "
+              f"{q.top1:.2f}%  (agreement with fp32 {q.agreement:.2f}%)")
+    if args.report:
+        with open(args.report, "w") as f:
+            json.dump(report, f, indent=1)
+        print(f"wrote {args.report}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .data import load_images
+    from .evaluate import evaluate
+    from .models import adapt
+    from .models.loading import load_model
+
+    model, norm = load_model(args.model, args.checkpoint)
+    spec = adapt(model, normalization=norm).input_spec
+    data = load_images(args.data, (spec.height, spec.width), spec.mean, spec.std, limit=args.limit)
+    if args.bits is None:
+        result = evaluate(model.to(args.device), data, args.batch_size, device=args.device)
+        print(f"fp32 top-1: {result.top1:.2f}% on {result.images} images")
+    else:
+        qmodel = _quantize(model, norm, args)
+        result = evaluate(qmodel, data, args.batch_size, device=args.device)
+        print(f"W{qmodel.config.w_bits}A{qmodel.config.a_bits} top-1: {result.top1:.2f}% on {result.images} images")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dfqvit", description="Data-free low-bit quantization of Vision Transformers")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model and optionally compare its top-1 with fp32")
+    _add_model_args(q)
+    _add_quant_args(q, required=False)
+    q.set_defaults(bits=4)
+    q.add_argument("--eval", help="evaluation images (.npz of ../shared/data or an image folder)")
+    q.add_argument("--limit", type=int, help="evaluate on this many images (evenly spread)")
+    q.add_argument("--batch-size", type=int, default=128)
+    q.add_argument("--report", help="write the results as JSON here")
+    q.set_defaults(func=cmd_quantize)
+
+    e = sub.add_parser("eval", help="top-1 accuracy of a model (quantized when --bits is given)")
+    _add_model_args(e)
+    _add_quant_args(e, required=False)
+    e.add_argument("--data", required=True, help="evaluation images (.npz or image folder)")
+    e.add_argument("--limit", type=int)
+    e.add_argument("--batch-size", type=int, default=128)
+    e.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except DFQViTError as exc:
+        print(f"dfqvit: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Real images for evaluation and the "real data" baseline: the npz format of ../shared/data
+(JPEG bytes + offsets + labels) or an image folder (one sub-folder per class)."""
+from __future__ import annotations
+
+import io
+import os
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dfqvit.errors import CheckpointNotFoundError, DFQViTError
+
+_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Decoded lazily; returns (normalized (3, H, W) float tensor, label)."""
+
+    def __init__(self, loaders: List, labels: Sequence[int], size: Tuple[int, int],
+                 mean: Sequence[float], std: Sequence[float], classes: Optional[Sequence[str]] = None):
+        self.loaders, self.labels = loaders, list(labels)
+        self.size = size
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        self.classes = list(classes) if classes is not None else None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        image = self.loaders[i]().convert("RGB")
+        if image.size != (self.size[1], self.size[0]):
+            image = image.resize((self.size[1], self.size[0]), Image.BILINEAR)
+        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        return (x - self.mean) / self.std, self.labels[i]
+
+
+def _npz_loaders(path: str):
+    data = np.load(path, allow_pickle=False)
+    try:
+        blob, offsets, labels = data["blob"], data["offsets"], data["labels"]
+    except KeyError as exc:
+        raise DFQViTError(f"{path!r} lacks key {exc}; expected blob, offsets, labels (../shared/data/README.md)") from exc
+    classes = [str(c) for c in data["classes"]] if "classes" in data else None
+    loaders = [(lambda a=int(offsets[i]), b=int(offsets[i + 1]): Image.open(io.BytesIO(blob[a:b].tobytes())))
+               for i in range(len(labels))]
+    return loaders, labels.astype(np.int64).tolist(), classes
+
+
+def _folder_loaders(root: str):
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    if not classes:
+        raise DFQViTError(f"image folder {root!r} has no class sub-folders (expected root/<class>/<image>)")
+    loaders, labels = [], []
+    for label, name in enumerate(classes):
+        for file in sorted(os.listdir(os.path.join(root, name))):
+            if file.lower().endswith(_IMAGE_EXTENSIONS):
+                loaders.append(lambda p=os.path.join(root, name, file): Image.open(p))
+                labels.append(label)
+    return loaders, labels, classes
+
+
+def load_images(path: str, size: Tuple[int, int], mean: Sequence[float], std: Sequence[float],
+                limit: Optional[int] = None) -> ImageDataset:
+    """Dataset of normalized images from an ``.npz`` pack or an image folder; ``limit`` keeps an
+    evenly spread subset (every k-th image, so all classes stay represented)."""
+    if not os.path.exists(path):
+        raise CheckpointNotFoundError(f"image data {path!r} does not exist")
+    loaders, labels, classes = _npz_loaders(path) if path.endswith(".npz") else _folder_loaders(path)
+    if limit is not None and limit < len(labels):
+        keep = np.linspace(0, len(labels) - 1, limit).round().astype(int)
+        loaders, labels = [loaders[i] for i in keep], [labels[i] for i in keep]
+    return ImageDataset(loaders, labels, size, mean, std, classes)
+
+
+def stack_images(dataset: ImageDataset, count: int) -> torch.Tensor:
+    """The first ``count`` images as one (count, 3, H, W) tensor (calibration batches)."""
+    return torch.stack([dataset[i][0] for i in range(min(count, len(dataset)))])

@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny timm models built in code, paths to ../shared, and the SQNR helper."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+CIFAR_MODEL_JSON = SHARED / "models" / "vit_mini_c10.json"
+CIFAR_TEST = SHARED / "data" / "cifar10_test_even.npz"
+CIFAR_TRAIN = SHARED / "data" / "cifar10_train_1k.npz"
+
+
+def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio 20·log10(‖x‖ / ‖x − y‖) in dB (torchao's compute_error)."""
+    reference, approx = reference.double(), approx.double()
+    return float(20 * torch.log10(reference.norm() / (reference - approx).norm().clamp_min(1e-30)))
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))
+
+
+def tiny_vit(**overrides):
+    from timm.models.vision_transformer import VisionTransformer
+    kwargs = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10)
+    kwargs.update(overrides)
+    torch.manual_seed(0)
+    return VisionTransformer(**kwargs).eval()
+
+
+def tiny_deit_distilled():
+    from timm.models.deit import VisionTransformerDistilled
+    torch.manual_seed(0)
+    return VisionTransformerDistilled(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3,
+                                      num_classes=10).eval()
+
+
+def tiny_swin():
+    from timm.models.swin_transformer import SwinTransformer
+    torch.manual_seed(0)
+    return SwinTransformer(img_size=32, patch_size=2, window_size=4, embed_dim=24, depths=(2, 2),
+                           num_heads=(2, 4), num_classes=10).eval()
+
+
+TINY_MODELS = {
+    "vit": tiny_vit,
+    "vit_avgpool": lambda: tiny_vit(class_token=False, global_pool="avg"),
+    "deit_distilled": tiny_deit_distilled,
+    "swin": tiny_swin,
+}
+
+
+@pytest.fixture(params=sorted(TINY_MODELS))
+def tiny_model(request):
+    return request.param, TINY_MODELS[request.param]()
+
+
+def load_cifar_model():
+    """(model, (mean, std)) of the trained CIFAR-10 reference ViT, or skip the test when absent."""
+    if not CIFAR_MODEL_JSON.exists():
+        pytest.skip(f"reference model not found at {CIFAR_MODEL_JSON}")
+    from dfqvit.models.loading import load_model
+    return load_model(str(CIFAR_MODEL_JSON))

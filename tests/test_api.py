@@ -1,0 +1,150 @@
+"""dfqvit.compile end to end on tiny timm models: fidelity floors vs fp32 and every boundary error."""
+import pytest
+import torch
+
+import dfqvit
+from conftest import CIFAR_TEST, CIFAR_TRAIN, TINY_MODELS, cosine, load_cifar_model, sqnr_db
+from dfqvit.errors import (
+    CalibrationError,
+    CheckpointNotFoundError,
+    DFQViTError,
+    InputShapeError,
+    MissingGPUError,
+    NonFiniteInputError,
+    UnsupportedBitsError,
+    UnsupportedModelError,
+)
+
+# Floors (fp32 logits vs fake-quant logits on 16 held-out Gaussian inputs, Gaussian calibration):
+W8A8_MIN_COSINE = 0.99
+
+
+def _outputs(model, qmodel, seed=1):
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model(x), qmodel(x)
+
+
+@pytest.mark.parametrize("name", sorted(TINY_MODELS))
+def test_w8a8_close_to_fp32_and_w4a4_worse(name):
+    model = TINY_MODELS[name]()
+    ref, w8 = _outputs(model, dfqvit.compile(model, bits=8, progress=False))
+    _, w4 = _outputs(model, dfqvit.compile(model, bits=4, progress=False))
+    agreement = float((ref.argmax(1) == w8.argmax(1)).float().mean())
+    print(f"{name}: W8A8 cosine {cosine(ref, w8):.4f} sqnr {sqnr_db(ref, w8):.1f} dB top-1 agreement "
+          f"{agreement:.2f}; W4A4 sqnr {sqnr_db(ref, w4):.1f} dB")
+    assert cosine(ref, w8) >= W8A8_MIN_COSINE
+    assert sqnr_db(ref, w4) < sqnr_db(ref, w8) - 6, "W4A4 must be clearly worse than W8A8"
+
+
+def test_weight_only_and_mixed_bits():
+    model = TINY_MODELS["vit"]()
+    qmodel = dfqvit.compile(model, bits=(4, 16), progress=False)
+    assert list(qmodel.activation_quantizers()) == []
+    ref, w4a16 = _outputs(model, qmodel)
+    _, w4a8 = _outputs(model, dfqvit.compile(model, bits=(4, 8), progress=False))
+    assert sqnr_db(ref, w4a16) > 10 and sqnr_db(ref, w4a8) > 10
+
+
+def test_uniform_softmax_quantizer_option():
+    model = TINY_MODELS["vit"]()
+    config = dfqvit.QuantConfig(w_bits=8, a_bits=8, softmax_quantizer="uniform")
+    qmodel = dfqvit.compile(model, None, config=config, progress=False)
+    ref, out = _outputs(model, qmodel)
+    assert cosine(ref, out) >= W8A8_MIN_COSINE
+
+
+def test_calibration_sources_and_determinism():
+    model = TINY_MODELS["swin"]()
+    images = torch.randn(8, 3, 32, 32)
+    from_tensor = dfqvit.compile(model, bits=8, calib=images, progress=False)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, torch.zeros(8)), batch_size=3)
+    from_loader = dfqvit.compile(model, bits=8, calib=loader, config=dfqvit.QuantConfig(8, 8, calib_images=8),
+                                 progress=False)
+    a, b = _outputs(model, from_tensor)[1], _outputs(model, from_loader)[1]
+    assert torch.equal(a, b), "a tensor and a DataLoader of the same images calibrate identically"
+    s1 = _outputs(model, dfqvit.compile(model, bits=4, seed=3, progress=False))[1]
+    s2 = _outputs(model, dfqvit.compile(model, bits=4, seed=3, progress=False))[1]
+    assert torch.equal(s1, s2)
+
+
+def test_cifar_reference_model_fidelity():
+    """Trained CIFAR-10 ViT, 32 real calibration images, 500 real test images."""
+    from dfqvit.data import load_images, stack_images
+    from dfqvit.evaluate import evaluate
+
+    model, norm = load_cifar_model()
+    if not (CIFAR_TEST.exists() and CIFAR_TRAIN.exists()):
+        pytest.skip("CIFAR-10 images not found")
+    calib = stack_images(load_images(str(CIFAR_TRAIN), (32, 32), *norm, limit=32), 32)
+    test = load_images(str(CIFAR_TEST), (32, 32), *norm, limit=500)
+    x = torch.stack([test[i][0] for i in range(len(test))])
+    results = {}
+    for bits in (8, 4):
+        qmodel = dfqvit.compile(model, bits=bits, calib=calib, normalization=norm, progress=False)
+        with torch.no_grad():
+            results[bits] = (cosine(model(x), qmodel(x)), evaluate(qmodel, test, reference=model, progress=False))
+    fp = evaluate(model, test, progress=False)
+    for bits, (cos, res) in results.items():
+        print(f"W{bits}A{bits}: cosine {cos:.4f}, top-1 {res.top1:.1f}% (fp32 {fp.top1:.1f}%), "
+              f"agreement {res.agreement:.1f}%")
+    assert results[8][0] >= W8A8_MIN_COSINE
+    assert results[8][1].agreement >= 95.0
+    assert results[8][1].top1 >= fp.top1 - 2.0
+    assert results[4][1].agreement < results[8][1].agreement
+
+
+# -- errors -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [2, 9, (4, 3), (4, 12), (4,), "4", 4.0, True])
+def test_bad_bits(bits):
+    with pytest.raises(UnsupportedBitsError, match="allowed|tuple|give"):
+        dfqvit.compile(TINY_MODELS["vit"](), bits=bits, progress=False)
+
+
+def test_bits_and_config_must_agree():
+    with pytest.raises(DFQViTError, match="disagrees"):
+        dfqvit.compile(TINY_MODELS["vit"](), bits=4, config=dfqvit.QuantConfig(8, 8), progress=False)
+
+
+def test_unsupported_model():
+    with pytest.raises(UnsupportedModelError):
+        dfqvit.compile(torch.nn.Linear(3, 3), bits=4, progress=False)
+
+
+def test_wrong_input_shape_and_non_finite_input():
+    qmodel = dfqvit.compile(TINY_MODELS["vit"](), bits=8, progress=False)
+    with pytest.raises(InputShapeError, match=r"\(16, 16\)"):
+        qmodel(torch.randn(1, 3, 16, 16))
+    with pytest.raises(InputShapeError, match="expected"):
+        qmodel(torch.randn(3, 32, 32))
+    with pytest.raises(InputShapeError, match="dtype"):
+        qmodel(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+    x = torch.randn(2, 3, 32, 32)
+    x[1, 0, 3, 3] = float("nan")
+    with pytest.raises(NonFiniteInputError, match="1 NaN"):
+        qmodel(x)
+
+
+def test_bad_calibration_data():
+    model = TINY_MODELS["vit"]()
+    with pytest.raises(CalibrationError, match="unknown calibration method"):
+        dfqvit.compile(model, bits=4, calib="imagenet", progress=False)
+    with pytest.raises(NonFiniteInputError):
+        dfqvit.compile(model, bits=4, calib=torch.full((4, 3, 32, 32), float("inf")), progress=False)
+    with pytest.raises(InputShapeError):
+        dfqvit.compile(model, bits=4, calib=torch.randn(4, 3, 64, 64), progress=False)
+    with pytest.raises(CalibrationError):
+        dfqvit.compile(model, bits=4, calib=12, progress=False)
+
+
+def test_missing_checkpoint_and_gpu(tmp_path):
+    from dfqvit.models.loading import load_model
+    with pytest.raises(CheckpointNotFoundError, match="does not exist"):
+        load_model(str(tmp_path / "nope.json"))
+    with pytest.raises(CheckpointNotFoundError):
+        load_model("vit_tiny_patch16_224", checkpoint=str(tmp_path / "missing.safetensors"))
+    if not torch.cuda.is_available():
+        with pytest.raises(MissingGPUError, match="cpu"):
+            dfqvit.compile(TINY_MODELS["vit"](), bits=4, device="cuda", progress=False)
