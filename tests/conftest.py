@@ -1,10 +1,17 @@
 """Shared fixtures: tiny timm models built in code, paths to ../shared, and the SQNR helper."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# Triton fixes compiled-vs-interpreted when a kernel is defined (on import of dfqvit.kernels), so the
+# interpreter must be requested before any test module imports dfqvit: without CUDA, the kernel tests
+# run the real Triton kernels on CPU tensors under TRITON_INTERPRET=1.
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 CIFAR_MODEL_JSON = SHARED / "models" / "vit_mini_c10.json"

@@ -1,0 +1,299 @@
+"""Quantized attention: int8 Q, K, V -> exact int32 QK^T -> softmax (base 2) -> log2- or linearly-quantized
+probabilities -> P.V, one kernel, heads and batch in the grid.
+
+Math (``reference.attention_log2_reference`` / ``attention_linear_reference`` are the same in PyTorch)::
+
+    acc  = sum_d (q - q_zero)(k - k_zero)                                exact int32 (row/col sums)
+    t    = fp32(acc) * fp32(sm_scale * q_scale * k_scale * log2 e) [+ bias * log2 e] [+ mask * log2 e]
+    p    = exp2(t - max t) / sum exp2(t - max t)                          fp32, IEEE division
+    code = log2_quantize(p, p_delta, p_bits)   or   uniform_quantize(p, p_scale, p_zero, 0, 2**p_bits - 1)
+    out  = (sum_j phat_j (v_j - v_zero)) * v_scale
+
+Why it is shaped like this:
+
+* ViT rows have 197 keys (Swin windows 49, 16, 4): a whole row fits one tile, so the softmax is single pass
+  (the Triton fused-softmax tutorial), padded to a power of two and masked with -inf. No online softmax.
+* log2(e) is folded into the QK scale so the softmax uses ``exp2``, the natural base of the log2 quantizer.
+* Log2 levels ``2**-k`` are built from exponent bits (exact) and, for ``p_bits <= 4`` (k <= 16), are exact
+  in fp16, so P.V runs on fp16 tensor cores with no rounding in P; ``v - v_zero`` (|.| <= 255) is exact in
+  fp16 too. Linear codes minus their zero point are small integers, also exact in fp16. Wider log2 codes
+  use an IEEE fp32 dot.
+* The zero points enter QK^T through row sums of Q and K (q - q_zero does not fit int8).
+
+Exactness: the P codes equal the reference bit for bit when the kernel runs under the interpreter (same
+fp32 operations); on a GPU ``exp2``/``log2`` are hardware approximations, so a code can move by one
+level where a probability sits on a rounding boundary (the GPU test states the allowed fraction). No
+speed figure has been measured in this session; ``benchmarks/kernels.py`` compares with SDPA fp16.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import reference
+from ._common import (LOG2E, check_int_range, check_tensor, exp2_of_negative_int, next_power_of_2,
+                      require_triton_device, rint, uniform_quantize)
+from .errors import KernelInputError
+
+MAX_SEQ = 256  # one tile per row: longest key sequence the single-pass kernel accepts
+
+P_MODE_LOG2 = 0
+P_MODE_LINEAR = 1
+
+
+@triton.jit
+def _attention_kernel(
+    q_ptr, k_ptr, v_ptr, bias_ptr, mask_ptr, out_ptr, codes_ptr,
+    SEQ, HEAD_DIM, HEADS, NUM_WINDOWS,
+    sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d, so_b, so_h, so_n, so_d,
+    sb_b, sb_h, sb_i, sb_j, sm_w, sm_i, sm_j, sc_b, sc_h, sc_i, sc_j,
+    q_zero, k_zero, v_zero, qk_scale_log2, p_param, p_zero, pv_scale,
+    P_MODE: tl.constexpr, P_BITS: tl.constexpr, PV_FP16: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, STORE_CODES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HEADS
+    h = pid_bh % HEADS
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    row_ok = rows < SEQ
+    col_ok = cols < SEQ
+    dim_ok = dims < HEAD_DIM
+
+    q = tl.load(q_ptr + b * sq_b + h * sq_h + rows[:, None] * sq_n + dims[None, :] * sq_d,
+                mask=row_ok[:, None] & dim_ok[None, :], other=0)
+    k = tl.load(k_ptr + b * sk_b + h * sk_h + cols[:, None] * sk_n + dims[None, :] * sk_d,
+                mask=col_ok[:, None] & dim_ok[None, :], other=0)
+    qk = tl.dot(q, tl.trans(k), out_dtype=tl.int32)
+    # sum (q - zq)(k - zk) = qk - zk*rowsum(q) - zq*rowsum(k) + d*zq*zk; padded dims load as 0.
+    q_sum = tl.sum(q.to(tl.int32), axis=1)
+    k_sum = tl.sum(k.to(tl.int32), axis=1)
+    acc = qk - k_zero * q_sum[:, None] - q_zero * k_sum[None, :] + HEAD_DIM * q_zero * k_zero
+
+    t = acc.to(tl.float32) * qk_scale_log2
+    tile_ok = row_ok[:, None] & col_ok[None, :]
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + b * sb_b + h * sb_h + rows[:, None] * sb_i + cols[None, :] * sb_j,
+                       mask=tile_ok, other=0.0)
+        t = t + bias * 1.4426950408889634
+    if HAS_MASK:
+        window = b % NUM_WINDOWS
+        mask = tl.load(mask_ptr + window * sm_w + rows[:, None] * sm_i + cols[None, :] * sm_j,
+                       mask=tile_ok, other=0.0)
+        t = t + mask * 1.4426950408889634
+    t = tl.where(col_ok[None, :], t, float("-inf"))
+    e = tl.exp2(t - tl.max(t, axis=1)[:, None])
+    p = tl.math.div_rn(e, tl.sum(e, axis=1)[:, None])
+
+    LEVELS: tl.constexpr = 2 ** P_BITS
+    if P_MODE == 0:
+        # reference.log2_quantize: clamp the ratio before log2 (p may underflow to 0), round half to even.
+        ratio = tl.maximum(tl.math.div_rn(p, p_param), 2.0 ** -(LEVELS + 2))
+        code = tl.maximum(rint(-tl.log2(ratio)), 0.0)
+        code = tl.where(code >= LEVELS, LEVELS, code)
+        p_hat = tl.where(code >= LEVELS, 0.0, exp2_of_negative_int(tl.minimum(code, 126.0)))
+    else:
+        code = uniform_quantize(p, p_param, p_zero, 0.0, LEVELS - 1.0)
+        p_hat = code - p_zero
+    p_hat = tl.where(col_ok[None, :], p_hat, 0.0)
+
+    if STORE_CODES:
+        tl.store(codes_ptr + b * sc_b + h * sc_h + rows[:, None] * sc_i + cols[None, :] * sc_j,
+                 code.to(tl.int16), mask=tile_ok)
+
+    v = tl.load(v_ptr + b * sv_b + h * sv_h + cols[:, None] * sv_n + dims[None, :] * sv_d,
+                mask=col_ok[:, None] & dim_ok[None, :], other=0)
+    v_centered = v.to(tl.int32) - v_zero
+    v_centered = tl.where(col_ok[:, None], v_centered, 0)
+    if PV_FP16:
+        out = tl.dot(p_hat.to(tl.float16), v_centered.to(tl.float16))
+    else:
+        out = tl.dot(p_hat, v_centered.to(tl.float32), input_precision="ieee")
+    out = out * pv_scale
+    tl.store(out_ptr + b * so_b + h * so_h + rows[:, None] * so_n + dims[None, :] * so_d,
+             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+
+
+_attention_kernel_autotuned = triton.autotune(
+    configs=[triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=1)
+             for bm in (16, 32, 64, 128) for w in (4, 8)],
+    key=["SEQ", "HEAD_DIM", "P_MODE", "P_BITS", "HAS_BIAS", "HAS_MASK"],
+)(_attention_kernel)
+
+INTERPRETER_BLOCK_M = 32
+
+
+# ---------------------------------------------------------------------------------------------------
+# Validation and launch
+# ---------------------------------------------------------------------------------------------------
+
+
+def _bias_strides(entry, bias, batch, heads, seq):
+    """Strides of ``bias`` broadcast to (B, H, N, N); 0 along broadcast dimensions."""
+    if bias is None:
+        return (0, 0, 0, 0)
+    check_tensor(entry, "bias", bias, dtypes=(torch.float32, torch.float16, torch.bfloat16))
+    try:
+        expanded = bias.expand(batch, heads, seq, seq)
+    except RuntimeError:
+        raise KernelInputError(f"{entry}: bias of shape {tuple(bias.shape)} does not broadcast to (B, H, N, N) = "
+                               f"{(batch, heads, seq, seq)}; pass (H, N, N) for a relative-position bias or "
+                               "(B, H, N, N).") from None
+    return expanded.stride()
+
+
+def check_attention_args(entry, q, k, v, q_zero, k_zero, v_zero, sm_scale, bias, mask, p_bits, out_dtype):
+    """Metadata-only checks shared by the ops, their fakes and the launcher; returns (B, H, N, d)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(entry, name, t, dtypes=(torch.int8,), ndim=4)
+    if not (q.shape == k.shape == v.shape):
+        raise KernelInputError(f"{entry}: q, k, v must have the same shape (B, H, N, d); got {tuple(q.shape)}, "
+                               f"{tuple(k.shape)}, {tuple(v.shape)}.")
+    batch, heads, seq, head_dim = q.shape
+    if seq > MAX_SEQ or seq < 1:
+        raise KernelInputError(f"{entry}: sequence length N={seq}; the single-pass kernel holds a whole row in "
+                               f"one tile and allows 1 <= N <= {MAX_SEQ}.")
+    if head_dim < 1 or head_dim > 256:
+        raise KernelInputError(f"{entry}: head dim d={head_dim}; allowed 1..256.")
+    for name, zero in (("q_zero", q_zero), ("k_zero", k_zero), ("v_zero", v_zero)):
+        check_int_range(entry, name, zero, -128, 127)
+    if not 1 <= int(p_bits) <= 8:
+        raise KernelInputError(f"{entry}: p_bits={p_bits}; allowed 1..8.")
+    if out_dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise KernelInputError(f"{entry}: out_dtype={out_dtype}; allowed float16, bfloat16, float32.")
+    _bias_strides(entry, bias, batch, heads, seq)
+    if mask is not None:
+        check_tensor(entry, "mask", mask, dtypes=(torch.float32, torch.float16, torch.bfloat16), ndim=3)
+        if tuple(mask.shape[1:]) != (seq, seq):
+            raise KernelInputError(f"{entry}: mask has shape {tuple(mask.shape)}; expected (nW, N, N) with N={seq}.")
+        if mask.shape[0] < 1 or batch % mask.shape[0]:
+            raise KernelInputError(f"{entry}: batch B={batch} is not a multiple of the number of windows "
+                                   f"nW={mask.shape[0]}; batch index b uses window b % nW (Swin lays out windows "
+                                   "image-major).")
+    return batch, heads, seq, head_dim
+
+
+def _launch(entry, q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale, v_zero, sm_scale, bias, mask, p_mode,
+            p_param, p_zero, p_bits, out_dtype, return_codes, block_m):
+    batch, heads, seq, head_dim = check_attention_args(entry, q, k, v, q_zero, k_zero, v_zero, sm_scale, bias,
+                                                       mask, p_bits, out_dtype)
+    if p_mode == P_MODE_LOG2 and not p_param > 0:
+        raise KernelInputError(f"{entry}: p_delta={p_param}; it must be > 0 (the largest log2 level).")
+    if p_mode == P_MODE_LINEAR:
+        if not p_param > 0:
+            raise KernelInputError(f"{entry}: p_scale={p_param}; it must be > 0.")
+        check_int_range(entry, "p_zero", p_zero, 0, 2 ** p_bits - 1)
+    device = require_triton_device(entry, _attention_kernel, [q, k, v, bias, mask])
+    out = torch.empty((batch, heads, seq, head_dim), dtype=out_dtype, device=q.device)
+    codes = torch.empty((batch, heads, seq, seq) if return_codes else (1, 1, 1, 1), dtype=torch.int16,
+                        device=q.device)
+    bias_strides = _bias_strides(entry, bias, batch, heads, seq)
+    mask_strides = mask.stride() if mask is not None else (0, 0, 0)
+    dummy = out
+    # Linear codes minus zero point are exact in fp16; log2 levels 2**-k are exact in fp16 for k <= 16.
+    pv_fp16 = p_mode == P_MODE_LINEAR or p_bits <= 4
+    qk_scale_log2 = float(torch.tensor(sm_scale * q_scale * k_scale * LOG2E, dtype=torch.float32))
+    pv_scale = float(p_param) * float(v_scale)
+    args = (q, k, v, dummy if bias is None else bias, dummy if mask is None else mask, out, codes,
+            seq, head_dim, heads, 1 if mask is None else mask.shape[0],
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *bias_strides, *mask_strides, *codes.stride(),
+            int(q_zero), int(k_zero), int(v_zero), qk_scale_log2, float(p_param), float(p_zero), pv_scale)
+    meta = dict(P_MODE=p_mode, P_BITS=int(p_bits), PV_FP16=pv_fp16, HAS_BIAS=bias is not None,
+                HAS_MASK=mask is not None, STORE_CODES=return_codes,
+                BLOCK_N=max(16, next_power_of_2(seq)), BLOCK_D=max(16, next_power_of_2(head_dim)))
+    if block_m is None and device.type == "cpu":
+        block_m = INTERPRETER_BLOCK_M
+    if block_m is None:
+        grid = lambda META: (triton.cdiv(seq, META["BLOCK_M"]), batch * heads)  # noqa: E731
+        _attention_kernel_autotuned[grid](*args, **meta)
+    else:
+        _attention_kernel[(triton.cdiv(seq, block_m), batch * heads)](*args, **meta, BLOCK_M=block_m)
+    return (out, codes) if return_codes else out
+
+
+def attention_log2_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale: float, q_zero: int,
+                          k_scale: float, k_zero: int, v_scale: float, v_zero: int, sm_scale: float,
+                          bias: Optional[torch.Tensor], mask: Optional[torch.Tensor], p_delta: float, p_bits: int,
+                          out_dtype: torch.dtype, return_codes: bool = False, block_m: Optional[int] = None):
+    """Run the Triton log2-quantized attention (CUDA, or CPU under ``TRITON_INTERPRET=1``).
+
+    Returns ``out`` (B, H, N, d), or ``(out, codes)`` with int16 P codes (B, H, N, N) if ``return_codes``.
+    ``block_m`` fixes the query tile (tests); ``None`` autotunes on CUDA.
+    """
+    return _launch("attention_log2_triton", q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale, v_zero, sm_scale,
+                   bias, mask, P_MODE_LOG2, p_delta, 0, p_bits, out_dtype, return_codes, block_m)
+
+
+def attention_linear_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale: float, q_zero: int,
+                            k_scale: float, k_zero: int, v_scale: float, v_zero: int, sm_scale: float,
+                            bias: Optional[torch.Tensor], mask: Optional[torch.Tensor], p_scale: float, p_zero: int,
+                            p_bits: int, out_dtype: torch.dtype, return_codes: bool = False,
+                            block_m: Optional[int] = None):
+    """Run the Triton attention with a linear (uniform) softmax quantizer; see ``attention_log2_triton``."""
+    return _launch("attention_linear_triton", q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale, v_zero, sm_scale,
+                   bias, mask, P_MODE_LINEAR, p_scale, p_zero, p_bits, out_dtype, return_codes, block_m)
+
+
+# ---------------------------------------------------------------------------------------------------
+# torch.library ops: CPU = reference, CUDA = Triton
+# ---------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("dfqvit::attention_log2", mutates_args=())
+def attention_log2_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale: float, q_zero: int,
+                      k_scale: float, k_zero: int, v_scale: float, v_zero: int, sm_scale: float,
+                      bias: Optional[torch.Tensor], mask: Optional[torch.Tensor], p_delta: float, p_bits: int,
+                      out_dtype: torch.dtype) -> torch.Tensor:
+    """Attention with a log2-quantized softmax; CPU implementation = ``reference.attention_log2_reference``."""
+    check_attention_args("dfqvit::attention_log2", q, k, v, q_zero, k_zero, v_zero, sm_scale, bias, mask, p_bits,
+                         out_dtype)
+    return reference.attention_log2_reference(q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale, v_zero, sm_scale,
+                                              bias, mask, p_delta, p_bits, out_dtype)
+
+
+@attention_log2_op.register_kernel("cuda")
+def _attention_log2_cuda(q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale, v_zero, sm_scale, bias, mask, p_delta,
+                         p_bits, out_dtype):
+    return attention_log2_triton(q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale, v_zero, sm_scale, bias, mask,
+                                 p_delta, p_bits, out_dtype)
+
+
+@attention_log2_op.register_fake
+def _attention_log2_fake(q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale, v_zero, sm_scale, bias, mask, p_delta,
+                         p_bits, out_dtype):
+    check_attention_args("dfqvit::attention_log2", q, k, v, q_zero, k_zero, v_zero, sm_scale, bias, mask, p_bits,
+                         out_dtype)
+    return q.new_empty(q.shape, dtype=out_dtype)
+
+
+@torch.library.custom_op("dfqvit::attention_linear", mutates_args=())
+def attention_linear_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale: float, q_zero: int,
+                        k_scale: float, k_zero: int, v_scale: float, v_zero: int, sm_scale: float,
+                        bias: Optional[torch.Tensor], mask: Optional[torch.Tensor], p_scale: float, p_zero: int,
+                        p_bits: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """Attention with a uniformly quantized softmax; CPU implementation = ``reference.attention_linear_reference``."""
+    check_attention_args("dfqvit::attention_linear", q, k, v, q_zero, k_zero, v_zero, sm_scale, bias, mask, p_bits,
+                         out_dtype)
+    return reference.attention_linear_reference(q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale, v_zero,
+                                                sm_scale, bias, mask, p_scale, p_zero, p_bits, out_dtype)
+
+
+@attention_linear_op.register_kernel("cuda")
+def _attention_linear_cuda(q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale, v_zero, sm_scale, bias, mask,
+                           p_scale, p_zero, p_bits, out_dtype):
+    return attention_linear_triton(q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale, v_zero, sm_scale, bias, mask,
+                                   p_scale, p_zero, p_bits, out_dtype)
+
+
+@attention_linear_op.register_fake
+def _attention_linear_fake(q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale, v_zero, sm_scale, bias, mask,
+                           p_scale, p_zero, p_bits, out_dtype):
+    check_attention_args("dfqvit::attention_linear", q, k, v, q_zero, k_zero, v_zero, sm_scale, bias, mask, p_bits,
+                         out_dtype)
+    return q.new_empty(q.shape, dtype=out_dtype)

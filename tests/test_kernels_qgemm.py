@@ -1,0 +1,238 @@
+"""Packed GEMM: Triton kernel vs reference (exact int32 accumulator, epilogues), the op, errors.
+
+Tolerances: the int32 accumulator is compared with ``torch.equal`` everywhere. Float epilogues run the
+same fp32 operations in the same order as the reference, so under the interpreter they are bit-exact
+without GELU; ``erf`` itself differs by an ulp between implementations (numpy/libdevice vs torch), and on a
+GPU the compiler may contract a multiply-add into an FMA (one rounding instead of two), hence
+``rtol=1e-5`` and re-quantized codes within one step of the reference on at most 0.1% of elements. The weight-only path only differs
+in fp32 summation order: SQNR >= 100 dB (fp32 output).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dfqvit.kernels import GemmConfig, KernelInputError, MissingGPUError, linear_a8, linear_w16, pack_weight
+from dfqvit.kernels import reference
+from dfqvit.kernels._common import require_triton_device
+from dfqvit.kernels.qgemm import qgemm_accumulator_triton, qgemm_triton, qgemm_w16_triton
+from kernel_utils import INTERPRETED, TRITON_DEVICE, gpu, random_int8, random_weight, requires_triton, sqnr_db
+
+GEN = torch.Generator().manual_seed(7)
+SHAPES = [(1, 17, 40), (3, 48, 72), (65, 17, 100)]  # M, N, K: none a multiple of the blocks
+
+
+def _packed(bits, n, k, group_k=None):
+    codes, scale, zero = random_weight(bits, n, k, GEN)
+    if bits <= 4 and group_k is None:
+        group_k = 16 if bits == 4 else 32  # small groups so odd K spans several groups
+    return codes, pack_weight(codes, scale, zero, bits, group_k=group_k)
+
+
+def _config(weight, block_k_groups=1):
+    block_k = max(32, weight.group_k * block_k_groups)
+    return GemmConfig(block_m=16, block_n=16, block_k=block_k, group_m=2, num_warps=4, num_stages=2)
+
+
+def _to(device, *tensors):
+    return [None if t is None else t.to(device) for t in tensors]
+
+
+@requires_triton
+@pytest.mark.parametrize("bits", [3, 4, 8])
+@pytest.mark.parametrize("m,n,k", SHAPES)
+def test_accumulator_is_exact(bits, m, n, k):
+    codes, w = _packed(bits, n, k)
+    a = random_int8((m, k), GEN)
+    a_zero = -7
+    expected = reference.qgemm_accumulator_reference(a, a_zero, codes, w.w_zero)
+    a_d, data, zero, col = _to(TRITON_DEVICE, a, w.data, w.w_zero, w.w_col_sums)
+    acc = qgemm_accumulator_triton(a_d, a_zero, data, zero, col, w.storage_bits, k, w.group_k, config=_config(w, 2))
+    assert acc.dtype == torch.int32
+    assert torch.equal(acc.cpu(), expected)
+
+
+@requires_triton
+@pytest.mark.parametrize("bits", [3, 4, 8])
+@pytest.mark.parametrize("bias,gelu,residual", [(False, False, False), (True, True, True), (True, False, True)])
+def test_float_epilogue_matches_reference(bits, bias, gelu, residual):
+    m, n, k = 33, 48, 100
+    _, w = _packed(bits, n, k)
+    a = random_int8((m, k), GEN)
+    b = torch.randn(n, generator=GEN) if bias else None
+    r = torch.randn(m, n, generator=GEN).half() if residual else None
+    args = (a, 0.05, 3, w.data, w.w_scale, w.w_zero, w.w_col_sums, b, r, w.storage_bits, k, w.group_k, gelu,
+            None, 0, 0, 0, torch.float32)
+    expected = reference.qgemm_reference(*args)
+    got = qgemm_triton(*_to(TRITON_DEVICE, *args[:1]), *args[1:3], *_to(TRITON_DEVICE, *args[3:9]), *args[9:],
+                       config=_config(w))
+    if INTERPRETED and not gelu:
+        assert torch.equal(got, expected)
+    torch.testing.assert_close(got.cpu(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+@requires_triton
+@pytest.mark.parametrize("bits", [3, 4, 8])
+@pytest.mark.parametrize("m,n,k", SHAPES)
+@pytest.mark.parametrize("gelu", [False, True])
+def test_requantized_int8_output(bits, m, n, k, gelu):
+    _, w = _packed(bits, n, k)
+    a = random_int8((m, k), GEN)
+    b = torch.randn(n, generator=GEN)
+    r = torch.randn(m, n, generator=GEN)
+    args = (a, 0.02, -4, w.data, w.w_scale, w.w_zero, w.w_col_sums, b, r, w.storage_bits, k, w.group_k, gelu,
+            0.04, 5, -128, 127, torch.int8)
+    expected = reference.qgemm_reference(*args)
+    got = qgemm_triton(*_to(TRITON_DEVICE, a), 0.02, -4, *_to(TRITON_DEVICE, *args[3:9]), *args[9:],
+                       config=_config(w)).cpu()
+    assert got.dtype == torch.int8
+    diff = (got.int() - expected.int()).abs()
+    if INTERPRETED and not gelu:
+        assert torch.equal(got, expected)
+    assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) <= 1e-3
+
+
+@requires_triton
+@pytest.mark.parametrize("bits", [3, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_weight_only_matches_reference(bits, dtype):
+    if INTERPRETED and dtype == torch.bfloat16:
+        pytest.skip("the Triton interpreter computes bf16 dots on raw bits (numpy has no bf16); GPU only")
+    m, n, k = 65, 17, 100
+    _, w = _packed(bits, n, k)
+    x = torch.randn(m, k, generator=GEN).to(dtype)
+    b = torch.randn(n, generator=GEN)
+    r = torch.randn(m, n, generator=GEN)
+    args = (x, w.data, w.w_scale, w.w_zero, b, r, w.storage_bits, k, w.group_k, True, torch.float32)
+    expected = reference.qgemm_w16_reference(*args)
+    got = qgemm_w16_triton(*_to(TRITON_DEVICE, *args[:6]), *args[6:], config=_config(w))
+    assert sqnr_db(expected, got.cpu()) >= 100
+
+
+@requires_triton
+def test_default_interpreter_config_and_several_groups_per_block():
+    """BLOCK_K spanning several packing groups (int4 G=16, block 64) and the default config."""
+    codes, w = _packed(4, 48, 100, group_k=16)
+    a = random_int8((65, 100), GEN)
+    expected = reference.qgemm_accumulator_reference(a, 2, codes, w.w_zero)
+    a_d, data, zero, col = _to(TRITON_DEVICE, a, w.data, w.w_zero, w.w_col_sums)
+    for config in (GemmConfig(block_m=32, block_n=16, block_k=64, group_m=1), None):
+        acc = qgemm_accumulator_triton(a_d, 2, data, zero, col, 4, 100, 16, config=config)
+        assert torch.equal(acc.cpu(), expected)
+
+
+def test_reference_is_the_dequantized_linear():
+    """The reference computes a_scale * w_scale * sum (A - za)(W - zw) + bias: compare with fp64 F.linear."""
+    codes, w = _packed(4, 17, 72)
+    a = random_int8((5, 72), GEN)
+    bias = torch.randn(17, generator=GEN)
+    y = reference.qgemm_reference(a, 0.1, 3, w.data, w.w_scale, w.w_zero, w.w_col_sums, bias, None, 4, 72,
+                                  w.group_k, False, None, 0, 0, 0, torch.float32)
+    a_real = (a.double() - 3) * 0.1
+    w_real = (codes.double() - w.w_zero.double()[:, None]) * w.w_scale.double()[:, None]
+    expected = torch.nn.functional.linear(a_real, w_real, bias.double())
+    assert sqnr_db(expected, y) >= 120
+    g = reference.qgemm_reference(a, 0.1, 3, w.data, w.w_scale, w.w_zero, w.w_col_sums, bias, None, 4, 72,
+                                  w.group_k, True, None, 0, 0, 0, torch.float32)
+    assert sqnr_db(torch.nn.functional.gelu(expected), g) >= 120
+
+
+def test_linear_front_ends_take_leading_dims():
+    _, w = _packed(3, 17, 40)
+    a = random_int8((2, 5, 40), GEN)
+    y = linear_a8(a, 0.1, 0, w, torch.randn(17), out_scale=0.05)
+    assert y.shape == (2, 5, 17) and y.dtype == torch.int8
+    x = torch.randn(2, 5, 40).half()
+    y = linear_w16(x, w, residual=torch.randn(2, 5, 17).half(), gelu=True)
+    assert y.shape == (2, 5, 17) and y.dtype == torch.float16
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_qgemm_ops_opcheck(bits):
+    _, w = _packed(bits, 17, 40)
+    a = random_int8((3, 40), GEN)
+    b = torch.randn(17)
+    r = torch.randn(3, 17)
+    base = (a, 0.1, 2, w.data, w.w_scale, w.w_zero, w.w_col_sums)
+    torch.library.opcheck(torch.ops.dfqvit.qgemm.default,
+                          (*base, b, r, bits, 40, w.group_k, True, None, 0, 0, 0, torch.float16))
+    torch.library.opcheck(torch.ops.dfqvit.qgemm.default,
+                          (*base, None, None, bits, 40, w.group_k, False, 0.05, -3, -128, 127, torch.int8))
+    x = torch.randn(3, 40).half()
+    torch.library.opcheck(torch.ops.dfqvit.qgemm_w16.default,
+                          (x, w.data, w.w_scale, w.w_zero, b, r, bits, 40, w.group_k, True, torch.float32))
+
+
+def test_qgemm_errors_say_what_was_given():
+    _, w = _packed(4, 17, 40)
+    a = random_int8((3, 40), GEN)
+
+    def call(a=a, k=40, storage_bits=4, out_scale=None, out_dtype=torch.float16, bias=None, w_packed=w.data,
+             group_k=w.group_k):
+        return torch.ops.dfqvit.qgemm(a, 0.1, 0, w_packed, w.w_scale, w.w_zero, w.w_col_sums, bias, None,
+                                      storage_bits, k, group_k, False, out_scale, 0, -128, 127, out_dtype)
+
+    with pytest.raises(KernelInputError, match="dtype float32"):
+        call(a=a.float())
+    with pytest.raises(KernelInputError, match="bytes per row"):
+        call(k=72)  # packed K does not match
+    with pytest.raises(KernelInputError, match="K=72 columns"):
+        call(a=random_int8((3, 72), GEN))
+    with pytest.raises(KernelInputError, match="stride"):
+        call(a=random_int8((40, 3), GEN).T)  # non-contiguous rows
+    with pytest.raises(KernelInputError, match="storage_bits=5"):
+        call(storage_bits=5)
+    with pytest.raises(KernelInputError, match="must be torch.int8"):
+        call(out_scale=0.1, out_dtype=torch.float16)
+    with pytest.raises(KernelInputError, match="bias has shape"):
+        call(bias=torch.randn(16))
+    with pytest.raises(KernelInputError, match="group_k=24"):
+        call(group_k=24)
+    with pytest.raises(KernelInputError, match=r"dtype float32; allowed: float16, bfloat16"):
+        torch.ops.dfqvit.qgemm_w16(torch.randn(3, 40), w.data, w.w_scale, w.w_zero, None, None, 4, 40, w.group_k,
+                                   False, torch.float16)
+    with pytest.raises(KernelInputError, match="dtype int8"):
+        torch.ops.dfqvit.qgemm_w16(a, w.data, w.w_scale, w.w_zero, None, None, 4, 40, w.group_k, False,
+                                   torch.float16)
+
+
+@requires_triton
+def test_triton_entry_checks_config():
+    _, w = _packed(4, 17, 40, group_k=64)
+    a = random_int8((3, 40), GEN)
+    with pytest.raises(KernelInputError, match="multiple of group_k=64"):
+        qgemm_accumulator_triton(*_to(TRITON_DEVICE, a), 0, *_to(TRITON_DEVICE, w.data, w.w_zero, w.w_col_sums),
+                                 4, 40, 64, config=GemmConfig(block_k=32))
+
+
+def test_cpu_tensors_without_interpreter_raise_missing_gpu(monkeypatch):
+    class JITFunction:  # stands in for a compiled (not interpreted) Triton kernel
+        pass
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(MissingGPUError, match="TRITON_INTERPRET=1"):
+        require_triton_device("qgemm_triton", JITFunction(), [torch.zeros(1)])
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(KernelInputError, match="before importing dfqvit"):
+        require_triton_device("qgemm_triton", JITFunction(), [torch.zeros(1)])
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+@pytest.mark.parametrize("m", [197, 1576])
+def test_autotuned_cuda_kernel_at_vit_shapes(bits, m):
+    """GPU only: autotuned launch (no fixed config) at DeiT-S fc1 shape, batch 1 and 8."""
+    n, k = 1536, 384
+    codes, scale, zero = random_weight(bits, n, k, GEN)
+    w = pack_weight(codes, scale, zero, bits).to("cuda")
+    a = random_int8((m, k), GEN)
+    expected = reference.qgemm_accumulator_reference(a, 5, codes, zero)
+    acc = qgemm_accumulator_triton(a.cuda(), 5, w.data, w.w_zero, w.w_col_sums, w.storage_bits, k, w.group_k)
+    assert torch.equal(acc.cpu(), expected)
+    y = torch.ops.dfqvit.qgemm(a.cuda(), 0.02, 5, w.data, w.w_scale, w.w_zero, w.w_col_sums, None, None,
+                               w.storage_bits, k, w.group_k, True, None, 0, 0, 0, torch.float16)
+    ref = reference.qgemm_reference(a, 0.02, 5, w.data.cpu(), scale.float(), zero, w.w_col_sums.cpu(), None, None,
+                                    w.storage_bits, k, w.group_k, True, None, 0, 0, 0, torch.float32)
+    assert sqnr_db(ref, y.float().cpu()) >= 60
+
+
+test_autotuned_cuda_kernel_at_vit_shapes = gpu[0](gpu[1](test_autotuned_cuda_kernel_at_vit_shapes))
