@@ -148,7 +148,8 @@ def _bias_strides(entry, bias, batch, heads, seq):
     return expanded.stride()
 
 
-def check_attention_args(entry, q, k, v, q_zero, k_zero, v_zero, sm_scale, bias, mask, p_bits, out_dtype):
+def check_attention_args(entry, q, k, v, q_zero, k_zero, v_zero, sm_scale, bias, mask, p_bits, out_dtype, p_mode,
+                         p_param, p_zero=0):
     """Metadata-only checks shared by the ops, their fakes and the launcher; returns (B, H, N, d)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(entry, name, t, dtypes=(torch.int8,), ndim=4)
@@ -165,6 +166,12 @@ def check_attention_args(entry, q, k, v, q_zero, k_zero, v_zero, sm_scale, bias,
         check_int_range(entry, name, zero, -128, 127)
     if not 1 <= int(p_bits) <= 8:
         raise KernelInputError(f"{entry}: p_bits={p_bits}; allowed 1..8.")
+    if p_mode == P_MODE_LOG2 and not p_param > 0:
+        raise KernelInputError(f"{entry}: p_delta={p_param}; it must be > 0 (the largest log2 level).")
+    if p_mode == P_MODE_LINEAR:
+        if not p_param > 0:
+            raise KernelInputError(f"{entry}: p_scale={p_param}; it must be > 0.")
+        check_int_range(entry, "p_zero", p_zero, 0, 2 ** int(p_bits) - 1)
     if out_dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise KernelInputError(f"{entry}: out_dtype={out_dtype}; allowed float16, bfloat16, float32.")
     _bias_strides(entry, bias, batch, heads, seq)
@@ -182,13 +189,7 @@ def check_attention_args(entry, q, k, v, q_zero, k_zero, v_zero, sm_scale, bias,
 def _launch(entry, q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale, v_zero, sm_scale, bias, mask, p_mode,
             p_param, p_zero, p_bits, out_dtype, return_codes, block_m):
     batch, heads, seq, head_dim = check_attention_args(entry, q, k, v, q_zero, k_zero, v_zero, sm_scale, bias,
-                                                       mask, p_bits, out_dtype)
-    if p_mode == P_MODE_LOG2 and not p_param > 0:
-        raise KernelInputError(f"{entry}: p_delta={p_param}; it must be > 0 (the largest log2 level).")
-    if p_mode == P_MODE_LINEAR:
-        if not p_param > 0:
-            raise KernelInputError(f"{entry}: p_scale={p_param}; it must be > 0.")
-        check_int_range(entry, "p_zero", p_zero, 0, 2 ** p_bits - 1)
+                                                       mask, p_bits, out_dtype, p_mode, p_param, p_zero)
     device = require_triton_device(entry, _attention_kernel, [q, k, v, bias, mask])
     out = torch.empty((batch, heads, seq, head_dim), dtype=out_dtype, device=q.device)
     codes = torch.empty((batch, heads, seq, seq) if return_codes else (1, 1, 1, 1), dtype=torch.int16,
@@ -252,7 +253,7 @@ def attention_log2_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale
                       out_dtype: torch.dtype) -> torch.Tensor:
     """Attention with a log2-quantized softmax; CPU implementation = ``reference.attention_log2_reference``."""
     check_attention_args("dfqvit::attention_log2", q, k, v, q_zero, k_zero, v_zero, sm_scale, bias, mask, p_bits,
-                         out_dtype)
+                         out_dtype, P_MODE_LOG2, p_delta)
     return reference.attention_log2_reference(q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale, v_zero, sm_scale,
                                               bias, mask, p_delta, p_bits, out_dtype)
 
@@ -268,7 +269,7 @@ def _attention_log2_cuda(q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale, v_z
 def _attention_log2_fake(q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale, v_zero, sm_scale, bias, mask, p_delta,
                          p_bits, out_dtype):
     check_attention_args("dfqvit::attention_log2", q, k, v, q_zero, k_zero, v_zero, sm_scale, bias, mask, p_bits,
-                         out_dtype)
+                         out_dtype, P_MODE_LOG2, p_delta)
     return q.new_empty(q.shape, dtype=out_dtype)
 
 
@@ -279,7 +280,7 @@ def attention_linear_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_sca
                         p_bits: int, out_dtype: torch.dtype) -> torch.Tensor:
     """Attention with a uniformly quantized softmax; CPU implementation = ``reference.attention_linear_reference``."""
     check_attention_args("dfqvit::attention_linear", q, k, v, q_zero, k_zero, v_zero, sm_scale, bias, mask, p_bits,
-                         out_dtype)
+                         out_dtype, P_MODE_LINEAR, p_scale, p_zero)
     return reference.attention_linear_reference(q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale, v_zero,
                                                 sm_scale, bias, mask, p_scale, p_zero, p_bits, out_dtype)
 
@@ -295,5 +296,5 @@ def _attention_linear_cuda(q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale, v
 def _attention_linear_fake(q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale, v_zero, sm_scale, bias, mask,
                            p_scale, p_zero, p_bits, out_dtype):
     check_attention_args("dfqvit::attention_linear", q, k, v, q_zero, k_zero, v_zero, sm_scale, bias, mask, p_bits,
-                         out_dtype)
+                         out_dtype, P_MODE_LINEAR, p_scale, p_zero)
     return q.new_empty(q.shape, dtype=out_dtype)

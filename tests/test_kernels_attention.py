@@ -1,0 +1,172 @@
+"""Quantized attention: P codes exact vs the reference, output within tolerance, Swin bias/mask, op, errors.
+
+Tolerances: P codes are compared with ``torch.equal`` (the kernel and reference run the same exp2-based fp32
+softmax; under the interpreter every operation matches). On a GPU ``exp2``/``log2`` are hardware
+approximations, so codes may move by one level on at most 0.1% of entries. The output differs only in the
+fp32 summation order of P.V and the order of the final scale: relative max-abs error <= 1e-5 for fp32
+output, and <= one fp16 ulp (2**-10 relative) for fp16 output.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dfqvit.kernels import KernelInputError, reference
+from dfqvit.kernels.attention import attention_linear_triton, attention_log2_triton
+from kernel_utils import TRITON_DEVICE, gpu, random_int8, requires_triton, sqnr_db
+
+GEN = torch.Generator().manual_seed(11)
+
+
+def _qkv(b, h, n, d):
+    return random_int8((b, h, n, d), GEN), random_int8((b, h, n, d), GEN), random_int8((b, h, n, d), GEN)
+
+
+def _scales(d):
+    # Logits of a few units after sm_scale, as in a calibrated ViT: probabilities spread over many levels.
+    return dict(q_scale=0.03, q_zero=3, k_scale=0.025, k_zero=-5, v_scale=0.05, v_zero=1, sm_scale=d ** -0.5)
+
+
+def _run_log2(q, k, v, s, bias, mask, p_bits, out_dtype, block_m=None):
+    args = (q, k, v, s["q_scale"], s["q_zero"], s["k_scale"], s["k_zero"], s["v_scale"], s["v_zero"], s["sm_scale"],
+            bias, mask)
+    dev = [None if t is None else t.to(TRITON_DEVICE) for t in (q, k, v, bias, mask)]
+    dargs = (*dev[:3], *args[3:10], dev[3], dev[4])
+    out, codes = attention_log2_triton(*dargs, 1.0, p_bits, out_dtype, return_codes=True, block_m=block_m)
+    ref_codes = reference.attention_log2_codes_reference(q, k, s["q_scale"], s["q_zero"], s["k_scale"], s["k_zero"],
+                                                         s["sm_scale"], bias, mask, 1.0, p_bits)
+    ref_out = reference.attention_log2_reference(*args, 1.0, p_bits, out_dtype)
+    return out.cpu(), codes.cpu(), ref_out, ref_codes
+
+
+def _assert_out_close(out, ref):
+    scale = float(ref.float().abs().max())
+    tol = 1e-5 if out.dtype == torch.float32 else 2.0 ** -10
+    assert float((out.float() - ref.float()).abs().max()) <= tol * scale
+
+
+@requires_triton
+@pytest.mark.parametrize("b,h,n,d", [(2, 3, 65, 16), (1, 2, 17, 24), (2, 1, 197, 64)])
+@pytest.mark.parametrize("p_bits", [3, 4, 8])
+def test_log2_codes_exact_and_output_close(b, h, n, d, p_bits):
+    q, k, v = _qkv(b, h, n, d)
+    out_dtype = torch.float16 if p_bits == 4 else torch.float32
+    out, codes, ref_out, ref_codes = _run_log2(q, k, v, _scales(d), None, None, p_bits, out_dtype, block_m=16)
+    assert codes.dtype == torch.int16 and codes.shape == (b, h, n, n)
+    assert len(codes.unique()) >= min(2 ** p_bits, 6)  # probabilities spread over many levels
+    if p_bits <= 4:
+        assert bool((codes == 2 ** p_bits).any())  # the underflow code occurs too
+    assert torch.equal(codes, ref_codes)
+    _assert_out_close(out, ref_out)
+
+
+@requires_triton
+@pytest.mark.parametrize("p_bits,p_zero", [(4, 0), (8, 3)])
+def test_linear_codes_exact_and_output_close(p_bits, p_zero):
+    b, h, n, d = 2, 2, 65, 32
+    q, k, v = _qkv(b, h, n, d)
+    s = _scales(d)
+    p_scale = 1.0 / (2 ** p_bits - 1 - p_zero)
+    args = (q, k, v, s["q_scale"], s["q_zero"], s["k_scale"], s["k_zero"], s["v_scale"], s["v_zero"], s["sm_scale"],
+            None, None, p_scale, p_zero, p_bits, torch.float32)
+    out, codes = attention_linear_triton(*[t.to(TRITON_DEVICE) for t in args[:3]], *args[3:], return_codes=True)
+    ref_codes = reference.attention_linear_codes_reference(q, k, s["q_scale"], s["q_zero"], s["k_scale"],
+                                                           s["k_zero"], s["sm_scale"], None, None, p_scale, p_zero,
+                                                           p_bits)
+    assert torch.equal(codes.cpu(), ref_codes)
+    _assert_out_close(out.cpu(), reference.attention_linear_reference(*args))
+
+
+@requires_triton
+def test_swin_bias_and_shifted_window_mask():
+    """(H, N, N) relative-position bias plus a (nW, N, N) mask; batch index b uses window b % nW."""
+    n_windows, images, h, n, d = 2, 2, 2, 49, 32
+    b = n_windows * images
+    q, k, v = _qkv(b, h, n, d)
+    bias = torch.randn(h, n, n, generator=GEN)
+    mask = torch.where(torch.rand(n_windows, n, n, generator=GEN) < 0.3, -100.0, 0.0)
+    s = _scales(d)
+    out, codes, ref_out, ref_codes = _run_log2(q, k, v, s, bias, mask, 4, torch.float32, block_m=32)
+    assert torch.equal(codes, ref_codes)
+    _assert_out_close(out, ref_out)
+    # The reference's broadcasting is the documented one: window b % nW, bias shared by the batch.
+    for batch_index in range(b):
+        single = reference.attention_log2_codes_reference(
+            q[batch_index:batch_index + 1], k[batch_index:batch_index + 1], s["q_scale"], s["q_zero"], s["k_scale"],
+            s["k_zero"], s["sm_scale"], bias[None] + mask[batch_index % n_windows][None, None], None, 1.0, 4)
+        assert torch.equal(single[0], ref_codes[batch_index])
+
+
+def test_reference_approximates_float_attention():
+    """8-bit linear P on dequantized q, k, v is close to fp64 softmax attention: the semantics are right."""
+    b, h, n, d = 1, 2, 65, 32
+    q, k, v = _qkv(b, h, n, d)
+    s = _scales(d)
+    out = reference.attention_linear_reference(q, k, v, *s.values(), None, None, 1 / 255, 0, 8, torch.float32)
+    deq = [(t.double() - s[f"{name}_zero"]) * s[f"{name}_scale"] for t, name in ((q, "q"), (k, "k"), (v, "v"))]
+    p = torch.softmax(deq[0] @ deq[1].transpose(-1, -2) * s["sm_scale"], dim=-1)
+    assert sqnr_db(p @ deq[2], out) >= 25
+    codes = reference.attention_log2_codes_reference(q, k, s["q_scale"], s["q_zero"], s["k_scale"], s["k_zero"],
+                                                     s["sm_scale"], None, None, 1.0, 8)
+    expected = torch.clamp(torch.round(-torch.log2(p.float())), 0, 256)
+    assert float((codes.float() - expected).abs().max()) <= 1  # same quantizer, fp32 vs fp64 softmax
+
+
+@pytest.mark.parametrize("with_bias_mask", [False, True])
+def test_attention_ops_opcheck(with_bias_mask):
+    b, h, n, d = 2, 2, 17, 16
+    q, k, v = _qkv(b, h, n, d)
+    bias = torch.randn(h, n, n) if with_bias_mask else None
+    mask = torch.zeros(2, n, n) if with_bias_mask else None
+    base = (q, k, v, 0.03, 1, 0.02, -2, 0.05, 0, 0.25, bias, mask)
+    torch.library.opcheck(torch.ops.dfqvit.attention_log2.default, (*base, 1.0, 4, torch.float16))
+    torch.library.opcheck(torch.ops.dfqvit.attention_linear.default, (*base, 1 / 15, 0, 4, torch.float32))
+
+
+def test_attention_errors_say_what_was_given():
+    q, k, v = _qkv(2, 2, 17, 16)
+
+    def call(q=q, k=k, v=v, bias=None, mask=None, p_bits=4, out_dtype=torch.float16):
+        return torch.ops.dfqvit.attention_log2(q, k, v, 0.1, 0, 0.1, 0, 0.1, 0, 0.25, bias, mask, 1.0, p_bits,
+                                               out_dtype)
+
+    with pytest.raises(KernelInputError, match="dtype float32"):
+        call(q=q.float())
+    with pytest.raises(KernelInputError, match="same shape"):
+        call(k=k[:, :, :16])
+    with pytest.raises(KernelInputError, match=r"N=300.*N <= 256"):
+        big = random_int8((1, 1, 300, 16), GEN)
+        call(q=big, k=big, v=big)
+    with pytest.raises(KernelInputError, match="does not broadcast"):
+        call(bias=torch.zeros(3, 17, 17))
+    with pytest.raises(KernelInputError, match="not a multiple of the number of windows"):
+        call(mask=torch.zeros(3, 17, 17))
+    with pytest.raises(KernelInputError, match="p_bits=9"):
+        call(p_bits=9)
+    with pytest.raises(KernelInputError, match="out_dtype"):
+        call(out_dtype=torch.int8)
+    with pytest.raises(KernelInputError, match="p_zero=16"):
+        torch.ops.dfqvit.attention_linear(q, k, v, 0.1, 0, 0.1, 0, 0.1, 0, 0.25, None, None, 0.1, 16, 4,
+                                          torch.float16)
+
+
+@pytest.mark.parametrize("p_bits", [3, 4])
+def test_cuda_kernel_at_vit_shape(p_bits):
+    """GPU only: autotuned launch at ViT-B attention (B=8, H=12, N=197, d=64); codes may move by one level
+    on at most 0.1% of entries (hardware exp2/log2)."""
+    q, k, v = _qkv(8, 12, 197, 64)
+    s = _scales(64)
+    args = (s["q_scale"], s["q_zero"], s["k_scale"], s["k_zero"], s["v_scale"], s["v_zero"], s["sm_scale"], None,
+            None, 1.0, p_bits, torch.float16)
+    out, codes = attention_log2_triton(q.cuda(), k.cuda(), v.cuda(), *args, return_codes=True)
+    ref_codes = reference.attention_log2_codes_reference(q, k, *args[:4], args[6], None, None, 1.0, p_bits)
+    diff = (codes.cpu().int() - ref_codes.int()).abs()
+    assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) <= 1e-3
+    ref = reference.attention_log2_reference(q, k, v, *args)
+    assert sqnr_db(ref.float(), out.float().cpu()) >= 40
+    assert math.isfinite(float(out.float().abs().max()))
+
+
+test_cuda_kernel_at_vit_shape = gpu[0](gpu[1](test_cuda_kernel_at_vit_shape))
