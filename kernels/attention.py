@@ -51,7 +51,7 @@ def _attention_kernel(
     sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d, so_b, so_h, so_n, so_d,
     sb_b, sb_h, sb_i, sb_j, sm_w, sm_i, sm_j, sc_b, sc_h, sc_i, sc_j,
     q_zero, k_zero, v_zero, qk_scale_log2, p_param, p_zero, pv_scale,
-    P_MODE: tl.constexpr, P_BITS: tl.constexpr, PV_FP16: tl.constexpr,
+    P_MODE: tl.constexpr, P_BITS: tl.constexpr, P_RATIO_FLOOR: tl.constexpr, PV_FP16: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, STORE_CODES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -94,7 +94,7 @@ def _attention_kernel(
     LEVELS: tl.constexpr = 2 ** P_BITS
     if P_MODE == 0:
         # reference.log2_quantize: clamp the ratio before log2 (p may underflow to 0), round half to even.
-        ratio = tl.maximum(tl.math.div_rn(p, p_param), 2.0 ** -(LEVELS + 2))
+        ratio = tl.maximum(tl.math.div_rn(p, p_param), P_RATIO_FLOOR)
         code = tl.maximum(rint(-tl.log2(ratio)), 0.0)
         code = tl.where(code >= LEVELS, LEVELS, code)
         p_hat = tl.where(code >= LEVELS, 0.0, exp2_of_negative_int(tl.minimum(code, 126.0)))
@@ -205,9 +205,12 @@ def _launch(entry, q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale, v_zero, s
             seq, head_dim, heads, 1 if mask is None else mask.shape[0],
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *bias_strides, *mask_strides, *codes.stride(),
             int(q_zero), int(k_zero), int(v_zero), qk_scale_log2, float(p_param), float(p_zero), pv_scale)
-    meta = dict(P_MODE=p_mode, P_BITS=int(p_bits), PV_FP16=pv_fp16, HAS_BIAS=bias is not None,
-                HAS_MASK=mask is not None, STORE_CODES=return_codes,
-                BLOCK_N=max(16, next_power_of_2(seq)), BLOCK_D=max(16, next_power_of_2(head_dim)))
+    # The reference clamps p / delta at 2**-(levels + 2) (a Python float, rounded to fp32 by torch).
+    ratio_floor = float(torch.tensor(2.0 ** -(2 ** int(p_bits) + 2), dtype=torch.float32))
+    # Padded to powers of two and at least 32: the int8 QK^T tl.dot needs K = BLOCK_D >= 32 on tensor cores.
+    meta = dict(P_MODE=p_mode, P_BITS=int(p_bits), P_RATIO_FLOOR=ratio_floor, PV_FP16=pv_fp16,
+                HAS_BIAS=bias is not None, HAS_MASK=mask is not None, STORE_CODES=return_codes,
+                BLOCK_N=max(32, next_power_of_2(seq)), BLOCK_D=max(32, next_power_of_2(head_dim)))
     if block_m is None and device.type == "cpu":
         block_m = INTERPRETER_BLOCK_M
     if block_m is None:

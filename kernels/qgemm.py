@@ -37,7 +37,7 @@ from . import reference
 from ._common import (check_int_range, check_tensor, gelu_erf, m_bucket, require_triton_device,
                       uniform_quantize)
 from .errors import KernelInputError
-from .packing import PackedLayout, PackedWeight
+from .packing import PackedWeight
 
 # Epilogue modes (constexpr): what the kernel writes.
 EPILOGUE_FLOAT = 0  # y cast to the output dtype
@@ -266,7 +266,8 @@ def _check_weight(entry, w_packed, w_scale, w_zero, w_col_sums, storage_bits, k,
         )
     check_tensor(entry, "w_scale", w_scale, dtypes=(torch.float32,), shape=(n,), contiguous=True)
     check_tensor(entry, "w_zero", w_zero, dtypes=(torch.int32,), shape=(n,), contiguous=True)
-    check_tensor(entry, "w_col_sums", w_col_sums, dtypes=(torch.int32,), shape=(n,), contiguous=True)
+    if w_col_sums is not None:  # the weight-only path needs no column sums
+        check_tensor(entry, "w_col_sums", w_col_sums, dtypes=(torch.int32,), shape=(n,), contiguous=True)
     return n
 
 
@@ -305,8 +306,7 @@ def check_qgemm_args(entry, a, a_zero, w_packed, w_scale, w_zero, w_col_sums, bi
 
 def check_qgemm_w16_args(entry, x, w_packed, w_scale, w_zero, bias, residual, storage_bits, k, group_k,
                          out_dtype):
-    col_sums_stub = w_zero  # same shape/dtype contract; the weight-only path needs no column sums
-    n = _check_weight(entry, w_packed, w_scale, w_zero, col_sums_stub, storage_bits, k, group_k)
+    n = _check_weight(entry, w_packed, w_scale, w_zero, None, storage_bits, k, group_k)
     check_tensor(entry, "x", x, dtypes=(torch.float16, torch.bfloat16), ndim=2, last_dim_contiguous=True)
     if x.shape[1] != k:
         raise KernelInputError(f"{entry}: x has K={x.shape[1]} columns but the packed weight has k={k}.")
@@ -326,9 +326,11 @@ def _launch(entry, a, a_scale, a_zero, w_packed, w_scale, w_zero, w_col_sums, bi
         config = INTERPRETER_CONFIG
     if config is not None and storage_bits != 8 and config.block_k % group_k:
         raise KernelInputError(f"{entry}: config.block_k={config.block_k} must be a multiple of group_k={group_k}.")
-    if device.type == "cuda" and storage_bits != 8 and group_k // (2 if storage_bits == 4 else 4) < 16:
-        raise KernelInputError(f"{entry}: group_k={group_k} gives K-pieces of fewer than 16 positions, too small "
-                               "for tensor-core tl.dot; pack with the default group_k.")
+    min_piece = 16 if float_a else 32  # tensor-core K: 16 for fp16/bf16 MMA, 32 for int8 MMA
+    if device.type == "cuda" and storage_bits != 8 and group_k // (2 if storage_bits == 4 else 4) < min_piece:
+        raise KernelInputError(f"{entry}: group_k={group_k} gives K-pieces of fewer than {min_piece} positions, too "
+                               "small for a tensor-core tl.dot on CUDA; pack with the default group_k (64 for int4, "
+                               "128 for int3).")
     dummy = w_scale  # placeholder pointer for absent optional tensors (never read: constexpr-guarded)
     args = (a, w_packed, w_scale, w_zero, w_col_sums, dummy if bias is None else bias,
             dummy if residual is None else residual, out,
@@ -494,5 +496,5 @@ def linear_w16(x: torch.Tensor, weight: PackedWeight, bias: Optional[torch.Tenso
     return y.reshape(*lead, weight.n)
 
 
-__all__ = ["GemmConfig", "INTERPRETER_CONFIG", "PackedLayout", "linear_a8", "linear_w16", "qgemm_triton",
+__all__ = ["GemmConfig", "INTERPRETER_CONFIG", "linear_a8", "linear_w16", "qgemm_triton",
            "qgemm_w16_triton", "qgemm_accumulator_triton"]

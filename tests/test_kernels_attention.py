@@ -48,6 +48,10 @@ def _assert_out_close(out, ref):
 
 
 @requires_triton
+# 8-bit log2 has no representable ratio floor in fp32 (2**-258 -> 0): log2(0) = -inf -> the underflow code,
+# exactly as in the reference; numpy (the interpreter) warns about it.
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log2:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value encountered in subtract:RuntimeWarning")  # rint(inf)
 @pytest.mark.parametrize("b,h,n,d", [(2, 3, 65, 16), (1, 2, 17, 24), (2, 1, 197, 64)])
 @pytest.mark.parametrize("p_bits", [3, 4, 8])
 def test_log2_codes_exact_and_output_close(b, h, n, d, p_bits):
