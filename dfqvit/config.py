@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import Any, Dict, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
-from .errors import DFQViTError, UnsupportedBitsError
+from .errors import CalibrationError, DFQViTError, UnsupportedBitsError
 
 WEIGHT_BITS = (3, 4, 5, 6, 7, 8)
 ACTIVATION_BITS = (4, 5, 6, 7, 8, 16)  # 16 = activations stay floating point (weight-only)
@@ -155,3 +155,284 @@ def config_from_dict(payload: Dict[str, Any]):
             value = tuple(value)
         kwargs[key] = value
     return cls(**kwargs)
+
+
+# SPDFQ §4.1: alpha1 of eq. 13, grid-searched per model. Keys are timm architecture prefixes.
+ALPHA_APA_BY_MODEL = {
+    "deit_tiny": 1e5, "deit_small": 1e5, "deit_base": 1e4,
+    "vit_small": 1.0, "vit_base": 100.0,
+    "swin_small": 10.0, "swin_base": 100.0,
+}
+# The paper's short names (DeiT-S, Swin-B, ...) accepted as well.
+_MODEL_ALIASES = {"deit_t": "deit_tiny", "deit_s": "deit_small", "deit_b": "deit_base", "vit_s": "vit_small",
+                  "vit_b": "vit_base", "swin_s": "swin_small", "swin_b": "swin_base"}
+# Models outside the table get the DeiT-T/S value: the setting on which SPDFQ searched every other
+# hyper-parameter (K_APA, K_MSR, eps; Fig. 4 is the alpha1 sweep on DeiT-S).
+DEFAULT_ALPHA_APA = 1e5
+TV_FORMS = ("psaq", "l1")
+
+
+def lookup_alpha_apa(model_name: Optional[str]) -> Optional[float]:
+    """alpha1 of the paper's table for a timm name ("deit_small_patch16_224") or short name ("DeiT-S");
+    None when the model is not in the table."""
+    if not model_name:
+        return None
+    name = model_name.lower().replace("-", "_").split(".")[0]
+    name = _MODEL_ALIASES.get(name, name)
+    for prefix, value in ALPHA_APA_BY_MODEL.items():
+        if name.startswith(prefix):
+            return value
+    return None
+
+
+@register_config
+@dataclasses.dataclass(frozen=True)
+class SynthConfig:
+    """Data-free image synthesis (METHODS §2 and §4.1). Defaults reproduce the papers.
+
+    Optimisation (shared by psaq / spdfq / dfqvit):
+        iterations: Adam steps per image batch (SPDFQ §4.1: 1,000); lower it for tests and CPU runs.
+        lr: Adam learning rate; None = 0.2 for ViT/DeiT, 0.25 for Swin (SPDFQ §4.1).
+        betas, adam_eps: Adam (0.5, 0.9), 1e-8 (SPDFQ §4.1, [PSAQ] code).
+        rounds: the iterations are split into this many rounds, each with its own cosine lr and warm-up
+            ([PSAQ]: two rounds of 500).
+        warmup_fraction: linear warm-up share of each round ([PSAQ]: 100 of 500 iterations).
+        jitter: per-round random-roll limit in pixels at 224 px ([PSAQ]: 15, then 30), scaled by S/224;
+            the last value is reused if there are more rounds than values.
+        flip: random horizontal flip each step ([PSAQ]).
+        batch_size: images optimised together; None = all of them in one batch (SPDFQ: 32 in one batch).
+    Total variation (SPDFQ eq. 4):
+        tv_weight: 0.05 (eq. 13, "following PSAQ").
+        tv_form: "psaq" = |sum of four Frobenius norms of finite differences - v| (the default, the
+            weight was tuned with it) or "l1" = mean absolute horizontal + vertical difference.
+        tv_target: v ~ U(lo, hi) for 32 images at 224 px ([PSAQ]), rescaled by sqrt(B/32 * (S/224)^2).
+    SPDFQ (eqs. 6-13); each term can be switched off for the Table 3 ablation:
+        apa, msr, soft_labels: enable APA, MSR, SL; with soft_labels=False the one-hot loss (eq. 3)
+            replaces SL (Table 3 baseline: all three off).
+        alpha_apa: alpha1 of eq. 13 -- a number, a model name looked up in ALPHA_APA_BY_MODEL
+            ("deit_small_patch16_224", "DeiT-S"), or "auto" = the model's timm architecture name, with
+            DEFAULT_ALPHA_APA (1e5, the DeiT-T/S value) for models outside the table.
+        k_apa: upper limit of Gaussians per attention prior (§3.3.1, Table 5: 5).
+        k_msr: upper limit of MSR patches per image (§3.3.2, Fig. 5: 4).
+        sl_eps: (eps1, eps2) of eq. 12 (5, 10; supp. Tables 1-2).
+        sl_eps_class_aware: shift eps by -ln(999 / (C - 1)) so a C-class model gets the target mass a
+            1000-class model gets (METHODS Pitfall 8; with 10 classes the paper's eps make SL one-hot).
+        apa_start: first APA block S as a fraction of the depth L (eq. 7: S = L/2; Table 6: 0 = all).
+        apa_depth_weight: weight block l by l/L (eq. 7, Table 7).
+    PSAQ-ViT (SPDFQ eq. 5, METHODS §2.3):
+        pse_bandwidth, pse_points: KDE bandwidth 0.01 and 10 evaluation points ([PSAQ] code).
+        onehot_weight: weight of the one-hot loss in PSAQ's total (1.0).
+    DFQ-ViT easy-to-hard synthesis (METHODS §4.1, [PROPOSED]):
+        groups: images are synthesized in this many groups, easy to hard (3).
+        adv_weights: lambda of -KL(p_FP || p_Q) per group (0, 0.5, 1.0).
+        easy_sl_eps: SL range of the easy group (8, 12).
+        mining_ratio: each group optimises ratio * n candidates and keeps the n hardest (1 = off).
+    """
+
+    iterations: int = 1000
+    lr: Optional[float] = None
+    betas: Tuple[float, float] = (0.5, 0.9)
+    adam_eps: float = 1e-8
+    rounds: int = 2
+    warmup_fraction: float = 0.2
+    jitter: Tuple[int, ...] = (15, 30)
+    flip: bool = True
+    batch_size: Optional[int] = None
+    tv_weight: float = 0.05
+    tv_form: str = "psaq"
+    tv_target: Tuple[float, float] = (2500.0, 3000.0)
+    apa: bool = True
+    msr: bool = True
+    soft_labels: bool = True
+    alpha_apa: Union[float, str] = "auto"
+    k_apa: int = 5
+    k_msr: int = 4
+    sl_eps: Tuple[float, float] = (5.0, 10.0)
+    sl_eps_class_aware: bool = False
+    apa_start: float = 0.5
+    apa_depth_weight: bool = True
+    pse_bandwidth: float = 0.01
+    pse_points: int = 10
+    onehot_weight: float = 1.0
+    groups: int = 3
+    adv_weights: Tuple[float, ...] = (0.0, 0.5, 1.0)
+    easy_sl_eps: Tuple[float, float] = (8.0, 12.0)
+    mining_ratio: int = 1
+
+    version = 1
+
+    def __post_init__(self):
+        for name in ("betas", "jitter", "tv_target", "sl_eps", "adv_weights", "easy_sl_eps"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        problems = []
+
+        def need(ok: bool, what: str) -> None:
+            if not ok:
+                problems.append(what)
+
+        def is_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        need(is_int(self.iterations) and self.iterations >= 1, f"iterations={self.iterations!r} (an int >= 1)")
+        need(self.lr is None or self.lr > 0, f"lr={self.lr!r} (None or > 0)")
+        need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"betas={self.betas} (two values in [0, 1))")
+        need(is_int(self.rounds) and self.rounds >= 1, f"rounds={self.rounds!r} (an int >= 1)")
+        need(0 <= self.warmup_fraction < 1, f"warmup_fraction={self.warmup_fraction} (in [0, 1))")
+        need(len(self.jitter) >= 1 and all(is_int(j) and j >= 0 for j in self.jitter),
+             f"jitter={self.jitter} (one or more ints >= 0)")
+        need(self.batch_size is None or (is_int(self.batch_size) and self.batch_size >= 1),
+             f"batch_size={self.batch_size!r} (None or an int >= 1)")
+        need(self.tv_weight >= 0, f"tv_weight={self.tv_weight} (>= 0)")
+        need(self.tv_form in TV_FORMS, f"tv_form={self.tv_form!r} (one of {TV_FORMS})")
+        need(len(self.tv_target) == 2 and 0 <= self.tv_target[0] <= self.tv_target[1],
+             f"tv_target={self.tv_target} (lo <= hi, both >= 0)")
+        if isinstance(self.alpha_apa, str):
+            need(self.alpha_apa == "auto" or lookup_alpha_apa(self.alpha_apa) is not None,
+                 f"alpha_apa={self.alpha_apa!r} (a number >= 0, 'auto', or one of {sorted(ALPHA_APA_BY_MODEL)} "
+                 f"or their short names {sorted(_MODEL_ALIASES)})")
+        else:
+            need(not isinstance(self.alpha_apa, bool) and self.alpha_apa >= 0,
+                 f"alpha_apa={self.alpha_apa!r} (a number >= 0, 'auto' or a model name)")
+        need(is_int(self.k_apa) and self.k_apa >= 1, f"k_apa={self.k_apa!r} (an int >= 1)")
+        need(is_int(self.k_msr) and 1 <= self.k_msr <= 9, f"k_msr={self.k_msr!r} (an int in 1..9)")
+        for name in ("sl_eps", "easy_sl_eps"):
+            eps = getattr(self, name)
+            need(len(eps) == 2 and eps[0] <= eps[1], f"{name}={eps} (eps1 <= eps2)")
+        need(0 <= self.apa_start <= 1, f"apa_start={self.apa_start} (a fraction of the depth in [0, 1])")
+        need(self.pse_bandwidth > 0, f"pse_bandwidth={self.pse_bandwidth} (> 0)")
+        need(is_int(self.pse_points) and self.pse_points >= 2, f"pse_points={self.pse_points!r} (an int >= 2)")
+        need(self.onehot_weight >= 0, f"onehot_weight={self.onehot_weight} (>= 0)")
+        need(is_int(self.groups) and self.groups >= 1, f"groups={self.groups!r} (an int >= 1)")
+        need(len(self.adv_weights) >= 1 and all(w >= 0 for w in self.adv_weights),
+             f"adv_weights={self.adv_weights} (one or more values >= 0; the last is reused for extra groups)")
+        need(is_int(self.mining_ratio) and self.mining_ratio >= 1, f"mining_ratio={self.mining_ratio!r} (an int >= 1)")
+        if problems:
+            raise CalibrationError("invalid SynthConfig: " + "; ".join(problems))
+
+    def resolve_alpha_apa(self, model_name: Optional[str] = None) -> float:
+        """alpha1 for a model: the explicit number, the named model's table value, or (for "auto") the
+        table value of ``model_name`` with DEFAULT_ALPHA_APA for models outside the table."""
+        if not isinstance(self.alpha_apa, str):
+            return float(self.alpha_apa)
+        name = model_name if self.alpha_apa == "auto" else self.alpha_apa
+        value = lookup_alpha_apa(name)
+        return DEFAULT_ALPHA_APA if value is None else value
+
+    def to_dict(self) -> Dict[str, Any]:
+        return config_to_dict(self)
+
+
+@register_config
+@dataclasses.dataclass(frozen=True)
+class CalibConfig:
+    """Range calibration (METHODS §1.2, §1.4).
+
+    Args:
+        blockwise: walk the model block by block with cached block inputs (memory bounded by one block);
+            False = one forward with every quantizer in calibration mode (the one-pass fast path).
+            Both give every quantizer the inputs of the quantized model upstream of it.
+        reparam_post_ln: calibrate the inputs of qkv and fc1 (post-LayerNorm) channel-wise, then fold the
+            per-channel grids into LayerNorm and the Linear so they become per-tensor ([RepQ] §1.4;
+            the I&S pipeline SPDFQ uses does the same). Needs ``blockwise``.
+    """
+
+    blockwise: bool = True
+    reparam_post_ln: bool = True
+
+    version = 1
+
+    def __post_init__(self):
+        if self.reparam_post_ln and not self.blockwise:
+            raise CalibrationError("CalibConfig(reparam_post_ln=True) needs blockwise=True; "
+                                   "set reparam_post_ln=False for the one-pass path")
+
+    def to_dict(self) -> Dict[str, Any]:
+        return config_to_dict(self)
+
+
+@register_config
+@dataclasses.dataclass(frozen=True)
+class ReconConfig:
+    """Block-wise reconstruction, the two-stage scheme of I&S-ViT (SPDFQ §3.4.2 eq. 14, §4.1; METHODS §3).
+
+    Args:
+        iterations: Adam steps per block (and per single layer) and per stage (SPDFQ §4.1: 100).
+        lr: Adam learning rate, decayed to 0 with a cosine schedule (SPDFQ §4.1: 4e-5).
+        betas, weight_decay: Adam (0.9, 0.999), no weight decay ([I&S] code).
+        batch_size: images per step; clipped to the number of calibration images (Pitfall 6;
+            SPDFQ: all 32 images in one batch).
+        two_stage: stage 1 (activations quantized, weights float, inputs from the FP model) before
+            stage 2 (everything quantized, inputs from the quantized model) ([I&S]); False = stage 2 only.
+        layers: also reconstruct the quantized layers outside blocks (patch embedding, Swin patch-merging
+            reduction, head) as single layers ([I&S]).
+    """
+
+    iterations: int = 100
+    lr: float = 4e-5
+    betas: Tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    batch_size: int = 32
+    two_stage: bool = True
+    layers: bool = True
+
+    version = 1
+
+    def __post_init__(self):
+        object.__setattr__(self, "betas", tuple(self.betas))
+        problems = []
+        if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < 0:
+            problems.append(f"iterations={self.iterations!r} (an int >= 0)")
+        if not self.lr > 0:
+            problems.append(f"lr={self.lr!r} (> 0)")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            problems.append(f"betas={self.betas} (two values in [0, 1))")
+        if self.weight_decay < 0:
+            problems.append(f"weight_decay={self.weight_decay} (>= 0)")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            problems.append(f"batch_size={self.batch_size!r} (an int >= 1)")
+        if problems:
+            raise CalibrationError("invalid ReconConfig: " + "; ".join(problems))
+
+    def to_dict(self) -> Dict[str, Any]:
+        return config_to_dict(self)
+
+
+CORRECTION_FORMS = ("diag", "full")
+
+
+@register_config
+@dataclasses.dataclass(frozen=True)
+class CorrectionConfig:
+    """DFQ-ViT activation correction, closed form per block (METHODS §4.2, [PROPOSED]).
+
+    Args:
+        form: "diag" = per-channel scale and shift of the attention and MLP branch outputs, folded exactly
+            into the output channels of attn.proj / mlp.fc2 (zero inference cost); "full" = a C x C matrix
+            plus shift kept as an explicit floating-point op after each branch (+C^2 MACs per token).
+        shrinkage: ridge strength lambda = shrinkage * mean_j var(a_j), pulling the correction toward
+            identity (1e-3).
+        scale_range: clamp of the diag scales s_j ((0.5, 2)); keeps them positive so they fold into the
+            weight scales.
+    """
+
+    form: str = "diag"
+    shrinkage: float = 1e-3
+    scale_range: Tuple[float, float] = (0.5, 2.0)
+
+    version = 1
+
+    def __post_init__(self):
+        object.__setattr__(self, "scale_range", tuple(float(v) for v in self.scale_range))
+        problems = []
+        if self.form not in CORRECTION_FORMS:
+            problems.append(f"form={self.form!r} (one of {CORRECTION_FORMS})")
+        if not self.shrinkage >= 0:
+            problems.append(f"shrinkage={self.shrinkage} (>= 0)")
+        lo, hi = self.scale_range if len(self.scale_range) == 2 else (0.0, -1.0)
+        if not 0 < lo <= 1 <= hi:
+            problems.append(f"scale_range={self.scale_range} (0 < lo <= 1 <= hi)")
+        if problems:
+            raise CalibrationError("invalid CorrectionConfig: " + "; ".join(problems))
+
+    def to_dict(self) -> Dict[str, Any]:
+        return config_to_dict(self)

@@ -1,5 +1,12 @@
-"""Calibration-image synthesis methods, selectable by name."""
-from . import gaussian  # noqa: F401  (registers "gaussian")
-from .base import SyntheticSet, available_methods, register_synth, synthesize
+"""Calibration-image synthesis methods, selectable by name (``available_methods()``):
 
-__all__ = ["SyntheticSet", "available_methods", "register_synth", "synthesize"]
+- ``gaussian``: standard Gaussian noise [PSAQ mode 1];
+- ``psaq``: PSAQ-ViT patch-similarity entropy + one-hot + TV;
+- ``spdfq``: SPDFQ attention priors (APA) + multi-semantic crops (MSR) + soft labels (SL) + TV;
+- ``dfqvit``: DFQ-ViT easy-to-hard groups with an adversarial term against the quantized model.
+"""
+from . import gaussian, progressive, psaq, spdfq  # noqa: F401  (each module registers its method)
+from .base import SyntheticSet, available_methods, register_synth, synthesize
+from .progressive import curriculum_prefix
+
+__all__ = ["SyntheticSet", "available_methods", "register_synth", "synthesize", "curriculum_prefix"]
