@@ -72,27 +72,45 @@ def _gaussian_densities(points: torch.Tensor, means: torch.Tensor, cov: torch.Te
     return torch.exp(-0.5 * mahalanobis) / norm.unsqueeze(1)
 
 
-def gmm_maps(count: int, grid: Tuple[int, int], k_max: int,
-             generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Eq. 8: ``count`` un-normalized maps (count, h*w) float64 and their k ~ U{1..k_max}.
-
-    A map whose Gaussians all underflow on the grid (a needle-thin one between grid points) cannot
-    be normalized; it is drawn again, like the paper's redraw of singular covariances."""
+def grid_points(grid: Tuple[int, int]) -> torch.Tensor:
+    """(h*w, 2) coordinates (row, col) of the prior grid, row-major, spanning [-5, 5] on both axes."""
     h, w = grid
     ys = torch.linspace(-GRID_EXTENT, GRID_EXTENT, h, dtype=torch.float64)
     xs = torch.linspace(-GRID_EXTENT, GRID_EXTENT, w, dtype=torch.float64)
-    points = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1).reshape(-1, 2)   # row-major (i, j)
-    maps = torch.empty(count, h * w, dtype=torch.float64)
+    return torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1).reshape(-1, 2)
+
+
+def draw_gmms(count: int, k_max: int, generator: torch.Generator):
+    """k ~ U{1..k_max} (count,), means (count, k_max, 2), covariances (count, k_max, 2, 2); only the
+    first k components of each mixture are used."""
+    k = torch.randint(1, k_max + 1, (count,), generator=generator)
+    means = (torch.rand(count, k_max, 2, generator=generator, dtype=torch.float64) * 2 - 1) * MEAN_RANGE
+    cov = _draw_covariances(count * k_max, generator).view(count, k_max, 2, 2)
+    return k, means, cov
+
+
+def component_densities(points: torch.Tensor, k: torch.Tensor, means: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+    """(count, k_max, P) density of every component at every point; unused components are 0."""
+    count, k_max = means.shape[:2]
+    dens = _gaussian_densities(points, means.reshape(-1, 2), cov.reshape(-1, 2, 2)).view(count, k_max, -1)
+    used = torch.arange(k_max).view(1, k_max, 1) < k.view(count, 1, 1)
+    return torch.where(used, dens, torch.zeros((), dtype=dens.dtype))
+
+
+def gmm_maps(count: int, grid: Tuple[int, int], k_max: int,
+             generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 8: ``count`` un-normalized maps (count, h*w) float64, P[i, j] = max over the k Gaussians,
+    and their k.
+
+    A map whose Gaussians all underflow on the grid (a needle-thin one between grid points) cannot
+    be normalized; it is drawn again, like the paper's redraw of singular covariances."""
+    points = grid_points(grid)
+    maps = torch.empty(count, points.shape[0], dtype=torch.float64)
     ks = torch.empty(count, dtype=torch.int64)
     todo = torch.arange(count)
     while todo.numel():
-        n = todo.numel()
-        k = torch.randint(1, k_max + 1, (n,), generator=generator)
-        means = (torch.rand(n, k_max, 2, generator=generator, dtype=torch.float64) * 2 - 1) * MEAN_RANGE
-        cov = _draw_covariances(n * k_max, generator).view(n, k_max, 2, 2)
-        dens = _gaussian_densities(points, means.reshape(-1, 2), cov.reshape(-1, 2, 2)).view(n, k_max, -1)
-        used = torch.arange(k_max).view(1, k_max, 1) < k.view(n, 1, 1)
-        dens = torch.where(used, dens, torch.zeros((), dtype=dens.dtype)).amax(dim=1)
+        k, means, cov = draw_gmms(todo.numel(), k_max, generator)
+        dens = component_densities(points, k, means, cov).amax(dim=1)
         total = dens.sum(-1)
         ok = torch.isfinite(total) & (total > 0)
         maps[todo[ok]] = dens[ok]

@@ -1,0 +1,78 @@
+"""``dfqvit synth`` logic (dfqvit/synth/cli.py) and the PNG grid."""
+import argparse
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+import dfqvit
+from conftest import tiny_vit
+from dfqvit.errors import DFQViTError, MissingGPUError
+from dfqvit.synth import SyntheticSet, synthesize
+from dfqvit.synth.cli import add_synth_arguments, run_synth
+from dfqvit.synth.grid import denormalize, image_label, save_grid
+
+MEAN, STD = (0.4914, 0.4822, 0.4465), (0.247, 0.2435, 0.2616)
+
+
+def write_model_json(folder):
+    """A reference-model description (../shared/models format) of a tiny ViT."""
+    from safetensors.torch import save_file
+
+    kwargs = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10)
+    save_file(tiny_vit(**kwargs).state_dict(), str(folder / "tiny.safetensors"))
+    meta = {"timm_module": "timm.models.vision_transformer", "timm_class": "VisionTransformer", "kwargs": kwargs,
+            "files": ["tiny.safetensors"], "mean": list(MEAN), "std": list(STD)}
+    path = folder / "tiny.json"
+    path.write_text(json.dumps(meta))
+    return str(path)
+
+
+def parse(*argv):
+    return add_synth_arguments(argparse.ArgumentParser()).parse_args(list(argv))
+
+
+def test_run_synth_writes_set_and_grid(tmp_path, capsys):
+    spec = write_model_json(tmp_path)
+    out, grid = tmp_path / "set.safetensors", tmp_path / "grid.png"
+    args = parse("--model", spec, "--method", "spdfq", "--num-images", "3", "--iterations", "2", "--seed", "5",
+                 "--out", str(out), "--grid", str(grid), "--device", "cpu", "--quiet",
+                 "--class-names", ",".join(f"c{i}" for i in range(10)))
+    assert run_synth(args) == 0
+    loaded = SyntheticSet.load(str(out))
+    assert loaded.images.shape == (3, 3, 32, 32) and loaded.method == "spdfq" and loaded.seed == 5
+    assert loaded.config["_data"]["iterations"] == 2
+    with Image.open(grid) as png:
+        assert png.format == "PNG" and png.size[0] > 100
+    assert "synthesized 3 spdfq images" in capsys.readouterr().out
+
+
+def test_run_synth_needs_an_output(tmp_path):
+    with pytest.raises(DFQViTError, match="--out"):
+        run_synth(parse("--model", "unused.json"))
+
+
+def test_run_synth_rejects_missing_gpu(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(MissingGPUError):
+        run_synth(parse("--model", write_model_json(tmp_path), "--grid", str(tmp_path / "g.png"), "--device", "cuda"))
+
+
+def test_alpha_option_takes_numbers_and_names():
+    assert parse("--model", "m", "--alpha-apa", "1e3").alpha_apa == 1000.0
+    assert parse("--model", "m", "--alpha-apa", "deit_small").alpha_apa == "deit_small"
+
+
+def test_save_grid_labels_and_denormalizes(tmp_path):
+    qmodel = dfqvit.adapt(tiny_vit(), normalization=(MEAN, STD))
+    result = synthesize("gaussian", qmodel, num_images=5, seed=0)
+    path = tmp_path / "noise.png"
+    save_grid(result, str(path), MEAN, STD)  # no targets: labels are indices
+    with Image.open(path) as png:
+        assert png.format == "PNG"
+    pixels = denormalize(torch.zeros(1, 3, 2, 2), MEAN, STD)
+    assert torch.allclose(pixels[0, :, 0, 0], torch.tensor(MEAN))
+    assert image_label(3, 2, ["a", "b", "cat"]) == "#3: cat"
+    assert image_label(3, 7, None) == "#3: class 7" and image_label(0, None, None) == "#0"

@@ -1,0 +1,253 @@
+"""The synthesis methods end to end on tiny timm models: shapes, targets, determinism, each loss
+term going down, the Swin / no-class-token / distilled paths, the easy-to-hard method and errors."""
+import dataclasses
+
+import pytest
+import torch
+
+import dfqvit
+from conftest import TINY_MODELS, tiny_vit
+from dfqvit.config import ALPHA_APA_BY_MODEL, DEFAULT_ALPHA_APA, SynthConfig, config_from_dict
+from dfqvit.errors import CalibrationError, DFQViTError
+from dfqvit.synth import SyntheticSet, available_methods, curriculum_prefix, synthesize
+from dfqvit.synth.common import gaussian_init
+from dfqvit.synth.layout import probe_layout
+from dfqvit.synth.loop import LossTerm, cosine_lr, optimize_images, round_lengths
+from dfqvit.synth.progressive import group_level, group_sizes
+from dfqvit.synth.spdfq import SPDFQObjective, apa_blocks, draw_plan, spdfq_hardness
+
+NORM = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+FAST = SynthConfig(iterations=4)
+
+
+def qmodel_of(name="vit"):
+    return dfqvit.adapt(TINY_MODELS[name](), normalization=NORM)
+
+
+def sharp_vit():
+    """Tiny ViT whose attention depends strongly on the input (random init is nearly uniform)."""
+    model = tiny_vit(depth=4)
+    for block in model.blocks:
+        block.attn.qkv.weight.data *= 4
+    return dfqvit.adapt(model, normalization=NORM)
+
+
+def test_all_methods_are_registered():
+    assert {"gaussian", "psaq", "spdfq", "dfqvit"} <= set(available_methods())
+
+
+@pytest.mark.parametrize("method", ["psaq", "spdfq", "dfqvit"])
+@pytest.mark.parametrize("family", sorted(TINY_MODELS))
+def test_method_runs_on_every_family(method, family):
+    qmodel = qmodel_of(family)
+    result = synthesize(method, qmodel, num_images=4, seed=0, config=FAST, progress=False)
+    spec = qmodel.input_spec
+    assert result.images.shape == (4, spec.channels, spec.height, spec.width)
+    assert result.targets.shape == (4,) and result.targets.dtype == torch.int64
+    assert ((0 <= result.targets) & (result.targets < 10)).all()
+    assert torch.isfinite(result.images).all()
+    low = (0 - torch.tensor(spec.mean)) / torch.tensor(spec.std)
+    high = (1 - torch.tensor(spec.mean)) / torch.tensor(spec.std)
+    assert (result.images >= low.view(1, -1, 1, 1) - 1e-6).all()
+    assert (result.images <= high.view(1, -1, 1, 1) + 1e-6).all()
+    assert config_from_dict(result.config) == FAST
+    assert result.method == method and result.seed == 0
+
+
+@pytest.mark.parametrize("method", ["psaq", "spdfq", "dfqvit"])
+def test_same_seed_gives_identical_images(method):
+    qmodel = qmodel_of("vit")
+    a = synthesize(method, qmodel, num_images=3, seed=11, config=FAST, progress=False)
+    b = synthesize(method, qmodel, num_images=3, seed=11, config=FAST, progress=False)
+    c = synthesize(method, qmodel, num_images=3, seed=12, config=FAST, progress=False)
+    assert torch.equal(a.images, b.images) and torch.equal(a.targets, b.targets)
+    assert not torch.equal(a.images, c.images)
+
+
+def test_synthetic_set_round_trips_through_safetensors(tmp_path):
+    result = synthesize("spdfq", qmodel_of("vit"), num_images=2, seed=3, config=FAST, progress=False)
+    path = str(tmp_path / "set.safetensors")
+    result.save(path)
+    loaded = SyntheticSet.load(path)
+    assert torch.equal(loaded.images, result.images) and torch.equal(loaded.targets, result.targets)
+    assert loaded.method == "spdfq" and loaded.seed == 3
+    assert config_from_dict(loaded.config) == FAST
+    assert loaded.config["resolved"]["alpha_apa"] == DEFAULT_ALPHA_APA
+
+
+def test_batches_cover_all_images():
+    config = dataclasses.replace(FAST, batch_size=2)
+    result = synthesize("spdfq", qmodel_of("vit"), num_images=5, seed=0, config=config, progress=False)
+    assert result.images.shape[0] == 5 and len(result.config["resolved"]["losses"]) == 3
+
+
+# -- each loss term decreases over a few steps (one term optimised at a time) --------------------------
+
+STEADY = SynthConfig(iterations=8, rounds=1, warmup_fraction=0.0, jitter=(0,), flip=False)
+
+
+@pytest.mark.parametrize("term", ["apa", "sl", "tv"])
+def test_each_spdfq_loss_decreases(term):
+    qmodel = sharp_vit()
+    layout = probe_layout(qmodel)
+    generator = torch.Generator().manual_seed(0)
+    plan = draw_plan(layout, 4, STEADY, spdfq_hardness(STEADY, layout.num_classes), generator, "cpu")
+    init = gaussian_init(4, qmodel.input_spec, generator, "cpu")
+    with qmodel.quant_state(False, False), qmodel.record_attention() as taps:
+        objective = SPDFQObjective(qmodel, layout, plan, STEADY, alpha=1.0, taps=taps)
+
+        def only(x, augment):
+            return {term: LossTerm(1.0, objective(x, augment)[term].value)}
+
+        _, history = optimize_images(init, only, config=STEADY, spec=qmodel.input_spec, lr=0.1,
+                                     generator=generator, progress=False)
+    values = history[term]
+    assert values[-1] < 0.8 * values[0], values
+
+
+def test_psaq_entropy_term_increases_entropy():
+    config = dataclasses.replace(STEADY, iterations=10, tv_weight=0.0, onehot_weight=0.0)
+    result = synthesize("psaq", sharp_vit(), num_images=4, seed=0, config=config, progress=False)
+    first, last = result.config["resolved"]["losses"][0]["pse"]
+    assert last > first  # "pse" records the entropy; the loss is its negative
+
+
+def test_full_spdfq_objective_decreases():
+    config = dataclasses.replace(STEADY, iterations=10, alpha_apa=100.0)
+    result = synthesize("spdfq", sharp_vit(), num_images=4, seed=0, config=config, progress=False)
+    first, last = result.config["resolved"]["losses"][0]["total"]
+    assert last < first
+
+
+# -- model-specific paths -----------------------------------------------------------------------------
+
+def test_apa_blocks_are_the_deeper_half_weighted_by_depth():
+    blocks, weights = apa_blocks(12, SynthConfig())
+    assert blocks == list(range(5, 12))                      # l = 6..12 (1-based)
+    assert weights == pytest.approx([l / 12 for l in range(6, 13)])
+    blocks, weights = apa_blocks(12, SynthConfig(apa_start=0.0, apa_depth_weight=False))
+    assert blocks == list(range(12)) and weights == [1.0] * 12
+
+
+@pytest.mark.parametrize("family,prefix,class_token", [("vit", 1, True), ("deit_distilled", 2, True),
+                                                       ("vit_avgpool", 0, False), ("swin", 0, False)])
+def test_apa_targets_follow_prefix_tokens(family, prefix, class_token):
+    qmodel = qmodel_of(family)
+    layout = probe_layout(qmodel)
+    assert layout.num_prefix_tokens == prefix and layout.uses_class_token == class_token
+    plan = draw_plan(layout, 3, SynthConfig(), spdfq_hardness(SynthConfig(), 10), torch.Generator().manual_seed(0),
+                     "cpu")
+    for block, priors in zip(plan.apa_blocks, plan.apa_priors):
+        shape = layout.attention[block]
+        assert priors.shape == (3 * shape.windows, shape.heads, shape.tokens - prefix)
+        sums = priors.sum(-1)
+        if class_token:
+            assert (sums < 1).all()                           # 1 - x with x ~ U(0, 1)
+        else:
+            assert torch.allclose(sums, torch.ones_like(sums))  # x = 0
+
+
+def test_swin_uses_mean_attention_over_queries(monkeypatch):
+    """The Swin APA map is the query mean of each window's attention, pooled per image."""
+    import dfqvit.synth.spdfq as spdfq_module
+
+    seen = []
+    original = spdfq_module.attention_rows
+
+    def spy(probs, num_prefix_tokens):
+        rows = original(probs, num_prefix_tokens)
+        seen.append((probs.detach(), num_prefix_tokens, rows.detach()))
+        return rows
+
+    monkeypatch.setattr(spdfq_module, "attention_rows", spy)
+    qmodel = qmodel_of("swin")
+    layout = probe_layout(qmodel)
+    synthesize("spdfq", qmodel, num_images=2, seed=0, config=dataclasses.replace(FAST, iterations=1),
+               progress=False)
+    assert seen
+    for probs, prefix, rows in seen:
+        assert prefix == 0
+        assert torch.allclose(rows, probs.mean(dim=2))
+    windows = {layout.attention[b].windows for b in apa_blocks(layout.depth, FAST)[0]}
+    assert {p.shape[0] for p, _, _ in seen} == {2 * w for w in windows}  # only the 2 full images
+
+
+def test_ablation_switches():
+    qmodel = qmodel_of("vit")
+    baseline = SynthConfig(iterations=2, apa=False, msr=False, soft_labels=False)
+    result = synthesize("spdfq", qmodel, num_images=2, seed=0, config=baseline, progress=False)
+    assert set(result.config["resolved"]["losses"][0]) == {"oh", "tv", "total"}
+    full = synthesize("spdfq", qmodel, num_images=2, seed=0, config=SynthConfig(iterations=2), progress=False)
+    assert set(full.config["resolved"]["losses"][0]) == {"sl", "apa", "tv", "total"}
+
+
+def test_alpha_apa_resolution():
+    assert SynthConfig().resolve_alpha_apa("deit_small_patch16_224") == 1e5
+    assert SynthConfig().resolve_alpha_apa("deit_base_distilled_patch16_224") == 1e4
+    assert SynthConfig().resolve_alpha_apa("swin_small_patch4_window7_224") == 10
+    assert SynthConfig().resolve_alpha_apa(None) == DEFAULT_ALPHA_APA
+    assert SynthConfig(alpha_apa="ViT-S").resolve_alpha_apa("deit_tiny") == 1.0
+    assert SynthConfig(alpha_apa=3.0).resolve_alpha_apa("deit_tiny") == 3.0
+    assert set(ALPHA_APA_BY_MODEL.values()) == {1e5, 1e4, 100.0, 10.0, 1.0}
+
+
+# -- the dfqvit (easy-to-hard) method -----------------------------------------------------------------
+
+def test_group_split_and_levels():
+    assert group_sizes(32, 3) == [11, 11, 10]
+    assert group_sizes(2, 3) == [1, 1]
+    assert [group_level(g, 3) for g in range(3)] == [0, 1, 2]
+    assert curriculum_prefix(32, 0, 100) == 16 and curriculum_prefix(32, 100, 100) == 32
+
+
+def test_progressive_orders_easy_to_hard_with_adversary():
+    config = SynthConfig(iterations=3, mining_ratio=2)
+    result = synthesize("dfqvit", qmodel_of("vit"), num_images=6, seed=0, config=config, progress=False)
+    resolved = result.config["resolved"]
+    assert resolved["group_sizes"] == [2, 2, 2]
+    assert resolved["levels"] == ["easy", "medium", "hard"]
+    assert resolved["adv_weights"] == [0.0, 0.5, 1.0]
+    difficulty = resolved["difficulty"]
+    for start in (0, 2, 4):
+        assert difficulty[start] <= difficulty[start + 1]
+    losses = resolved["losses"]
+    assert "kl" not in losses[0] and "kl" in losses[1] and "kl" in losses[2]
+
+
+# -- errors -------------------------------------------------------------------------------------------
+
+def test_unknown_method_names_the_allowed_ones():
+    with pytest.raises(CalibrationError, match="spdfq"):
+        synthesize("spdfqq", qmodel_of("vit"))
+
+
+@pytest.mark.parametrize("field,value", [("iterations", 0), ("tv_form", "l3"), ("sl_eps", (10.0, 5.0)),
+                                         ("alpha_apa", "resnet50"), ("k_msr", 0), ("betas", (0.5, 1.5)),
+                                         ("groups", 0), ("mining_ratio", 0)])
+def test_bad_config_values_are_typed_errors(field, value):
+    with pytest.raises(CalibrationError, match=field) as info:
+        SynthConfig(**{field: value})
+    assert isinstance(info.value, DFQViTError)
+
+
+def test_bad_arguments():
+    qmodel = qmodel_of("vit")
+    with pytest.raises(CalibrationError, match="num_images"):
+        synthesize("spdfq", qmodel, num_images=0, config=FAST)
+    with pytest.raises(CalibrationError, match="SynthConfig"):
+        synthesize("psaq", qmodel, num_images=2, config={"iterations": 3})
+
+
+def test_compile_accepts_a_synthetic_set():
+    model = TINY_MODELS["vit"]()
+    images = synthesize("spdfq", dfqvit.adapt(model, normalization=NORM), num_images=4, config=FAST, progress=False)
+    qmodel = dfqvit.compile(model, bits=8, calib=images, normalization=NORM, progress=False)
+    with torch.no_grad():
+        assert torch.isfinite(qmodel(images.images)).all()
+
+
+def test_round_schedule():
+    assert round_lengths(1000, 2) == [500, 500] and round_lengths(3, 2) == [2, 1] and round_lengths(1, 2) == [1]
+    assert cosine_lr(0.2, 0, 500, 100) == pytest.approx(0.002)
+    assert cosine_lr(0.2, 99, 500, 100) == pytest.approx(0.2)
+    assert cosine_lr(0.2, 499, 500, 100) < 1e-4
