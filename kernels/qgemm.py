@@ -70,7 +70,10 @@ def _piece_k_offsets(k0, piece: tl.constexpr, PIECES: tl.constexpr, GROUP_K: tl.
     """K positions that piece ``piece`` of each packing group in this K step unpacks to, in row order."""
     PIECE: tl.constexpr = GROUP_K // PIECES
     t = tl.arange(0, BLOCK_K // PIECES)
-    return k0 + (t // PIECE) * GROUP_K + piece * PIECE + (t % PIECE)
+    ks = k0 + (t // PIECE) * GROUP_K + piece * PIECE + (t % PIECE)
+    # Runs of PIECE consecutive positions starting at multiples of PIECE: lets the compiler vectorize the A
+    # loads, which it cannot infer through the // and % above.
+    return tl.max_contiguous(tl.multiple_of(ks, PIECE), PIECE)
 
 
 @triton.jit
@@ -151,9 +154,10 @@ def _qgemm_kernel(
         for k0 in range(0, K, BLOCK_K):
             group = k0 // GROUP_K + t // (GROUP_K // 4)
             ok = n_ok[None, :] & (group[:, None] * GROUP_BYTES < ROW_BYTES)
-            plane2 = tl.load(w_rows + (group * GROUP_BYTES + r)[:, None], mask=ok, other=0)
-            plane1 = tl.load(w_rows + (group * GROUP_BYTES + GROUP_K // 4 + r % (GROUP_K // 8))[:, None],
-                             mask=ok, other=0)
+            offs2 = tl.max_contiguous(group * GROUP_BYTES + r, GROUP_K // 4)
+            offs1 = tl.max_contiguous(group * GROUP_BYTES + GROUP_K // 4 + r % (GROUP_K // 8), GROUP_K // 8)
+            plane2 = tl.load(w_rows + offs2[:, None], mask=ok, other=0)
+            plane1 = tl.load(w_rows + offs1[:, None], mask=ok, other=0)
             for piece in tl.static_range(4):
                 codes = ((plane2 >> (2 * piece)) & 3) | (((plane1 >> (hi_shift + 2 * piece)) & 1) << 2)
                 ks = _piece_k_offsets(k0, piece, 4, GROUP_K, BLOCK_K)
