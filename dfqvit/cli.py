@@ -132,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int)
     e.add_argument("--batch-size", type=int, default=128)
     e.set_defaults(func=cmd_eval)
+
+    from .synth.cli import add_synth_arguments, run_synth
+    s = sub.add_parser("synth", help="synthesize calibration images (data-free) and save them / a PNG grid")
+    add_synth_arguments(s)
+    s.set_defaults(func=run_synth)
     return parser
 
 
