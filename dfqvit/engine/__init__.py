@@ -1,0 +1,53 @@
+"""The quantized ViT engine: the real integer model of a calibrated ``QuantizedModel``.
+
+    engine = dfqvit.engine.build_engine(qmodel)                 # or a QuantArtifact, or a saved file
+    engine = dfqvit.engine.build_engine(qmodel, backend="torch")
+    logits = engine(images)
+
+Modules: ``pack.py`` (packing, once at build), ``backends.py`` (Triton / PyTorch kernel sets),
+``blocks.py`` (patch embedding, ViT and Swin blocks), ``model.py`` (``QuantizedViT``), ``graphs.py``
+(CUDA graphs per batch bucket).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Union
+
+from torch import nn
+
+from dfqvit.errors import DFQViTError
+from dfqvit.models import QuantizedModel
+
+from .backends import BACKENDS
+from .graphs import BATCH_BUCKETS, CUDAGraphRunner
+from .model import QuantizedViT
+
+
+def build_engine(source, backend: str = "auto", *, model: Optional[nn.Module] = None, device=None,
+                 **kwargs) -> Union[QuantizedViT, QuantizedModel]:
+    """The engine of ``source``: a calibrated ``QuantizedModel``, a ``QuantArtifact`` or the path of a saved
+    artifact (``model``/``device`` are passed to the artifact loader).
+
+    ``backend``: "auto" (Triton on CUDA, PyTorch on CPU), "triton", "torch", or "fake" to get the fake-quant
+    ``QuantizedModel`` of the same calibration back (for comparison and debugging). ``kwargs`` go to
+    ``QuantizedViT`` (``dtype``, ``cuda_graphs``).
+    """
+    if backend not in BACKENDS:
+        raise DFQViTError(f"backend={backend!r}; allowed: {', '.join(repr(b) for b in BACKENDS)}")
+    if isinstance(source, (str, os.PathLike)):
+        from dfqvit.artifact import QuantArtifact
+        source = QuantArtifact.load(os.fspath(source))
+    if not isinstance(source, QuantizedModel):
+        from dfqvit.artifact import QuantArtifact
+        if not isinstance(source, QuantArtifact):
+            raise DFQViTError(f"build_engine expects a QuantizedModel (dfqvit.compile), a QuantArtifact or a path, "
+                              f"got {type(source).__name__}")
+        source = source.to_model(model, device=device)
+    elif device is not None:
+        source = source.to(device)
+    if backend == "fake":
+        return source
+    return QuantizedViT(source, backend, **kwargs)
+
+
+__all__ = ["build_engine", "QuantizedViT", "CUDAGraphRunner", "BATCH_BUCKETS", "BACKENDS"]

@@ -1,0 +1,215 @@
+"""``QuantizedViT``: the real integer model built from a calibrated ``QuantizedModel`` (or a saved
+``QuantArtifact``). ViT/DeiT (incl. distilled, token or average pooling) and Swin.
+
+    engine = dfqvit.engine.build_engine(qmodel)              # backend="auto": Triton on CUDA, PyTorch on CPU
+    logits = engine(images)
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from timm.layers import global_pool_nlc
+from torch import nn
+
+from dfqvit.errors import InputShapeError, UnsupportedModelError
+from dfqvit.models import QuantizedModel
+from dfqvit.models.quantized import validate_images
+from dfqvit.nn.linear import _QuantWeightLayer
+
+from .backends import select_kernels
+from .blocks import PatchEmbedding, PatchMerging, SwinBlock, ViTBlock, layer_norm, linear
+from .pack import PackedLinear, float_copy
+
+
+def head_layer(module: nn.Module, where: str) -> nn.Module:
+    """A classifier Linear: packed when quantized, a float copy when the config kept it float."""
+    return PackedLinear(module, where) if isinstance(module, _QuantWeightLayer) else float_copy(module)
+
+
+def run_head(kernels, x: torch.Tensor, head: nn.Module) -> torch.Tensor:
+    if isinstance(head, PackedLinear):
+        return linear(kernels, x, head, out_dtype=torch.float32)
+    return head(x.float())
+
+
+class ViTTrunk(nn.Module):
+    """timm ``VisionTransformer`` / ``VisionTransformerDistilled``: patch embedding, prefix tokens and
+    position embedding, blocks, final norm, pooling, head (two heads averaged for distilled models)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        if getattr(model, "dynamic_img_size", False):
+            raise UnsupportedModelError("dynamic_img_size=True is not supported by the engine (fixed input size)")
+        self.patch_embed = PatchEmbedding(model.patch_embed, "patch_embed")
+        tokens = [t for t in (model.cls_token, getattr(model, "dist_token", None), model.reg_token) if t is not None]
+        prefix = torch.cat(tokens, dim=1).detach().float() if tokens else None
+        self.register_buffer("prefix_tokens", prefix)
+        self.register_buffer("pos_embed", None if model.pos_embed is None else model.pos_embed.detach().float())
+        self.no_embed_class = bool(model.no_embed_class)
+        self.norm_pre = float_copy(model.norm_pre)
+        self.blocks = nn.ModuleList(ViTBlock(b, f"blocks.{i}") for i, b in enumerate(model.blocks))
+        self.norm = float_copy(model.norm)
+        self.fc_norm = float_copy(model.fc_norm)
+        self.distilled = hasattr(model, "head_dist")
+        self.global_pool, self.num_prefix_tokens = model.global_pool, int(model.num_prefix_tokens)
+        self.pool_include_prefix = bool(getattr(model, "pool_include_prefix", False))
+        self.head = head_layer(model.head, "head")
+        self.head_dist = head_layer(model.head_dist, "head_dist") if self.distilled else None
+
+    def embed(self, kernels, images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        x = self.patch_embed(kernels, images, dtype)
+        batch = x.shape[0]
+        prefix = None if self.prefix_tokens is None else self.prefix_tokens.to(dtype).expand(batch, -1, -1)
+        pos = None if self.pos_embed is None else self.pos_embed.to(dtype)
+        if self.no_embed_class:  # DeiT-III: position embedding for patches only, then the prefix tokens
+            x = x if pos is None else x + pos
+            x = x if prefix is None else torch.cat([prefix, x], dim=1)
+        else:
+            x = x if prefix is None else torch.cat([prefix, x], dim=1)
+            x = x if pos is None else x + pos
+        return layer_norm(x, self.norm_pre)
+
+    def forward(self, kernels, images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        x = self.embed(kernels, images, dtype)
+        for block in self.blocks:
+            x = block(kernels, x)
+        if self.distilled:
+            x = layer_norm(x[:, :2], self.norm)
+            return (run_head(kernels, x[:, 0], self.head) + run_head(kernels, x[:, 1], self.head_dist)) / 2
+        if self.global_pool == "token":
+            x = x[:, :1]  # LayerNorm is per token: normalise only the class token
+        x = global_pool_nlc(layer_norm(x, self.norm), pool_type=self.global_pool,
+                            num_prefix_tokens=self.num_prefix_tokens, reduce_include_prefix=self.pool_include_prefix)
+        return run_head(kernels, layer_norm(x, self.fc_norm), self.head)
+
+
+class SwinStage(nn.Module):
+    def __init__(self, stage: nn.Module, where: str):
+        super().__init__()
+        down = stage.downsample
+        self.downsample = None if isinstance(down, nn.Identity) else PatchMerging(down, f"{where}.downsample")
+        self.blocks = nn.ModuleList(SwinBlock(b, f"{where}.blocks.{i}") for i, b in enumerate(stage.blocks))
+
+    def forward(self, kernels, x: torch.Tensor) -> torch.Tensor:
+        if self.downsample is not None:
+            x = self.downsample(kernels, x)
+        for block in self.blocks:
+            x = block(kernels, x)
+        return x
+
+
+class SwinTrunk(nn.Module):
+    """timm ``SwinTransformer`` (NHWC): patch embedding, stages (patch merging at stage start), final
+    norm, average pooling, ``head.fc``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.patch_embed = PatchEmbedding(model.patch_embed, "patch_embed")
+        if getattr(model, "absolute_pos_embed", None) is not None:
+            raise UnsupportedModelError("Swin with an absolute position embedding is not supported by the engine")
+        self.stages = nn.ModuleList(SwinStage(s, f"layers.{i}") for i, s in enumerate(model.layers))
+        self.norm = float_copy(model.norm)
+        self.pool = float_copy(model.head.global_pool)  # timm's own pooling (NHWC, flattened)
+        self.head = head_layer(model.head.fc, "head.fc")
+
+    def forward(self, kernels, images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        x = self.patch_embed(kernels, images, dtype)
+        for stage in self.stages:
+            x = stage(kernels, x)
+        return run_head(kernels, self.pool(layer_norm(x, self.norm).float()), self.head)
+
+
+TRUNKS = {"vit": ViTTrunk, "swin": SwinTrunk}
+
+
+class QuantizedViT(nn.Module):
+    """The integer engine of a calibrated model. Call it on normalized images (B, C, H, W); it returns
+    fp32 logits. ``backend``: "auto" (Triton on CUDA, PyTorch elsewhere), "triton" or "torch".
+
+    ``dtype`` is the residual stream's dtype (default fp16 on CUDA, fp32 on CPU). On CUDA with the Triton
+    backend, calls replay a CUDA graph per batch-size bucket (``cuda_graphs=False`` runs eagerly).
+    """
+
+    def __init__(self, qmodel: QuantizedModel, backend: str = "auto", *, dtype: Optional[torch.dtype] = None,
+                 cuda_graphs: Optional[bool] = None):
+        super().__init__()
+        if not isinstance(qmodel, QuantizedModel):
+            raise UnsupportedModelError(f"QuantizedViT is built from a calibrated dfqvit QuantizedModel, got "
+                                        f"{type(qmodel).__name__}")
+        if qmodel.family not in TRUNKS:
+            raise UnsupportedModelError(f"no engine for model family {qmodel.family!r}; supported: {sorted(TRUNKS)}")
+        device = next(qmodel.model.parameters()).device
+        self.kernels = select_kernels(backend, device)
+        self.family, self.config, self.input_spec = qmodel.family, qmodel.config, qmodel.input_spec
+        self.float_layers = tuple(qmodel.skipped)
+        self.check_inputs = qmodel.config.check_inputs
+        self.dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+        with torch.no_grad():
+            self.trunk = TRUNKS[qmodel.family](qmodel.model).to(device)
+        use_graphs = (device.type == "cuda" and self.backend == "triton") if cuda_graphs is None else cuda_graphs
+        self.graphs = None
+        if use_graphs:
+            from .graphs import CUDAGraphRunner
+            self.graphs = CUDAGraphRunner(self.run)
+
+    @classmethod
+    def from_quantized(cls, qmodel: QuantizedModel, backend: str = "auto", **kwargs) -> "QuantizedViT":
+        return cls(qmodel, backend, **kwargs)
+
+    @classmethod
+    def from_artifact(cls, artifact, backend: str = "auto", *, model: Optional[nn.Module] = None, device=None,
+                      **kwargs) -> "QuantizedViT":
+        """From a ``QuantArtifact`` or the path of a saved one (``dfqvit.save``)."""
+        from dfqvit.artifact import QuantArtifact
+
+        if not isinstance(artifact, QuantArtifact):
+            artifact = QuantArtifact.load(str(artifact))
+        return cls(artifact.to_model(model, device=device), backend, **kwargs)
+
+    @property
+    def backend(self) -> str:
+        return self.kernels.name
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.buffers()).device
+
+    def weight_nbytes(self) -> int:
+        """Bytes of all weights as stored: packed codes + per-channel parameters of quantized layers, plus
+        the float weights of layers kept float (biases, norms and embeddings not counted)."""
+        total = 0
+        for m in self.modules():
+            if isinstance(m, PackedLinear):
+                total += m.weight_nbytes()
+            elif isinstance(m, (nn.Linear, nn.Conv2d)):
+                total += m.weight.numel() * m.weight.element_size()
+        return total
+
+    def check_images(self, images: torch.Tensor) -> None:
+        if isinstance(images, torch.Tensor) and images.device != self.device:
+            raise InputShapeError(f"images are on {images.device} but the engine is on {self.device}; move them "
+                                  f"with images.to('{self.device}')")
+        if self.check_inputs:
+            validate_images(images, self.input_spec, "images")
+        elif not isinstance(images, torch.Tensor) or images.dim() != 4:
+            raise InputShapeError(f"images must be a (B, C, H, W) tensor, got {getattr(images, 'shape', images)}")
+
+    @torch.no_grad()
+    def run(self, images: torch.Tensor) -> torch.Tensor:
+        """The eager forward without input checks (what CUDA graphs capture)."""
+        return self.trunk(self.kernels, images, self.dtype)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self.check_images(images)
+        if self.graphs is not None:
+            return self.graphs(images)
+        return self.run(images)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        a = "16" if not c.quantize_activations else str(c.a_bits)
+        graphs = "on" if self.graphs is not None else "off"
+        return (f"family={self.family}, W{c.w_bits}A{a}, backend={self.backend}, device={self.device}, "
+                f"dtype={self.dtype}, cuda_graphs={graphs}, weight_bytes={self.weight_nbytes()}, "
+                f"float_layers={list(self.float_layers)}")
