@@ -1,11 +1,13 @@
 """dfqvit: data-free low-bit quantization of Vision Transformers.
 
-    qmodel = dfqvit.compile(model, bits=4)          # W4A4
+    qmodel = dfqvit.compile(model, bits=4)          # W4A4: SPDFQ images, calibration, reconstruction, correction
+    dfqvit.save(qmodel, "model.safetensors"); qmodel = dfqvit.load("model.safetensors")
     qmodel = dfqvit.compile(model, bits=(4, 8), calib=images)
 """
-from .api import compile
-from .config import QuantConfig, SoftmaxQuantizer, parse_bits
+from .api import compile, load, save
+from .config import CalibConfig, CorrectionConfig, QuantConfig, ReconConfig, SoftmaxQuantizer, parse_bits
 from .errors import (
+    ArtifactError,
     CalibrationError,
     CheckpointNotFoundError,
     DFQViTError,
@@ -20,7 +22,8 @@ from .models import QuantizedModel, adapt
 __version__ = "0.1.0"
 
 __all__ = [
-    "compile", "adapt", "QuantizedModel", "QuantConfig", "SoftmaxQuantizer", "parse_bits",
+    "compile", "save", "load", "adapt", "QuantizedModel", "QuantConfig", "SoftmaxQuantizer", "parse_bits",
+    "CalibConfig", "ReconConfig", "CorrectionConfig", "ArtifactError",
     "DFQViTError", "UnsupportedBitsError", "UnsupportedModelError", "InputShapeError",
     "NonFiniteInputError", "CheckpointNotFoundError", "CalibrationError", "MissingGPUError",
 ]

@@ -1,4 +1,4 @@
-"""The front door: ``dfqvit.compile``."""
+"""The front door: ``dfqvit.compile``, ``dfqvit.save``, ``dfqvit.load``."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,10 +7,10 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .calib import calibrate, calibration_images
-from .config import QuantConfig, parse_bits
+from .calib.pipeline import run_pipeline
+from .config import CalibConfig, CorrectionConfig, QuantConfig, ReconConfig, parse_bits
 from .errors import DFQViTError, MissingGPUError
-from .models import QuantizedModel, adapt
+from .models import QuantizedModel
 
 Bits = Union[int, Tuple[int, int]]
 
@@ -37,40 +37,91 @@ def _resolve_device(device) -> torch.device:
     return device
 
 
+def _check_type(name: str, value, cls, optional: bool = True) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, cls):
+        allowed = f"a dfqvit.{cls.__name__}" + (" or None (skip the stage)" if optional else "")
+        raise DFQViTError(f"{name} must be {allowed}, got {type(value).__name__}")
+
+
+# SPDFQ is the paper's data source; the method is registered by dfqvit.synth.spdfq.
+DEFAULT_CALIB = "spdfq"
+
+
 def compile(
     model: nn.Module,
     bits: Optional[Bits] = 4,
-    calib="gaussian",
+    calib=DEFAULT_CALIB,
     *,
     config: Optional[QuantConfig] = None,
     normalization: Optional[Tuple[Sequence[float], Sequence[float]]] = None,
     seed: int = 0,
     device=None,
     progress: bool = True,
+    synth=None,
+    calibration: CalibConfig = CalibConfig(),
+    recon: Optional[ReconConfig] = ReconConfig(),
+    correction: Optional[CorrectionConfig] = CorrectionConfig(),
+    stages_dir: Optional[str] = None,
 ) -> QuantizedModel:
     """Quantize a trained timm ViT / DeiT / Swin and return the calibrated fake-quant model.
+
+    With no other argument than ``bits`` this runs the whole data-free pipeline: SPDFQ synthesis of 32
+    images → block-wise percentile calibration → two-stage block reconstruction → activation correction.
 
     Args:
         model: a timm ``VisionTransformer`` (ViT, DeiT, DeiT-distilled) or ``SwinTransformer``; it is
             copied, never modified.
         bits: 4 means W4A4; ``(w, a)`` picks weight bits 3..8 and activation bits 4..8 or 16 (weight-only).
             Pass ``None`` to take the bits from ``config``.
-        calib: calibration data — a method name (``"gaussian"``, see ``dfqvit.synth.available_methods()``),
-            normalized images as a (B, C, H, W) tensor, a ``SyntheticSet`` or a DataLoader of images.
+        calib: calibration data — a method name (``"spdfq"``, ``"gaussian"``, see
+            ``dfqvit.synth.available_methods()``), normalized images as a (B, C, H, W) tensor, a
+            ``SyntheticSet`` or a DataLoader of images.
         config: a ``QuantConfig`` with everything else (percentiles, softmax quantizer, ...).
         normalization: (mean, std) of the model's input space when the model does not carry it
             (used by synthesis and image loading).
-        seed: seed of the data-free synthesis.
-        device: where calibration runs ("cpu" or "cuda"); the returned model stays there.
+        seed: seed of the data-free synthesis and of the reconstruction's mini-batches.
+        device: where the pipeline runs ("cpu" or "cuda"); the returned model stays there.
+        synth: the synthesis method's config (a ``SynthConfig``); None = the method's paper defaults.
+        calibration: ``CalibConfig`` (block-wise search, post-LayerNorm re-parameterisation).
+        recon: ``ReconConfig`` of the block reconstruction, or None to skip it.
+        correction: ``CorrectionConfig`` of the activation correction, or None to skip it.
+        stages_dir: folder where each stage's result is saved; a later call with the same folder resumes
+            after the last stage whose saved result was made with the same settings.
     """
     config = _resolve_config(bits, config)
     device = _resolve_device(device)
-    qmodel = adapt(model, config, normalization=normalization).to(device)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        images = calibration_images(calib, qmodel, config.calib_images, seed=seed, progress=progress)
-    calibrate(qmodel, images.to(device), progress=progress)
-    return qmodel
+    _check_type("calibration", calibration, CalibConfig, optional=False)
+    _check_type("recon", recon, ReconConfig)
+    _check_type("correction", correction, CorrectionConfig)
+    result = run_pipeline(model, config, calib, normalization=normalization, seed=seed, device=device,
+                          progress=progress, synth=synth, calibration=calibration, recon=recon,
+                          correction=correction, stages_dir=stages_dir)
+    return result.qmodel
+
+
+def save(qmodel: QuantizedModel, path: str) -> None:
+    """Write ``qmodel`` as a ``QuantArtifact`` (one safetensors file: integer weights, scales, zero points,
+    float parameters and a JSON config with versions and how to rebuild the model)."""
+    from .artifact import save as save_artifact
+
+    if not isinstance(qmodel, QuantizedModel):
+        raise DFQViTError(f"dfqvit.save expects the QuantizedModel returned by dfqvit.compile, got "
+                          f"{type(qmodel).__name__}")
+    save_artifact(qmodel, path)
+
+
+def load(path: str, model: Optional[nn.Module] = None, device=None) -> QuantizedModel:
+    """Read a ``QuantArtifact`` back into a QuantizedModel with bit-identical outputs.
+
+    ``model``: a float model of the same architecture to use as the skeleton, needed only when the
+    artifact does not record the model's constructor arguments. A truncated, corrupted or
+    version-mismatched file raises ``dfqvit.ArtifactError``.
+    """
+    from .artifact import load as load_artifact
+
+    return load_artifact(path, model=model, device=_resolve_device(device) if device is not None else None)
 
 
 def with_config(qconfig: QuantConfig, **changes) -> QuantConfig:

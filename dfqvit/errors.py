@@ -28,8 +28,13 @@ class CalibrationError(DFQViTError, ValueError):
     """Calibration data that cannot be used (wrong type, empty, too few images)."""
 
 
+class ArtifactError(DFQViTError, ValueError):
+    """A saved artifact or stage file that is truncated, corrupted, of another format version, or does
+    not fit the model it is loaded into; nothing is loaded from it."""
+
+
 __all__ = [
     "DFQViTError", "KernelInputError", "MissingGPUError", "UnsupportedBitsError",
     "UnsupportedModelError", "InputShapeError", "NonFiniteInputError", "CheckpointNotFoundError",
-    "CalibrationError",
+    "CalibrationError", "ArtifactError",
 ]

@@ -1,6 +1,7 @@
 """Turn whatever the user passed as ``calib=`` into a tensor of normalized calibration images."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Iterable
 
 import torch
@@ -29,22 +30,30 @@ def _take_images(batches: Iterable, limit: int) -> torch.Tensor:
 
 
 def calibration_images(calib, qmodel: QuantizedModel, num_images: int, seed: int = 0,
-                       progress: bool = True) -> torch.Tensor:
+                       progress: bool = True, synth_config=None, as_set: bool = False):
     """``calib`` may be a method name (see ``dfqvit.synth.available_methods()``), a SyntheticSet,
-    an image tensor (B, C, H, W) or an iterable of batches (a DataLoader)."""
+    an image tensor (B, C, H, W) or an iterable of batches (a DataLoader).
+
+    Returns the first ``num_images`` images as a float tensor, or with ``as_set`` a SyntheticSet (real
+    images get ``method="images"`` and no targets). ``synth_config`` goes to the synthesis method.
+    """
     if isinstance(calib, str):
-        images = synthesize(calib, qmodel, num_images=num_images, seed=seed, progress=progress).images
+        found = synthesize(calib, qmodel, num_images=num_images, seed=seed, config=synth_config, progress=progress)
     elif isinstance(calib, SyntheticSet):
-        images = calib.images
+        found = calib
     elif isinstance(calib, torch.Tensor):
-        images = calib
+        found = SyntheticSet(images=calib, targets=None, method="images", seed=seed)
     elif isinstance(calib, Iterable):
-        images = _take_images(calib, num_images)
+        found = SyntheticSet(images=_take_images(calib, num_images), targets=None, method="images", seed=seed)
     else:
         raise CalibrationError(
             f"calib={type(calib).__name__} is not usable; give a method name, an image tensor, a SyntheticSet "
             f"or a DataLoader")
+    images = found.images
     validate_images(images, qmodel.input_spec, what="calibration images")
     if images.shape[0] == 0:
         raise CalibrationError("calibration set is empty")
-    return images[:num_images].float()
+    if not as_set:
+        return images[:num_images].float()
+    targets = None if found.targets is None else found.targets[:num_images]
+    return dataclasses.replace(found, images=images[:num_images].float(), targets=targets)

@@ -1,0 +1,290 @@
+"""``QuantArtifact``: the saved quantized model the engine consumes, and the checked safetensors container
+it shares with the pipeline's stage files.
+
+One safetensors file holds:
+- ``<layer>.weight_codes``: integer weight codes of every quantized Linear / Conv2d, uint8 for the
+  asymmetric codes in [0, 2^b − 1] (int8 for symmetric ones), unpacked: packing to int4 / int3 is the
+  engine's job at build time (``layers`` in the JSON gives the bits per layer);
+- every other entry of the model's state dict under its timm name: weight scales and zero points
+  (``<layer>.weight_quantizer.scale`` / ``.zero_point``, per output channel), activation scales / zero
+  points (``*.input_quantizer.*``, ``*.{q,k,v}_quantizer.*``), log2 deltas (``*.attn_quantizer.delta``),
+  biases, LayerNorm parameters, position embeddings, class tokens, relative-position bias tables, and
+  the ``full`` activation corrections when present;
+- a JSON config (safetensors metadata) with the format version, the dfqvit / torch / timm versions, the
+  QuantConfig, the input normalization, how to rebuild the float model (timm module, class, kwargs), the
+  per-layer table and a sha256 of the tensor payload.
+
+Loading rebuilds the model, checks every key, shape and dtype against it and sets each float weight to
+its dequantized codes: re-quantizing those gives the same codes, so outputs are bit-identical. A
+truncated, corrupted or version-mismatched file raises ``ArtifactError`` and nothing is returned.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import json
+import os
+import tempfile
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from dfqvit.config import config_from_dict, config_to_dict
+from dfqvit.errors import ArtifactError, CheckpointNotFoundError, DFQViTError
+from dfqvit.models import QuantizedModel, adapt
+
+ARTIFACT_FORMAT = "dfqvit.QuantArtifact"
+ARTIFACT_VERSION = 1
+BUILD_ATTR = "dfqvit_build"  # optional attribute of a float model: {"module", "class", "kwargs"}
+CODES_SUFFIX = ".weight_codes"
+
+
+# -- checked container -----------------------------------------------------------------------------------
+
+
+def payload_sha256(tensors: Dict[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def write_container(path: str, tensors: Dict[str, torch.Tensor], fmt: str, version: int,
+                    meta: Dict[str, Any]) -> None:
+    """Write atomically (temporary file + rename), so an interrupted save never leaves a partial file."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    header = {"format": fmt, "format_version": str(version), "sha256": payload_sha256(tensors),
+              "config": json.dumps(meta, sort_keys=True)}
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=header)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_container(path: str, fmt: str, version: int) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """(tensors, config) of a file written by :func:`write_container`, or ArtifactError."""
+    from safetensors import safe_open
+
+    if not os.path.exists(path):
+        raise CheckpointNotFoundError(f"{path!r} does not exist")
+    try:
+        with safe_open(path, framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors raises its own types for bad headers and short files
+        raise ArtifactError(f"{path!r} is truncated or not a safetensors file ({exc}); save it again") from exc
+    if header.get("format") != fmt:
+        raise ArtifactError(f"{path!r} is not a {fmt} file (format: {header.get('format')!r})")
+    if header.get("format_version") != str(version):
+        raise ArtifactError(
+            f"{path!r} has {fmt} format version {header.get('format_version')!r}; this dfqvit reads version "
+            f"{version}. Re-create it with this dfqvit version")
+    if payload_sha256(tensors) != header.get("sha256"):
+        raise ArtifactError(f"{path!r} is corrupted: its tensors do not match the stored sha256; save it again")
+    try:
+        meta = json.loads(header["config"])
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{path!r} has no readable JSON config ({exc})") from exc
+    return tensors, meta
+
+
+def versions() -> Dict[str, str]:
+    import timm
+
+    from dfqvit import __version__
+    return {"dfqvit": __version__, "torch": torch.__version__.split("+")[0], "timm": timm.__version__}
+
+
+# -- how to rebuild the float model ------------------------------------------------------------------------
+
+
+def set_build_info(model: nn.Module, kwargs: Dict[str, Any]) -> nn.Module:
+    """Record the constructor arguments of ``model`` (a timm class built directly, e.g. from a reference
+    JSON) so that a saved artifact can rebuild it. Returns ``model``."""
+    setattr(model, BUILD_ATTR, {"module": type(model).__module__, "class": type(model).__qualname__,
+                                "kwargs": dict(kwargs)})
+    return model
+
+
+def build_info(model: nn.Module) -> Dict[str, Any]:
+    """How to rebuild ``model``: recorded kwargs, else the timm architecture name, else class only."""
+    recorded = getattr(model, BUILD_ATTR, None)
+    if recorded is not None:
+        return dict(recorded)
+    info: Dict[str, Any] = {"module": type(model).__module__, "class": type(model).__qualname__, "kwargs": None}
+    arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    if arch:
+        info["timm_name"] = arch
+        info["kwargs"] = {"num_classes": int(model.num_classes)}
+        img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+        if img_size is not None:
+            info["kwargs"]["img_size"] = tuple(img_size)
+    return info
+
+
+def rebuild_float_model(info: Dict[str, Any]) -> nn.Module:
+    """A randomly initialised float model of the recorded architecture (only timm classes are built)."""
+    if info.get("kwargs") is None:
+        raise ArtifactError(
+            f"the artifact does not record the constructor arguments of its {info.get('class')} model; pass "
+            f"model=<a float model of the same architecture> to dfqvit.load (or record them before saving "
+            f"with dfqvit.artifact.set_build_info)")
+    if info.get("timm_name"):
+        import timm
+        return timm.create_model(info["timm_name"], pretrained=False, **info["kwargs"]).eval()
+    module = info.get("module", "")
+    if not module.startswith("timm."):
+        raise ArtifactError(f"refusing to build {module}.{info.get('class')}: only timm model classes are rebuilt")
+    try:
+        cls = getattr(importlib.import_module(module), info["class"])
+    except (ImportError, AttributeError, KeyError) as exc:
+        raise ArtifactError(f"cannot find the model class {module}.{info.get('class')} ({exc})") from exc
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ArtifactError(f"{module}.{info.get('class')} is not an nn.Module class")
+    return cls(**info["kwargs"]).eval()
+
+
+# -- structure that calibration may add to a freshly adapted model ------------------------------------------
+
+
+def match_structure(qmodel: QuantizedModel, keys, full_corrections: List[Dict[str, Any]]) -> None:
+    """Add what calibration adds to a model, so a saved state dict fits a fresh ``adapt()`` result:
+    ``full`` activation corrections and biases created by folds on layers built without one."""
+    from dfqvit.calib.correction import reinstall_full_corrections
+
+    reinstall_full_corrections(qmodel, [c["site"] for c in full_corrections],
+                               [int(c["channels"]) for c in full_corrections])
+    keys = set(keys)
+    for name, layer in qmodel.weight_layers():
+        if layer.bias is None and f"{name}.bias" in keys:
+            layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0], dtype=layer.weight.dtype,
+                                                  device=layer.weight.device), requires_grad=False)
+
+
+def full_corrections_of(qmodel: QuantizedModel) -> List[Dict[str, Any]]:
+    from dfqvit.calib.correction import full_correction_sites
+
+    return [{"site": site, "channels": int(qmodel.model.get_submodule(site)[0].shift.numel())}
+            for site in full_correction_sites(qmodel)]
+
+
+def check_state_fits(expected: Dict[str, torch.Tensor], given: Dict[str, torch.Tensor], what: str) -> None:
+    """ArtifactError listing missing / unexpected keys and shape or dtype mismatches."""
+    problems = [f"missing {k}" for k in sorted(set(expected) - set(given))]
+    problems += [f"unexpected {k}" for k in sorted(set(given) - set(expected))]
+    for k in sorted(set(expected) & set(given)):
+        e, g = expected[k], given[k]
+        if tuple(e.shape) != tuple(g.shape) or e.dtype != g.dtype:
+            problems.append(f"{k}: {g.dtype}{tuple(g.shape)} where the model has {e.dtype}{tuple(e.shape)}")
+    if problems:
+        more = f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""
+        raise ArtifactError(f"{what} does not fit the model it is loaded into: {'; '.join(problems[:8])}{more}")
+
+
+def _code_dtype(signed: bool) -> torch.dtype:
+    return torch.int8 if signed else torch.uint8
+
+
+# -- the artifact -------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class QuantArtifact:
+    """Integer weights, scales, zero points and every float parameter of a quantized model, plus its
+    JSON config (see the module docstring for the layout)."""
+
+    tensors: Dict[str, torch.Tensor]
+    config: Dict[str, Any]
+
+    @classmethod
+    def from_model(cls, qmodel: QuantizedModel, build: Optional[Dict[str, Any]] = None) -> "QuantArtifact":
+        uncalibrated = [n for n, q in qmodel.quantizers() if not bool(q.initialized)]
+        if uncalibrated:
+            raise ArtifactError(f"cannot save an uncalibrated model ({len(uncalibrated)} quantizers, e.g. "
+                                f"{uncalibrated[0]}); run dfqvit.compile first")
+        tensors = {k: v.detach().cpu().clone() for k, v in qmodel.model.state_dict().items()}
+        layers = {}
+        for name, layer in qmodel.weight_layers():
+            wq = layer.weight_quantizer
+            with torch.no_grad():
+                codes = wq.quantize(layer.weight.detach()).to(_code_dtype(bool(wq.signed)))
+            del tensors[f"{name}.weight"]
+            tensors[name + CODES_SUFFIX] = codes.cpu()
+            layers[name] = {"kind": "conv2d" if layer.weight.dim() == 4 else "linear", "w_bits": wq.num_bits,
+                            "signed": bool(wq.signed), "weight_shape": list(layer.weight.shape),
+                            "input_quantized": layer.input_quantizer is not None}
+        spec = qmodel.input_spec
+        config = {
+            "versions": versions(),
+            "quant_config": config_to_dict(qmodel.config),
+            "family": qmodel.family,
+            "normalization": {"mean": list(spec.mean), "std": list(spec.std)},
+            "build": build if build is not None else build_info(qmodel.model),
+            "float_layers": list(qmodel.skipped),
+            "layers": layers,
+            "full_corrections": full_corrections_of(qmodel),
+        }
+        return cls(tensors, config)
+
+    def save(self, path: str) -> None:
+        write_container(path, self.tensors, ARTIFACT_FORMAT, ARTIFACT_VERSION, self.config)
+
+    @classmethod
+    def load(cls, path: str) -> "QuantArtifact":
+        tensors, config = read_container(path, ARTIFACT_FORMAT, ARTIFACT_VERSION)
+        return cls(tensors, config)
+
+    def to_model(self, model: Optional[nn.Module] = None, device=None) -> QuantizedModel:
+        """A QuantizedModel with exactly the saved behaviour. ``model``: a float model of the same
+        architecture to use as the skeleton (its weights are ignored); default: rebuilt from the config."""
+        try:
+            qconfig = config_from_dict(self.config["quant_config"])
+            norm = self.config["normalization"]
+            layers = self.config["layers"]
+            full_corrections = self.config.get("full_corrections", [])
+        except (KeyError, TypeError, DFQViTError) as exc:
+            raise ArtifactError(f"the artifact's config is incomplete or of another version ({exc})") from exc
+        skeleton = rebuild_float_model(self.config.get("build", {})) if model is None else model
+        qmodel = adapt(skeleton, qconfig, normalization=(norm["mean"], norm["std"]))
+        state_keys = {(k[:-len(CODES_SUFFIX)] + ".weight" if k.endswith(CODES_SUFFIX) else k)
+                      for k in self.tensors}
+        match_structure(qmodel, state_keys, full_corrections)
+        expected = dict(qmodel.model.state_dict())
+        weight_layers = dict(qmodel.weight_layers())
+        if set(layers) != set(weight_layers):
+            raise ArtifactError(f"the artifact quantizes layers {sorted(layers)[:5]}... but the model has "
+                                f"{sorted(weight_layers)[:5]}...; pass the matching architecture")
+        for name, layer in weight_layers.items():
+            expected[name + CODES_SUFFIX] = torch.empty(layer.weight.shape,
+                                                        dtype=_code_dtype(bool(layer.weight_quantizer.signed)))
+            del expected[f"{name}.weight"]
+        check_state_fits(expected, self.tensors, "the artifact")
+        state = {k: v for k, v in self.tensors.items() if not k.endswith(CODES_SUFFIX)}
+        state.update({f"{name}.weight": layer.weight.detach() for name, layer in weight_layers.items()})
+        qmodel.model.load_state_dict(state, strict=True)
+        with torch.no_grad():
+            for name, layer in weight_layers.items():
+                codes = self.tensors[name + CODES_SUFFIX].to(layer.weight.dtype)
+                layer.weight.copy_(layer.weight_quantizer.dequantize(codes))
+        return qmodel.to(device) if device is not None else qmodel
+
+
+def save(qmodel: QuantizedModel, path: str, build: Optional[Dict[str, Any]] = None) -> None:
+    QuantArtifact.from_model(qmodel, build=build).save(path)
+
+
+def load(path: str, model: Optional[nn.Module] = None, device=None) -> QuantizedModel:
+    return QuantArtifact.load(path).to_model(model, device=device)

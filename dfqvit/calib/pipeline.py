@@ -1,0 +1,131 @@
+"""The data-free pipeline behind ``dfqvit.compile``: images → calibration → reconstruction → correction.
+
+Each stage has a progress bar and, with a stages folder, saves its result (stages.py); a later call with
+the same folder resumes after the last stage whose saved result matches the call's settings.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Callable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from dfqvit.config import CalibConfig, CorrectionConfig, QuantConfig, ReconConfig, config_to_dict
+from dfqvit.models import QuantizedModel, adapt
+from dfqvit.synth import SyntheticSet
+
+from .blockwise import calibrate_model
+from .correction import BlockGap, correct_activations
+from .data import calibration_images
+from .recon import UnitReport, reconstruct
+from .stages import StageStore, fingerprint, model_fingerprint
+
+log = logging.getLogger("dfqvit")
+
+Normalization = Optional[Tuple[Sequence[float], Sequence[float]]]
+
+
+@dataclasses.dataclass
+class PipelineResult:
+    """The quantized model plus what each stage reported (empty for stages resumed from disk)."""
+
+    qmodel: QuantizedModel
+    resumed_from: Optional[str] = None
+    recon: List[UnitReport] = dataclasses.field(default_factory=list)
+    correction: List[BlockGap] = dataclasses.field(default_factory=list)
+
+
+def _dict(config) -> Any:
+    return None if config is None else config_to_dict(config)
+
+
+def _source_fingerprint(calib, num_images: int, seed: int, synth_config, model_fp: str) -> Tuple[str, bool]:
+    """Fingerprint of the calibration images and whether they are synthesized (and so worth saving)."""
+    if isinstance(calib, str):
+        return fingerprint("synth", model_fp, calib, num_images, seed, _dict(synth_config)), True
+    if isinstance(calib, SyntheticSet):
+        calib = calib.images
+    if isinstance(calib, torch.Tensor):
+        from dfqvit.artifact import payload_sha256
+        return fingerprint("images", payload_sha256({"x": calib[:num_images].float()})), False
+    return fingerprint("loader", id(calib)), False  # a DataLoader cannot be fingerprinted: never resumed
+
+
+def run_pipeline(
+    model: nn.Module,
+    config: QuantConfig,
+    calib,
+    *,
+    normalization: Normalization = None,
+    seed: int = 0,
+    device: torch.device = torch.device("cpu"),
+    progress: bool = True,
+    synth=None,
+    calibration: Optional[CalibConfig] = None,
+    recon: Optional[ReconConfig] = None,
+    correction: Optional[CorrectionConfig] = None,
+    stages_dir: Optional[str] = None,
+) -> PipelineResult:
+    """Quantize ``model``; ``recon`` / ``correction`` = None skip those stages."""
+    calibration = calibration or CalibConfig()
+    store = StageStore(stages_dir)
+    qmodel = adapt(model, config, normalization=normalization).to(device)
+    model_fp = model_fingerprint(model)
+    source_fp, synthesized = _source_fingerprint(calib, config.calib_images, seed, synth, model_fp)
+    calib_fp = fingerprint("calib", source_fp, _dict(config), _dict(calibration), qmodel.input_spec)
+    recon_fp = fingerprint("recon", calib_fp, _dict(recon), seed)
+    correct_fp = fingerprint("correct", recon_fp, _dict(correction))
+
+    images: List[torch.Tensor] = []
+
+    def get_images() -> torch.Tensor:
+        if not images:
+            saved = store.load_images(source_fp) if synthesized else None
+            if saved is None:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed)
+                    source = calibration_images(calib, qmodel, config.calib_images, seed=seed,
+                                                progress=progress, synth_config=synth, as_set=True)
+                if synthesized:
+                    store.save_images(source_fp, source)
+                saved = source
+            images.append(saved.images[:config.calib_images].float().to(device))
+        return images[0]
+
+    references: List[QuantizedModel] = []
+
+    def reference() -> QuantizedModel:
+        """The float model the later stages aim at (the original weights, every quantizer off)."""
+        if not references:
+            references.append(adapt(model, config, normalization=normalization).to(device))
+        return references[0]
+
+    result = PipelineResult(qmodel)
+
+    def run_calib():
+        calibrate_model(qmodel, get_images(), calibration, progress)
+
+    def run_recon():
+        result.recon = reconstruct(qmodel, get_images(), recon, reference(), seed, progress)
+
+    def run_correct():
+        result.correction = correct_activations(qmodel, get_images(), correction, reference(), progress)
+
+    stages: List[Tuple[str, str, Callable[[], None]]] = [("calib", calib_fp, run_calib)]
+    if recon is not None:
+        stages.append(("recon", recon_fp, run_recon))
+    if correction is not None:
+        stages.append(("correct", correct_fp, run_correct))
+
+    start = 0
+    for i in reversed(range(len(stages))):
+        name, fp, _ = stages[i]
+        if store.restore(name, fp, qmodel):
+            result.resumed_from, start = name, i + 1
+            break
+    for name, fp, run in stages[start:]:
+        run()
+        store.save(name, fp, qmodel)
+    return result

@@ -1,0 +1,84 @@
+"""Post-LayerNorm activations: channel-wise calibration, then re-parameterisation to per-tensor
+(METHODS §1.4, [RepQ], used by [I&S]).
+
+The inputs of ``qkv`` and ``fc1`` follow a LayerNorm and differ a lot between channels. They are first
+calibrated with one (Δ_c, z_c) per channel, then the per-channel grids are folded into the LayerNorm
+affine and the next Linear so that one per-tensor (Δ̃, z̃) quantizes the new LayerNorm output to the
+same codes:
+
+    Δ̃ = mean_c Δ_c,  z̃ = round(mean_c z_c),  r_c = Δ_c / Δ̃,  b_c = Δ̃ (z̃ − z_c)
+    LayerNorm:   γ_c ← γ_c / r_c,   β_c ← β_c / r_c − b_c          (new output x'_c = x_c / r_c − b_c)
+    next Linear: W[:, c] ← W[:, c] · r_c,   bias ← bias + W_new · b  (same float output)
+
+z̃ is rounded (RepQ keeps the mean): with z_c − z̃ an integer, x'/Δ̃ + z̃ = x/Δ_c + z_c, so rounding and
+clipping give exactly the per-channel codes; a fractional z̃ would shift the rounding points.
+"""
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import torch
+from timm.layers import Mlp
+from timm.models.swin_transformer import SwinTransformerBlock
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from dfqvit.nn import QuantAttentionBase, QuantLinear
+from dfqvit.quant import UniformQuantizer
+
+# Blocks whose norm1 output feeds only attn.qkv and whose norm2 output feeds only mlp.fc1 (pre-norm
+# blocks; e.g. timm's ResPostBlock normalises after the branch and must not be paired).
+_PRE_NORM_BLOCKS = (Block, SwinTransformerBlock)
+
+PostNormPair = Tuple[nn.LayerNorm, QuantLinear]
+
+
+def _foldable(norm: nn.Module, layer: nn.Module) -> bool:
+    return (isinstance(norm, nn.LayerNorm) and norm.weight is not None and norm.bias is not None
+            and isinstance(layer, QuantLinear) and isinstance(layer.input_quantizer, UniformQuantizer)
+            and layer.input_quantizer.channels is None)
+
+
+def post_norm_pairs(block: nn.Module) -> List[PostNormPair]:
+    """(LayerNorm, Linear that reads only its output) pairs of a block, in forward order."""
+    if type(block) not in _PRE_NORM_BLOCKS:
+        return []
+    pairs = []
+    if isinstance(block.attn, QuantAttentionBase) and _foldable(block.norm1, block.attn.qkv):
+        pairs.append((block.norm1, block.attn.qkv))
+    if type(block.mlp) is Mlp and _foldable(block.norm2, block.mlp.fc1):
+        pairs.append((block.norm2, block.mlp.fc1))
+    return pairs
+
+
+def channelwise_input_quantizer(layer: QuantLinear) -> UniformQuantizer:
+    """A per-channel (last dim) version of ``layer``'s per-tensor input quantizer, same bits and search."""
+    q = layer.input_quantizer
+    channelwise = UniformQuantizer(q.num_bits, channels=layer.in_features, channel_dim=-1,
+                                   percentiles=q.percentiles, max_elements=q.max_elements)
+    channelwise.enabled = q.enabled
+    return channelwise.to(q.scale.device)
+
+
+@torch.no_grad()
+def fold_into_per_tensor(norm: nn.LayerNorm, layer: QuantLinear, channelwise: UniformQuantizer,
+                         per_tensor: UniformQuantizer) -> None:
+    """Fold the calibrated ``channelwise`` grid into ``norm`` and ``layer`` and set ``per_tensor`` to
+    the equivalent per-tensor grid (``layer.input_quantizer`` is left to the caller)."""
+    delta_c, zero_c = channelwise.scale.double(), channelwise.zero_point.double()
+    delta = delta_c.mean()
+    zero = torch.round(zero_c.mean())
+    r = delta_c / delta
+    b = delta * (zero - zero_c)
+    norm.weight.copy_((norm.weight.double() / r).to(norm.weight.dtype))
+    norm.bias.copy_((norm.bias.double() / r - b).to(norm.bias.dtype))
+    new_weight = layer.weight.double() * r
+    shift = new_weight @ b
+    layer.weight.copy_(new_weight.to(layer.weight.dtype))
+    if layer.bias is None:
+        layer.bias = nn.Parameter(torch.zeros(layer.out_features, dtype=layer.weight.dtype,
+                                              device=layer.weight.device), requires_grad=False)
+    layer.bias.copy_((layer.bias.double() + shift).to(layer.bias.dtype))
+    per_tensor.scale.copy_(delta.to(per_tensor.scale.dtype))
+    per_tensor.zero_point.copy_(zero.to(per_tensor.zero_point.dtype))
+    per_tensor.initialized.fill_(True)

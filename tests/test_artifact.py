@@ -1,0 +1,127 @@
+"""QuantArtifact: save -> load gives bit-identical outputs; truncated, corrupted, version-mismatched or
+mismatching artifacts are refused with ArtifactError and nothing is loaded."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import dfqvit
+from conftest import TINY_MODELS, tiny_vit
+from dfqvit.artifact import ARTIFACT_VERSION, QuantArtifact, set_build_info
+from dfqvit.config import CorrectionConfig, ReconConfig
+from dfqvit.errors import ArtifactError, CheckpointNotFoundError
+
+TINY_KWARGS = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10)
+FAST = dict(calib="gaussian", recon=ReconConfig(iterations=2), progress=False)
+
+
+def _x(n=8):
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A W4A4 tiny ViT that records its constructor arguments, compiled and saved once."""
+    model = set_build_info(tiny_vit(), TINY_KWARGS)
+    qmodel = dfqvit.compile(model, bits=4, **FAST)
+    path = str(tmp_path_factory.mktemp("artifact") / "vit_w4a4.safetensors")
+    dfqvit.save(qmodel, path)
+    return qmodel, path
+
+
+def test_round_trip_is_bit_exact_and_rebuilds_the_model(saved):
+    qmodel, path = saved
+    loaded = dfqvit.load(path)
+    with torch.no_grad():
+        assert torch.equal(qmodel(_x()), loaded(_x()))
+
+
+@pytest.mark.parametrize("name", sorted(TINY_MODELS))
+@pytest.mark.parametrize("form", ["diag", "full"])
+def test_round_trip_every_family_with_a_skeleton(tmp_path, name, form):
+    qmodel = dfqvit.compile(TINY_MODELS[name](), bits=(4, 8), calib="gaussian", recon=None,
+                            correction=CorrectionConfig(form=form), progress=False)
+    dfqvit.save(qmodel, str(tmp_path / "a.safetensors"))
+    loaded = dfqvit.load(str(tmp_path / "a.safetensors"), model=TINY_MODELS[name]())
+    with torch.no_grad():
+        assert torch.equal(qmodel(_x()), loaded(_x()))
+
+
+def test_contents_integer_codes_scales_and_versions(saved):
+    _, path = saved
+    artifact = QuantArtifact.load(path)
+    codes = artifact.tensors["blocks.0.attn.qkv.weight_codes"]
+    assert codes.dtype == torch.uint8 and int(codes.max()) <= 15
+    assert "blocks.0.attn.qkv.weight" not in artifact.tensors
+    assert artifact.tensors["blocks.0.attn.qkv.weight_quantizer.scale"].shape == (3 * 48,)
+    for key in ("blocks.0.attn.qkv.input_quantizer.scale", "blocks.0.attn.attn_quantizer.delta",
+                "blocks.0.norm1.weight", "pos_embed", "cls_token", "head.bias"):
+        assert key in artifact.tensors, key
+    config = artifact.config
+    assert set(config["versions"]) == {"dfqvit", "torch", "timm"}
+    assert config["layers"]["head"]["w_bits"] == 4 and config["build"]["kwargs"] == TINY_KWARGS
+
+
+def _rewrite(path, out, tensors=None, **header_changes):
+    with safe_open(path, framework="pt") as f:
+        header = dict(f.metadata())
+        stored = {k: f.get_tensor(k) for k in f.keys()}
+    header.update(header_changes)
+    save_file(tensors if tensors is not None else stored, out, metadata=header)
+
+
+def test_corrupted_truncated_and_mismatched_files_are_refused(saved, tmp_path):
+    _, path = saved
+    data = open(path, "rb").read()
+    corrupted = tmp_path / "corrupted.safetensors"
+    flipped = bytearray(data)
+    flipped[-100] ^= 0xFF  # a byte of tensor data
+    corrupted.write_bytes(bytes(flipped))
+    with pytest.raises(ArtifactError, match="corrupted"):
+        dfqvit.load(str(corrupted))
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ArtifactError, match="truncated"):
+        dfqvit.load(str(truncated))
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00" * 64)
+    with pytest.raises(ArtifactError):
+        dfqvit.load(str(garbage))
+    newer = tmp_path / "newer.safetensors"
+    _rewrite(path, str(newer), format_version=str(ARTIFACT_VERSION + 1))
+    with pytest.raises(ArtifactError, match="version"):
+        dfqvit.load(str(newer))
+    other = tmp_path / "other.safetensors"
+    _rewrite(path, str(other), format="dfqvit.SomethingElse")
+    with pytest.raises(ArtifactError, match="not a dfqvit.QuantArtifact"):
+        dfqvit.load(str(other))
+    with pytest.raises(CheckpointNotFoundError):
+        dfqvit.load(str(tmp_path / "missing.safetensors"))
+
+
+def test_wrong_architecture_is_refused(saved):
+    _, path = saved
+    with pytest.raises(ArtifactError, match="does not fit|layers"):
+        dfqvit.load(path, model=tiny_vit(embed_dim=24))
+
+
+def test_a_model_without_build_info_needs_a_skeleton(tmp_path):
+    qmodel = dfqvit.compile(tiny_vit(), bits=8, calib="gaussian", recon=None, correction=None, progress=False)
+    dfqvit.save(qmodel, str(tmp_path / "a.safetensors"))
+    with pytest.raises(ArtifactError, match="model="):
+        dfqvit.load(str(tmp_path / "a.safetensors"))
+
+
+def test_uncalibrated_model_cannot_be_saved(tmp_path):
+    with pytest.raises(ArtifactError, match="uncalibrated"):
+        dfqvit.save(dfqvit.adapt(tiny_vit()), str(tmp_path / "a.safetensors"))
+    assert not os.listdir(tmp_path), "nothing written"
+
+
+def test_config_json_is_plain_json(saved):
+    _, path = saved
+    with safe_open(path, framework="pt") as f:
+        json.loads(f.metadata()["config"])

@@ -1,0 +1,77 @@
+"""DFQ-ViT activation correction (METHODS §4.2): it lowers the gap between quantized and fp32 block
+outputs; the diag form folds into the weights at zero inference cost, the full form is an explicit op."""
+import pytest
+import torch
+
+from conftest import TINY_MODELS, sqnr_db
+from dfqvit.calib import calibrate_blockwise, correct_activations
+from dfqvit.calib.correction import BranchCorrection, fit_diag, fit_full
+from dfqvit.config import CorrectionConfig, QuantConfig
+from dfqvit.errors import CalibrationError
+from dfqvit.models import adapt
+
+
+def _images(n=32, seed=0):
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def _calibrated(name, images):
+    return calibrate_blockwise(adapt(TINY_MODELS[name](), QuantConfig(4, 4)), images, progress=False)
+
+
+@pytest.mark.parametrize("form", ["diag", "full"])
+@pytest.mark.parametrize("name", ["vit", "swin", "deit_distilled"])
+def test_correction_lowers_the_gap_in_every_block(name, form):
+    images = _images()
+    qmodel = _calibrated(name, images)
+    model = TINY_MODELS[name]()
+    with torch.no_grad():
+        before = sqnr_db(model(images), qmodel(images))
+    gaps = correct_activations(qmodel, images, CorrectionConfig(form=form), progress=False)
+    with torch.no_grad():
+        after = sqnr_db(model(images), qmodel(images))
+    print(name, form, [f"{g.before:.3g}->{g.after:.3g}" for g in gaps], f"logits {before:.2f}->{after:.2f} dB")
+    assert len(gaps) == len(qmodel.blocks)
+    assert all(g.after < g.before for g in gaps)
+    assert after > before
+
+
+def test_diag_folds_at_zero_cost():
+    images = _images()
+    qmodel = _calibrated("vit", images)
+    keys = set(qmodel.state_dict())
+    layers = [b.attn.proj for b in qmodel.blocks] + [b.mlp.fc2 for b in qmodel.blocks]
+    codes = [layer.weight_quantizer.quantize(layer.weight) for layer in layers]
+    correct_activations(qmodel, images, CorrectionConfig(form="diag"), progress=False)
+    assert set(qmodel.state_dict()) == keys, "no new parameters or ops"
+    assert not any(isinstance(m, BranchCorrection) for m in qmodel.modules())
+    for layer, before in zip(layers, codes):
+        assert torch.equal(layer.weight_quantizer.quantize(layer.weight), before), "same integer codes"
+
+
+def test_full_form_is_an_explicit_op():
+    images = _images()
+    qmodel = _calibrated("vit", images)
+    correct_activations(qmodel, images, CorrectionConfig(form="full"), progress=False)
+    assert sum(isinstance(m, BranchCorrection) for m in qmodel.modules()) == 2 * len(qmodel.blocks)
+
+
+def test_closed_forms_recover_a_known_affine_map():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(5000, 6, generator=g, dtype=torch.float64) * torch.linspace(0.5, 2, 6, dtype=torch.float64)
+    s_true = torch.tensor([0.7, 0.9, 1.0, 1.2, 1.5, 1.9], dtype=torch.float64)
+    t_true = torch.linspace(-1, 1, 6, dtype=torch.float64)
+    s, t = fit_diag(a, a * s_true + t_true, CorrectionConfig(shrinkage=0.0))
+    assert torch.allclose(s, s_true) and torch.allclose(t, t_true)
+    m_true = torch.eye(6, dtype=torch.float64) + 0.1 * torch.randn(6, 6, generator=g, dtype=torch.float64)
+    m, t = fit_full(a, a @ m_true + t_true, CorrectionConfig(form="full", shrinkage=0.0))
+    assert torch.allclose(m, m_true) and torch.allclose(t, t_true)
+    s, _ = fit_diag(a, a * 5.0, CorrectionConfig())
+    assert torch.all(s == 2.0), "scales are clamped to the configured range"
+
+
+@pytest.mark.parametrize("bad", [dict(form="matrix"), dict(shrinkage=-1), dict(scale_range=(0, 2)),
+                                 dict(scale_range=(1.2, 2))])
+def test_correction_config_validation(bad):
+    with pytest.raises(CalibrationError, match="invalid CorrectionConfig"):
+        CorrectionConfig(**bad)

@@ -1,0 +1,107 @@
+"""The compile pipeline: resumable stages (resume = straight run under one seed), settings-aware reuse,
+the default data-free path, and SPDFQ beating Gaussian images at W4A4 on the CIFAR reference model."""
+import os
+
+import pytest
+import torch
+
+import dfqvit
+from conftest import CIFAR_TEST, TINY_MODELS, load_cifar_model
+from dfqvit.calib.pipeline import run_pipeline
+from dfqvit.calib.stages import STAGE_FILES
+from dfqvit.config import CorrectionConfig, QuantConfig, ReconConfig
+from dfqvit.errors import ArtifactError, DFQViTError
+from dfqvit.synth import available_methods
+
+FAST_RECON = ReconConfig(iterations=3)
+
+
+def _x():
+    return torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+
+
+def _run(model, stages_dir, recon=FAST_RECON, correction=CorrectionConfig()):
+    return run_pipeline(model, QuantConfig(4, 4), "gaussian", seed=3, progress=False, recon=recon,
+                        correction=correction, stages_dir=stages_dir)
+
+
+def test_resume_from_each_stage_equals_a_straight_run(tmp_path):
+    model = TINY_MODELS["vit"]()
+    straight = _run(model, None).qmodel
+    folder = str(tmp_path / "stages")
+    first = _run(model, folder)
+    assert first.resumed_from is None and set(os.listdir(folder)) == set(STAGE_FILES.values())
+    with torch.no_grad():
+        expected = straight(_x())
+        assert torch.equal(first.qmodel(_x()), expected)
+    # Interrupted runs: the files of the stages after the last finished one are missing.
+    for missing, resumed in ((("correct",), "recon"), (("recon", "correct"), "calib")):
+        for stage in missing:
+            os.remove(os.path.join(folder, STAGE_FILES[stage]))
+        again = _run(model, folder)
+        assert again.resumed_from == resumed
+        with torch.no_grad():
+            assert torch.equal(again.qmodel(_x()), expected), f"resumed after {resumed}"
+    assert _run(model, folder).resumed_from == "correct"
+
+
+def test_changed_settings_rerun_only_the_later_stages(tmp_path):
+    model = TINY_MODELS["vit"]()
+    folder = str(tmp_path / "stages")
+    _run(model, folder)
+    changed = _run(model, folder, recon=ReconConfig(iterations=4))
+    assert changed.resumed_from == "calib" and changed.recon
+    other_model = TINY_MODELS["vit"](depth=1)
+    assert _run(other_model, folder).resumed_from is None, "another model's stage files are not reused"
+
+
+def test_a_damaged_stage_file_is_refused(tmp_path):
+    model = TINY_MODELS["vit"]()
+    folder = str(tmp_path / "stages")
+    _run(model, folder, recon=None, correction=None)
+    path = os.path.join(folder, STAGE_FILES["calib"])
+    data = bytearray(open(path, "rb").read())
+    data[-10] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(ArtifactError, match="corrupted"):
+        _run(model, folder, recon=None, correction=None)
+
+
+def test_stage_configs_are_type_checked():
+    with pytest.raises(DFQViTError, match="recon must be"):
+        dfqvit.compile(TINY_MODELS["vit"](), bits=4, calib="gaussian", recon={"iterations": 3}, progress=False)
+
+
+@pytest.mark.skipif("spdfq" not in available_methods(), reason="the spdfq synthesis method is not registered yet")
+def test_default_pipeline_runs_spdfq(tmp_path):
+    from dfqvit.config import SynthConfig
+    qmodel = dfqvit.compile(TINY_MODELS["vit"](), bits=4, synth=SynthConfig(iterations=2), recon=FAST_RECON,
+                            stages_dir=str(tmp_path), progress=False)
+    assert os.path.exists(tmp_path / STAGE_FILES["synth"])
+    with torch.no_grad():
+        assert torch.isfinite(qmodel(_x())).all()
+
+
+# CPU-sized settings for the CIFAR comparison (see README "Calibration, reconstruction and artifacts").
+CIFAR_SYNTH_ITERATIONS = 50
+CIFAR_RECON = ReconConfig(iterations=20)
+CIFAR_EVAL_IMAGES = 1000
+
+
+@pytest.mark.skipif("spdfq" not in available_methods(), reason="the spdfq synthesis method is not registered yet")
+def test_cifar_w4a4_spdfq_beats_gaussian():
+    from dfqvit.config import SynthConfig
+    from dfqvit.data import load_images
+    from dfqvit.evaluate import evaluate
+
+    model, norm = load_cifar_model()
+    if not CIFAR_TEST.exists():
+        pytest.skip("CIFAR-10 test images not found")
+    test = load_images(str(CIFAR_TEST), (32, 32), *norm, limit=CIFAR_EVAL_IMAGES)
+    top1 = {}
+    for method in ("gaussian", "spdfq"):
+        qmodel = dfqvit.compile(model, bits=4, calib=method, normalization=norm, seed=0, progress=False,
+                                synth=SynthConfig(iterations=CIFAR_SYNTH_ITERATIONS), recon=CIFAR_RECON)
+        top1[method] = evaluate(qmodel, test, progress=False).top1
+    print(f"W4A4 top-1 on {CIFAR_EVAL_IMAGES} CIFAR-10 test images: {top1}")
+    assert top1["spdfq"] > top1["gaussian"]

@@ -1,0 +1,87 @@
+"""Two-stage block reconstruction: it lowers every block's output error versus calibration alone, trains
+only the current block, and leaves LayerNorm and every scale / zero point frozen."""
+import copy
+
+import pytest
+import torch
+
+from conftest import TINY_MODELS
+from dfqvit.calib import calibrate_blockwise, reconstruct
+from dfqvit.calib.recon import learnable_parameters, train_unit
+from dfqvit.calib.walk import float_unit_io, model_units, unit_input
+from dfqvit.config import QuantConfig, ReconConfig
+from dfqvit.errors import CalibrationError
+from dfqvit.models import adapt
+
+# The paper's lr (4e-5) with few iterations keeps the test fast.
+TEST_RECON = ReconConfig(iterations=15)
+
+
+def _images(n=32, seed=0):
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def block_errors(qmodel, reference, images):
+    """Per block: mean squared error between the quantized model's block output (quantized inputs) and
+    the FP model's block output."""
+    errors = {}
+    for unit in model_units(qmodel):
+        if not unit.is_block:
+            continue
+        _, target = float_unit_io(reference, unit, images)
+        with torch.no_grad(), qmodel.quant_state(True, True):
+            out = unit_input(qmodel, unit, images).run(unit.module(qmodel))
+        errors[unit.name] = float((out - target).pow(2).mean())
+    return errors
+
+
+@pytest.mark.parametrize("name", ["vit", "deit_distilled"])
+def test_reconstruction_lowers_every_block_error(name):
+    model, images = TINY_MODELS[name](), _images()
+    calibrated = calibrate_blockwise(adapt(model, QuantConfig(4, 4)), images, progress=False)
+    reference = copy.deepcopy(calibrated)
+    before = block_errors(calibrated, reference, images)
+    reports = reconstruct(calibrated, images, TEST_RECON, reference=reference, progress=False)
+    after = block_errors(calibrated, reference, images)
+    print({k: f"{before[k]:.3g} -> {after[k]:.3g}" for k in before})
+    assert all(after[k] < before[k] for k in before), (before, after)
+    assert {r.stage for r in reports} == {1, 2} and all(r.after < r.before for r in reports)
+
+
+def test_only_the_current_block_learns_and_lnorm_and_scales_stay_frozen():
+    model, images = TINY_MODELS["swin"](), _images(8)
+    qmodel = calibrate_blockwise(adapt(model, QuantConfig(4, 4)), images, progress=False)
+    unit = model_units(qmodel)[0]
+    block = unit.module(qmodel)
+    learned = {id(p) for p in learnable_parameters(block)}
+    assert any(p.shape[-1] == 2 and p.dim() == 2 for p in learnable_parameters(block)), \
+        "Swin's relative-position bias table is learned"
+    before = {k: v.clone() for k, v in qmodel.state_dict().items()}
+    inputs, target = float_unit_io(copy.deepcopy(qmodel), unit, images)
+    with qmodel.quant_state(True, True):
+        train_unit(block, inputs, target, TEST_RECON, torch.Generator().manual_seed(0))
+    changed = {k for k, v in qmodel.state_dict().items() if not torch.equal(v, before[k])}
+    params = dict(qmodel.named_parameters())
+    assert changed, "the block's weights moved"
+    assert all(k in params and id(params[k]) in learned for k in changed), sorted(changed)
+    assert all(not p.requires_grad for p in qmodel.parameters())
+
+
+def test_batch_larger_than_the_image_count_is_clipped():
+    model, images = TINY_MODELS["vit"](), _images(4)
+    qmodel = calibrate_blockwise(adapt(model, QuantConfig(8, 8)), images, progress=False)
+    reports = reconstruct(qmodel, images, ReconConfig(iterations=2, batch_size=64), progress=False)
+    assert len(reports) == 2 * 3  # 2 blocks + head, two stages
+
+
+def test_weight_only_skips_stage_one():
+    model, images = TINY_MODELS["vit"](), _images(8)
+    qmodel = calibrate_blockwise(adapt(model, QuantConfig(4, 16)), images, progress=False)
+    reports = reconstruct(qmodel, images, ReconConfig(iterations=2), progress=False)
+    assert {r.stage for r in reports} == {2}
+
+
+@pytest.mark.parametrize("bad", [dict(iterations=-1), dict(lr=0), dict(batch_size=0), dict(betas=(0.9, 1.0))])
+def test_recon_config_validation(bad):
+    with pytest.raises(CalibrationError, match="invalid ReconConfig"):
+        ReconConfig(**bad)
