@@ -243,10 +243,20 @@ def test_bad_arguments():
         synthesize("psaq", qmodel, num_images=2, config={"iterations": 3})
 
 
+@pytest.mark.parametrize("method", ["psaq", "spdfq", "dfqvit"])
+def test_compile_selects_methods_by_name(method):
+    """dfqvit.compile(calib=name) synthesizes with the method (reconstruction off to stay fast)."""
+    qmodel = dfqvit.compile(TINY_MODELS["vit"](), bits=8, calib=method, synth=SynthConfig(iterations=2),
+                            normalization=NORM, recon=None, correction=None, progress=False)
+    with torch.no_grad():
+        assert torch.isfinite(qmodel(torch.randn(2, 3, 32, 32))).all()
+
+
 def test_compile_accepts_a_synthetic_set():
     model = TINY_MODELS["vit"]()
     images = synthesize("spdfq", dfqvit.adapt(model, normalization=NORM), num_images=4, config=FAST, progress=False)
-    qmodel = dfqvit.compile(model, bits=8, calib=images, normalization=NORM, progress=False)
+    qmodel = dfqvit.compile(model, bits=8, calib=images, normalization=NORM, recon=None, correction=None,
+                            progress=False)
     with torch.no_grad():
         assert torch.isfinite(qmodel(images.images)).all()
 
