@@ -8,6 +8,7 @@ Both take int8 activation codes with their ``ActGrid`` and a ``PackedLinear``; n
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -16,7 +17,7 @@ from dfqvit.errors import DFQViTError, MissingGPUError
 from dfqvit.kernels import (attention_linear_triton, attention_log2_triton, layernorm_quant_triton,
                             qgemm_triton, qgemm_w16_triton, reference)
 from dfqvit.kernels._common import kernel_is_interpreted
-from dfqvit.kernels.qgemm import _qgemm_kernel
+from dfqvit.kernels.qgemm import INTERPRETER_CONFIG, _qgemm_kernel
 
 from .pack import ActGrid, PackedLinear, SoftmaxGrid
 
@@ -59,13 +60,14 @@ class TritonKernels(TorchKernels):
         g = layer.act
         return qgemm_triton(a, g.scale, g.zero, layer.data, layer.w_scale, layer.w_zero, layer.w_col_sums,
                             layer.bias, residual, layer.layout.storage_bits, layer.k, layer.group_k, gelu,
-                            *_out_args(out, out_dtype))
+                            *_out_args(out, out_dtype), config=_interpreter_config(a, layer))
 
     def gemm_w16(self, x, layer: PackedLinear, residual, gelu: bool, out_dtype):
         # The weight-only kernel takes fp16/bf16 activations (exact W - w_zero in fp16, fp32 accumulate).
         x = x if x.dtype in (torch.float16, torch.bfloat16) else x.half()
         return qgemm_w16_triton(x, layer.data, layer.w_scale, layer.w_zero, layer.bias, residual,
-                                layer.layout.storage_bits, layer.k, layer.group_k, gelu, out_dtype)
+                                layer.layout.storage_bits, layer.k, layer.group_k, gelu, out_dtype,
+                                config=_interpreter_config(x, layer))
 
     def attention(self, q, k, v, grids, sm_scale: float, bias, mask, p: SoftmaxGrid, out_dtype):
         qg, kg, vg = grids
@@ -73,6 +75,14 @@ class TritonKernels(TorchKernels):
         if p.log2:
             return attention_log2_triton(*args, p.param, p.bits, out_dtype)
         return attention_linear_triton(*args, p.param, p.zero, p.bits, out_dtype)
+
+
+def _interpreter_config(a: torch.Tensor, layer: PackedLinear):
+    """None on CUDA (autotune). Interpreted on CPU: the small default tiles, with BLOCK_K covering a whole
+    packing group (int3 packs 128 K positions per group, more than the default BLOCK_K of 64)."""
+    if a.device.type == "cuda":
+        return None
+    return dataclasses.replace(INTERPRETER_CONFIG, block_k=max(INTERPRETER_CONFIG.block_k, layer.group_k))
 
 
 def _out_args(out: Optional[ActGrid], out_dtype):

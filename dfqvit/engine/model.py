@@ -188,7 +188,7 @@ class QuantizedViT(nn.Module):
 
     def check_images(self, images: torch.Tensor) -> None:
         if isinstance(images, torch.Tensor) and images.device != self.device:
-            raise InputShapeError(f"images are on {images.device} but the engine is on {self.device}; move them "
+            raise InputShapeError(f"images are on device {images.device} but the engine is on {self.device}; move them "
                                   f"with images.to('{self.device}')")
         if self.check_inputs:
             validate_images(images, self.input_spec, "images")

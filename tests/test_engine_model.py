@@ -1,0 +1,151 @@
+"""Engine vs the fake-quant model of the same calibration (and vs fp32), on tiny ViT / DeiT / Swin.
+
+The engine and the fake model share every integer code by construction; their logits differ only by
+float summation order (integer GEMM epilogue vs F.linear on dequantized values), which can move an
+activation that sits on a rounding boundary by one level. At 8-bit and weight-only that keeps logits
+within cosine 0.999; at A4 one level is 1/16 of the range, so the floor there is stated separately.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dfqvit
+from dfqvit.engine import QuantizedViT, build_engine
+from dfqvit.engine.pack import PackedLinear
+from dfqvit.errors import DFQViTError, InputShapeError
+
+from conftest import TINY_MODELS, cosine
+
+IMAGES = 16
+_CACHE = {}
+
+
+def calibrated(name: str, bits):
+    """(float model, fake-quant model) for a tiny model, calibrated once per test session (no recon)."""
+    key = (name, bits)
+    if key not in _CACHE:
+        model = TINY_MODELS[name]() if name in TINY_MODELS else SMALL_MODELS[name]()
+        torch.manual_seed(1)
+        size = model.patch_embed.img_size
+        qmodel = dfqvit.compile(model, bits=bits, calib=torch.randn(4, 3, *size), recon=None, correction=None,
+                                progress=False)
+        _CACHE[key] = (model, qmodel)
+    return _CACHE[key]
+
+
+def images(n: int = IMAGES, size: int = 32) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(7))
+
+
+def small_swin():
+    """8x8 tokens, window 4: stage 1 has 4 windows and a shifted block with a mask; stage 2 one window."""
+    from timm.models.swin_transformer import SwinTransformer
+    torch.manual_seed(0)
+    return SwinTransformer(img_size=16, patch_size=2, window_size=4, embed_dim=16, depths=(2, 1),
+                           num_heads=(2, 2), num_classes=10).eval()
+
+
+# The smallest shapes for the interpreted Triton path (the interpreter runs kernels in numpy).
+SMALL_MODELS = {"vit_depth1": lambda: TINY_MODELS["vit"](depth=1), "swin_small": small_swin}
+
+
+def logits(module, x):
+    with torch.no_grad():
+        return module(x).float()
+
+
+def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.argmax(-1) == b.argmax(-1)).float().mean())
+
+
+CASES = [(name, bits) for name in sorted(TINY_MODELS) for bits in ((8, 8), (4, 8))] + [("vit", (3, 16)),
+                                                                                       ("swin", (3, 16))]
+
+
+@pytest.mark.parametrize("name,bits", CASES, ids=[f"{n}-W{w}A{a}" for n, (w, a) in CASES])
+def test_torch_engine_matches_fake_quant(name, bits):
+    _, qmodel = calibrated(name, bits)
+    engine = build_engine(qmodel, backend="torch")
+    x = images()
+    fake, real = logits(qmodel, x), logits(engine, x)
+    assert cosine(fake, real) >= 0.999
+    assert agreement(fake, real) >= 0.99
+
+
+@pytest.mark.parametrize("name", ["vit", "swin"])
+def test_torch_engine_w4a4_close_to_fake_quant(name):
+    _, qmodel = calibrated(name, (4, 4))
+    fake, real = logits(qmodel, images()), logits(build_engine(qmodel, backend="torch"), images())
+    # A4: a boundary flip moves an activation by 1/16 of its range (see the module docstring).
+    assert cosine(fake, real) >= 0.97
+
+
+@pytest.mark.parametrize("name", sorted(TINY_MODELS))
+def test_w8a8_engine_close_to_fp32(name):
+    model, qmodel = calibrated(name, (8, 8))
+    assert cosine(logits(model, images()), logits(build_engine(qmodel, backend="torch"), images())) >= 0.99
+
+
+@pytest.mark.parametrize("name,bits", [("vit_depth1", (4, 8)), ("swin_small", (4, 8)), ("vit_depth1", (3, 16))])
+def test_triton_engine_matches_fake_quant(name, bits):
+    """The Triton kernels (interpreted on CPU in CI) inside the whole model."""
+    model, qmodel = calibrated(name, bits)
+    engine = build_engine(qmodel, backend="triton")
+    assert engine.backend == "triton" and "backend=triton" in repr(engine)
+    x = images(2, model.patch_embed.img_size[0])
+    fake, real = logits(qmodel, x), logits(engine, x)
+    assert cosine(fake, real) >= 0.999
+    assert agreement(fake, real) >= 0.99
+
+
+def test_auto_backend_on_cpu_is_torch_and_fake_returns_the_fake_model():
+    _, qmodel = calibrated("vit", (8, 8))
+    engine = build_engine(qmodel)
+    assert isinstance(engine, QuantizedViT) and engine.backend == "torch"
+    assert "backend=torch" in repr(engine) and "W8A8" in repr(engine)
+    assert build_engine(qmodel, backend="fake") is qmodel
+    with pytest.raises(DFQViTError, match="backend"):
+        build_engine(qmodel, backend="cuda")
+
+
+def test_packed_int4_weight_bytes():
+    """K/2 bytes of codes per output row (K padded to the 64-wide packing group) plus 12 bytes of scale, zero
+    point and column sum: ~0.26x of fp16 at ViT-B's K = 768..3072; float layers count at their size."""
+    _, qmodel = calibrated("vit", (4, 8))
+    engine = build_engine(qmodel, backend="torch")
+    packed = [m for m in engine.modules() if isinstance(m, PackedLinear)]
+    assert packed and all(m.weight_nbytes() == m.n * (-(-m.k // 64) * 32 + 12) for m in packed)
+    float_proj = engine.trunk.patch_embed.float_proj.weight
+    assert engine.weight_nbytes() == sum(m.weight_nbytes() for m in packed) + float_proj.numel() * 4
+
+
+def test_engine_rejects_bad_inputs():
+    _, qmodel = calibrated("vit", (8, 8))
+    engine = build_engine(qmodel, backend="torch")
+    with pytest.raises(InputShapeError):
+        engine(torch.randn(2, 3, 48, 48))
+    with pytest.raises(InputShapeError):
+        engine(torch.randn(3, 32, 32))
+    with pytest.raises(InputShapeError, match="device"):
+        engine(torch.randn(2, 3, 32, 32, device="meta"))
+
+
+def test_full_correction_and_layer_scale_are_applied():
+    """Branch ends that cannot be fused into the GEMM (a ``full`` activation correction, LayerScale)."""
+    model = TINY_MODELS["vit"](init_values=0.5)
+    torch.manual_seed(1)
+    qmodel = dfqvit.compile(model, bits=(8, 8), calib=torch.randn(8, 3, 32, 32), recon=None,
+                            correction=dfqvit.CorrectionConfig(form="full"), progress=False)
+    engine = build_engine(qmodel, backend="torch")
+    assert engine.trunk.blocks[0].attn_end.matrix is not None and engine.trunk.blocks[0].attn_end.gamma is not None
+    assert cosine(logits(qmodel, images()), logits(engine, images())) >= 0.999
+
+
+def test_engine_from_saved_artifact(tmp_path):
+    _, qmodel = calibrated("swin", (4, 8))
+    path = tmp_path / "swin_w4a8.safetensors"
+    dfqvit.save(qmodel, str(path))
+    from_file = build_engine(str(path), backend="torch", model=TINY_MODELS["swin"]())
+    x = images(4)
+    torch.testing.assert_close(logits(from_file, x), logits(build_engine(qmodel, backend="torch"), x))
