@@ -88,6 +88,7 @@ CIFAR_RECON = ReconConfig(iterations=20)
 CIFAR_EVAL_IMAGES = 1000
 
 
+@pytest.mark.slow  # about 2 minutes on 2 idle CPU cores
 @pytest.mark.skipif("spdfq" not in available_methods(), reason="the spdfq synthesis method is not registered yet")
 def test_cifar_w4a4_spdfq_beats_gaussian():
     from dfqvit.config import SynthConfig

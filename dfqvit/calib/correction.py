@@ -21,6 +21,7 @@ and the explicit op sit.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import List, Optional, Tuple
 
@@ -191,8 +192,6 @@ def correct_activations(qmodel: QuantizedModel, images: torch.Tensor, config: Op
     ``reference`` runs as the FP model (every quantizer off); default: a copy of ``qmodel`` taken now,
     correct only while ``qmodel`` still holds the FP weights (i.e. without reconstruction before).
     """
-    import copy
-
     config = config or CorrectionConfig()
     qmodel.eval()
     reference = copy.deepcopy(qmodel) if reference is None else reference

@@ -6,7 +6,6 @@ the same folder resumes after the last stage whose saved result matches the call
 from __future__ import annotations
 
 import dataclasses
-import logging
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -21,8 +20,6 @@ from .correction import BlockGap, correct_activations
 from .data import calibration_images
 from .recon import UnitReport, reconstruct
 from .stages import StageStore, fingerprint, model_fingerprint
-
-log = logging.getLogger("dfqvit")
 
 Normalization = Optional[Tuple[Sequence[float], Sequence[float]]]
 

@@ -16,6 +16,7 @@ same quantization grid as I&S; only the weights are trained in the folded parame
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Dict, List, Optional
 
@@ -124,8 +125,6 @@ def reconstruct(qmodel: QuantizedModel, images: torch.Tensor, config: Optional[R
     the same architecture; it runs with every quantizer off). Default: a copy of ``qmodel`` taken now,
     which is the FP model as long as ``qmodel``'s weights have not been trained yet.
     """
-    import copy
-
     config = config or ReconConfig()
     qmodel.eval()
     reference = copy.deepcopy(qmodel) if reference is None else reference
