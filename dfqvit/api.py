@@ -64,7 +64,8 @@ def compile(
     recon: Optional[ReconConfig] = ReconConfig(),
     correction: Optional[CorrectionConfig] = CorrectionConfig(),
     stages_dir: Optional[str] = None,
-) -> QuantizedModel:
+    backend: str = "fake",
+):
     """Quantize a trained timm ViT / DeiT / Swin and return the calibrated fake-quant model.
 
     With no other argument than ``bits`` this runs the whole data-free pipeline: SPDFQ synthesis of 32
@@ -89,16 +90,36 @@ def compile(
         correction: ``CorrectionConfig`` of the activation correction, or None to skip it.
         stages_dir: folder where each stage's result is saved; a later call with the same folder resumes
             after the last stage whose saved result was made with the same settings.
+        backend: "fake" (default) returns the fake-quant ``QuantizedModel`` (float math on quantized
+            values; trainable, inspectable); "auto" returns the integer engine ``QuantizedViT`` for the
+            device (Triton kernels on CUDA, the PyTorch reference ops on CPU); "triton" / "torch" force one.
     """
     config = _resolve_config(bits, config)
     device = _resolve_device(device)
+    _check_backend(backend)
     _check_type("calibration", calibration, CalibConfig, optional=False)
     _check_type("recon", recon, ReconConfig)
     _check_type("correction", correction, CorrectionConfig)
     result = run_pipeline(model, config, calib, normalization=normalization, seed=seed, device=device,
                           progress=progress, synth=synth, calibration=calibration, recon=recon,
                           correction=correction, stages_dir=stages_dir)
-    return result.qmodel
+    return _on_backend(result.qmodel, backend)
+
+
+def _check_backend(backend: str) -> None:
+    from .engine.backends import BACKENDS  # imports the kernels (and triton) only when asked
+
+    if backend not in BACKENDS:
+        raise DFQViTError(f"backend={backend!r}; allowed: {', '.join(repr(b) for b in BACKENDS)} "
+                          f"('fake' = fake-quant model, 'auto' = integer engine for the device)")
+
+
+def _on_backend(qmodel: QuantizedModel, backend: str):
+    if backend == "fake":
+        return qmodel
+    from .engine import build_engine
+
+    return build_engine(qmodel, backend)
 
 
 def save(qmodel: QuantizedModel, path: str) -> None:
@@ -112,16 +133,19 @@ def save(qmodel: QuantizedModel, path: str) -> None:
     save_artifact(qmodel, path)
 
 
-def load(path: str, model: Optional[nn.Module] = None, device=None) -> QuantizedModel:
+def load(path: str, model: Optional[nn.Module] = None, device=None, backend: str = "fake"):
     """Read a ``QuantArtifact`` back into a QuantizedModel with bit-identical outputs.
 
     ``model``: a float model of the same architecture to use as the skeleton, needed only when the
     artifact does not record the model's constructor arguments. A truncated, corrupted or
-    version-mismatched file raises ``dfqvit.ArtifactError``.
+    version-mismatched file raises ``dfqvit.ArtifactError``. ``backend``: as in ``compile`` ("auto" gives
+    the integer engine).
     """
     from .artifact import load as load_artifact
 
-    return load_artifact(path, model=model, device=_resolve_device(device) if device is not None else None)
+    _check_backend(backend)
+    qmodel = load_artifact(path, model=model, device=_resolve_device(device) if device is not None else None)
+    return _on_backend(qmodel, backend)
 
 
 def with_config(qconfig: QuantConfig, **changes) -> QuantConfig:

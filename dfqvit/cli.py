@@ -19,8 +19,8 @@ def _bits(text: str):
     return parts[0] if len(parts) == 1 else tuple(parts)
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True,
+def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--model", required=required,
                    help="reference-model JSON (e.g. ../shared/models/vit_mini_c10.json) or a timm model name")
     p.add_argument("--checkpoint", help="state dict (.safetensors/.pth) for a timm model name")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -35,6 +35,13 @@ def _add_quant_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--calib-images", type=int, default=32, help="number of calibration images (paper: 32)")
     p.add_argument("--softmax", choices=["log2", "uniform"], default="log2", help="attention-probability quantizer")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--synth-iters", type=int, default=None,
+                   help="Adam steps of the data-free synthesis (paper: 1000; 50-200 is enough on a CPU)")
+    p.add_argument("--recon-iters", type=int, default=100,
+                   help="block-reconstruction steps per block and stage (paper: 100); 0 skips reconstruction")
+    p.add_argument("--correction", choices=["diag", "full", "none"], default="diag",
+                   help="DFQ-ViT activation correction: diag folds into weights (free), full adds a CxC op")
+    p.add_argument("--stages-dir", help="save each pipeline stage here and resume from it on the next run")
 
 
 def _calibration_source(args, spec):
@@ -59,7 +66,23 @@ def _quantize(model, norm, args, progress=True):
                          calib_images=args.calib_images)
     calib = _calibration_source(args, adapt(model, config, normalization=norm).input_spec)
     return dfq_compile(model, None, calib, config=config, normalization=norm, seed=args.seed,
-                       device=args.device, progress=progress)
+                       device=args.device, progress=progress, **_pipeline_configs(args))
+
+
+def _pipeline_configs(args) -> dict:
+    """SynthConfig / ReconConfig / CorrectionConfig from the command-line flags."""
+    from .config import CorrectionConfig, ReconConfig, SynthConfig
+
+    if args.recon_iters < 0:
+        raise DFQViTError(f"--recon-iters must be >= 0 (0 skips reconstruction), got {args.recon_iters}")
+    configs = {"recon": ReconConfig(iterations=args.recon_iters) if args.recon_iters else None,
+               "correction": None if args.correction == "none" else CorrectionConfig(form=args.correction),
+               "stages_dir": args.stages_dir}
+    if args.synth_iters is not None:
+        if args.synth_iters < 1:
+            raise DFQViTError(f"--synth-iters must be >= 1, got {args.synth_iters}")
+        configs["synth"] = SynthConfig(iterations=args.synth_iters)
+    return configs
 
 
 def cmd_quantize(args) -> int:
@@ -72,9 +95,15 @@ def cmd_quantize(args) -> int:
     seconds = time.perf_counter() - start
     report = {"model": args.model, "bits": [qmodel.config.w_bits, qmodel.config.a_bits],
               "calib": args.calib, "calib_images": args.calib_images, "seed": args.seed,
+              "synth_iters": args.synth_iters, "recon_iters": args.recon_iters, "correction": args.correction,
               "quantize_seconds": round(seconds, 2), "float_layers": list(qmodel.skipped)}
     print(f"quantized {args.model} to W{qmodel.config.w_bits}A{qmodel.config.a_bits} "
           f"with {args.calib} calibration in {seconds:.1f} s (float layers: {', '.join(qmodel.skipped) or 'none'})")
+    if args.out:
+        from .api import save
+        save(qmodel, args.out)
+        report["artifact"] = args.out
+        print(f"wrote {args.out} ({os.path.getsize(args.out) / 2**20:.2f} MiB)")
     if args.eval:
         from .data import load_images
         spec = qmodel.input_spec
@@ -98,6 +127,17 @@ def cmd_eval(args) -> int:
     from .models import adapt
     from .models.loading import load_model
 
+    if args.artifact:
+        from .api import load
+        qmodel = load(args.artifact, device=args.device)
+        spec = qmodel.input_spec
+        data = load_images(args.data, (spec.height, spec.width), spec.mean, spec.std, limit=args.limit)
+        result = evaluate(qmodel, data, args.batch_size, device=args.device)
+        print(f"W{qmodel.config.w_bits}A{qmodel.config.a_bits} ({args.artifact}) top-1: {result.top1:.2f}% "
+              f"on {result.images} images")
+        return 0
+    if not args.model:
+        raise DFQViTError("dfqvit eval needs --model (a model JSON or timm name) or --artifact (a saved model)")
     model, norm = load_model(args.model, args.checkpoint)
     spec = adapt(model, normalization=norm).input_spec
     data = load_images(args.data, (spec.height, spec.width), spec.mean, spec.std, limit=args.limit)
@@ -123,11 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--limit", type=int, help="evaluate on this many images (evenly spread)")
     q.add_argument("--batch-size", type=int, default=128)
     q.add_argument("--report", help="write the results as JSON here")
+    q.add_argument("--out", help="save the quantized model as a QuantArtifact (.safetensors) here")
     q.set_defaults(func=cmd_quantize)
 
     e = sub.add_parser("eval", help="top-1 accuracy of a model (quantized when --bits is given)")
-    _add_model_args(e)
+    _add_model_args(e, required=False)
     _add_quant_args(e, required=False)
+    e.add_argument("--artifact", help="evaluate a model saved by `dfqvit quantize --out` instead of --model")
     e.add_argument("--data", required=True, help="evaluation images (.npz or image folder)")
     e.add_argument("--limit", type=int)
     e.add_argument("--batch-size", type=int, default=128)

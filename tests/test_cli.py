@@ -8,15 +8,34 @@ from dfqvit.cli import main
 def test_quantize_and_eval_on_reference_model(tmp_path, capsys):
     load_cifar_model()  # skips when the reference model is absent
     report = tmp_path / "report.json"
+    artifact = tmp_path / "w4a8.safetensors"
     rc = main(["quantize", "--model", str(CIFAR_MODEL_JSON), "--bits", "4,8", "--calib", "gaussian",
-               "--calib-images", "16", "--eval", str(CIFAR_TEST), "--limit", "100", "--report", str(report)])
+               "--calib-images", "16", "--recon-iters", "0", "--eval", str(CIFAR_TEST), "--limit", "100",
+               "--report", str(report), "--out", str(artifact)])
     assert rc == 0
     data = json.loads(report.read_text())
-    assert data["bits"] == [4, 8] and data["eval_images"] == 100
+    assert data["bits"] == [4, 8] and data["eval_images"] == 100 and data["recon_iters"] == 0
     assert 0 <= data["quant_top1"] <= 100 and data["top1_agreement"] >= 50
     assert "top-1 on 100 images" in capsys.readouterr().out
     rc = main(["eval", "--model", str(CIFAR_MODEL_JSON), "--data", str(CIFAR_TEST), "--limit", "50"])
     assert rc == 0 and "fp32 top-1" in capsys.readouterr().out
+    # the saved artifact rebuilds the JSON-described model by itself and scores what quantize reported
+    rc = main(["eval", "--artifact", str(artifact), "--data", str(CIFAR_TEST), "--limit", "100"])
+    assert rc == 0 and f"top-1: {data['quant_top1']:.2f}%" in capsys.readouterr().out
+
+
+def test_pipeline_flags_reach_compile(tmp_path, capsys):
+    load_cifar_model()
+    report = tmp_path / "report.json"
+    rc = main(["quantize", "--model", str(CIFAR_MODEL_JSON), "--bits", "8", "--calib", "spdfq",
+               "--calib-images", "4", "--synth-iters", "2", "--recon-iters", "1", "--correction", "full",
+               "--stages-dir", str(tmp_path / "stages"), "--report", str(report)])
+    assert rc == 0
+    data = json.loads(report.read_text())
+    assert (data["synth_iters"], data["recon_iters"], data["correction"]) == (2, 1, "full")
+    assert any((tmp_path / "stages").iterdir()), "each stage is saved for resuming"
+    assert main(["quantize", "--model", str(CIFAR_MODEL_JSON), "--recon-iters", "-1"]) == 2
+    assert "--recon-iters" in capsys.readouterr().err
 
 
 def test_errors_are_reported_not_raised(tmp_path, capsys):
@@ -24,3 +43,5 @@ def test_errors_are_reported_not_raised(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["quantize", "--model", "vit_tiny_patch16_224", "--bits", "2"]) == 2
     assert "allowed" in capsys.readouterr().err
+    assert main(["eval", "--data", "x.npz"]) == 2
+    assert "--model" in capsys.readouterr().err

@@ -51,6 +51,8 @@ def load_model(spec: str, checkpoint: Optional[str] = None) -> Tuple[nn.Module, 
         for path in files:
             state.update(_load_state_dict(path))
         model.load_state_dict(state)
+        from dfqvit.artifact import set_build_info  # so a saved artifact can rebuild this model
+        set_build_info(model, meta["kwargs"])
         norm = (tuple(meta["mean"]), tuple(meta["std"])) if "mean" in meta and "std" in meta else None
         return model.eval(), norm
     import timm
