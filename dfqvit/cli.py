@@ -29,9 +29,9 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 def _add_quant_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--bits", type=_bits, required=required, default=None,
                    help="4 (= W4A4) or w,a such as 4,8; activation bits 16 = weight-only")
-    p.add_argument("--calib", default="gaussian",
-                   help="data-free method name (gaussian, ...), an .npz / image folder of real images, "
-                        "or a saved SyntheticSet (.safetensors)")
+    p.add_argument("--calib", default="spdfq",
+                   help="data-free method name (spdfq = the default, as in dfqvit.compile; psaq, dfqvit, "
+                        "gaussian), an .npz / image folder of real images, or a saved SyntheticSet (.safetensors)")
     p.add_argument("--calib-images", type=int, default=32, help="number of calibration images (paper: 32)")
     p.add_argument("--softmax", choices=["log2", "uniform"], default="log2", help="attention-probability quantizer")
     p.add_argument("--seed", type=int, default=0)
