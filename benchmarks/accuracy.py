@@ -306,7 +306,8 @@ class GridRunner:
                           result.top1, result.agreement, result.images, round(synth_seconds, 2), reused,
                           round(t1 - t0, 2), round(t2 - t1, 2), round(t2 - start, 2))
 
-    def run(self, cells: Sequence[Cell], log=print) -> List[CellResult]:
+    def run(self, cells: Sequence[Cell], log=print, on_result=None) -> List[CellResult]:
+        """Run ``cells`` in order; ``on_result(results so far)`` is called after each one."""
         from tqdm.auto import tqdm
 
         results = []
@@ -323,6 +324,8 @@ class GridRunner:
                 bar.write(message)
             else:
                 log(message)
+            if on_result is not None:
+                on_result(results)
         return results
 
 
@@ -484,9 +487,9 @@ def plot(report: dict, path: Path) -> None:
         per = summary["main"][source]
         xs = [j + (i - (len(sources) - 1) / 2) * width for j, s in enumerate(settings) if s in per]
         ms = [per[s]["mean"] for s in settings if s in per]
-        errs = [per[s]["std"] or 0.0 for s in settings if s in per]
+        errs = [per[s]["std"] if per[s]["std"] is not None else math.nan for s in settings if s in per]
         values += ms
-        ax.bar(xs, ms, width, yerr=errs if any(errs) else None, capsize=2, label=SOURCE_LABELS[source])
+        ax.bar(xs, ms, width, yerr=errs, capsize=2, label=SOURCE_LABELS[source])
     fp = summary["main"].get("fp32")
     if fp:
         f = next(iter(fp.values()))["mean"]
@@ -502,8 +505,9 @@ def plot(report: dict, path: Path) -> None:
         ax = axes[0][1]
         names = [n for n in ABLATIONS if n in summary["ablation"]]
         ms = [summary["ablation"][n]["mean"] for n in names]
-        errs = [summary["ablation"][n]["std"] or 0.0 for n in names]
-        ax.bar(range(len(names)), ms, yerr=errs if any(errs) else None, capsize=2, color="tab:red")
+        errs = [summary["ablation"][n]["std"] for n in names]
+        ax.bar(range(len(names)), ms, yerr=[math.nan if e is None else e for e in errs], capsize=2,
+               color="tab:red")
         _zoom(ax, ms)
         ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
         ax.set_title(f"SPDFQ ablation, {MULTI_SEED_SETTING}")
@@ -615,49 +619,70 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run(args) -> dict:
-    started = time.perf_counter()
-    grid = build_grid(args)
-    device = resolve_device(args.device)
+def load_inputs(args, grid: Grid):
+    """Check the paths, then load the model, its input spec and normalization, and the images."""
     if not args.model.endswith(".json") and args.checkpoint is None:
         print(f"note: {args.model} has no --checkpoint, so it has random weights; its accuracy means nothing")
     check_path(args.checkpoint, "checkpoint")
     check_path(args.data, "evaluation data")
     if "real" in grid.sources:
         check_path(args.real, "real-image data")
-
     from dfqvit.data import load_images
     from dfqvit.models.loading import load_model
 
     model, norm = load_model(args.model, args.checkpoint)
     spec = dfqvit.adapt(model, QuantConfig(), normalization=norm).input_spec
-    norm = (spec.mean, spec.std)
     eval_set = load_eval_set(args.data, spec, grid.eval_limit)
     real_set = (load_images(args.real, (spec.height, spec.width), spec.mean, spec.std)
                 if "real" in grid.sources else None)
-    runner = GridRunner(model, norm, grid, eval_set, real_set, device, args.batch_size, not args.no_progress)
+    return model, spec, eval_set, real_set
+
+
+def report_header(args, grid: Grid, device: torch.device, spec, eval_set, real_set, fp32) -> dict:
+    """What was run, where and with which versions (written with partial and final results alike)."""
+    return {
+        "benchmark": "accuracy", "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"), "env": environment(device),
+        "grid": grid.to_dict(),
+        "model": {"name": Path(args.model).stem if args.model.endswith(".json") else args.model,
+                  "spec": args.model, "checkpoint": args.checkpoint,
+                  "normalization": [list(spec.mean), list(spec.std)],
+                  "input": [spec.channels, spec.height, spec.width]},
+        "data": {"eval": args.data, "eval_images": len(eval_set), "real": args.real if real_set else None},
+        "fp32": {"top1": fp32.top1, "images": fp32.images},
+    }
+
+
+def run(args) -> dict:
+    started = time.perf_counter()
+    grid = build_grid(args)
+    device = resolve_device(args.device)
+    model, spec, eval_set, real_set = load_inputs(args, grid)
+    runner = GridRunner(model, (spec.mean, spec.std), grid, eval_set, real_set, device, args.batch_size,
+                        not args.no_progress)
     cells = grid_cells(grid)
     print(f"accuracy grid {grid.name}: {len(cells)} runs of {Path(args.model).stem} on {device} "
           f"({len(eval_set)} evaluation images)")
     t0 = time.perf_counter()
     fp32 = runner.evaluate(runner.model)
     print(f"full precision: top-1 {fp32.top1:.2f}% ({time.perf_counter() - t0:.1f} s)")
-    results = runner.run(cells)
+    header = report_header(args, grid, device, spec, eval_set, real_set, fp32)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"accuracy_{grid.name}_{device_tag(device)}_{time.strftime('%Y%m%d_%H%M%S')}"
+    partial = out / f"{stem}.partial.json"  # what is done so far, should a long run be stopped
+
+    def save_partial(done):
+        partial.write_text(json.dumps({**header, "cells_planned": len(cells),
+                                       "cells": [dataclasses.asdict(r) for r in done]}, indent=1))
+
+    results = runner.run(cells, on_result=save_partial)
     summary = aggregate(results, fp32.top1, grid.ablations, grid.ablation_seeds or grid.seeds)
-    report = {
-        "benchmark": "accuracy", "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"), "env": environment(device),
-        "grid": grid.to_dict(),
-        "model": {"name": Path(args.model).stem if args.model.endswith(".json") else args.model,
-                  "spec": args.model, "checkpoint": args.checkpoint, "normalization": [list(norm[0]), list(norm[1])],
-                  "input": [spec.channels, spec.height, spec.width]},
-        "data": {"eval": args.data, "eval_images": len(eval_set), "real": args.real if real_set else None},
-        "fp32": {"top1": fp32.top1, "images": fp32.images},
-        "cells": [dataclasses.asdict(r) for r in results], "summary": summary,
-        "targets": check_targets(summary), "ordering": paper_ordering(summary, grid.to_dict()["settings"]),
-        "seconds_per_source": _seconds_per_source(results),
-    }
-    report["total_seconds"] = round(time.perf_counter() - started, 1)
-    write_reports(report, Path(args.out), device)
+    report = {**header, "cells": [dataclasses.asdict(r) for r in results], "summary": summary,
+              "targets": check_targets(summary), "ordering": paper_ordering(summary, grid.to_dict()["settings"]),
+              "seconds_per_source": _seconds_per_source(results),
+              "total_seconds": round(time.perf_counter() - started, 1)}
+    write_reports(report, out, stem)
+    partial.unlink(missing_ok=True)
     return report
 
 
@@ -669,9 +694,8 @@ def _seconds_per_source(results: Sequence[CellResult]) -> Dict[str, float]:
     return out
 
 
-def write_reports(report: dict, out: Path, device: torch.device) -> Dict[str, Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"accuracy_{report['grid']['name']}_{device_tag(device)}_{time.strftime('%Y%m%d_%H%M%S')}"
+def write_reports(report: dict, out: Path, stem: str) -> Dict[str, Path]:
+    """``<stem>.json``, ``.md`` and ``.png`` in ``out``; prints the markdown and the time per source."""
     paths = {ext: out / f"{stem}.{ext}" for ext in ("json", "md", "png")}
     text = markdown(report)
     paths["json"].write_text(json.dumps(report, indent=1))

@@ -198,6 +198,7 @@ def test_grid_on_tiny_model_writes_json_markdown_png(acc, tiny_files, tmp_path, 
     md = json_path.with_suffix(".md").read_text()
     png = json_path.with_suffix(".png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert not list(tmp_path.glob("*.partial.json"))  # removed once the reports are written
 
     grid = report["grid"]
     assert grid["settings"] == ["W4A4", "W8A8", "W3A16"] and grid["seeds"] == [0, 1]
