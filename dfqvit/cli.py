@@ -129,12 +129,12 @@ def cmd_eval(args) -> int:
 
     if args.artifact:
         from .api import load
-        qmodel = load(args.artifact, device=args.device)
+        qmodel = load(args.artifact, device=args.device, backend=args.backend)
         spec = qmodel.input_spec
         data = load_images(args.data, (spec.height, spec.width), spec.mean, spec.std, limit=args.limit)
         result = evaluate(qmodel, data, args.batch_size, device=args.device)
-        print(f"W{qmodel.config.w_bits}A{qmodel.config.a_bits} ({args.artifact}) top-1: {result.top1:.2f}% "
-              f"on {result.images} images")
+        print(f"W{qmodel.config.w_bits}A{qmodel.config.a_bits} ({args.artifact}, backend {args.backend}) top-1: "
+              f"{result.top1:.2f}% on {result.images} images")
         return 0
     if not args.model:
         raise DFQViTError("dfqvit eval needs --model (a model JSON or timm name) or --artifact (a saved model)")
@@ -170,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(e, required=False)
     _add_quant_args(e, required=False)
     e.add_argument("--artifact", help="evaluate a model saved by `dfqvit quantize --out` instead of --model")
+    e.add_argument("--backend", default="fake", choices=["fake", "auto", "torch", "triton"],
+                   help="with --artifact: fake-quant model (fake) or the integer engine (auto / torch / triton)")
     e.add_argument("--data", required=True, help="evaluation images (.npz or image folder)")
     e.add_argument("--limit", type=int)
     e.add_argument("--batch-size", type=int, default=128)

@@ -55,6 +55,16 @@ def log2_dequantize(codes: torch.Tensor, delta, bits: int) -> torch.Tensor:
 LOG2E = 1.4426950408889634  # same constant as the kernels (kernels/_common.py)
 
 
+def exact_int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` of integer-valued tensors, exact, as int64. PyTorch's integer matmul on the CPU does not
+    use BLAS and is ~50x slower, so this runs in float64: every product and partial sum of codes below
+    2^8 is an integer far below 2^53 (|sum| <= 255 * 255 * K), so any summation order is exact."""
+    k = a.shape[-1]
+    if 255 * 255 * k >= 2 ** 53:  # never for real layers; keep the int64 path as the safe fallback
+        return a.to(torch.int64) @ b.to(torch.int64)
+    return (a.to(torch.float64) @ b.to(torch.float64)).to(torch.int64)
+
+
 # --- packing ---------------------------------------------------------------------------------------
 
 def packed_row_bytes(k: int, storage_bits: int, group_k: int) -> int:
@@ -151,7 +161,7 @@ def qgemm_accumulator_reference(a: torch.Tensor, a_zero: int, w_codes: torch.Ten
     """Exact ``sum_k (A[m,k] - a_zero) * (W[n,k] - w_zero[n])`` as int32 (M, N); W as unpacked codes."""
     a64 = a.to(torch.int64) - int(a_zero)
     w64 = w_codes.to(torch.int64) - w_zero.to(torch.int64)[:, None]
-    return (a64 @ w64.T).to(torch.int32)
+    return exact_int_matmul(a64, w64.T).to(torch.int32)
 
 
 def gemm_epilogue_reference(acc_fp32: torch.Tensor, row_scale: torch.Tensor, bias, gelu: bool, residual,
@@ -228,7 +238,7 @@ def attention_probs_reference(q: torch.Tensor, k: torch.Tensor, q_scale: float, 
     ``QK^T`` with zero points, times ``fp32(sm_scale * q_scale * k_scale * log2(e))``, plus
     ``bias * log2(e)`` and ``mask * log2(e)``, then ``exp2(t - max t) / sum``."""
     b, h, n, _ = q.shape
-    acc = (q.to(torch.int64) - int(q_zero)) @ (k.to(torch.int64) - int(k_zero)).transpose(-1, -2)
+    acc = exact_int_matmul(q.to(torch.int64) - int(q_zero), (k.to(torch.int64) - int(k_zero)).transpose(-1, -2))
     qk_scale_log2 = torch.tensor(sm_scale * q_scale * k_scale * LOG2E, dtype=torch.float32)
     t = acc.to(torch.float32) * qk_scale_log2
     log2e = torch.tensor(LOG2E, dtype=torch.float32)

@@ -22,6 +22,8 @@ def test_quantize_and_eval_on_reference_model(tmp_path, capsys):
     # the saved artifact rebuilds the JSON-described model by itself and scores what quantize reported
     rc = main(["eval", "--artifact", str(artifact), "--data", str(CIFAR_TEST), "--limit", "100"])
     assert rc == 0 and f"top-1: {data['quant_top1']:.2f}%" in capsys.readouterr().out
+    rc = main(["eval", "--artifact", str(artifact), "--backend", "torch", "--data", str(CIFAR_TEST), "--limit", "100"])
+    assert rc == 0 and "backend torch" in capsys.readouterr().out
 
 
 def test_pipeline_flags_reach_compile(tmp_path, capsys):

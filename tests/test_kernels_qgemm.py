@@ -236,3 +236,19 @@ def test_autotuned_cuda_kernel_at_vit_shapes(bits, m):
 
 
 test_autotuned_cuda_kernel_at_vit_shapes = gpu[0](gpu[1](test_autotuned_cuda_kernel_at_vit_shapes))
+
+
+@pytest.mark.parametrize("k", [1, 67, 3072])
+def test_exact_int_matmul_equals_int64_at_extreme_codes(k):
+    """The float64 fast path of the CPU reference must give the int64 product bit for bit, also when every
+    product is the largest one int8 codes allow (|255 * 255| per term)."""
+    from dfqvit.kernels.reference import exact_int_matmul
+
+    gen = torch.Generator().manual_seed(k)
+    a = torch.randint(-255, 256, (5, k), generator=gen, dtype=torch.int64)
+    b = torch.randint(-255, 256, (k, 7), generator=gen, dtype=torch.int64)
+    a[0], b[:, 0] = 255, 255  # the worst case: every partial sum grows
+    a[1], b[:, 1] = -255, 255
+    got = exact_int_matmul(a, b)
+    assert got.dtype == torch.int64
+    assert torch.equal(got, a @ b)
