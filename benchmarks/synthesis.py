@@ -1,0 +1,89 @@
+"""Wall time of one data-free synthesis run (issue 4's speed figures); prints a table, writes JSON.
+
+Two shapes:
+  cpu-target  DeiT-Tiny-sized ViT at 32x32 (patch 4, dim 192, depth 6, 3 heads, 10 classes),
+              32 images x 200 iterations -- the CPU target is under 10 minutes on 2 cores;
+  deit_s      timm deit_small_patch16_224 at 224 (random weights), 32 images x 1000 iterations
+              (the paper's setting) -- meant for a GPU.
+
+    python benchmarks/synthesis.py [--shape cpu-target|deit_s] [--method spdfq] [--iterations N] [--device cuda]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SHAPES = {
+    "cpu-target": {"iterations": 200, "kwargs": dict(img_size=32, patch_size=4, embed_dim=192, depth=6,
+                                                      num_heads=3, num_classes=10)},
+    "deit_s": {"iterations": 1000, "timm_name": "deit_small_patch16_224"},
+}
+
+
+def build_model(shape: str) -> torch.nn.Module:
+    import timm
+    from timm.models.vision_transformer import VisionTransformer
+
+    spec = SHAPES[shape]
+    if "timm_name" in spec:
+        return timm.create_model(spec["timm_name"], pretrained=False).eval()
+    return VisionTransformer(**spec["kwargs"]).eval()
+
+
+def time_synthesis(shape: str, method: str, iterations: int, num_images: int, device: str) -> dict:
+    import dfqvit
+    from dfqvit.config import SynthConfig
+    from dfqvit.synth import synthesize
+
+    qmodel = dfqvit.adapt(build_model(shape), normalization=((0.5,) * 3, (0.5,) * 3)).to(device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync()
+    wall, cpu = time.perf_counter(), time.process_time()
+    synthesize(method, qmodel, num_images=num_images, seed=0, config=SynthConfig(iterations=iterations))
+    sync()
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return {"shape": shape, "method": method, "images": num_images, "iterations": iterations,
+            "wall_s": round(wall, 1), "process_cpu_s": round(cpu, 1), "s_per_iteration": round(wall / iterations, 3)}
+
+
+def environment(device: str) -> dict:
+    import timm
+
+    return {"device": torch.cuda.get_device_name(0) if device.startswith("cuda") else f"cpu ({platform.processor() or platform.machine()})",
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "timm": timm.__version__,
+            "python": platform.python_version()}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="cpu-target")
+    parser.add_argument("--method", default="spdfq", help="spdfq, psaq, dfqvit or gaussian")
+    parser.add_argument("--iterations", type=int, help="default: 200 (cpu-target) or 1000 (deit_s)")
+    parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda was given but no CUDA device is available; use --device cpu")
+    iterations = args.iterations or SHAPES[args.shape]["iterations"]
+    row = time_synthesis(args.shape, args.method, iterations, args.images, args.device)
+    meta = environment(args.device)
+    print(f"{row['shape']:<11} {row['method']:<7} {row['images']} images x {row['iterations']} iterations on "
+          f"{meta['device']}: {row['wall_s']:.1f} s wall ({row['s_per_iteration']:.3f} s/iteration, "
+          f"{row['process_cpu_s']:.1f} s process CPU)")
+    stamp = time.strftime("%Y%m%d_%H%M%S")
+    out = Path(args.out) / f"synthesis_{args.shape}_{'cuda' if args.device.startswith('cuda') else 'cpu'}_{stamp}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"benchmark": "synthesis", "timestamp": stamp, "env": meta, "result": row}, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
