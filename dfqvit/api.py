@@ -107,7 +107,9 @@ def compile(
 
 
 def _check_backend(backend: str) -> None:
-    from .engine.backends import BACKENDS  # imports the kernels (and triton) only when asked
+    if backend == "fake":  # the default: no need to import the engine, its kernels and triton
+        return
+    from .engine.backends import BACKENDS
 
     if backend not in BACKENDS:
         raise DFQViTError(f"backend={backend!r}; allowed: {', '.join(repr(b) for b in BACKENDS)} "
