@@ -70,3 +70,15 @@ def load_cifar_model():
         pytest.skip(f"reference model not found at {CIFAR_MODEL_JSON}")
     from dfqvit.models.loading import load_model
     return load_model(str(CIFAR_MODEL_JSON))
+
+
+def load_cifar_images(norm, test_images: int = 500):
+    """(32 real calibration images, test dataset, its images stacked) of the shared CIFAR-10 files in the
+    reference model's normalization, or skip the test when the files are absent."""
+    if not (CIFAR_TEST.exists() and CIFAR_TRAIN.exists()):
+        pytest.skip("CIFAR-10 images not found")
+    from dfqvit.data import load_images, stack_images
+
+    calib = stack_images(load_images(str(CIFAR_TRAIN), (32, 32), *norm, limit=32), 32)
+    test = load_images(str(CIFAR_TEST), (32, 32), *norm, limit=test_images)
+    return calib, test, torch.stack([test[i][0] for i in range(len(test))])

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import dfqvit
-from conftest import CIFAR_TEST, CIFAR_TRAIN, TINY_MODELS, cosine, load_cifar_model, sqnr_db
+from conftest import TINY_MODELS, cosine, load_cifar_images, load_cifar_model, sqnr_db
 from dfqvit.errors import (
     CalibrationError,
     CheckpointNotFoundError,
@@ -76,15 +76,10 @@ def test_cifar_reference_model_fidelity():
 
     Reconstruction is left out: on these 32 images it lowers W8A8 fidelity slightly (measured: cosine
     0.9976 -> 0.9963, agreement 96.4% -> 94.8%) and costs minutes; its own tests are in test_calib_*."""
-    from dfqvit.data import load_images, stack_images
     from dfqvit.evaluate import evaluate
 
     model, norm = load_cifar_model()
-    if not (CIFAR_TEST.exists() and CIFAR_TRAIN.exists()):
-        pytest.skip("CIFAR-10 images not found")
-    calib = stack_images(load_images(str(CIFAR_TRAIN), (32, 32), *norm, limit=32), 32)
-    test = load_images(str(CIFAR_TEST), (32, 32), *norm, limit=500)
-    x = torch.stack([test[i][0] for i in range(len(test))])
+    calib, test, x = load_cifar_images(norm)
     results = {}
     for bits in (8, 4):
         qmodel = dfqvit.compile(model, bits=bits, calib=calib, normalization=norm, recon=None, progress=False)

@@ -84,15 +84,10 @@ def test_torch_engine_w4a4_close_to_fake_quant(name):
 def test_torch_engine_w4a4_matches_fake_quant_on_the_trained_cifar_model():
     """On a trained model the A4 boundary flips are rare: the issue's floors (cosine 0.999, agreement 99%)
     hold at W4A4 too (measured on 1,000 images: cosine 0.99984, agreement 99.8%)."""
-    from conftest import CIFAR_TEST, CIFAR_TRAIN, load_cifar_model
-    from dfqvit.data import load_images, stack_images
+    from conftest import load_cifar_images, load_cifar_model
 
     model, norm = load_cifar_model()
-    if not (CIFAR_TEST.exists() and CIFAR_TRAIN.exists()):
-        pytest.skip("CIFAR-10 images not found")
-    calib = stack_images(load_images(str(CIFAR_TRAIN), (32, 32), *norm, limit=32), 32)
-    test = load_images(str(CIFAR_TEST), (32, 32), *norm, limit=500)
-    x = torch.stack([test[i][0] for i in range(len(test))])
+    calib, _, x = load_cifar_images(norm)
     qmodel = dfqvit.compile(model, bits=4, calib=calib, normalization=norm, recon=None, progress=False)
     fake, real = logits(qmodel, x), logits(build_engine(qmodel, backend="torch"), x)
     print(f"W4A4 CIFAR ViT engine vs fake: cosine {cosine(fake, real):.5f}, agreement {agreement(fake, real):.3f}")
