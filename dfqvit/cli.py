@@ -51,8 +51,8 @@ def _calibration_source(args, spec):
     if args.calib.endswith(".safetensors"):
         from .synth import SyntheticSet
         return SyntheticSet.load(args.calib)
-    from .data import load_images, stack_images
-    dataset = load_images(args.calib, (spec.height, spec.width), spec.mean, spec.std, limit=args.calib_images)
+    from .data import stack_images
+    dataset = _images_for(args.calib, spec, args.calib_images)
     return stack_images(dataset, args.calib_images)
 
 
@@ -67,6 +67,13 @@ def _quantize(model, norm, args, progress=True):
     calib = _calibration_source(args, adapt(model, config, normalization=norm).input_spec)
     return dfq_compile(model, None, calib, config=config, normalization=norm, seed=args.seed,
                        device=args.device, progress=progress, **_pipeline_configs(args))
+
+
+def _images_for(path: str, spec, limit: Optional[int]):
+    """Images of an .npz pack or image folder, resized and normalized for a model's input spec."""
+    from .data import load_images
+
+    return load_images(path, (spec.height, spec.width), spec.mean, spec.std, limit=limit)
 
 
 def _pipeline_configs(args) -> dict:
@@ -105,9 +112,7 @@ def cmd_quantize(args) -> int:
         report["artifact"] = args.out
         print(f"wrote {args.out} ({os.path.getsize(args.out) / 2**20:.2f} MiB)")
     if args.eval:
-        from .data import load_images
-        spec = qmodel.input_spec
-        data = load_images(args.eval, (spec.height, spec.width), spec.mean, spec.std, limit=args.limit)
+        data = _images_for(args.eval, qmodel.input_spec, args.limit)
         fp = evaluate(model.to(args.device), data, args.batch_size, device=args.device, desc="eval fp32")
         q = evaluate(qmodel, data, args.batch_size, reference=model, device=args.device, desc="eval quantized")
         report.update(eval_data=args.eval, eval_images=q.images, fp32_top1=round(fp.top1, 2),
@@ -122,7 +127,6 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .data import load_images
     from .evaluate import evaluate
     from .models import adapt
     from .models.loading import load_model
@@ -130,8 +134,7 @@ def cmd_eval(args) -> int:
     if args.artifact:
         from .api import load
         qmodel = load(args.artifact, device=args.device, backend=args.backend)
-        spec = qmodel.input_spec
-        data = load_images(args.data, (spec.height, spec.width), spec.mean, spec.std, limit=args.limit)
+        data = _images_for(args.data, qmodel.input_spec, args.limit)
         result = evaluate(qmodel, data, args.batch_size, device=args.device)
         print(f"W{qmodel.config.w_bits}A{qmodel.config.a_bits} ({args.artifact}, backend {args.backend}) top-1: "
               f"{result.top1:.2f}% on {result.images} images")
@@ -139,8 +142,7 @@ def cmd_eval(args) -> int:
     if not args.model:
         raise DFQViTError("dfqvit eval needs --model (a model JSON or timm name) or --artifact (a saved model)")
     model, norm = load_model(args.model, args.checkpoint)
-    spec = adapt(model, normalization=norm).input_spec
-    data = load_images(args.data, (spec.height, spec.width), spec.mean, spec.std, limit=args.limit)
+    data = _images_for(args.data, adapt(model, normalization=norm).input_spec, args.limit)
     if args.bits is None:
         result = evaluate(model.to(args.device), data, args.batch_size, device=args.device)
         print(f"fp32 top-1: {result.top1:.2f}% on {result.images} images")
