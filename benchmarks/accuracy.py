@@ -23,7 +23,6 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -34,6 +33,7 @@ import torch
 
 import dfqvit
 from dfqvit.config import CorrectionConfig, QuantConfig, ReconConfig, SynthConfig, parse_bits
+from dfqvit.environment import describe_environment
 from dfqvit.errors import CalibrationError, CheckpointNotFoundError, DFQViTError, MissingGPUError
 
 HERE = Path(__file__).resolve().parent
@@ -526,24 +526,6 @@ def _zoom(ax, values: Sequence[float]) -> None:
 # -------------------------------------------------------------------------------------------------- driver
 
 
-def environment(device: torch.device) -> dict:
-    import timm
-
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = f"cpu ({platform.processor() or platform.machine()})"
-    return {"device": name, "device_type": device.type, "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "timm": timm.__version__, "triton": triton_version,
-            "dfqvit": dfqvit.__version__, "python": platform.python_version(), "platform": platform.platform(),
-            "cuda": torch.version.cuda}
-
-
 def device_tag(device: torch.device) -> str:
     if device.type != "cuda":
         return "cpu"
@@ -641,7 +623,7 @@ def load_inputs(args, grid: Grid):
 def report_header(args, grid: Grid, device: torch.device, spec, eval_set, real_set, fp32) -> dict:
     """What was run, where and with which versions (written with partial and final results alike)."""
     return {
-        "benchmark": "accuracy", "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"), "env": environment(device),
+        "benchmark": "accuracy", "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"), "env": describe_environment(device),
         "grid": grid.to_dict(),
         "model": {"name": Path(args.model).stem if args.model.endswith(".json") else args.model,
                   "spec": args.model, "checkpoint": args.checkpoint,

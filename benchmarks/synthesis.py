@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -52,14 +51,6 @@ def time_synthesis(shape: str, method: str, iterations: int, num_images: int, de
             "wall_s": round(wall, 1), "process_cpu_s": round(cpu, 1), "s_per_iteration": round(wall / iterations, 3)}
 
 
-def environment(device: str) -> dict:
-    import timm
-
-    return {"device": torch.cuda.get_device_name(0) if device.startswith("cuda") else f"cpu ({platform.processor() or platform.machine()})",
-            "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "timm": timm.__version__,
-            "python": platform.python_version()}
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="cpu-target")
@@ -73,7 +64,9 @@ def main(argv=None) -> int:
         parser.error("--device cuda was given but no CUDA device is available; use --device cpu")
     iterations = args.iterations or SHAPES[args.shape]["iterations"]
     row = time_synthesis(args.shape, args.method, iterations, args.images, args.device)
-    meta = environment(args.device)
+    from dfqvit.environment import describe_environment
+
+    meta = describe_environment(torch.device(args.device))
     print(f"{row['shape']:<11} {row['method']:<7} {row['images']} images x {row['iterations']} iterations on "
           f"{meta['device']}: {row['wall_s']:.1f} s wall ({row['s_per_iteration']:.3f} s/iteration, "
           f"{row['process_cpu_s']:.1f} s process CPU)")
