@@ -58,9 +58,58 @@ def uniform_quantize(x, scale, zero_point, qmin, qmax):
 
 
 @triton.jit
+def _horner_erf_num(x2):
+    p = x2 * -2.72614225801306e-10 + 2.77068142495902e-08
+    p = p * x2 + -2.10102402082508e-06
+    p = p * x2 + -5.69250639462346e-05
+    p = p * x2 + -7.34990630326855e-04
+    p = p * x2 + -2.95459980854025e-03
+    return p * x2 + -1.60960333262415e-02
+
+
+@triton.jit
+def _horner_erf_den(x2):
+    q = x2 * -1.45660718464996e-05 + -2.13374055278905e-04
+    q = q * x2 + -1.68282697438203e-03
+    q = q * x2 + -7.37332916720468e-03
+    return q * x2 + -1.42647390514189e-02
+
+
+@triton.jit
 def gelu_erf(x):
-    """Exact GELU (``nn.GELU()``): ``x * 0.5 * (1 + erf(x / sqrt(2)))``."""
-    return x * 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
+    """GELU ``x * 0.5 * (1 + erf(x / sqrt(2)))`` with ``portable_math.erf`` (same constants and order;
+    bit-identical under the interpreter, an FMA contraction away on a GPU)."""
+    z = tl.minimum(tl.maximum(x * 0.7071067811865476, -4.0), 4.0)
+    z2 = z * z
+    erf = tl.math.div_rn(z * _horner_erf_num(z2), _horner_erf_den(z2))
+    return x * 0.5 * (1.0 + erf)
+
+
+@triton.jit
+def exp2_nonpositive(d):
+    """``portable_math.exp2``: 2**d for d <= 0 from round(d), a degree-7 polynomial and exponent bits."""
+    n = rint(d)
+    f = d - n
+    p = f * 1.5252733646775596e-05 + 1.540352968731895e-04
+    p = p * f + 1.3333557872101665e-03
+    p = p * f + 9.618128649890423e-03
+    p = p * f + 5.550410971045494e-02
+    p = p * f + 2.4022650718688965e-01
+    p = p * f + 6.931471824645996e-01
+    p = p * f + 1.0
+    two_n = ((tl.maximum(n, -126.0).to(tl.int32) + 127) << 23).to(tl.float32, bitcast=True)
+    return tl.where(d < -126.0, 0.0, p * two_n)
+
+
+@triton.jit
+def round_neg_log2(ratio):
+    """``portable_math.round_neg_log2`` from the fp32 bits (normal and subnormal ratios; 0 -> 2**30)."""
+    tiny = ratio < 1.1754943508222875e-38
+    r = tl.where(tiny, ratio * 18446744073709551616.0, ratio)  # * 2**64: subnormals become normal, exactly
+    bits = r.to(tl.int32, bitcast=True)
+    e = ((bits >> 23) & 0xFF) - 127 - tl.where(tiny, 64, 0)
+    k = -e - tl.where((bits & 0x7FFFFF) >= 0x3504F4, 1, 0)  # mantissa above sqrt(2): round up
+    return tl.where(ratio > 0.0, k, 1 << 30)
 
 
 @triton.jit

@@ -5,7 +5,8 @@ Math (``reference.attention_log2_reference`` / ``attention_linear_reference`` ar
 
     acc  = sum_d (q - q_zero)(k - k_zero)                                exact int32 (row/col sums)
     t    = fp32(acc) * fp32(sm_scale * q_scale * k_scale * log2 e) [+ bias * log2 e] [+ mask * log2 e]
-    p    = exp2(t - max t) / sum exp2(t - max t)                          fp32, IEEE division
+    e    = exp2(t - max t)                     portable_math.exp2: polynomial + exponent bits
+    p    = e / (sum_j trunc(e_j * 2**53) * 2**-53)   row sum in int64 fixed point (order-free), IEEE division
     code = log2_quantize(p, p_delta, p_bits)   or   uniform_quantize(p, p_scale, p_zero, 0, 2**p_bits - 1)
     out  = (sum_j phat_j (v_j - v_zero)) * v_scale
 
@@ -20,10 +21,11 @@ Why it is shaped like this:
   use an IEEE fp32 dot.
 * The zero points enter QK^T through row sums of Q and K (q - q_zero does not fit int8).
 
-Exactness: the P codes equal the reference bit for bit when the kernel runs under the interpreter (same
-fp32 operations); on a GPU ``exp2``/``log2`` are hardware approximations, so a code can move by one
-level where a probability sits on a rounding boundary (the GPU test states the allowed fraction). No
-speed figure has been measured in this session; ``benchmarks/kernels.py`` compares with SDPA fp16.
+Exactness: the P codes equal the reference bit for bit under the interpreter (same fp32 operations, no libm
+call; see ``portable_math``); on a GPU the compiler may contract multiply-adds into FMAs, so a code can move
+by one level where a probability sits on a rounding boundary (the GPU test states the allowed fraction).
+The output's P.V runs on tensor cores in fp32 accumulation (the reference sums exactly in integers), so it
+agrees within fp32 rounding. ``benchmarks/kernels.py`` compares the speed with SDPA fp16.
 """
 from __future__ import annotations
 
@@ -34,8 +36,8 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._common import (LOG2E, check_int_range, check_tensor, exp2_of_negative_int, next_power_of_2,
-                      require_triton_device, rint, uniform_quantize)
+from ._common import (LOG2E, check_int_range, check_tensor, exp2_nonpositive, exp2_of_negative_int, next_power_of_2,
+                      require_triton_device, round_neg_log2, uniform_quantize)
 from .errors import KernelInputError
 
 MAX_SEQ = 256  # one tile per row: longest key sequence the single-pass kernel accepts
@@ -88,15 +90,18 @@ def _attention_kernel(
                        mask=tile_ok, other=0.0)
         t = t + mask * 1.4426950408889634
     t = tl.where(col_ok[None, :], t, float("-inf"))
-    e = tl.exp2(t - tl.max(t, axis=1)[:, None])
-    p = tl.math.div_rn(e, tl.sum(e, axis=1)[:, None])
+    # portable_math: exp2 from a polynomial and exponent bits, row sum in 53-bit fixed point (exact in any
+    # order); padded columns sit below -126 and give 0.
+    d = tl.maximum(t - tl.max(t, axis=1)[:, None], -127.0)
+    e = exp2_nonpositive(d)
+    e_sum = tl.sum((e * 9007199254740992.0).to(tl.int64), axis=1).to(tl.float32) * 1.1102230246251565e-16
+    p = tl.math.div_rn(e, e_sum[:, None])
 
     LEVELS: tl.constexpr = 2 ** P_BITS
     if P_MODE == 0:
         # reference.log2_quantize: clamp the ratio before log2 (p may underflow to 0), round half to even.
         ratio = tl.maximum(tl.math.div_rn(p, p_param), P_RATIO_FLOOR)
-        code = tl.maximum(rint(-tl.log2(ratio)), 0.0)
-        code = tl.where(code >= LEVELS, LEVELS, code)
+        code = tl.minimum(tl.maximum(round_neg_log2(ratio), 0), LEVELS).to(tl.float32)
         p_hat = tl.where(code >= LEVELS, 0.0, exp2_of_negative_int(tl.minimum(code, 126.0)))
     else:
         code = uniform_quantize(p, p_param, p_zero, 0.0, LEVELS - 1.0)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from . import portable_math
+
 
 def uniform_quantize(x: torch.Tensor, scale, zero_point, qmin: int, qmax: int) -> torch.Tensor:
     """SPDFQ eq. 1: ``clamp(round(x / scale) + zero_point, qmin, qmax)``; integral values, x's dtype.
@@ -27,14 +29,14 @@ def log2_quantize(p: torch.Tensor, delta, bits: int) -> torch.Tensor:
 
     Returns exponent codes ``k = clamp(round(-log2(p / delta)), 0)`` as integral values of p's dtype.
     Exponents at or beyond ``2**bits`` cannot be stored; they get the code ``2**bits``, which
-    dequantizes to exactly 0 (an underflowed probability), not to the smallest level.
+    dequantizes to exactly 0 (an underflowed probability), not to the smallest level. The rounding of
+    ``-log2`` is exact (``portable_math.round_neg_log2``: exponent and mantissa, no libm ``log2``).
     """
     levels = 2 ** bits
-    # Clamp before log2: softmax underflows to 0 (log2 -> -inf); any ratio this small lands in the
-    # zero bin anyway.
+    # Clamp the ratio first: softmax underflows to 0; any ratio this small lands in the zero bin anyway.
     ratio = torch.clamp(p / delta, min=2.0 ** -(levels + 2))
-    k = torch.clamp(torch.round(-torch.log2(ratio)), min=0)
-    return torch.where(k >= levels, torch.full_like(k, levels), k)
+    k = torch.clamp(portable_math.round_neg_log2(ratio), min=0, max=levels)
+    return k.to(p.dtype)
 
 
 def log2_dequantize(codes: torch.Tensor, delta, bits: int) -> torch.Tensor:
@@ -55,12 +57,13 @@ def log2_dequantize(codes: torch.Tensor, delta, bits: int) -> torch.Tensor:
 LOG2E = 1.4426950408889634  # same constant as the kernels (kernels/_common.py)
 
 
-def exact_int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` of integer-valued tensors, exact, as int64. PyTorch's integer matmul on the CPU does not
-    use BLAS and is ~50x slower, so this runs in float64: every product and partial sum of codes below
-    2^8 is an integer far below 2^53 (|sum| <= 255 * 255 * K), so any summation order is exact."""
+def exact_int_matmul(a: torch.Tensor, b: torch.Tensor, max_abs_a: int = 255, max_abs_b: int = 255) -> torch.Tensor:
+    """``a @ b`` of integer-valued tensors with ``|a| <= max_abs_a``, ``|b| <= max_abs_b``, exact, as int64.
+    PyTorch's integer matmul on the CPU does not use BLAS and is ~50x slower, so this runs in float64:
+    every product and partial sum is an integer below ``max_abs_a * max_abs_b * K < 2**53``, so any
+    summation order is exact (8-bit codes: far below for every real layer)."""
     k = a.shape[-1]
-    if 255 * 255 * k >= 2 ** 53:  # never for real layers; keep the int64 path as the safe fallback
+    if max_abs_a * max_abs_b * k >= 2 ** 53:  # keep the int64 path as the safe fallback
         return a.to(torch.int64) @ b.to(torch.int64)
     return (a.to(torch.float64) @ b.to(torch.float64)).to(torch.int64)
 
@@ -172,7 +175,7 @@ def gemm_epilogue_reference(acc_fp32: torch.Tensor, row_scale: torch.Tensor, bia
     if bias is not None:
         y = y + bias.to(torch.float32)[None, :]
     if gelu:
-        y = y * 0.5 * (1.0 + torch.erf(y * 0.7071067811865476))
+        y = portable_math.gelu(y)
     if residual is not None:
         y = y + residual.to(torch.float32)
     if out_scale is not None:
@@ -234,9 +237,10 @@ def attention_bias_mask_reference(bias, mask, batch: int, heads: int, seq: int):
 
 def attention_probs_reference(q: torch.Tensor, k: torch.Tensor, q_scale: float, q_zero: int,
                               k_scale: float, k_zero: int, sm_scale: float, bias, mask) -> torch.Tensor:
-    """Softmax probabilities (fp32, B x H x N x N) exactly as the kernel forms them: an exact int32
+    """Softmax probabilities (fp32, B x H x N x N) exactly as the kernels form them: an exact int32
     ``QK^T`` with zero points, times ``fp32(sm_scale * q_scale * k_scale * log2(e))``, plus
-    ``bias * log2(e)`` and ``mask * log2(e)``, then ``exp2(t - max t) / sum``."""
+    ``bias * log2(e)`` and ``mask * log2(e)``, then ``exp2(t - max t) / sum`` with the portable ``exp2``
+    and the order-independent fixed-point row sum of ``portable_math``."""
     b, h, n, _ = q.shape
     acc = exact_int_matmul(q.to(torch.int64) - int(q_zero), (k.to(torch.int64) - int(k_zero)).transpose(-1, -2))
     qk_scale_log2 = torch.tensor(sm_scale * q_scale * k_scale * LOG2E, dtype=torch.float32)
@@ -244,8 +248,8 @@ def attention_probs_reference(q: torch.Tensor, k: torch.Tensor, q_scale: float, 
     log2e = torch.tensor(LOG2E, dtype=torch.float32)
     for term in attention_bias_mask_reference(bias, mask, b, h, n):
         t = t + term * log2e
-    e = torch.exp2(t - t.amax(dim=-1, keepdim=True))
-    return e / e.sum(dim=-1, keepdim=True)
+    e = portable_math.exp2(t - t.amax(dim=-1, keepdim=True))
+    return e / portable_math.row_sum(e)
 
 
 def attention_log2_codes_reference(q, k, q_scale, q_zero, k_scale, k_zero, sm_scale, bias, mask,
@@ -262,32 +266,51 @@ def attention_linear_codes_reference(q, k, q_scale, q_zero, k_scale, k_zero, sm_
     return uniform_quantize(p, float(p_scale), float(p_zero), 0, 2 ** p_bits - 1).to(torch.int16)
 
 
-def _attention_pv(p_hat: torch.Tensor, v: torch.Tensor, v_scale: float, v_zero: int,
+def log2_pv_shift(p_bits: int) -> int:
+    """Fixed-point position S of the exact log2 P.V: level k contributes ``(v - v_zero) << (S - k)``.
+    S = 2**p_bits - 1 (every level) up to 32; codes above 32 (8-bit log2: p < 2**-32 delta) add nothing,
+    which keeps the integer sum below 2**53 (exact in float64 and int64)."""
+    return min(2 ** p_bits - 1, 32)
+
+
+def _attention_pv(weights: torch.Tensor, v: torch.Tensor, v_zero: int, scale: float,
                   out_dtype: torch.dtype) -> torch.Tensor:
-    v_centered = (v.to(torch.int64) - int(v_zero)).to(torch.float32)
-    return ((p_hat @ v_centered) * torch.tensor(v_scale, dtype=torch.float32)).to(out_dtype)
+    """``(sum_j weights[.., j] * (v_j - v_zero)) * scale`` with integer weights: the sum is exact (float64
+    BLAS on integers < 2**53), rounded once to fp32, then scaled in fp32."""
+    v_centered = v.to(torch.int64) - int(v_zero)
+    max_weight = int(weights.abs().max()) if weights.numel() else 0
+    acc = exact_int_matmul(weights, v_centered, max_weight).to(torch.float32)
+    return (acc * torch.tensor(scale, dtype=torch.float32)).to(out_dtype)
 
 
 def attention_log2_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale: float,
                              q_zero: int, k_scale: float, k_zero: int, v_scale: float, v_zero: int,
                              sm_scale: float, bias, mask, p_delta: float, p_bits: int,
                              out_dtype: torch.dtype) -> torch.Tensor:
-    """Op ``dfqvit::attention_log2``: ``log2_dequantize(log2_quantize(softmax)) @ (v - v_zero) * v_scale``."""
+    """Op ``dfqvit::attention_log2``: ``log2_dequantize(log2_quantize(softmax)) @ (v - v_zero) * v_scale``.
+
+    P.V by shifts and adds: ``out = fp32(sum_j (v_j - v_zero) * 2**(S - k_j)) * 2**-S * fp32(delta * v_scale)``
+    with the exact integer sum of :func:`log2_pv_shift` (the underflow code contributes 0).
+    """
     codes = attention_log2_codes_reference(q, k, q_scale, q_zero, k_scale, k_zero, sm_scale, bias, mask,
-                                           p_delta, p_bits)
-    p_hat = log2_dequantize(codes.to(torch.float32), p_delta, p_bits)
-    return _attention_pv(p_hat, v, v_scale, v_zero, out_dtype)
+                                           p_delta, p_bits).to(torch.int64)
+    shift = log2_pv_shift(p_bits)
+    weights = torch.where(codes <= shift, torch.ones_like(codes) << (shift - codes).clamp(min=0),
+                          torch.zeros_like(codes))
+    out = _attention_pv(weights, v, v_zero, 2.0 ** -shift, torch.float32)
+    return (out * torch.tensor(float(p_delta) * float(v_scale), dtype=torch.float32)).to(out_dtype)
 
 
 def attention_linear_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale: float,
                                q_zero: int, k_scale: float, k_zero: int, v_scale: float, v_zero: int,
                                sm_scale: float, bias, mask, p_scale: float, p_zero: int, p_bits: int,
                                out_dtype: torch.dtype) -> torch.Tensor:
-    """Op ``dfqvit::attention_linear``: uniform (linear) softmax quantizer instead of log2."""
+    """Op ``dfqvit::attention_linear``: uniform (linear) softmax quantizer instead of log2;
+    ``out = fp32(sum_j (c_j - p_zero)(v_j - v_zero)) * fp32(p_scale * v_scale)`` (exact integer sum)."""
     codes = attention_linear_codes_reference(q, k, q_scale, q_zero, k_scale, k_zero, sm_scale, bias, mask,
                                              p_scale, p_zero, p_bits)
-    p_hat = uniform_dequantize(codes.to(torch.float32), float(p_scale), float(p_zero))
-    return _attention_pv(p_hat, v, v_scale, v_zero, out_dtype)
+    weights = codes.to(torch.int64) - int(p_zero)
+    return _attention_pv(weights, v, v_zero, float(p_scale) * float(v_scale), out_dtype)
 
 
 # --- LayerNorm + quantize --------------------------------------------------------------------------

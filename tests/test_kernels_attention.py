@@ -1,8 +1,9 @@
 """Quantized attention: P codes exact vs the reference, output within tolerance, Swin bias/mask, op, errors.
 
-Tolerances: P codes are compared with ``torch.equal`` (the kernel and reference run the same exp2-based fp32
-softmax; under the interpreter every operation matches). On a GPU ``exp2``/``log2`` are hardware
-approximations, so codes may move by one level on at most 0.1% of entries. The output differs only in the
+Tolerances: P codes are compared with ``torch.equal`` (the kernel and reference run the same portable fp32
+softmax: polynomial exp2, fixed-point row sum, exact log2 rounding; under the interpreter every operation
+matches). On a GPU the compiler may contract multiply-adds into FMAs, so codes may move by one level on at
+most 0.1% of entries. The output differs only in the
 fp32 summation order of P.V and the order of the final scale: relative max-abs error <= 1e-5 for fp32
 output, and <= one fp16 ulp (2**-10 relative) for fp16 output.
 """

@@ -1,0 +1,90 @@
+"""Portable fp32 math: the transcendental steps of the engine's integer path, written with IEEE-exact
+operations only (``+ - * /``, min/max, round-half-even, bit casts, integer sums) in a fixed order.
+
+Why: ``torch.erf``/``exp2``/``log2`` and fp32 row sums give different bits on different CPUs, thread
+counts and tensor positions (vectorised SLEEF body, scalar libm tail, reduction order). The engine
+re-quantizes after every one of these steps, so one ulp can move an int8 code. With the definitions here
+the PyTorch reference, the native CPU kernels (``kernels/csrc/portable_math.h``, the same constants in the
+same order) and the Triton interpreter compute identical bits; the tests compare them with ``torch.equal``.
+
+Accuracy against the exact functions (measured over dense grids, see tests/test_kernels_portable.py):
+``erf`` <= 4.5e-7 absolute, ``exp2`` <= 1e-7 relative, ``round(-log2 r)`` exact.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+# Eigen's generic_fast_erf_float: erf(x) = x * P(x^2) / Q(x^2) on [-4, 4] (erf is +-1 in fp32 outside).
+ERF_CLAMP = 4.0
+ERF_NUM = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
+           -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02)
+ERF_DEN = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
+           -1.42647390514189e-02)
+SQRT1_2 = 0.7071067811865476
+
+# 2**f = exp(f ln 2) on f in [-1/2, 1/2]: Taylor coefficients ln(2)**i / i!, i = 7 .. 0 (Horner order).
+EXP2_POLY = tuple(math.log(2.0) ** i / math.factorial(i) for i in range(7, -1, -1))
+EXP2_MIN_EXPONENT = -126  # below 2**-126 (fp32 subnormals) exp2 returns 0
+
+# Row sums of softmax numerators e in [0, 1] are taken in fixed point: trunc(e * 2**53) summed in int64 is
+# exact in any order (<= 256 keys * 2**53 < 2**63); terms below 2**-53 are dropped (2**-45 relative to a
+# sum >= 1, far under fp32 resolution).
+SUM_FIXED_POINT_BITS = 53
+
+INV_SQRT2_F64 = 0.7071067811865476  # fp64(1/sqrt 2) lies above 1/sqrt 2 and no fp32 value lies in between
+
+
+def _horner(x: torch.Tensor, coefficients) -> torch.Tensor:
+    """``(((c0 x + c1) x + c2) ...)`` with one fp32 rounding per multiply and per add (never an FMA)."""
+    acc = torch.full_like(x, float(torch.tensor(coefficients[0], dtype=torch.float32)))
+    for c in coefficients[1:]:
+        acc = acc * x
+        acc = acc + float(torch.tensor(c, dtype=torch.float32))
+    return acc
+
+
+def erf(x: torch.Tensor) -> torch.Tensor:
+    """fp32 ``erf`` from a rational approximation: clamp to [-4, 4], ``x * P(x^2) / Q(x^2)``."""
+    x = torch.clamp(x.to(torch.float32), -ERF_CLAMP, ERF_CLAMP)
+    x2 = x * x
+    return (x * _horner(x2, ERF_NUM)) / _horner(x2, ERF_DEN)
+
+
+def gelu(y: torch.Tensor) -> torch.Tensor:
+    """Exact-form GELU ``y * 0.5 * (1 + erf(y / sqrt 2))`` in fp32 with the portable ``erf``."""
+    y = y.to(torch.float32)
+    return y * 0.5 * (1.0 + erf(y * SQRT1_2))
+
+
+def exp2(d: torch.Tensor) -> torch.Tensor:
+    """fp32 ``2**d`` for ``d <= 0`` (softmax numerators): ``n = round(d)``, ``f = d - n`` (exact),
+    ``2**f`` by a degree-7 polynomial, times ``2**n`` built from exponent bits; 0 below ``2**-126``."""
+    d = d.to(torch.float32)
+    n = torch.round(d)
+    f = d - n
+    n_int = torch.clamp(n, min=EXP2_MIN_EXPONENT).to(torch.int32)
+    two_n = ((n_int + 127) << 23).view(torch.float32)
+    e = _horner(f, EXP2_POLY) * two_n
+    return torch.where(d < EXP2_MIN_EXPONENT, torch.zeros_like(e), e)
+
+
+def row_sum(e: torch.Tensor) -> torch.Tensor:
+    """Sum over the last dim of ``e`` in [0, 1] (fp32), order-independent: fixed point in int64, then one
+    rounding to fp32. Keeps the dim (like ``sum(-1, keepdim=True)``)."""
+    scale = float(2 ** SUM_FIXED_POINT_BITS)
+    fixed = (e.to(torch.float32) * scale).to(torch.int64).sum(dim=-1, keepdim=True)
+    return fixed.to(torch.float32) * (1.0 / scale)
+
+
+def round_neg_log2(ratio: torch.Tensor) -> torch.Tensor:
+    """``round(-log2(ratio))`` (half to even; a half never occurs) exactly, as int64, for ratio > 0.
+
+    ``ratio = mant * 2**exp`` with ``mant`` in [1/2, 1): ``-log2 ratio = -exp - log2 mant`` and
+    ``-log2 mant`` in (0, 1] rounds up to 1 exactly when ``mant < 1/sqrt 2``. No ``log2`` call, so no ulp
+    of a libm decides a code. ``ratio == 0`` gives a huge value (callers clamp it to the underflow code).
+    """
+    mant, exp = torch.frexp(ratio)
+    k = (mant.double() < INV_SQRT2_F64).to(torch.int64) - exp.to(torch.int64)
+    return torch.where(ratio > 0, k, torch.full_like(k, 1 << 30))
