@@ -4,9 +4,7 @@
 // compares them with the PyTorch reference). Registered as torch ops in the "dfqvit" namespace:
 //   torch.ops.dfqvit.native_pack_weight(Tensor codes, int storage_bits, int group_k) -> Tensor
 //   torch.ops.dfqvit.native_unpack_weight(Tensor packed, int storage_bits, int k, int group_k) -> Tensor
-// Importing the Python module dfqvit._C loads this library, which registers the ops.
-#include <Python.h>
-
+// Importing the Python module dfqvit._C (module.cpp) loads this library, which registers the ops.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -110,9 +108,3 @@ TORCH_LIBRARY_IMPL(dfqvit, CPU, m) {
 }
 
 }  // namespace dfqvit
-
-// A plain Python module: importing dfqvit._C loads this shared library, which registers the ops above.
-static struct PyModuleDef dfqvit_c_module = {PyModuleDef_HEAD_INIT, "_C",
-                                             "dfqvit native CPU ops (torch.ops.dfqvit.native_*)", -1, nullptr};
-
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&dfqvit_c_module); }

@@ -1,0 +1,71 @@
+// Run-time ISA dispatch for the native CPU kernels (see cpu_isa.h).
+#include "cpu_isa.h"
+
+#include <c10/util/Exception.h>
+
+#include <atomic>
+#include <cstdlib>
+
+namespace dfqvit {
+namespace {
+
+Isa parse_isa(const std::string& name) {
+  if (name == "scalar") return Isa::kScalar;
+  if (name == "avx2") return Isa::kAvx2;
+  if (name == "avx512_vnni") return Isa::kAvx512Vnni;
+  TORCH_CHECK(false, "dfqvit native: unknown ISA '", name, "'; allowed: auto, scalar, avx2, avx512_vnni.");
+}
+
+Isa checked(Isa wanted) {
+  TORCH_CHECK(static_cast<int>(wanted) <= static_cast<int>(detected_isa()), "dfqvit native: ISA ",
+              isa_name(wanted), " requested but this CPU only runs up to ", isa_name(detected_isa()),
+              "; unset DFQVIT_NATIVE_ISA or choose a lower one.");
+  return wanted;
+}
+
+Isa initial_isa() {
+  const char* env = std::getenv("DFQVIT_NATIVE_ISA");
+  if (env == nullptr || std::string(env).empty() || std::string(env) == "auto") return detected_isa();
+  return checked(parse_isa(env));
+}
+
+std::atomic<int>& active() {
+  static std::atomic<int> isa{static_cast<int>(initial_isa())};
+  return isa;
+}
+
+}  // namespace
+
+Isa detected_isa() {
+#if defined(__x86_64__) || defined(_M_X64)
+  static const Isa isa = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vnni"))
+      return Isa::kAvx512Vnni;
+    if (__builtin_cpu_supports("avx2")) return Isa::kAvx2;
+    return Isa::kScalar;
+  }();
+  return isa;
+#else
+  return Isa::kScalar;
+#endif
+}
+
+Isa active_isa() { return static_cast<Isa>(active().load()); }
+
+std::string set_isa(const std::string& name) {
+  const std::string old = isa_name(active_isa());
+  active().store(static_cast<int>(name == "auto" ? detected_isa() : checked(parse_isa(name))));
+  return old;
+}
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512Vnni: return "avx512_vnni";
+    case Isa::kAvx2: return "avx2";
+    default: return "scalar";
+  }
+}
+
+}  // namespace dfqvit

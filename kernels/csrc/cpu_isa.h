@@ -1,0 +1,19 @@
+// Which vector instruction set the native CPU kernels use: detected once at run time, overridable for tests
+// and benchmarks (torch.ops.dfqvit.native_set_isa / the DFQVIT_NATIVE_ISA environment variable).
+#pragma once
+
+#include <string>
+
+namespace dfqvit {
+
+enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512Vnni = 2 };
+
+// The best ISA this CPU runs.
+Isa detected_isa();
+// The ISA the kernels use now: DFQVIT_NATIVE_ISA if set (capped by error at what the CPU runs), else detected.
+Isa active_isa();
+// Force an ISA ("scalar", "avx2", "avx512_vnni", or "auto"); throws if the CPU lacks it. Returns the old one.
+std::string set_isa(const std::string& name);
+const char* isa_name(Isa isa);
+
+}  // namespace dfqvit

@@ -1,0 +1,37 @@
+// dfqvit._C: the native CPU backend. Importing the Python module loads this shared library, whose static
+// initialisers register the torch ops (torch.ops.dfqvit.native_*):
+//   packing.cpp      native_pack_weight / native_unpack_weight
+//   qgemm_cpu.cpp    native_qgemm       (int8 x packed int4/int3/int8 GEMM, fused epilogue)
+//   attention_cpu.cpp native_attention  (log2 / linear quantized softmax attention)
+//   here             native_isa / native_set_isa (run-time ISA dispatch: avx512_vnni, avx2, scalar)
+// dfqvit.kernels.native registers native_qgemm / native_attention as the CPU implementations of
+// dfqvit::qgemm and dfqvit::attention_log2 / attention_linear.
+#include <Python.h>
+
+#include <torch/library.h>
+
+#include <string>
+
+#include "cpu_isa.h"
+
+namespace dfqvit {
+namespace {
+
+std::string native_isa() { return isa_name(active_isa()); }
+std::string native_detected_isa() { return isa_name(detected_isa()); }
+std::string native_set_isa(std::string name) { return set_isa(name); }
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(dfqvit, m) {
+  m.def("native_isa() -> str", &native_isa);
+  m.def("native_detected_isa() -> str", &native_detected_isa);
+  m.def("native_set_isa(str name) -> str", &native_set_isa);
+}
+
+}  // namespace dfqvit
+
+static struct PyModuleDef dfqvit_c_module = {PyModuleDef_HEAD_INIT, "_C",
+                                             "dfqvit native CPU ops (torch.ops.dfqvit.native_*)", -1, nullptr};
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&dfqvit_c_module); }
