@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(e, required=False)
     _add_quant_args(e, required=False)
     e.add_argument("--artifact", help="evaluate a model saved by `dfqvit quantize --out` instead of --model")
-    e.add_argument("--backend", default="fake", choices=["fake", "auto", "torch", "triton"],
+    e.add_argument("--backend", default="fake", choices=["fake", "auto", "native", "torch", "triton"],
                    help="with --artifact: fake-quant model (fake) or the integer engine (auto / torch / triton)")
     e.add_argument("--data", required=True, help="evaluation images (.npz or image folder)")
     e.add_argument("--limit", type=int)

@@ -1,7 +1,8 @@
 """dfqvit.kernels: packed low-bit GEMM, log2 attention and fused LayerNorm-quantize kernels.
 
 Importing this package never touches CUDA; Triton kernels compile on first launch. Importing it
-registers the ``torch.ops.dfqvit.*`` ops (CPU implementation = ``reference.py``, CUDA = Triton):
+registers the ``torch.ops.dfqvit.*`` ops (CUDA = Triton; CPU = the native extension ``dfqvit._C`` when it is
+built, see ``native.py``, else ``reference.py`` — the same bits either way):
 
 * ``dfqvit::pack_weight`` / ``dfqvit::unpack_weight``          (packing.py)
 * ``dfqvit::qgemm`` (W3/W4/W8 x A8) / ``dfqvit::qgemm_w16``       (qgemm.py)
@@ -18,6 +19,9 @@ from .qgemm import GemmConfig, linear_a8, linear_w16, qgemm_accumulator_triton, 
 from .attention import attention_linear_triton, attention_log2_triton
 from .act_quant import layernorm_quant_triton
 from .packing import pack_weight_triton, unpack_weight_triton
+from . import native
+
+native.register_cpu_kernels()
 
 __all__ = [
     "DFQViTError", "KernelInputError", "MissingGPUError",

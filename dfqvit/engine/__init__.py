@@ -1,7 +1,7 @@
 """The quantized ViT engine: the real integer model of a calibrated ``QuantizedModel``.
 
     engine = dfqvit.engine.build_engine(qmodel)                 # or a QuantArtifact, or a saved file
-    engine = dfqvit.engine.build_engine(qmodel, backend="torch")
+    engine = dfqvit.engine.build_engine(qmodel, backend="native")   # or "torch": same bits, plain PyTorch
     logits = engine(images)
 
 Modules: ``pack.py`` (packing, once at build), ``backends.py`` (Triton / PyTorch kernel sets),
@@ -28,7 +28,8 @@ def build_engine(source, backend: str = "auto", *, model: Optional[nn.Module] = 
     """The engine of ``source``: a calibrated ``QuantizedModel``, a ``QuantArtifact`` or the path of a saved
     artifact (``model``/``device`` are passed to the artifact loader).
 
-    ``backend``: "auto" (Triton on CUDA, PyTorch on CPU), "triton", "torch", or "fake" to get the fake-quant
+    ``backend``: "auto" (Triton on CUDA, native C++ kernels on CPU when ``dfqvit._C`` is built, else PyTorch),
+    "triton", "native", "torch", or "fake" to get the fake-quant
     ``QuantizedModel`` of the same calibration back (for comparison and debugging). ``kwargs`` go to
     ``QuantizedViT`` (``dtype``, ``cuda_graphs``).
     """

@@ -1,8 +1,11 @@
-"""The four integer ops a block needs, behind one small interface with two implementations:
+"""The four integer ops a block needs, behind one small interface with three implementations:
 
 * ``TritonKernels``: the Triton kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``);
-* ``TorchKernels``: the same math in plain PyTorch (``dfqvit.kernels.reference``, which is also the CPU
-  implementation of the ``torch.ops.dfqvit`` ops), on any device.
+* ``NativeKernels``: the C++ CPU kernels of ``dfqvit._C`` (AVX-512 VNNI / AVX2 GEMM on weights prepacked
+  once into CPU panels, integer log2 attention); LayerNorm+quantize and weight-only layers stay PyTorch;
+* ``TorchKernels``: the same math in plain PyTorch (``dfqvit.kernels.reference``), on any device.
+
+Native and torch give identical bits on the CPU (tests/test_kernels_native.py).
 
 Both take int8 activation codes with their ``ActGrid`` and a ``PackedLinear``; neither knows models.
 """
@@ -14,14 +17,14 @@ from typing import Optional
 import torch
 
 from dfqvit.errors import DFQViTError, MissingGPUError
-from dfqvit.kernels import (attention_linear_triton, attention_log2_triton, layernorm_quant_triton,
+from dfqvit.kernels import (attention_linear_triton, attention_log2_triton, layernorm_quant_triton, native,
                             qgemm_triton, qgemm_w16_triton, reference)
 from dfqvit.kernels._common import kernel_is_interpreted
 from dfqvit.kernels.qgemm import INTERPRETER_CONFIG, _qgemm_kernel
 
 from .pack import ActGrid, PackedLinear, SoftmaxGrid
 
-BACKENDS = ("auto", "triton", "torch", "fake")
+BACKENDS = ("auto", "triton", "native", "torch", "fake")
 
 
 class TorchKernels:
@@ -47,6 +50,28 @@ class TorchKernels:
         if p.log2:
             return reference.attention_log2_reference(*args, p.param, p.bits, out_dtype)
         return reference.attention_linear_reference(*args, p.param, p.zero, p.bits, out_dtype)
+
+
+class NativeKernels(TorchKernels):
+    name = "native"
+
+    def prepare(self, module: torch.nn.Module) -> None:
+        """Convert every PackedLinear of ``module`` to CPU panels once (its GPU-layout bytes are dropped)."""
+        for layer in module.modules():
+            if isinstance(layer, PackedLinear) and layer.act is not None:
+                layer.to_cpu_panels(native.prepack)
+
+    def gemm(self, a, layer: PackedLinear, residual, gelu: bool, out: Optional[ActGrid], out_dtype):
+        g = layer.act
+        return native.qgemm_prepacked(a, g.scale, g.zero, layer.panels, layer.n, layer.w_scale, layer.w_zero,
+                                      layer.w_col_sums, layer.bias, residual, layer.layout.storage_bits, layer.k,
+                                      gelu, *_out_args(out, out_dtype))
+
+    def attention(self, q, k, v, grids, sm_scale: float, bias, mask, p: SoftmaxGrid, out_dtype):
+        qg, kg, vg = grids
+        mode = native.P_MODE_LOG2 if p.log2 else native.P_MODE_LINEAR
+        return native.attention(q, k, v, qg.scale, qg.zero, kg.scale, kg.zero, vg.scale, vg.zero, sm_scale, bias,
+                                mask, mode, p.param, p.zero, p.bits, out_dtype)
 
 
 class TritonKernels(TorchKernels):
@@ -98,15 +123,22 @@ def triton_runs_on(device: torch.device) -> bool:
 
 
 def select_kernels(backend: str, device: torch.device):
-    """The kernel set for ``backend`` on ``device``; ``auto`` = Triton on CUDA, PyTorch elsewhere."""
+    """The kernel set for ``backend`` on ``device``; ``auto`` = Triton on CUDA, native on a CPU where
+    ``dfqvit._C`` is built, PyTorch otherwise."""
     if backend not in BACKENDS or backend == "fake":
-        raise DFQViTError(f"backend={backend!r}; allowed for the engine: 'auto', 'triton', 'torch' "
+        raise DFQViTError(f"backend={backend!r}; allowed for the engine: 'auto', 'triton', 'native', 'torch' "
                           "('fake' returns the fake-quant model from dfqvit.engine.build_engine)")
     if backend == "auto":
-        backend = "triton" if device.type == "cuda" else "torch"
+        backend = "triton" if device.type == "cuda" else ("native" if native.available() else "torch")
     if backend == "triton" and not triton_runs_on(device):
         raise MissingGPUError(
             f"backend='triton' on device {device}: the Triton kernels need a CUDA device (or TRITON_INTERPRET=1 "
             "set before importing dfqvit, to interpret them on the CPU). Use backend='torch' or 'auto' on CPU, "
             "or build the engine from a model on a CUDA device")
+    if backend == "native":
+        native.require()
+        if device.type != "cpu":
+            raise DFQViTError(f"backend='native' runs on the CPU, but the model is on {device}; move it with "
+                              "model.cpu() or use backend='auto'")
+        return NativeKernels()
     return TritonKernels() if backend == "triton" else TorchKernels()

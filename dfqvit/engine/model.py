@@ -125,7 +125,8 @@ TRUNKS = {"vit": ViTTrunk, "swin": SwinTrunk}
 
 class QuantizedViT(nn.Module):
     """The integer engine of a calibrated model. Call it on normalized images (B, C, H, W); it returns
-    fp32 logits. ``backend``: "auto" (Triton on CUDA, PyTorch elsewhere), "triton" or "torch".
+    fp32 logits. ``backend``: "auto" (Triton on CUDA, the native C++ kernels on a CPU where ``dfqvit._C`` is
+    built, PyTorch otherwise), "triton", "native" or "torch".
 
     ``dtype`` is the residual stream's dtype (default fp16 on CUDA, fp32 on CPU). On CUDA with the Triton
     backend, calls replay a CUDA graph per batch-size bucket (``cuda_graphs=False`` runs eagerly).
@@ -147,6 +148,8 @@ class QuantizedViT(nn.Module):
         self.dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
         with torch.no_grad():
             self.trunk = TRUNKS[qmodel.family](qmodel.model).to(device)
+            if hasattr(self.kernels, "prepare"):
+                self.kernels.prepare(self.trunk)
         use_graphs = (device.type == "cuda" and self.backend == "triton") if cuda_graphs is None else cuda_graphs
         self.graphs = None
         if use_graphs:

@@ -106,17 +106,32 @@ class PackedLinear(nn.Module):
             self.register_buffer(name, getattr(packed, name).to(device))
         bias = None if layer.bias is None else layer.bias.detach().float().clone()
         self.register_buffer("bias", bias)
+        self.register_buffer("panels", None)  # CPU panels once to_cpu_panels ran (then ``data`` is None)
         self.n, self.k, self.bits, self.layout, self.group_k = packed.n, packed.k, bits, packed.layout, packed.group_k
         self.act = act_grid(layer.input_quantizer, where)
 
+    def to_cpu_panels(self, prepack) -> None:
+        """Replace the GPU-layout bytes by the native backend's CPU panels (``kernels.native.prepack``)."""
+        if self.panels is not None:
+            return
+        self.register_buffer("panels", prepack(self.data, self.layout.storage_bits, self.k, self.group_k))
+        self.register_buffer("data", None)
+
     @property
     def weight(self) -> PackedWeight:
+        if self.data is None:
+            raise UnsupportedModelError("this layer holds CPU panels for the native backend; rebuild the engine "
+                                        "with another backend to get the GPU packing layout")
         return PackedWeight(data=self.data, w_scale=self.w_scale, w_zero=self.w_zero, w_col_sums=self.w_col_sums,
                             n=self.n, k=self.k, bits=self.bits, layout=self.layout,
                             group_k=self.group_k)
 
     def weight_nbytes(self) -> int:
-        """Bytes of the packed weight and its per-channel parameters (bias not counted)."""
+        """Bytes of the packed weight (GPU layout or CPU panels) and its per-channel parameters (bias not
+        counted)."""
+        if self.panels is not None:
+            return sum(t.numel() * t.element_size() for t in (self.panels, self.w_scale, self.w_zero,
+                                                                self.w_col_sums))
         return packed_nbytes(self.weight)
 
     def extra_repr(self) -> str:

@@ -1,22 +1,24 @@
-// dfqvit::native_qgemm: int8 activations x packed int4 / int3 (or int8) weights on the CPU, exact int32
-// accumulation, the fused epilogue of kernels/qgemm.py (scale, bias, GELU, residual, re-quantize), bit for
-// bit equal to kernels/reference.py:qgemm_reference.
+// dfqvit::native_qgemm / native_qgemm_prepacked: int8 activations x packed int4 / int3 (or int8) weights on
+// the CPU, exact int32 accumulation, the fused epilogue of kernels/qgemm.py (scale, bias, GELU, residual,
+// re-quantize), bit for bit equal to kernels/reference.py:qgemm_reference.
 //
-// How (per call):
-//   1. Weights are unpacked once into column panels of NR outputs: panel[quad][NR][4] int8 holds
-//      W[n, 4q..4q+3] - w_zero[n] (0 beyond K), so one 32-bit lane = four K positions of one output.
-//      int8 weights (|W - w_zero| up to 255) use int16 pairs instead: panel[pair][NR][2].
-//   2. Activations are copied once with K padded to the lane width: a + 128 as uint8 (int4/int3), or
-//      a - a_zero as int16 (int8 weights).
-//   3. Output tiles (rows x panels) run in parallel (at::parallel_for: torch's OpenMP pool and thread
-//      count). A micro-kernel keeps MR rows x NR int32 accumulators in registers:
-//        AVX-512 VNNI: vpdpbusd (u8 x s8, 4 products per lane) on 16 outputs;
-//        AVX2: vpmaddubsw (u8 x s8 pairs -> s16; |W - w_zero| <= 15 keeps four of them below 2**15),
-//              vpmaddwd with ones -> s32, add; int16 path: vpmaddwd directly;
-//        scalar: the same sums in plain C++.
-//      sum (a + 128)(W - w_zero) = sum (a - a_zero)(W - w_zero) + (128 + a_zero) * colsum[n], so the
-//      zero points cost one subtraction per output.
-//   4. The epilogue runs on the accumulators in registers, in the reference's fp32 order.
+// Weights live in CPU panels (native_prepack_weight, once when the engine is built; same bytes as the GPU
+// layout, K padded to 4 instead of to the packing group):
+//   int4 / int3 ("nibble panels"): 16 outputs per panel, 32 bytes per quad of K positions; byte c*4 + t
+//       holds W[16p + c, 4q + t] in the low nibble and W[16p + c + 8, 4q + t] in the high nibble. One AND
+//       gives the u8 x s8 operand for outputs 0..7, one shift + AND for outputs 8..15 (4 codes per 32-bit lane).
+//       int3 codes are stored in nibbles too (0.5 byte per weight on the CPU).
+//   int8: 16 outputs per panel, 32 bytes per pair of K positions: byte c*2 + t = W[16p + c, 2q + t].
+// Codes are stored raw (not minus the zero point); the zero points enter through sums:
+//   nibble: sum (a - az)(W - wz) = sum (a + 128) W - wz[n] * sum_k (a + 128) - (128 + az) * colsum[n]
+//   int8:   sum (a - az)(W - wz) = sum (a - az) W  - wz[n] * sum_k (a - az)
+// Micro-kernels keep 4 rows x 16 outputs of int32 accumulators in registers:
+//   AVX-512 VNNI: vpdpbusd (u8 x s8, 4 products per lane) on 16 outputs;
+//   AVX2: vpmaddubsw (u8 x s8 pairs -> s16; codes <= 15 keep two of them below 2**15), vpmaddwd with ones
+//         -> s32; int8 weights: sign-extend to s16, vpmaddwd;
+//   scalar: the same sums in plain C++.
+// Output tiles run in parallel on torch's OpenMP pool (at::parallel_for, torch.set_num_threads); the epilogue
+// runs on the accumulators right after each micro-kernel, in the reference's fp32 order.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -29,35 +31,47 @@
 #include "cpu_isa.h"
 #include "portable_math.h"
 
+#ifndef DFQVIT_MR
+#define DFQVIT_MR 4
+#endif
 namespace dfqvit {
 namespace {
 
-constexpr int kMaxNR = 16;
+constexpr int kNR = 16;          // outputs per panel
+constexpr int kMR = DFQVIT_MR;           // rows per micro-kernel call
+constexpr int kStepBytes = 32;   // bytes per panel step (a quad of K for nibbles, a pair for int8)
+constexpr int64_t kTileRows = 48;
+constexpr int64_t kTilePanels = 2;
+
+int64_t lane_k(int64_t storage_bits) { return storage_bits == 8 ? 2 : 4; }
+int64_t panel_steps(int64_t k, int64_t storage_bits) { return (k + lane_k(storage_bits) - 1) / lane_k(storage_bits); }
+
+// ---------------------------------------------------------------------------------------------------
+// Epilogue
+// ---------------------------------------------------------------------------------------------------
 
 struct Epilogue {
-  const float* row_scale;  // (Np) a_scale * w_scale
-  const int32_t* correction;  // (Np) subtracted from the accumulator (zero points)
-  const float* bias;       // (Np) or nullptr
+  const float* row_scale;     // (Np) a_scale * w_scale
+  const int32_t* col_term;    // (Np) subtracted from every accumulator of the column
+  const int32_t* w_zero;      // (Np) times row_sums[m], subtracted too
+  const int32_t* row_sums;    // (M)
+  const float* bias;          // (Np) or nullptr
   bool gelu;
-  const float* residual;   // (M, ld_residual) fp32 or nullptr
+  const float* residual;      // (M, ld_residual) fp32 or nullptr
   int64_t ld_residual;
   bool requant;
   float out_scale, out_zero, out_qmin, out_qmax;
-  float* out_f32;          // (M, N) when !requant
-  int8_t* out_i8;          // (M, N) when requant
-  int64_t n;               // true N (row stride of the output)
+  float* out_f32;             // (M, N) when !requant
+  int8_t* out_i8;             // (M, N) when requant
+  int64_t n;                  // true N (row stride of the output)
 };
 
-inline float epilogue_value(const Epilogue& ep, int32_t acc, int64_t m, int64_t col) {
-  float y = static_cast<float>(acc - ep.correction[col]) * ep.row_scale[col];
+inline void store_scalar(const Epilogue& ep, int32_t acc, int64_t m, int64_t col) {
+  const int32_t exact = acc - ep.w_zero[col] * ep.row_sums[m] - ep.col_term[col];
+  float y = static_cast<float>(exact) * ep.row_scale[col];
   if (ep.bias) y = y + ep.bias[col];
   if (ep.gelu) y = pm::gelu(y);
   if (ep.residual) y = y + ep.residual[m * ep.ld_residual + col];
-  return y;
-}
-
-inline void store_scalar(const Epilogue& ep, int32_t acc, int64_t m, int64_t col) {
-  const float y = epilogue_value(ep, acc, m, col);
   if (ep.requant) {
     float q = std::nearbyint(y / ep.out_scale) + ep.out_zero;
     q = std::fmin(std::fmax(q, ep.out_qmin), ep.out_qmax);
@@ -67,75 +81,114 @@ inline void store_scalar(const Epilogue& ep, int32_t acc, int64_t m, int64_t col
   }
 }
 
-// Rows [m, m + rows) x columns [col0, col0 + width) of accumulators acc[r * stride + c].
-void epilogue_scalar(const Epilogue& ep, const int32_t* acc, int64_t stride, int64_t m, int rows, int64_t col0,
-                     int width) {
+// Rows [m, m + rows) x columns [col0, col0 + width) of accumulators acc[r * kNR + c].
+void epilogue_scalar(const Epilogue& ep, const int32_t* acc, int64_t m, int rows, int64_t col0, int width) {
   for (int r = 0; r < rows; ++r)
-    for (int c = 0; c < width; ++c) store_scalar(ep, acc[r * stride + c], m + r, col0 + c);
+    for (int c = 0; c < width; ++c) store_scalar(ep, acc[r * kNR + c], m + r, col0 + c);
 }
 
 #if DFQVIT_X86
-__attribute__((target("avx2"))) void epilogue_avx2(const Epilogue& ep, const int32_t* acc, int64_t stride,
-                                                   int64_t m, int rows, int64_t col0, int width) {
+// One instantiation per epilogue shape: no run-time branches and few live registers in the loop (the GELU
+// constants would otherwise push the loop counters onto the stack).
+template <bool kBias, bool kGelu, bool kResidual, bool kRequant>
+__attribute__((target("avx2"))) void epilogue_avx2_impl(const Epilogue& ep, const int32_t* acc, int64_t m, int rows,
+                                                        int64_t col0, int width) {
+  // Locals, not ep.*: the int8 stores may alias anything, which would force a reload of every field.
+  const float* __restrict row_scale = ep.row_scale + col0;
+  const int32_t* __restrict col_term = ep.col_term + col0;
+  const int32_t* __restrict w_zero = ep.w_zero + col0;
+  const int32_t* __restrict row_sums = ep.row_sums + m;
+  const float* __restrict bias = kBias ? ep.bias + col0 : nullptr;
+  const float* __restrict residual = kResidual ? ep.residual + m * ep.ld_residual + col0 : nullptr;
+  const int64_t ld_residual = ep.ld_residual, n = ep.n;
+  int8_t* __restrict out_i8 = kRequant ? ep.out_i8 + m * n + col0 : nullptr;
+  float* __restrict out_f32 = kRequant ? nullptr : ep.out_f32 + m * n + col0;
+  const float out_scale = ep.out_scale, out_zero = ep.out_zero, qmin = ep.out_qmin, qmax = ep.out_qmax;
   const int full = width / 8 * 8;
   for (int r = 0; r < rows; ++r) {
-    const int64_t row = m + r;
+    const __m256i row_sum = _mm256_set1_epi32(row_sums[r]);
     for (int c = 0; c < full; c += 8) {
-      const int64_t col = col0 + c;
-      __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + r * stride + c));
-      a = _mm256_sub_epi32(a, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ep.correction + col)));
-      __m256 y = _mm256_mul_ps(_mm256_cvtepi32_ps(a), _mm256_loadu_ps(ep.row_scale + col));
-      if (ep.bias) y = _mm256_add_ps(y, _mm256_loadu_ps(ep.bias + col));
-      if (ep.gelu) y = pm::gelu_avx2(y);
-      if (ep.residual) y = _mm256_add_ps(y, _mm256_loadu_ps(ep.residual + row * ep.ld_residual + col));
-      if (ep.requant) {
-        __m256 q = _mm256_round_ps(_mm256_div_ps(y, _mm256_set1_ps(ep.out_scale)),
+      __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + r * kNR + c));
+      a = _mm256_sub_epi32(a, _mm256_mullo_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w_zero + c)),
+                                                 row_sum));
+      a = _mm256_sub_epi32(a, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(col_term + c)));
+      __m256 y = _mm256_mul_ps(_mm256_cvtepi32_ps(a), _mm256_loadu_ps(row_scale + c));
+      if (kBias) y = _mm256_add_ps(y, _mm256_loadu_ps(bias + c));
+      if (kGelu) y = pm::gelu_avx2(y);
+      if (kResidual) y = _mm256_add_ps(y, _mm256_loadu_ps(residual + r * ld_residual + c));
+      if (kRequant) {
+        __m256 q = _mm256_round_ps(_mm256_div_ps(y, _mm256_set1_ps(out_scale)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        q = _mm256_add_ps(q, _mm256_set1_ps(ep.out_zero));
-        q = _mm256_min_ps(_mm256_max_ps(q, _mm256_set1_ps(ep.out_qmin)), _mm256_set1_ps(ep.out_qmax));
+        q = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(q, _mm256_set1_ps(out_zero)), _mm256_set1_ps(qmin)),
+                          _mm256_set1_ps(qmax));
         const __m256i qi = _mm256_cvtps_epi32(q);  // integral already: exact
-        const __m128i lo = _mm256_castsi256_si128(qi), hi = _mm256_extracti128_si256(qi, 1);
-        const __m128i packed16 = _mm_packs_epi32(lo, hi);
-        const __m128i packed8 = _mm_packs_epi16(packed16, packed16);
-        _mm_storel_epi64(reinterpret_cast<__m128i*>(ep.out_i8 + row * ep.n + col), packed8);
+        const __m128i packed16 = _mm_packs_epi32(_mm256_castsi256_si128(qi), _mm256_extracti128_si256(qi, 1));
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(out_i8 + r * n + c), _mm_packs_epi16(packed16, packed16));
       } else {
-        _mm256_storeu_ps(ep.out_f32 + row * ep.n + col, y);
+        _mm256_storeu_ps(out_f32 + r * n + c, y);
       }
     }
-    for (int c = full; c < width; ++c) store_scalar(ep, acc[r * stride + c], row, col0 + c);
   }
+  if (full < width)
+    for (int r = 0; r < rows; ++r)
+      for (int c = full; c < width; ++c) store_scalar(ep, acc[r * kNR + c], m + r, col0 + c);
+}
+
+using EpilogueFn = void (*)(const Epilogue&, const int32_t*, int64_t, int, int64_t, int);
+
+template <bool kBias, bool kGelu, bool kResidual>
+EpilogueFn pick_requant(bool requant) {
+  return requant ? &epilogue_avx2_impl<kBias, kGelu, kResidual, true> : &epilogue_avx2_impl<kBias, kGelu, kResidual, false>;
+}
+
+template <bool kBias, bool kGelu>
+EpilogueFn pick_residual(bool residual, bool requant) {
+  return residual ? pick_requant<kBias, kGelu, true>(requant) : pick_requant<kBias, kGelu, false>(requant);
+}
+
+template <bool kBias>
+EpilogueFn pick_gelu(bool gelu, bool residual, bool requant) {
+  return gelu ? pick_residual<kBias, true>(residual, requant) : pick_residual<kBias, false>(residual, requant);
+}
+
+EpilogueFn epilogue_avx2_for(const Epilogue& ep) {
+  const bool residual = ep.residual != nullptr;
+  return ep.bias ? pick_gelu<true>(ep.gelu, residual, ep.requant) : pick_gelu<false>(ep.gelu, residual, ep.requant);
 }
 #endif
 
 // ---------------------------------------------------------------------------------------------------
-// Micro-kernels: acc[r * NR + c] = sum over the panel of a_row_r . panel_column_c
+// Micro-kernels: acc[r * kNR + c] = sum over the panel of a_row_r . panel_column_c (rows <= kMR)
 // ---------------------------------------------------------------------------------------------------
 
-template <int NR>
-void micro_u8_scalar(const uint8_t* a, int64_t lda, int rows, const int8_t* panel, int64_t quads, int32_t* acc) {
+void micro_nibble_scalar(const uint8_t* a, int64_t lda, int rows, const uint8_t* panel, int64_t quads,
+                         int32_t* acc) {
   for (int r = 0; r < rows; ++r) {
-    int32_t sums[NR] = {0};
+    int32_t sums[kNR] = {0};
     const uint8_t* ar = a + r * lda;
     for (int64_t q = 0; q < quads; ++q) {
-      const int8_t* w = panel + q * NR * 4;
-      for (int c = 0; c < NR; ++c)
-        for (int t = 0; t < 4; ++t) sums[c] += int32_t(ar[4 * q + t]) * int32_t(w[4 * c + t]);
+      const uint8_t* w = panel + q * kStepBytes;
+      for (int c = 0; c < 8; ++c)
+        for (int t = 0; t < 4; ++t) {
+          const int32_t x = ar[4 * q + t];
+          sums[c] += x * int32_t(w[4 * c + t] & 0xF);
+          sums[c + 8] += x * int32_t(w[4 * c + t] >> 4);
+        }
     }
-    std::memcpy(acc + r * NR, sums, sizeof sums);
+    std::memcpy(acc + r * kNR, sums, sizeof sums);
   }
 }
 
-template <int NR>
-void micro_s16_scalar(const int16_t* a, int64_t lda, int rows, const int16_t* panel, int64_t pairs, int32_t* acc) {
+void micro_int8_scalar(const int16_t* a, int64_t lda, int rows, const int8_t* panel, int64_t pairs, int32_t* acc) {
   for (int r = 0; r < rows; ++r) {
-    int32_t sums[NR] = {0};
+    int32_t sums[kNR] = {0};
     const int16_t* ar = a + r * lda;
     for (int64_t p = 0; p < pairs; ++p) {
-      const int16_t* w = panel + p * NR * 2;
-      for (int c = 0; c < NR; ++c)
+      const int8_t* w = panel + p * kStepBytes;
+      for (int c = 0; c < kNR; ++c)
         for (int t = 0; t < 2; ++t) sums[c] += int32_t(ar[2 * p + t]) * int32_t(w[2 * c + t]);
     }
-    std::memcpy(acc + r * NR, sums, sizeof sums);
+    std::memcpy(acc + r * kNR, sums, sizeof sums);
   }
 }
 
@@ -147,73 +200,87 @@ inline int32_t load_i32(const void* p) {
 }
 
 template <int MR>
-__attribute__((target("avx2"))) void micro_u8_avx2(const uint8_t* a, int64_t lda, const int8_t* panel,
-                                                   int64_t quads, int32_t* acc) {
-  __m256i sum[MR];
-  for (int r = 0; r < MR; ++r) sum[r] = _mm256_setzero_si256();
-  const __m256i ones = _mm256_set1_epi16(1);
+__attribute__((target("avx2"))) void micro_nibble_avx2(const uint8_t* a, int64_t lda, const uint8_t* panel,
+                                                       int64_t quads, int32_t* acc) {
+  __m256i lo_sum[MR], hi_sum[MR];
+  for (int r = 0; r < MR; ++r) lo_sum[r] = hi_sum[r] = _mm256_setzero_si256();
+  const __m256i ones = _mm256_set1_epi16(1), nibble = _mm256_set1_epi8(0x0F);
   int64_t q = 0;
-  for (; q + 4 <= quads; q += 4) {
-    const int8_t* w = panel + q * 32;
-    const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
-    const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32));
-    const __m256i w2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 64));
-    const __m256i w3 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 96));
+  for (; q + 2 <= quads; q += 2) {
+    const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + q * kStepBytes));
+    const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + (q + 1) * kStepBytes));
+    const __m256i lo0 = _mm256_and_si256(x0, nibble), hi0 = _mm256_and_si256(_mm256_srli_epi16(x0, 4), nibble);
+    const __m256i lo1 = _mm256_and_si256(x1, nibble), hi1 = _mm256_and_si256(_mm256_srli_epi16(x1, 4), nibble);
     for (int r = 0; r < MR; ++r) {
-      const uint8_t* ar = a + r * lda + 4 * q;
-      __m256i t = _mm256_maddubs_epi16(_mm256_set1_epi32(load_i32(ar)), w0);
-      t = _mm256_add_epi16(t, _mm256_maddubs_epi16(_mm256_set1_epi32(load_i32(ar + 4)), w1));
-      t = _mm256_add_epi16(t, _mm256_maddubs_epi16(_mm256_set1_epi32(load_i32(ar + 8)), w2));
-      t = _mm256_add_epi16(t, _mm256_maddubs_epi16(_mm256_set1_epi32(load_i32(ar + 12)), w3));
-      sum[r] = _mm256_add_epi32(sum[r], _mm256_madd_epi16(t, ones));
+      const __m256i b0 = _mm256_set1_epi32(load_i32(a + r * lda + 4 * q));
+      const __m256i b1 = _mm256_set1_epi32(load_i32(a + r * lda + 4 * q + 4));
+      // codes <= 15, a + 128 <= 255: each s16 pair sum <= 7650, two of them fit in s16.
+      const __m256i lo = _mm256_add_epi16(_mm256_maddubs_epi16(b0, lo0), _mm256_maddubs_epi16(b1, lo1));
+      const __m256i hi = _mm256_add_epi16(_mm256_maddubs_epi16(b0, hi0), _mm256_maddubs_epi16(b1, hi1));
+      lo_sum[r] = _mm256_add_epi32(lo_sum[r], _mm256_madd_epi16(lo, ones));
+      hi_sum[r] = _mm256_add_epi32(hi_sum[r], _mm256_madd_epi16(hi, ones));
     }
   }
   for (; q < quads; ++q) {
-    const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + q * 32));
+    const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + q * kStepBytes));
+    const __m256i lo0 = _mm256_and_si256(x0, nibble), hi0 = _mm256_and_si256(_mm256_srli_epi16(x0, 4), nibble);
     for (int r = 0; r < MR; ++r) {
-      const __m256i t = _mm256_maddubs_epi16(_mm256_set1_epi32(load_i32(a + r * lda + 4 * q)), w0);
-      sum[r] = _mm256_add_epi32(sum[r], _mm256_madd_epi16(t, ones));
+      const __m256i b0 = _mm256_set1_epi32(load_i32(a + r * lda + 4 * q));
+      lo_sum[r] = _mm256_add_epi32(lo_sum[r], _mm256_madd_epi16(_mm256_maddubs_epi16(b0, lo0), ones));
+      hi_sum[r] = _mm256_add_epi32(hi_sum[r], _mm256_madd_epi16(_mm256_maddubs_epi16(b0, hi0), ones));
     }
   }
-  for (int r = 0; r < MR; ++r) _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc + r * 8), sum[r]);
-}
-
-template <int MR>
-__attribute__((target("avx2"))) void micro_s16_avx2(const int16_t* a, int64_t lda, const int16_t* panel,
-                                                    int64_t pairs, int32_t* acc) {
-  __m256i sum[MR];
-  for (int r = 0; r < MR; ++r) sum[r] = _mm256_setzero_si256();
-  for (int64_t p = 0; p < pairs; ++p) {
-    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + p * 16));
-    for (int r = 0; r < MR; ++r)
-      sum[r] = _mm256_add_epi32(sum[r], _mm256_madd_epi16(_mm256_set1_epi32(load_i32(a + r * lda + 2 * p)), w));
+  for (int r = 0; r < MR; ++r) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc + r * kNR), lo_sum[r]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc + r * kNR + 8), hi_sum[r]);
   }
-  for (int r = 0; r < MR; ++r) _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc + r * 8), sum[r]);
 }
 
 template <int MR>
-__attribute__((target("avx512f,avx512bw,avx512vnni"))) void micro_u8_vnni(const uint8_t* a, int64_t lda,
-                                                                          const int8_t* panel, int64_t quads,
-                                                                          int32_t* acc) {
+__attribute__((target("avx2"))) void micro_int8_avx2(const int16_t* a, int64_t lda, const int8_t* panel,
+                                                     int64_t pairs, int32_t* acc) {
+  __m256i lo_sum[MR], hi_sum[MR];
+  for (int r = 0; r < MR; ++r) lo_sum[r] = hi_sum[r] = _mm256_setzero_si256();
+  for (int64_t p = 0; p < pairs; ++p) {
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + p * kStepBytes));
+    const __m256i lo = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(x));
+    const __m256i hi = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(x, 1));
+    for (int r = 0; r < MR; ++r) {
+      const __m256i b = _mm256_set1_epi32(load_i32(a + r * lda + 2 * p));
+      lo_sum[r] = _mm256_add_epi32(lo_sum[r], _mm256_madd_epi16(b, lo));
+      hi_sum[r] = _mm256_add_epi32(hi_sum[r], _mm256_madd_epi16(b, hi));
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc + r * kNR), lo_sum[r]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc + r * kNR + 8), hi_sum[r]);
+  }
+}
+
+template <int MR>
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void micro_nibble_vnni(const uint8_t* a, int64_t lda,
+                                                                              const uint8_t* panel, int64_t quads,
+                                                                              int32_t* acc) {
   __m512i sum[MR];
   for (int r = 0; r < MR; ++r) sum[r] = _mm512_setzero_si512();
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
   for (int64_t q = 0; q < quads; ++q) {
-    const __m512i w = _mm512_loadu_si512(panel + q * 64);
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + q * kStepBytes));
+    const __m256i lo = _mm256_and_si256(x, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), nibble);
+    const __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);  // outputs 0..7 | 8..15
     for (int r = 0; r < MR; ++r)
       sum[r] = _mm512_dpbusd_epi32(sum[r], _mm512_set1_epi32(load_i32(a + r * lda + 4 * q)), w);
   }
-  for (int r = 0; r < MR; ++r) _mm512_storeu_si512(acc + r * 16, sum[r]);
+  for (int r = 0; r < MR; ++r) _mm512_storeu_si512(acc + r * kNR, sum[r]);
 }
 #endif
 
 // ---------------------------------------------------------------------------------------------------
-// Operands
+// Prepacking: the GPU layout (kernels/packing.py) -> CPU panels
 // ---------------------------------------------------------------------------------------------------
 
-int64_t padded_k(int64_t k, int64_t group_k) { return (k + group_k - 1) / group_k * group_k; }
-
 // Codes of one packed row (storage 3 or 4) into out[0..k).
-void unpack_row(const uint8_t* in, int storage_bits, int64_t k, int64_t group_k, uint8_t* out) {
+void unpack_row(const uint8_t* in, int64_t storage_bits, int64_t k, int64_t group_k, uint8_t* out) {
   for (int64_t g = 0; g * group_k < k; ++g) {
     const int64_t base = g * group_k;
     if (storage_bits == 4) {
@@ -233,127 +300,158 @@ void unpack_row(const uint8_t* in, int storage_bits, int64_t k, int64_t group_k,
   }
 }
 
-struct WeightPanels {
-  int nr = 8;
-  int lane = 4;               // K positions per 32-bit lane: 4 (int8 panel) or 2 (int16 panel)
-  int64_t steps = 0;          // quads or pairs per panel
-  int64_t num_panels = 0;
-  std::vector<int8_t> i8;     // [panel][step][nr][4]
-  std::vector<int16_t> i16;   // [panel][step][nr][2]
-  std::vector<int32_t> col_sums;  // (num_panels * nr) sum_k (W - w_zero) over the true K
-};
-
-WeightPanels unpack_panels(const at::Tensor& w, const at::Tensor& w_zero, int storage_bits, int64_t k,
-                           int64_t group_k, int nr) {
-  WeightPanels p;
-  const int64_t n = w.size(0);
-  p.nr = nr;
-  p.lane = storage_bits == 8 ? 2 : 4;
-  p.steps = (k + p.lane - 1) / p.lane;
-  p.num_panels = (n + nr - 1) / nr;
-  const int64_t panel_elems = p.steps * nr * p.lane;
-  if (storage_bits == 8) p.i16.assign(p.num_panels * panel_elems, 0);
-  else p.i8.assign(p.num_panels * panel_elems, 0);
-  p.col_sums.assign(p.num_panels * nr, 0);
-  const int32_t* zero = w_zero.data_ptr<int32_t>();
-  const int64_t row_bytes = w.size(1);
-  at::parallel_for(0, p.num_panels, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int32_t> centered(k);
+at::Tensor native_prepack_weight(const at::Tensor& w_in, int64_t storage_bits, int64_t k, int64_t group_k) {
+  TORCH_CHECK(storage_bits == 3 || storage_bits == 4 || storage_bits == 8,
+              "dfqvit native prepack: storage_bits=", storage_bits, "; allowed 3, 4, 8.");
+  TORCH_CHECK(w_in.dim() == 2 && w_in.device().is_cpu(), "dfqvit native prepack: w must be a 2-D CPU tensor.");
+  const at::Tensor w = w_in.contiguous();
+  const int64_t n = w.size(0), steps = panel_steps(k, storage_bits), panels = (n + kNR - 1) / kNR;
+  const int64_t row_bytes = w.size(1), lane = lane_k(storage_bits);
+  at::Tensor out = at::zeros({panels, steps, kStepBytes}, at::kByte);
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
     std::vector<uint8_t> codes(k);
     for (int64_t panel = begin; panel < end; ++panel) {
-      for (int c = 0; c < nr; ++c) {
-        const int64_t row = panel * nr + c;
-        if (row >= n) break;
+      uint8_t* pp = dst + panel * steps * kStepBytes;
+      for (int c = 0; c < kNR && panel * kNR + c < n; ++c) {
+        const int64_t row = panel * kNR + c;
+        const uint8_t* src = static_cast<const uint8_t*>(w.data_ptr()) + row * row_bytes;
         if (storage_bits == 8) {
-          const int8_t* src = w.data_ptr<int8_t>() + row * row_bytes;
-          for (int64_t i = 0; i < k; ++i) centered[i] = int32_t(src[i]) - zero[row];
+          for (int64_t i = 0; i < k; ++i) pp[(i / lane) * kStepBytes + c * lane + i % lane] = src[i];
         } else {
-          unpack_row(w.data_ptr<uint8_t>() + row * row_bytes, storage_bits, k, group_k, codes.data());
-          for (int64_t i = 0; i < k; ++i) centered[i] = int32_t(codes[i]) - zero[row];
+          unpack_row(src, storage_bits, k, group_k, codes.data());
+          const int slot = c % 8, shift = c < 8 ? 0 : 4;
+          for (int64_t i = 0; i < k; ++i)
+            pp[(i / 4) * kStepBytes + slot * 4 + i % 4] |= static_cast<uint8_t>(codes[i] << shift);
         }
-        int32_t total = 0;
-        for (int64_t i = 0; i < k; ++i) {
-          total += centered[i];
-          const int64_t at = panel * panel_elems + (i / p.lane) * nr * p.lane + c * p.lane + i % p.lane;
-          if (storage_bits == 8) p.i16[at] = static_cast<int16_t>(centered[i]);
-          else p.i8[at] = static_cast<int8_t>(centered[i]);
-        }
-        p.col_sums[panel * nr + c] = total;
       }
     }
   });
-  return p;
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Activation rows
+// ---------------------------------------------------------------------------------------------------
+
+#if DFQVIT_X86
+__attribute__((target("avx2"))) int64_t pack_row_u8_avx2(const int8_t* src, int64_t k, uint8_t* dst, int64_t* total) {
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80)), zero = _mm256_setzero_si256();
+  __m256i sums = _mm256_setzero_si256();
+  int64_t j = 0;
+  for (; j + 32 <= k; j += 32) {
+    const __m256i x = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + j)), flip);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j), x);
+    sums = _mm256_add_epi64(sums, _mm256_sad_epu8(x, zero));
+  }
+  alignas(32) int64_t parts[4];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(parts), sums);
+  *total = parts[0] + parts[1] + parts[2] + parts[3];
+  return j;
+}
+#endif
+
+// dst[j] = a[j] + 128 (as u8) for j < k; returns sum_j dst[j].
+int32_t pack_row_u8(const int8_t* src, int64_t k, uint8_t* dst, Isa isa) {
+  int64_t total = 0, j = 0;
+#if DFQVIT_X86
+  if (isa != Isa::kScalar) j = pack_row_u8_avx2(src, k, dst, &total);
+#endif
+  for (; j < k; ++j) {
+    dst[j] = static_cast<uint8_t>(src[j] ^ 0x80);
+    total += dst[j];
+  }
+  return static_cast<int32_t>(total);
+}
+
+// dst[j] = a[j] - a_zero (as s16) for j < k; returns sum_j dst[j].
+__attribute__((target_clones("avx2", "default"))) int32_t pack_row_s16(const int8_t* src, int64_t k, int16_t zero,
+                                                                       int16_t* dst) {
+  int32_t total = 0;
+  for (int64_t j = 0; j < k; ++j) {
+    dst[j] = static_cast<int16_t>(src[j] - zero);
+    total += dst[j];
+  }
+  return total;
 }
 
 // ---------------------------------------------------------------------------------------------------
 // Driver
 // ---------------------------------------------------------------------------------------------------
 
-constexpr int kMR = 4;           // rows per micro-kernel call
-constexpr int64_t kTileRows = 64;
-constexpr int64_t kTilePanels = 4;
-
-template <typename MicroFull, typename MicroRows>
-void run_tiles(int64_t m, const WeightPanels& p, const Epilogue& ep, Isa isa, MicroFull micro_full,
-               MicroRows micro_rows) {
+// Tiles of kTileRows rows x kTilePanels panels in parallel. Per panel, the micro-kernel fills the tile's
+// accumulator block (kTileRows x kNR, in L1) and one epilogue call finishes it: long runs of vectors keep the
+// divider and the out-of-order window busy.
+template <typename Micro>
+void run_tiles(int64_t m, int64_t panels, const Epilogue& ep, Isa isa, Micro micro) {
   const int64_t row_tiles = (m + kTileRows - 1) / kTileRows;
-  const int64_t panel_tiles = (p.num_panels + kTilePanels - 1) / kTilePanels;
+  const int64_t panel_tiles = (panels + kTilePanels - 1) / kTilePanels;
+#if DFQVIT_X86
+  const EpilogueFn epilogue_avx2 = epilogue_avx2_for(ep);
+#endif
   at::parallel_for(0, row_tiles * panel_tiles, 1, [&](int64_t begin, int64_t end) {
-    alignas(64) int32_t acc[kMR * kMaxNR];
+    alignas(64) int32_t acc[kTileRows * kNR];
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t m0 = (tile / panel_tiles) * kTileRows, m1 = std::min(m, m0 + kTileRows);
-      const int64_t p0 = (tile % panel_tiles) * kTilePanels, p1 = std::min(p.num_panels, p0 + kTilePanels);
+      const int64_t p0 = (tile % panel_tiles) * kTilePanels, p1 = std::min(panels, p0 + kTilePanels);
+      const int rows = static_cast<int>(m1 - m0);
       for (int64_t panel = p0; panel < p1; ++panel) {
-        const int64_t col0 = panel * p.nr;
-        const int width = static_cast<int>(std::min<int64_t>(p.nr, ep.n - col0));
-        for (int64_t row = m0; row < m1; row += kMR) {
-          const int rows = static_cast<int>(std::min<int64_t>(kMR, m1 - row));
-          if (rows == kMR) micro_full(row, panel, acc);
-          else micro_rows(row, rows, panel, acc);
+        const int64_t col0 = panel * kNR;
+        const int width = static_cast<int>(std::min<int64_t>(kNR, ep.n - col0));
+        for (int64_t row = m0; row < m1; row += kMR)
+          micro(row, static_cast<int>(std::min<int64_t>(kMR, m1 - row)), panel, acc + (row - m0) * kNR);
 #if DFQVIT_X86
-          if (isa != Isa::kScalar) {
-            epilogue_avx2(ep, acc, p.nr, row, rows, col0, width);
-            continue;
-          }
-#endif
-          epilogue_scalar(ep, acc, p.nr, row, rows, col0, width);
+        if (isa != Isa::kScalar) {
+          epilogue_avx2(ep, acc, m0, rows, col0, width);
+          continue;
         }
+#endif
+        epilogue_scalar(ep, acc, m0, rows, col0, width);
       }
     }
   });
 }
 
-at::Tensor as_f32_vector(const c10::optional<at::Tensor>& t, int64_t padded) {
+at::Tensor padded_f32(const at::Tensor& t, int64_t padded) {
   at::Tensor out = at::zeros({padded}, at::kFloat);
-  if (t.has_value()) out.narrow(0, 0, t->size(0)).copy_(t->to(at::kFloat));
+  out.narrow(0, 0, t.size(0)).copy_(t.to(at::kFloat));
   return out;
 }
 
-at::Tensor native_qgemm(const at::Tensor& a_in, double a_scale, int64_t a_zero, const at::Tensor& w_packed,
-                        const at::Tensor& w_scale, const at::Tensor& w_zero_in, const at::Tensor& w_col_sums,
-                        const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& residual,
-                        int64_t storage_bits, int64_t k, int64_t group_k, bool gelu, c10::optional<double> out_scale,
-                        int64_t out_zero, int64_t out_qmin, int64_t out_qmax, at::ScalarType out_dtype) {
-  (void)w_col_sums;  // recomputed from the codes (the reference does not use it either)
+std::vector<int32_t> padded_i32(const at::Tensor& t, int64_t padded) {
+  std::vector<int32_t> out(padded, 0);
+  const at::Tensor c = t.to(at::kInt).contiguous();
+  std::copy(c.data_ptr<int32_t>(), c.data_ptr<int32_t>() + c.numel(), out.begin());
+  return out;
+}
+
+at::Tensor native_qgemm_prepacked(const at::Tensor& a_in, double a_scale, int64_t a_zero, const at::Tensor& panels_in,
+                                  int64_t n, const at::Tensor& w_scale, const at::Tensor& w_zero,
+                                  const at::Tensor& w_col_sums, const c10::optional<at::Tensor>& bias,
+                                  const c10::optional<at::Tensor>& residual, int64_t storage_bits, int64_t k,
+                                  bool gelu, c10::optional<double> out_scale, int64_t out_zero, int64_t out_qmin,
+                                  int64_t out_qmax, at::ScalarType out_dtype) {
   TORCH_CHECK(a_in.dim() == 2 && a_in.scalar_type() == at::kChar && a_in.size(1) == k,
               "dfqvit native qgemm: a must be int8 (M, K=", k, "), got ", a_in.sizes(), " ", a_in.scalar_type());
-  TORCH_CHECK(storage_bits == 3 || storage_bits == 4 || storage_bits == 8, "dfqvit native qgemm: storage_bits=",
-              storage_bits, "; allowed 3, 4, 8.");
+  const int64_t steps = panel_steps(k, storage_bits), panels = (n + kNR - 1) / kNR;
+  TORCH_CHECK(panels_in.scalar_type() == at::kByte && panels_in.dim() == 3 && panels_in.size(0) == panels &&
+                  panels_in.size(1) == steps && panels_in.size(2) == kStepBytes,
+              "dfqvit native qgemm: prepacked weight must be uint8 (", panels, ", ", steps, ", ", kStepBytes,
+              ") for n=", n, ", k=", k, " (native_prepack_weight), got ", panels_in.sizes());
   const Isa isa = active_isa();
-  const at::Tensor a = a_in.contiguous(), w = w_packed.contiguous(), w_zero = w_zero_in.to(at::kInt).contiguous();
-  const int64_t m = a.size(0), n = w.size(0);
-  const bool wide = storage_bits == 8;
-  const int nr = (isa == Isa::kAvx512Vnni && !wide) ? 16 : 8;
-  const WeightPanels p = unpack_panels(w, w_zero, static_cast<int>(storage_bits), k, group_k, nr);
-  const int64_t np = p.num_panels * nr, steps = p.steps, ld = steps * p.lane;
+  const at::Tensor a = a_in.contiguous(), wp = panels_in.contiguous();
+  const int64_t m = a.size(0), np = panels * kNR, lane = lane_k(storage_bits), ld = steps * lane;
+  const bool nibbles = storage_bits != 8;
 
-  // Epilogue vectors, padded to whole panels.
-  at::Tensor row_scale = as_f32_vector(w_scale, np);
-  row_scale.narrow(0, 0, n).mul_(at::scalar_tensor(static_cast<float>(a_scale), at::kFloat));
-  const at::Tensor bias_f = bias.has_value() ? as_f32_vector(bias, np) : at::Tensor();
-  std::vector<int32_t> correction(np, 0);
-  if (!wide)
-    for (int64_t c = 0; c < np; ++c) correction[c] = (128 + static_cast<int32_t>(a_zero)) * p.col_sums[c];
+  at::Tensor row_scale = padded_f32(w_scale, np);
+  row_scale.mul_(at::scalar_tensor(static_cast<float>(a_scale), at::kFloat));  // reference: fp32(a_scale) * w_scale
+  const at::Tensor bias_f = bias.has_value() ? padded_f32(*bias, np) : at::Tensor();
+  const std::vector<int32_t> zero = padded_i32(w_zero, np);
+  std::vector<int32_t> col_term(np, 0);
+  if (nibbles) {
+    const std::vector<int32_t> sums = padded_i32(w_col_sums, np);
+    for (int64_t c = 0; c < np; ++c) col_term[c] = (128 + static_cast<int32_t>(a_zero)) * sums[c];
+  }
   at::Tensor res;
   if (residual.has_value()) {
     res = residual->to(at::kFloat);
@@ -361,93 +459,122 @@ at::Tensor native_qgemm(const at::Tensor& a_in, double a_scale, int64_t a_zero, 
   }
   const bool requant = out_scale.has_value();
   at::Tensor out = at::empty({m, n}, requant ? at::kChar : at::kFloat);
+  if (m == 0) return requant || out_dtype == at::kFloat ? out : out.to(out_dtype);
 
-  Epilogue ep{row_scale.data_ptr<float>(), correction.data(), bias_f.defined() ? bias_f.data_ptr<float>() : nullptr,
-              gelu, res.defined() ? res.data_ptr<float>() : nullptr, res.defined() ? res.stride(0) : 0, requant,
+  // Activations once, K padded to the lane: a + 128 as u8 (nibbles) or a - a_zero as s16 (int8), with row sums.
+  const int8_t* a8 = a.data_ptr<int8_t>();
+  std::vector<uint8_t> au(nibbles ? m * ld : 0, 0);
+  std::vector<int16_t> as(nibbles ? 0 : m * ld, 0);
+  std::vector<int32_t> row_sums(m, 0);
+  at::parallel_for(0, m, 64, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i)
+      row_sums[i] = nibbles ? pack_row_u8(a8 + i * k, k, au.data() + i * ld, isa)
+                            : pack_row_s16(a8 + i * k, k, static_cast<int16_t>(a_zero), as.data() + i * ld);
+  });
+
+  Epilogue ep{row_scale.data_ptr<float>(), col_term.data(), zero.data(), row_sums.data(),
+              bias_f.defined() ? bias_f.data_ptr<float>() : nullptr, gelu,
+              res.defined() ? res.data_ptr<float>() : nullptr, res.defined() ? res.stride(0) : 0, requant,
               static_cast<float>(out_scale.value_or(1.0)), static_cast<float>(out_zero), static_cast<float>(out_qmin),
               static_cast<float>(out_qmax), requant ? nullptr : out.data_ptr<float>(),
               requant ? out.data_ptr<int8_t>() : nullptr, n};
-  if (m == 0) return requant ? out : out.to(out_dtype);
-
-  const int8_t* a8 = a.data_ptr<int8_t>();
-  const int64_t panel_elems = steps * nr * p.lane;
-  if (!wide) {
-    std::vector<uint8_t> au(m * ld, 0);  // a + 128, K padded to quads
-    at::parallel_for(0, m, 64, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i)
-        for (int64_t j = 0; j < k; ++j) au[i * ld + j] = static_cast<uint8_t>(a8[i * k + j] ^ 0x80);
-    });
+  const uint8_t* wbytes = wp.data_ptr<uint8_t>();
+  const int64_t panel_bytes = steps * kStepBytes;
+  if (nibbles) {
     const uint8_t* ap = au.data();
-    const int8_t* wp = p.i8.data();
-    auto rows_scalar = [&](int64_t row, int rows, int64_t panel, int32_t* acc) {
-      if (nr == 16) micro_u8_scalar<16>(ap + row * ld, ld, rows, wp + panel * panel_elems, steps, acc);
-      else micro_u8_scalar<8>(ap + row * ld, ld, rows, wp + panel * panel_elems, steps, acc);
-    };
 #if DFQVIT_X86
     if (isa == Isa::kAvx512Vnni) {
-      auto full = [&](int64_t row, int64_t panel, int32_t* acc) {
-        micro_u8_vnni<kMR>(ap + row * ld, ld, wp + panel * panel_elems, steps, acc);
-      };
-      auto rows_fn = [&](int64_t row, int rows, int64_t panel, int32_t* acc) {
-        for (int r = 0; r < rows; ++r)
-          micro_u8_vnni<1>(ap + (row + r) * ld, ld, wp + panel * panel_elems, steps, acc + r * 16);
-      };
-      run_tiles(m, p, ep, isa, full, rows_fn);
+      run_tiles(m, panels, ep, isa, [&](int64_t row, int rows, int64_t panel, int32_t* acc) {
+        const uint8_t* w = wbytes + panel * panel_bytes;
+        if (rows == kMR) return micro_nibble_vnni<kMR>(ap + row * ld, ld, w, steps, acc);
+        for (int r = 0; r < rows; ++r) micro_nibble_vnni<1>(ap + (row + r) * ld, ld, w, steps, acc + r * kNR);
+      });
     } else if (isa == Isa::kAvx2) {
-      auto full = [&](int64_t row, int64_t panel, int32_t* acc) {
-        micro_u8_avx2<kMR>(ap + row * ld, ld, wp + panel * panel_elems, steps, acc);
-      };
-      auto rows_fn = [&](int64_t row, int rows, int64_t panel, int32_t* acc) {
-        for (int r = 0; r < rows; ++r)
-          micro_u8_avx2<1>(ap + (row + r) * ld, ld, wp + panel * panel_elems, steps, acc + r * 8);
-      };
-      run_tiles(m, p, ep, isa, full, rows_fn);
+      run_tiles(m, panels, ep, isa, [&](int64_t row, int rows, int64_t panel, int32_t* acc) {
+        const uint8_t* w = wbytes + panel * panel_bytes;
+        if (rows == kMR) return micro_nibble_avx2<kMR>(ap + row * ld, ld, w, steps, acc);
+        for (int r = 0; r < rows; ++r) micro_nibble_avx2<1>(ap + (row + r) * ld, ld, w, steps, acc + r * kNR);
+      });
     } else
 #endif
-    {
-      auto full = [&](int64_t row, int64_t panel, int32_t* acc) { rows_scalar(row, kMR, panel, acc); };
-      run_tiles(m, p, ep, isa, full, rows_scalar);
-    }
+      run_tiles(m, panels, ep, isa, [&](int64_t row, int rows, int64_t panel, int32_t* acc) {
+        micro_nibble_scalar(ap + row * ld, ld, rows, wbytes + panel * panel_bytes, steps, acc);
+      });
   } else {
-    std::vector<int16_t> as(m * ld, 0);  // a - a_zero, K padded to pairs
-    at::parallel_for(0, m, 64, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i)
-        for (int64_t j = 0; j < k; ++j) as[i * ld + j] = static_cast<int16_t>(a8[i * k + j] - a_zero);
-    });
     const int16_t* ap = as.data();
-    const int16_t* wp = p.i16.data();
-    auto rows_scalar = [&](int64_t row, int rows, int64_t panel, int32_t* acc) {
-      micro_s16_scalar<8>(ap + row * ld, ld, rows, wp + panel * panel_elems, steps, acc);
-    };
+    const int8_t* w8 = reinterpret_cast<const int8_t*>(wbytes);
 #if DFQVIT_X86
     if (isa != Isa::kScalar) {
-      auto full = [&](int64_t row, int64_t panel, int32_t* acc) {
-        micro_s16_avx2<kMR>(ap + row * ld, ld, wp + panel * panel_elems, steps, acc);
-      };
-      auto rows_fn = [&](int64_t row, int rows, int64_t panel, int32_t* acc) {
-        for (int r = 0; r < rows; ++r)
-          micro_s16_avx2<1>(ap + (row + r) * ld, ld, wp + panel * panel_elems, steps, acc + r * 8);
-      };
-      run_tiles(m, p, ep, isa, full, rows_fn);
+      run_tiles(m, panels, ep, isa, [&](int64_t row, int rows, int64_t panel, int32_t* acc) {
+        const int8_t* w = w8 + panel * panel_bytes;
+        if (rows == kMR) return micro_int8_avx2<kMR>(ap + row * ld, ld, w, steps, acc);
+        for (int r = 0; r < rows; ++r) micro_int8_avx2<1>(ap + (row + r) * ld, ld, w, steps, acc + r * kNR);
+      });
     } else
 #endif
-    {
-      auto full = [&](int64_t row, int64_t panel, int32_t* acc) { rows_scalar(row, kMR, panel, acc); };
-      run_tiles(m, p, ep, isa, full, rows_scalar);
-    }
+      run_tiles(m, panels, ep, isa, [&](int64_t row, int rows, int64_t panel, int32_t* acc) {
+        micro_int8_scalar(ap + row * ld, ld, rows, w8 + panel * panel_bytes, steps, acc);
+      });
   }
   if (requant || out_dtype == at::kFloat) return out;
   return out.to(out_dtype);  // fp16 / bf16: the reference's y.to(out_dtype), round to nearest even
 }
 
+// sum_k (W[n, k] - w_zero[n]) over the true K, from the panels (zero beyond K and N).
+at::Tensor panel_col_sums(const at::Tensor& panels, int64_t storage_bits, int64_t k, int64_t n, const at::Tensor& w_zero) {
+  const int64_t steps = panels.size(1);
+  const std::vector<int32_t> zero = padded_i32(w_zero, panels.size(0) * kNR);
+  at::Tensor sums = at::empty({n}, at::kInt);
+  const uint8_t* bytes = panels.data_ptr<uint8_t>();
+  for (int64_t col = 0; col < n; ++col) {
+    const int64_t panel = col / kNR, c = col % kNR;
+    const uint8_t* pp = bytes + panel * steps * kStepBytes;
+    int32_t total = 0;
+    for (int64_t s = 0; s < steps; ++s) {
+      if (storage_bits == 8) {
+        for (int t = 0; t < 2; ++t) total += static_cast<int8_t>(pp[s * kStepBytes + c * 2 + t]);
+      } else {
+        for (int t = 0; t < 4; ++t) {
+          const uint8_t byte = pp[s * kStepBytes + (c % 8) * 4 + t];
+          total += c < 8 ? (byte & 0xF) : (byte >> 4);
+        }
+      }
+    }
+    sums.data_ptr<int32_t>()[col] = total - static_cast<int32_t>(k) * zero[col];
+  }
+  return sums;
+}
+
+// The GPU layout in, prepacked per call: the CPU implementation of dfqvit::qgemm (column sums recomputed, as
+// the reference ignores them). The engine prepacks once and calls native_qgemm_prepacked.
+at::Tensor native_qgemm(const at::Tensor& a, double a_scale, int64_t a_zero, const at::Tensor& w_packed,
+                        const at::Tensor& w_scale, const at::Tensor& w_zero, const at::Tensor& w_col_sums,
+                        const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& residual,
+                        int64_t storage_bits, int64_t k, int64_t group_k, bool gelu, c10::optional<double> out_scale,
+                        int64_t out_zero, int64_t out_qmin, int64_t out_qmax, at::ScalarType out_dtype) {
+  (void)w_col_sums;
+  const at::Tensor panels = native_prepack_weight(w_packed, storage_bits, k, group_k);
+  const at::Tensor sums = panel_col_sums(panels, storage_bits, k, w_packed.size(0), w_zero);
+  return native_qgemm_prepacked(a, a_scale, a_zero, panels, w_packed.size(0), w_scale, w_zero, sums, bias,
+                                residual, storage_bits, k, gelu, out_scale, out_zero, out_qmin, out_qmax, out_dtype);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(dfqvit, m) {
+  m.def("native_prepack_weight(Tensor w_packed, int storage_bits, int k, int group_k) -> Tensor");
   m.def("native_qgemm(Tensor a, float a_scale, int a_zero, Tensor w_packed, Tensor w_scale, Tensor w_zero, "
         "Tensor w_col_sums, Tensor? bias, Tensor? residual, int storage_bits, int k, int group_k, bool gelu, "
         "float? out_scale, int out_zero, int out_qmin, int out_qmax, ScalarType out_dtype) -> Tensor");
+  m.def("native_qgemm_prepacked(Tensor a, float a_scale, int a_zero, Tensor panels, int n, Tensor w_scale, "
+        "Tensor w_zero, Tensor w_col_sums, Tensor? bias, Tensor? residual, int storage_bits, int k, bool gelu, "
+        "float? out_scale, int out_zero, int out_qmin, int out_qmax, ScalarType out_dtype) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(dfqvit, CPU, m) { m.impl("native_qgemm", &native_qgemm); }
+TORCH_LIBRARY_IMPL(dfqvit, CPU, m) {
+  m.impl("native_prepack_weight", &native_prepack_weight);
+  m.impl("native_qgemm", &native_qgemm);
+  m.impl("native_qgemm_prepacked", &native_qgemm_prepacked);
+}
 
 }  // namespace dfqvit

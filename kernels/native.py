@@ -1,0 +1,133 @@
+"""The native CPU backend (``dfqvit._C``, built from ``kernels/csrc`` by CMake + Ninja), from Python.
+
+When the extension is importable, importing ``dfqvit.kernels`` registers its kernels as the CPU
+implementations of ``dfqvit::qgemm``, ``dfqvit::attention_log2`` and ``dfqvit::attention_linear`` (the ops the
+Triton kernels implement on CUDA); without it those ops run ``reference.py`` on the CPU. Both give the same
+bits (tests/test_kernels_native.py). ``DFQVIT_NATIVE=0`` leaves the extension unloaded.
+
+The engine's ``native`` backend goes one step further: it converts each packed weight once into CPU panels
+(:func:`prepack`, same bytes as the GPU layout) and calls :func:`qgemm_prepacked` on them.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Optional
+
+import torch
+
+from .errors import KernelInputError, MissingGPUError
+
+_LOADED: Optional[bool] = None
+P_MODE_LOG2, P_MODE_LINEAR = 0, 1
+STEP_BYTES = 32  # bytes per panel step (kernels/csrc/qgemm_cpu.cpp)
+PANEL_OUTPUTS = 16
+
+
+def available() -> bool:
+    """Whether ``dfqvit._C`` is built and loaded (and not disabled by ``DFQVIT_NATIVE=0``)."""
+    global _LOADED
+    if _LOADED is None:
+        if os.environ.get("DFQVIT_NATIVE", "1").strip().lower() in ("0", "off", "false", "no"):
+            _LOADED = False
+        else:
+            try:
+                importlib.import_module("dfqvit._C")
+                _LOADED = True
+            except ImportError:
+                _LOADED = False
+    return _LOADED
+
+
+def require() -> None:
+    if not available():
+        reason = ("DFQVIT_NATIVE=0 is set" if os.environ.get("DFQVIT_NATIVE", "1").strip().lower()
+                  in ("0", "off", "false", "no") else "dfqvit._C is not built")
+        raise MissingGPUError(
+            f"the native CPU backend is unavailable ({reason}). Build it with "
+            "`DFQVIT_BUILD_EXT=1 pip install --no-build-isolation --no-deps -e .` (needs cmake, ninja, a C++ "
+            "compiler), or use backend='torch' (the PyTorch reference, same results, slower).")
+
+
+def isa() -> str:
+    """The instruction set the native kernels use now: ``avx512_vnni``, ``avx2`` or ``scalar``."""
+    require()
+    return torch.ops.dfqvit.native_isa()
+
+
+def detected_isa() -> str:
+    require()
+    return torch.ops.dfqvit.native_detected_isa()
+
+
+def set_isa(name: str) -> str:
+    """Force ``scalar``/``avx2``/``avx512_vnni`` (or ``auto``); returns the previous one. For tests and
+    benchmarks; ``DFQVIT_NATIVE_ISA`` sets the start value."""
+    require()
+    return torch.ops.dfqvit.native_set_isa(name)
+
+
+def prepack(data: torch.Tensor, storage_bits: int, k: int, group_k: int) -> torch.Tensor:
+    """GPU-layout packed weight (N, row_bytes) -> CPU panels uint8 (ceil(N/16), ceil(K/lane), 32)."""
+    require()
+    if data.device.type != "cpu":
+        raise KernelInputError(f"prepack: the packed weight is on {data.device}; the native backend runs on the CPU.")
+    return torch.ops.dfqvit.native_prepack_weight(data, int(storage_bits), int(k), int(group_k))
+
+
+def qgemm_prepacked(a: torch.Tensor, a_scale: float, a_zero: int, panels: torch.Tensor, n: int,
+                    w_scale: torch.Tensor, w_zero: torch.Tensor, w_col_sums: torch.Tensor, bias, residual,
+                    storage_bits: int, k: int, gelu: bool, out_scale: Optional[float], out_zero: int, out_qmin: int,
+                    out_qmax: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """``dfqvit::qgemm`` on prepacked panels (same math and bits; ``w_col_sums`` must be the true sums)."""
+    return torch.ops.dfqvit.native_qgemm_prepacked(a, float(a_scale), int(a_zero), panels, int(n), w_scale, w_zero,
+                                                   w_col_sums, bias, residual, int(storage_bits), int(k), bool(gelu),
+                                                   None if out_scale is None else float(out_scale), int(out_zero),
+                                                   int(out_qmin), int(out_qmax), out_dtype)
+
+
+def attention(q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale, v_zero, sm_scale, bias, mask, p_mode: int,
+              p_param: float, p_zero: int, p_bits: int, out_dtype: torch.dtype) -> torch.Tensor:
+    return torch.ops.dfqvit.native_attention(q, k, v, float(q_scale), int(q_zero), float(k_scale), int(k_zero),
+                                             float(v_scale), int(v_zero), float(sm_scale), bias, mask, int(p_mode),
+                                             float(p_param), int(p_zero), int(p_bits), out_dtype)
+
+
+def register_cpu_kernels() -> bool:
+    """Make the native kernels the CPU implementations of the dfqvit ops (idempotent); False without _C."""
+    if not available():
+        return False
+    from . import attention as attention_module
+    from . import qgemm as qgemm_module
+
+    if getattr(register_cpu_kernels, "done", False):
+        return True
+
+    @qgemm_module.qgemm_op.register_kernel("cpu")
+    def _qgemm_cpu(a, a_scale, a_zero, w_packed, w_scale, w_zero, w_col_sums, bias, residual, storage_bits, k,
+                   group_k, gelu, out_scale, out_zero, out_qmin, out_qmax, out_dtype):
+        qgemm_module.check_qgemm_args("dfqvit::qgemm", a, a_zero, w_packed, w_scale, w_zero, w_col_sums, bias,
+                                      residual, storage_bits, k, group_k, out_scale, out_zero, out_qmin, out_qmax,
+                                      out_dtype)
+        return torch.ops.dfqvit.native_qgemm(a, a_scale, a_zero, w_packed, w_scale, w_zero, w_col_sums, bias,
+                                             residual, storage_bits, k, group_k, gelu, out_scale, out_zero, out_qmin,
+                                             out_qmax, out_dtype)
+
+    @attention_module.attention_log2_op.register_kernel("cpu")
+    def _attention_log2_cpu(q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale, v_zero, sm_scale, bias, mask,
+                            p_delta, p_bits, out_dtype):
+        attention_module.check_attention_args("dfqvit::attention_log2", q, k, v, q_zero, k_zero, v_zero, sm_scale,
+                                              bias, mask, p_bits, out_dtype, P_MODE_LOG2, p_delta)
+        return attention(q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale, v_zero, sm_scale, bias, mask,
+                         P_MODE_LOG2, p_delta, 0, p_bits, out_dtype)
+
+    @attention_module.attention_linear_op.register_kernel("cpu")
+    def _attention_linear_cpu(q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale, v_zero, sm_scale, bias, mask,
+                              p_scale, p_zero, p_bits, out_dtype):
+        attention_module.check_attention_args("dfqvit::attention_linear", q, k, v, q_zero, k_zero, v_zero, sm_scale,
+                                              bias, mask, p_bits, out_dtype, P_MODE_LINEAR, p_scale, p_zero)
+        return attention(q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale, v_zero, sm_scale, bias, mask,
+                         P_MODE_LINEAR, p_scale, p_zero, p_bits, out_dtype)
+
+    register_cpu_kernels.done = True
+    return True
