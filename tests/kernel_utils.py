@@ -37,7 +37,8 @@ def random_weight(bits: int, n: int, k: int, generator: torch.Generator):
         zero = torch.randint(-30, 30, (n,), generator=generator).to(torch.int32)
     else:
         codes = torch.randint(0, 2 ** bits, (n, k), generator=generator)
-        codes.view(-1)[: 2 ** bits] = torch.arange(2 ** bits)  # all values present
+        present = min(codes.numel(), 2 ** bits)
+        codes.view(-1)[:present] = torch.arange(present)  # all values present (when there is room)
         codes = codes.to(torch.uint8 if bits <= 4 else torch.int8)
         zero = torch.randint(0, 2 ** bits, (n,), generator=generator).to(torch.int32)
     scale = torch.rand(n, generator=generator) * 0.01 + 0.001

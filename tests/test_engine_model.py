@@ -113,11 +113,13 @@ def test_triton_engine_matches_fake_quant(name, bits):
     assert agreement(fake, real) >= 0.99
 
 
-def test_auto_backend_on_cpu_is_torch_and_fake_returns_the_fake_model():
+def test_auto_backend_on_cpu_is_native_or_torch_and_fake_returns_the_fake_model():
+    from dfqvit.kernels import native
     _, qmodel = calibrated("vit", (8, 8))
     engine = build_engine(qmodel)
-    assert isinstance(engine, QuantizedViT) and engine.backend == "torch"
-    assert "backend=torch" in repr(engine) and "W8A8" in repr(engine)
+    expected = "native" if native.available() else "torch"
+    assert isinstance(engine, QuantizedViT) and engine.backend == expected
+    assert f"backend={expected}" in repr(engine) and "W8A8" in repr(engine)
     assert build_engine(qmodel, backend="fake") is qmodel
     with pytest.raises(DFQViTError, match="backend"):
         build_engine(qmodel, backend="cuda")

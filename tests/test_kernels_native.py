@@ -1,4 +1,5 @@
-"""The optional native extension dfqvit._C packs bit for bit like packing.py (skipped when not built)."""
+"""The native CPU backend dfqvit._C: packing, GEMM, attention and the whole engine, bit for bit equal to the
+PyTorch reference (skipped when the extension is not built)."""
 from __future__ import annotations
 
 import importlib
@@ -31,3 +32,187 @@ def test_native_packing_rejects_bad_arguments():
     ops = _native()
     with pytest.raises(RuntimeError, match="storage_bits=5"):
         ops.native_pack_weight(torch.zeros(2, 16, dtype=torch.uint8), 5, 16)
+
+
+# --- GEMM -----------------------------------------------------------------------------------------------
+# Bit-exact: the native kernels run the reference's integer sums and fp32 epilogue in the same order (GELU via
+# portable_math), so every comparison below is torch.equal, for every ISA this CPU runs.
+
+GEN = torch.Generator().manual_seed(5)
+GEMM_SHAPES = [(1, 3, 5), (7, 19, 17), (33, 48, 100), (66, 37, 129), (130, 16, 64), (5, 100, 3)]
+
+
+def _isas():
+    from dfqvit.kernels import native
+    if not native.available():
+        return ["scalar"]
+    ladder = ["scalar", "avx2", "avx512_vnni"]
+    return ladder[: ladder.index(native.detected_isa()) + 1]
+
+
+@pytest.fixture(params=["scalar", "avx2", "avx512_vnni"])
+def isa(request):
+    """Run the test with the native kernels forced to one ISA (skipped where the CPU lacks it)."""
+    _native()
+    from dfqvit.kernels import native
+    if request.param not in _isas():
+        pytest.skip(f"this CPU runs up to {native.detected_isa()}, not {request.param}")
+    previous = native.set_isa(request.param)
+    yield request.param
+    native.set_isa(previous)
+
+
+def _weight(bits, n, k):
+    from kernel_utils import random_weight
+    from dfqvit.kernels import pack_weight
+    codes, scale, zero = random_weight(bits, n, k, GEN)
+    return pack_weight(codes, scale, zero, bits)
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+@pytest.mark.parametrize("m,n,k", GEMM_SHAPES)
+def test_native_qgemm_is_bit_exact(isa, bits, m, n, k):
+    from dfqvit.kernels import native
+    w = _weight(bits, n, k)
+    a = torch.randint(-128, 128, (m, k), generator=GEN).to(torch.int8)
+    bias, residual = torch.randn(n, generator=GEN), torch.randn(m, n, generator=GEN)
+    panels = native.prepack(w.data, w.storage_bits, k, w.group_k)
+    for gelu, res, requant, out_dtype in [(False, None, None, torch.float32), (True, residual, None, torch.float32),
+                                          (True, None, 0.03, torch.int8), (False, residual, 0.05, torch.int8),
+                                          (True, residual.half(), None, torch.float16),
+                                          (False, None, None, torch.bfloat16)]:
+        args = (a, 0.02, -5, w.data, w.w_scale, w.w_zero, w.w_col_sums, bias, res, w.storage_bits, k, w.group_k,
+                gelu, requant, 3, -128, 127, out_dtype)
+        expected = reference.qgemm_reference(*args)
+        assert torch.equal(torch.ops.dfqvit.native_qgemm(*args), expected)
+        got = native.qgemm_prepacked(a, 0.02, -5, panels, n, w.w_scale, w.w_zero, w.w_col_sums, bias, res,
+                                     w.storage_bits, k, gelu, requant, 3, -128, 127, out_dtype)
+        assert torch.equal(got, expected)
+
+
+def test_native_qgemm_extreme_codes_and_long_k(isa):
+    """a = -128 against code 15 with zero point 0 everywhere (the s16 pair sums' worst case), K = 3072."""
+    from dfqvit.kernels import native, pack_weight
+    n, k = 24, 3072
+    for bits, top in ((4, 15), (3, 7)):
+        w = pack_weight(torch.full((n, k), top, dtype=torch.uint8), torch.ones(n), torch.zeros(n, dtype=torch.int32),
+                        bits)
+        for fill in (-128, 127):
+            a = torch.full((5, k), fill, dtype=torch.int8)
+            args = (a, 1.0, 0, w.data, w.w_scale, w.w_zero, w.w_col_sums, None, None, w.storage_bits, k, w.group_k,
+                    False, None, 0, -128, 127, torch.float32)
+            expected = reference.qgemm_reference(*args)
+            assert float(expected[0, 0]) == (fill * top * k)
+            panels = native.prepack(w.data, bits, k, w.group_k)
+            assert torch.equal(native.qgemm_prepacked(a, 1.0, 0, panels, n, w.w_scale, w.w_zero, w.w_col_sums, None,
+                                                      None, bits, k, False, None, 0, -128, 127, torch.float32),
+                               expected)
+
+
+def test_native_kernels_are_the_cpu_implementation_of_the_ops():
+    _native()
+    w = _weight(4, 20, 50)
+    a = torch.randint(-128, 128, (9, 50), generator=GEN).to(torch.int8)
+    args = (a, 0.02, 1, w.data, w.w_scale, w.w_zero, w.w_col_sums, None, None, 4, 50, w.group_k, True, 0.1, 0,
+            -128, 127, torch.int8)
+    assert torch.equal(torch.ops.dfqvit.qgemm(*args), reference.qgemm_reference(*args))
+    from dfqvit.kernels import KernelInputError
+    with pytest.raises(KernelInputError, match="K=49"):  # the op validates before the native call
+        torch.ops.dfqvit.qgemm(a[:, :49], *args[1:])
+
+
+def test_native_rejects_bad_arguments():
+    ops = _native()
+    from dfqvit.kernels import native
+    with pytest.raises(RuntimeError, match="prepacked weight must be uint8"):
+        ops.native_qgemm_prepacked(torch.zeros(2, 8, dtype=torch.int8), 1.0, 0, torch.zeros(1, 1, 32, dtype=torch.uint8),
+                                   16, torch.ones(16), torch.zeros(16, dtype=torch.int32),
+                                   torch.zeros(16, dtype=torch.int32), None, None, 4, 8, False, None, 0, 0, 0,
+                                   torch.float32)
+    with pytest.raises(RuntimeError, match="unknown ISA"):
+        native.set_isa("neon")
+
+
+# --- attention ------------------------------------------------------------------------------------------
+
+ATTN_SHAPES = [(2, 3, 65, 16), (1, 2, 17, 24), (1, 1, 197, 64), (3, 1, 1, 8)]
+
+
+@pytest.mark.parametrize("b,h,n,d", ATTN_SHAPES)
+@pytest.mark.parametrize("p_bits", [3, 4, 8])
+def test_native_log2_attention_is_bit_exact(isa, b, h, n, d, p_bits):
+    from kernel_utils import random_int8
+    from dfqvit.kernels import native
+    q, k, v = (random_int8((b, h, n, d), GEN) for _ in range(3))
+    args = (q, k, v, 0.03, 3, 0.025, -5, 0.05, 1, d ** -0.5, None, None)
+    out_dtype = torch.float16 if p_bits == 4 else torch.float32
+    expected = reference.attention_log2_reference(*args, 0.8, p_bits, out_dtype)
+    assert torch.equal(native.attention(*args, native.P_MODE_LOG2, 0.8, 0, p_bits, out_dtype), expected)
+    assert torch.equal(torch.ops.dfqvit.attention_log2(*args, 0.8, p_bits, out_dtype), expected)
+
+
+def test_native_attention_swin_bias_mask_linear_and_strided_inputs(isa):
+    from kernel_utils import random_int8
+    from dfqvit.kernels import native
+    windows, images, h, n, d = 2, 2, 2, 49, 32
+    qkv = random_int8((windows * images, n, 3, h, d), GEN)
+    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # strided (B, H, N, d) views, as the engine passes
+    bias = torch.randn(h, n, n, generator=GEN)
+    mask = torch.where(torch.rand(windows, n, n, generator=GEN) < 0.3, -100.0, 0.0)
+    args = (q, k, v, 0.03, 3, 0.025, -5, 0.05, 1, d ** -0.5, bias, mask)
+    expected = reference.attention_log2_reference(*args, 1.0, 4, torch.float32)
+    assert torch.equal(native.attention(*args, native.P_MODE_LOG2, 1.0, 0, 4, torch.float32), expected)
+    p_scale = 1.0 / 250
+    expected = reference.attention_linear_reference(*args, p_scale, 3, 8, torch.bfloat16)
+    assert torch.equal(native.attention(*args, native.P_MODE_LINEAR, p_scale, 3, 8, torch.bfloat16), expected)
+    assert torch.equal(torch.ops.dfqvit.attention_linear(*args, p_scale, 3, 8, torch.bfloat16), expected)
+
+
+# --- engine ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["vit", "swin", "deit_distilled"])
+@pytest.mark.parametrize("bits", [(4, 8), (4, 4), (8, 8), (3, 8), (4, 16)], ids=lambda b: f"W{b[0]}A{b[1]}")
+def test_engine_native_backend_equals_torch_backend(name, bits):
+    """The whole engine with and without the extension: identical logits, less weight memory (CPU panels pad K
+    to 4, not to the 64/128 packing group)."""
+    _native()
+    import dfqvit
+    from dfqvit.engine import build_engine
+    from conftest import TINY_MODELS
+    model = TINY_MODELS[name]()
+    torch.manual_seed(1)
+    qmodel = dfqvit.compile(model, bits=bits, calib=torch.randn(4, 3, 32, 32), recon=None, correction=None,
+                            progress=False)
+    x = torch.randn(6, 3, 32, 32, generator=GEN)
+    native_engine, torch_engine = build_engine(qmodel, backend="native"), build_engine(qmodel, backend="torch")
+    assert native_engine.backend == "native" and "backend=native" in repr(native_engine)
+    with torch.no_grad():
+        assert torch.equal(native_engine(x), torch_engine(x))
+    if bits[1] != 16 and bits[0] <= 4:
+        assert native_engine.weight_nbytes() <= torch_engine.weight_nbytes()
+
+
+def test_engine_native_backend_on_the_trained_cifar_model():
+    """W4A8 on the CIFAR reference ViT: native == torch backend, bit for bit, on 64 test images."""
+    _native()
+    import dfqvit
+    from dfqvit.engine import build_engine
+    from conftest import load_cifar_images, load_cifar_model
+    model, norm = load_cifar_model()
+    calib, _, x = load_cifar_images(norm, test_images=64)
+    qmodel = dfqvit.compile(model, bits=(4, 8), calib=calib, normalization=norm, recon=None, progress=False)
+    with torch.no_grad():
+        assert torch.equal(build_engine(qmodel, backend="native")(x), build_engine(qmodel, backend="torch")(x))
+
+
+def test_native_backend_errors_say_what_to_do(monkeypatch):
+    from dfqvit.engine.backends import select_kernels
+    from dfqvit.errors import DFQViTError, MissingGPUError
+    from dfqvit.kernels import native
+    monkeypatch.setattr(native, "_LOADED", False)
+    with pytest.raises(MissingGPUError, match="DFQVIT_BUILD_EXT=1"):
+        select_kernels("native", torch.device("cpu"))
+    assert select_kernels("auto", torch.device("cpu")).name == "torch"
+    monkeypatch.setattr(native, "_LOADED", True)
+    with pytest.raises(DFQViTError, match="runs on the CPU"):
+        select_kernels("native", torch.device("meta"))
