@@ -1,6 +1,7 @@
 """Kernel benchmark: packed low-bit GEMMs and log2 attention against cuBLAS fp16, fp8 ``_scaled_mm`` and SDPA.
 
     python benchmarks/kernels.py [--out benchmarks/results] [--batches 1 8 64 256] [--models deit_s vit_b]
+    python benchmarks/kernels.py --cpu [--quick]      # the native CPU backend (benchmarks/kernels_cpu.py)
 
 One run times, side by side on the same GPU, at the linear shapes of DeiT-S and ViT-B (M = batch x 197):
 cuBLAS fp16 (``torch.matmul``), cuBLAS fp8 (``torch._scaled_mm``, e4m3), our W8A8 / W4A8 / W3A8 GEMMs
@@ -228,7 +229,14 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64, 256])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--cpu", action="store_true", help="benchmark the native CPU backend instead (no GPU needed)")
+    parser.add_argument("--quick", action="store_true", help="with --cpu: few repetitions (smoke test)")
+    parser.add_argument("--engine-batch", type=int, default=64, help="with --cpu: batch of the whole-model run")
     args = parser.parse_args(argv)
+    if args.cpu:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from kernels_cpu import run
+        return run(args.out, engine_batch=args.engine_batch, quick=args.quick)
 
     report = {"benchmark": "kernels", "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"), "env": environment(),
               "tokens": TOKENS, "batches": args.batches, "models": {m: asdict(MODELS[m]) for m in args.models},

@@ -114,6 +114,11 @@ class Attention(nn.Module):
                            (("q_quantizer", attn.q_quantizer), ("k_quantizer", attn.k_quantizer),
                             ("v_quantizer", attn.v_quantizer)))
         self.softmax = softmax_grid(attn.attn_quantizer, f"{where}.attn_quantizer")
+        # Per-column grids of the qkv output: q, k and v are quantized in one contiguous pass.
+        width = self.num_heads * self.head_dim
+        for name, index in (("scale", 0), ("zero", 1), ("qmin", 2), ("qmax", 3)):
+            values = [0.0 if g is None else float((g.scale, g.zero, g.qmin, g.qmax)[index]) for g in self.grids]
+            self.register_buffer(f"qkv_{name}", torch.tensor(values, dtype=torch.float32).repeat_interleave(width))
         quantized = [g is not None for g in (*self.grids, self.softmax, self.qkv.act, self.proj.act)]
         if any(quantized) and not all(quantized):
             raise UnsupportedModelError(
@@ -130,8 +135,12 @@ class Attention(nn.Module):
             o = F.scaled_dot_product_attention(*heads, attn_mask=attention_float_bias(bias, mask, batch),
                                                scale=self.sm_scale)
         else:
-            # Quantize in (B, N, H, d) and hand the kernel strided (B, H, N, d) views: no copies.
-            q8, k8, v8 = (quantize(t, g).transpose(1, 2) for t, g in zip((q, k, v), self.grids))
+            # Quantize q, k, v together (per-column grids, the same rounding as three per-tensor passes) and
+            # hand the kernel strided (B, H, N, d) views: no copies.
+            codes = reference.uniform_quantize(qkv.float(), self.qkv_scale, self.qkv_zero, self.qkv_qmin,
+                                               self.qkv_qmax).to(torch.int8)
+            q8, k8, v8 = (t.transpose(1, 2) for t in
+                          codes.view(batch, seq, 3, self.num_heads, self.head_dim).unbind(2))
             o = kernels.attention(q8, k8, v8, self.grids, self.sm_scale, bias, mask, self.softmax, qkv.dtype)
         return o.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
 

@@ -1,16 +1,19 @@
-// dfqvit::native_attention: int8 Q, K, V -> exact int32 QK^T -> portable base-2 softmax -> log2 (or linear)
-// P codes -> P.V by shifts and adds, on the CPU; bit for bit kernels/reference.py:attention_log2_reference /
-// attention_linear_reference.
+// dfqvit::native_attention: int8 Q, K, V -> exact QK^T -> portable base-2 softmax -> log2 (or linear) P codes
+// -> exact P.V, on the CPU; bit for bit kernels/reference.py:attention_log2_reference / attention_linear_reference.
 //
-// One (batch, head) pair per task (at::parallel_for). Per row of queries:
-//   t_j  = fp32(sum_d (q - q_zero)(k_j - k_zero)) * fp32(scale * log2 e) [+ bias * log2 e] [+ mask * log2 e]
-//   e_j  = exp2(t_j - max t)                   (portable_math.h: polynomial + exponent bits)
+//   S    = (q - q_zero)(k - k_zero)^T       fp32 on integers: every partial sum is below
+//                                           256 * 255 * 255 < 2**24, so it is the exact integer in any order
+//   t_j  = S_j * fp32(scale * log2 e) [+ bias * log2 e] [+ mask * log2 e]
+//   e_j  = exp2(t_j - max t)                (portable_math.h: polynomial + exponent bits, AVX2 or scalar)
 //   p_j  = e_j / fp32(sum_j trunc(e_j 2**53)) 2**-53   (int64 fixed point: any order, same bits)
-//   log2: k_j = clamp(round(-log2 max(p_j / delta, floor)), 0, 2**bits)  (frexp: exact)
-//         out = fp32(sum_j (v_j - v_zero) 2**(S - k_j)) * 2**-S * fp32(delta * v_scale)
-//   linear: c_j = clamp(round(p_j / p_scale) + p_zero, 0, 2**bits - 1)
-//         out = fp32(sum_j (c_j - p_zero)(v_j - v_zero)) * fp32(p_scale * v_scale)
-// The P.V sums are integers below 2**53, accumulated exactly in float64 (vectorisable, order-free).
+//   log2:   k_j = round(-log2 max(p_j / delta, floor)) from the fp32 exponent and mantissa bits;
+//           W_j = 2**(S - k_j) (0 for the underflow code and for k_j > S = min(2**bits - 1, 32))
+//           out = fp32(sum_j W_j (v_j - v_zero)) * 2**-S * fp32(delta * v_scale)
+//   linear: c_j = clamp(round(p_j / p_scale) + p_zero, 0, 2**bits - 1);  W_j = c_j - p_zero
+//           out = fp32(sum_j W_j (v_j - v_zero)) * fp32(p_scale * v_scale)
+// P.V is an integer sum of shifted V values below 2**53, accumulated in float64: exact in any order.
+// One (batch, head) pair per task on torch's OpenMP pool; Q, K, V are read once per head (strided views are
+// fine) into centred fp32 / float64 buffers; QK^T and P.V rows are AVX2 loops (scalar on other CPUs).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -35,6 +38,35 @@ __attribute__((target("avx2"))) int64_t exp2_row_avx2(const float* d, float* e, 
   for (; i + 8 <= n; i += 8) _mm256_storeu_ps(e + i, pm::exp2_avx2(_mm256_loadu_ps(d + i)));
   return i;
 }
+
+// Log2 P.V weights for 8 probabilities: 2**(shift - k) as double, 0 beyond the shift or the fp32 normal range
+// (ratios below 2**-126 have k >= 126 > 32 >= shift). Returns how many were done.
+__attribute__((target("avx2"))) int64_t log2_weights_avx2(const float* e, int64_t n, float sum, float delta,
+                                                           float floor, int64_t shift, double* w) {
+  const __m256 vsum = _mm256_set1_ps(sum), vdelta = _mm256_set1_ps(delta), vfloor = _mm256_set1_ps(floor);
+  const __m256 normal = _mm256_set1_ps(1.17549435e-38f);
+  const __m256i vshift = _mm256_set1_epi32(static_cast<int32_t>(shift)), zero = _mm256_setzero_si256();
+  const __m256i exp_mask = _mm256_set1_epi32(0xFF), mant_mask = _mm256_set1_epi32(0x7FFFFF);
+  const __m256i sqrt2_mant = _mm256_set1_epi32(0x3504F3), bias = _mm256_set1_epi32(127);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 p = _mm256_div_ps(_mm256_loadu_ps(e + j), vsum);
+    const __m256 ratio = _mm256_max_ps(_mm256_div_ps(p, vdelta), vfloor);
+    const __m256i bits = _mm256_castps_si256(ratio);
+    const __m256i exponent = _mm256_sub_epi32(_mm256_and_si256(_mm256_srli_epi32(bits, 23), exp_mask), bias);
+    // k = -E - (mantissa > sqrt 2); mantissa bits above 0x3504F3 <=> m > sqrt(2)
+    const __m256i up = _mm256_cmpgt_epi32(_mm256_and_si256(bits, mant_mask), sqrt2_mant);  // -1 or 0
+    __m256i k = _mm256_add_epi32(_mm256_sub_epi32(zero, exponent), up);
+    k = _mm256_max_epi32(k, zero);
+    const __m256i tiny = _mm256_castps_si256(_mm256_cmp_ps(ratio, normal, _CMP_LT_OQ));
+    const __m256i beyond = _mm256_or_si256(_mm256_cmpgt_epi32(k, vshift), tiny);
+    const __m256i wbits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(vshift, k), bias), 23);
+    const __m256 wf = _mm256_castsi256_ps(_mm256_andnot_si256(beyond, wbits));  // 2**(shift - k) or +0
+    _mm256_storeu_pd(w + j, _mm256_cvtps_pd(_mm256_castps256_ps128(wf)));
+    _mm256_storeu_pd(w + j + 4, _mm256_cvtps_pd(_mm256_extractf128_ps(wf, 1)));
+  }
+  return j;
+}
 #endif
 
 // e[j] = exp2(d[j]) for a row; AVX2 and scalar give the same bits.
@@ -46,25 +78,65 @@ void exp2_row(const float* d, float* e, int64_t n, Isa isa) {
   for (; j < n; ++j) e[j] = pm::exp2(d[j]);
 }
 
-__attribute__((target_clones("avx2", "default"))) void qk_row(const int16_t* q, const int16_t* k, int64_t n,
-                                                               int64_t d, int32_t* out) {
-  for (int64_t j = 0; j < n; ++j) {
-    const int16_t* kj = k + j * d;
-    int32_t s = 0;
-    for (int64_t t = 0; t < d; ++t) s += int32_t(q[t]) * int32_t(kj[t]);
-    out[j] = s;
+// scores[j] = sum_t q[t] * kt[t * ld + j] for j < n (kt: K transposed, ld >= n rounded up to 8).
+void scores_row(const float* q, const float* kt, int64_t ld, int64_t n, int64_t d, float* scores, Isa isa);
+
+#if DFQVIT_X86
+__attribute__((target("avx2"))) void scores_row_avx2(const float* q, const float* kt, int64_t ld, int64_t n,
+                                                     int64_t d, float* scores) {
+  for (int64_t j0 = 0; j0 < n; j0 += 64) {
+    const int blocks = static_cast<int>(std::min<int64_t>(8, (n - j0 + 7) / 8));
+    __m256 acc[8];
+    for (int u = 0; u < 8; ++u) acc[u] = _mm256_setzero_ps();
+    for (int64_t t = 0; t < d; ++t) {
+      const __m256 qt = _mm256_set1_ps(q[t]);
+      const float* row = kt + t * ld + j0;
+      for (int u = 0; u < blocks; ++u) acc[u] = _mm256_add_ps(acc[u], _mm256_mul_ps(qt, _mm256_loadu_ps(row + 8 * u)));
+    }
+    alignas(32) float tmp[64];
+    for (int u = 0; u < blocks; ++u) _mm256_store_ps(tmp + 8 * u, acc[u]);
+    for (int64_t j = j0; j < std::min<int64_t>(n, j0 + 64); ++j) scores[j] = tmp[j - j0];
   }
 }
 
-__attribute__((target_clones("avx2", "default"))) void pv_row(const double* weights, const double* v, int64_t n,
-                                                               int64_t d, double* out) {
-  for (int64_t t = 0; t < d; ++t) out[t] = 0.0;
-  for (int64_t j = 0; j < n; ++j) {
-    const double w = weights[j];
-    if (w == 0.0) continue;
-    const double* vj = v + j * d;
-    for (int64_t t = 0; t < d; ++t) out[t] += w * vj[t];  // integers < 2**53: exact in any order
+// out[t] = sum_j w[j] * v[j * d + t] in float64 (integers below 2**53: exact).
+__attribute__((target("avx2"))) void pv_row_avx2(const double* w, const double* v, int64_t n, int64_t d, double* out) {
+  for (int64_t t0 = 0; t0 < d; t0 += 32) {
+    const int blocks = static_cast<int>(std::min<int64_t>(8, (d - t0) / 4));
+    __m256d acc[8];
+    for (int u = 0; u < 8; ++u) acc[u] = _mm256_setzero_pd();
+    for (int64_t j = 0; j < n; ++j) {
+      if (w[j] == 0.0) continue;
+      const __m256d wj = _mm256_set1_pd(w[j]);
+      const double* row = v + j * d + t0;
+      for (int u = 0; u < blocks; ++u) acc[u] = _mm256_add_pd(acc[u], _mm256_mul_pd(wj, _mm256_loadu_pd(row + 4 * u)));
+    }
+    for (int u = 0; u < blocks; ++u) _mm256_storeu_pd(out + t0 + 4 * u, acc[u]);
+    for (int64_t t = t0 + 4 * blocks; t < std::min<int64_t>(d, t0 + 32); ++t) {
+      double total = 0.0;
+      for (int64_t j = 0; j < n; ++j) total += w[j] * v[j * d + t];
+      out[t] = total;
+    }
   }
+}
+#endif
+
+void scores_row(const float* q, const float* kt, int64_t ld, int64_t n, int64_t d, float* scores, Isa isa) {
+#if DFQVIT_X86
+  if (isa != Isa::kScalar) return scores_row_avx2(q, kt, ld, n, d, scores);
+#endif
+  for (int64_t j = 0; j < n; ++j) scores[j] = 0.0f;
+  for (int64_t t = 0; t < d; ++t)
+    for (int64_t j = 0; j < n; ++j) scores[j] += q[t] * kt[t * ld + j];
+}
+
+void pv_row(const double* w, const double* v, int64_t n, int64_t d, double* out, Isa isa) {
+#if DFQVIT_X86
+  if (isa != Isa::kScalar) return pv_row_avx2(w, v, n, d, out);
+#endif
+  for (int64_t t = 0; t < d; ++t) out[t] = 0.0;
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t t = 0; t < d; ++t) out[t] += w[j] * v[j * d + t];
 }
 
 at::Tensor native_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double q_scale,
@@ -77,16 +149,12 @@ at::Tensor native_attention(const at::Tensor& q, const at::Tensor& k, const at::
               "dfqvit native attention: q, k, v must be int8 (B, H, N, d) of one shape, got ", q.sizes(), ", ",
               k.sizes(), ", ", v.sizes());
   const int64_t batch = q.size(0), heads = q.size(1), n = q.size(2), d = q.size(3);
+  TORCH_CHECK(d <= 256, "dfqvit native attention: head dim ", d, " > 256 (QK^T exactness in fp32 needs d <= 256).");
   const Isa isa = active_isa();
-  // Centered operands, contiguous per (b, h): Q, K as int16, V as float64.
-  const at::Tensor qc = (q.to(at::kShort) - q_zero).contiguous();
-  const at::Tensor kc = (k.to(at::kShort) - k_zero).contiguous();
-  const at::Tensor vc = (v.to(at::kDouble) - static_cast<double>(v_zero)).contiguous();
-  // The additive terms as fp32 (B, H, N, N) views (stride 0 where broadcast), like the reference.
-  at::Tensor bias_f, mask_f;
+  at::Tensor bias_f, mask_c;
   if (bias.has_value()) bias_f = bias->to(at::kFloat).expand({batch, heads, n, n});
-  if (mask.has_value()) mask_f = mask->to(at::kFloat);
-  const int64_t windows = mask_f.defined() ? mask_f.size(0) : 1;
+  if (mask.has_value()) mask_c = mask->to(at::kFloat).contiguous();
+  const int64_t windows = mask_c.defined() ? mask_c.size(0) : 1;
 
   const float qk_scale_log2 = static_cast<float>(sm_scale * q_scale * k_scale * kLog2E);
   const float log2e = static_cast<float>(kLog2E);
@@ -94,31 +162,36 @@ at::Tensor native_attention(const at::Tensor& q, const at::Tensor& k, const at::
   const int64_t shift = std::min<int64_t>(levels - 1, 32);  // reference.log2_pv_shift
   const float ratio_floor = static_cast<float>(std::ldexp(1.0, -static_cast<int>(levels + 2)));
   const float p_param_f = static_cast<float>(p_param), p_zero_f = static_cast<float>(p_zero);
-  const float out_scale_log2 = static_cast<float>(p_param * v_scale);
-  const float pv_scale_linear = static_cast<float>(p_param * v_scale);
-  const float inv_two_s = static_cast<float>(std::ldexp(1.0, -static_cast<int>(shift)));
+  const float inv_two_s = std::ldexp(1.0f, -static_cast<int>(shift));
+  const float out_scale = static_cast<float>(p_param * v_scale);  // fp32(delta * v_scale) or fp32(p_scale * v_scale)
+  const int64_t ld = (n + 7) / 8 * 8;
 
   at::Tensor out = at::empty({batch, heads, n, d}, at::kFloat);
-  const int16_t* qp = qc.data_ptr<int16_t>();
-  const int16_t* kp = kc.data_ptr<int16_t>();
-  const double* vp = vc.data_ptr<double>();
   float* op = out.data_ptr<float>();
+  const int8_t *qp = q.data_ptr<int8_t>(), *kp = k.data_ptr<int8_t>(), *vp = v.data_ptr<int8_t>();
   const float* bp = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
-  const at::Tensor mask_c = mask_f.defined() ? mask_f.contiguous() : at::Tensor();
   const float* mp = mask_c.defined() ? mask_c.data_ptr<float>() : nullptr;
 
+  const auto qs = q.strides(), ks = k.strides(), vs = v.strides();
   at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int32_t> acc(n);
-    std::vector<float> t(n), e(n);
-    std::vector<double> weights(n), row(d);
+    std::vector<float> qf(n * d), kt(d * ld, 0.0f), t(n), e(n);
+    std::vector<double> vd(n * d), w(n), acc(d);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / heads, h = bh % heads;
-      const int16_t* qh = qp + bh * n * d;
-      const int16_t* kh = kp + bh * n * d;
-      const double* vh = vp + bh * n * d;
+      const int8_t* qh = qp + b * qs[0] + h * qs[1];
+      const int8_t* kh = kp + b * ks[0] + h * ks[1];
+      const int8_t* vh = vp + b * vs[0] + h * vs[1];
       for (int64_t i = 0; i < n; ++i) {
-        qk_row(qh + i * d, kh, n, d, acc.data());
-        for (int64_t j = 0; j < n; ++j) t[j] = static_cast<float>(acc[j]) * qk_scale_log2;
+        const int8_t *qi = qh + i * qs[2], *ki = kh + i * ks[2], *vi = vh + i * vs[2];
+        for (int64_t x = 0; x < d; ++x) {
+          qf[i * d + x] = static_cast<float>(qi[x * qs[3]] - q_zero);
+          kt[x * ld + i] = static_cast<float>(ki[x * ks[3]] - k_zero);
+          vd[i * d + x] = static_cast<double>(vi[x * vs[3]] - v_zero);
+        }
+      }
+      for (int64_t i = 0; i < n; ++i) {
+        scores_row(qf.data() + i * d, kt.data(), ld, n, d, t.data(), isa);  // exact integers
+        for (int64_t j = 0; j < n; ++j) t[j] = t[j] * qk_scale_log2;
         if (bp) {
           const int64_t base = b * bias_f.stride(0) + h * bias_f.stride(1) + i * bias_f.stride(2);
           for (int64_t j = 0; j < n; ++j) t[j] = t[j] + bp[base + j * bias_f.stride(3)] * log2e;
@@ -134,23 +207,28 @@ at::Tensor native_attention(const at::Tensor& q, const at::Tensor& k, const at::
         int64_t fixed = 0;
         for (int64_t j = 0; j < n; ++j) fixed += pm::fixed_point_term(e[j]);
         const float sum = pm::fixed_point_sum_to_float(fixed);
-        for (int64_t j = 0; j < n; ++j) {
+        int64_t j = 0;
+#if DFQVIT_X86
+        if (p_mode == kModeLog2 && isa != Isa::kScalar)
+          j = log2_weights_avx2(e.data(), n, sum, p_param_f, ratio_floor, shift, w.data());
+#endif
+        for (; j < n; ++j) {
           const float p = e[j] / sum;
           if (p_mode == kModeLog2) {
             const float ratio = std::max(p / p_param_f, ratio_floor);
             const int64_t code = std::clamp<int64_t>(pm::round_neg_log2(ratio), 0, levels);
-            weights[j] = code <= shift ? std::ldexp(1.0, static_cast<int>(shift - code)) : 0.0;
+            w[j] = code <= shift ? std::ldexp(1.0, static_cast<int>(shift - code)) : 0.0;
           } else {
             float c = std::nearbyint(p / p_param_f) + p_zero_f;
             c = std::fmin(std::fmax(c, 0.0f), static_cast<float>(levels - 1));
-            weights[j] = static_cast<double>(c) - static_cast<double>(p_zero);
+            w[j] = static_cast<double>(c) - static_cast<double>(p_zero);
           }
         }
-        pv_row(weights.data(), vh, n, d, row.data());
+        pv_row(w.data(), vd.data(), n, d, acc.data(), isa);
         float* orow = op + (bh * n + i) * d;
         for (int64_t x = 0; x < d; ++x) {
-          const float sumf = static_cast<float>(row[x]);
-          orow[x] = p_mode == kModeLog2 ? (sumf * inv_two_s) * out_scale_log2 : sumf * pv_scale_linear;
+          const float total = static_cast<float>(acc[x]);  // the exact integer, rounded once
+          orow[x] = p_mode == kModeLog2 ? (total * inv_two_s) * out_scale : total * out_scale;
         }
       }
     }
