@@ -86,6 +86,28 @@ def qgemm_prepacked(a: torch.Tensor, a_scale: float, a_zero: int, panels: torch.
                                                    int(out_qmin), int(out_qmax), out_dtype)
 
 
+def qgemm_prepacked_columns(a: torch.Tensor, a_scale: float, a_zero: int, panels: torch.Tensor, n: int,
+                            w_scale, w_zero, w_col_sums, bias, storage_bits: int, k: int,
+                            out_grid: torch.Tensor) -> torch.Tensor:
+    """The GEMM re-quantized to int8 with a grid per output column: ``out_grid`` (4, N) = scale, zero, qmin,
+    qmax (bit for bit ``uniform_quantize(fp32 GEMM output, *out_grid)``)."""
+    return torch.ops.dfqvit.native_qgemm_prepacked(a, float(a_scale), int(a_zero), panels, int(n), w_scale, w_zero,
+                                                   w_col_sums, bias, None, int(storage_bits), int(k), False, None, 0,
+                                                   0, 0, torch.int8, out_grid)
+
+
+def layernorm_quant(x: torch.Tensor, weight, bias, eps: float, scale: float, zero: int, qmin: int,
+                    qmax: int) -> torch.Tensor:
+    """``reference.layernorm_quant_reference`` in one pass per row."""
+    return torch.ops.dfqvit.native_layernorm_quant(x, weight, bias, float(eps), float(scale), int(zero), int(qmin),
+                                                   int(qmax))
+
+
+def quantize(x: torch.Tensor, scale: float, zero: int, qmin: int, qmax: int) -> torch.Tensor:
+    """``reference.uniform_quantize(x, scale, zero, qmin, qmax).to(int8)`` in one pass."""
+    return torch.ops.dfqvit.native_quantize(x, float(scale), int(zero), int(qmin), int(qmax))
+
+
 def attention(q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale, v_zero, sm_scale, bias, mask, p_mode: int,
               p_param: float, p_zero: int, p_bits: int, out_dtype: torch.dtype) -> torch.Tensor:
     return torch.ops.dfqvit.native_attention(q, k, v, float(q_scale), int(q_zero), float(k_scale), int(k_zero),

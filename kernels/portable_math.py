@@ -88,3 +88,11 @@ def round_neg_log2(ratio: torch.Tensor) -> torch.Tensor:
     mant, exp = torch.frexp(ratio)
     k = (mant.double() < INV_SQRT2_F64).to(torch.int64) - exp.to(torch.int64)
     return torch.where(ratio > 0, k, torch.full_like(k, 1 << 30))
+
+
+def sequential_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over the last dim of fp32 ``x`` as ``fp32(((x0 + x1) + x2) + ...)`` accumulated in float64, keeping
+    the dim. ``cumsum`` on the CPU accumulates in float64 in index order (ATen's acc_type), so its last
+    element is exactly that; the native LayerNorm runs the same loop (tests check both against an explicit
+    float64 loop). Cost: one sequential pass, fine for a reference."""
+    return x.to(torch.float32).cumsum(dim=-1)[..., -1:]

@@ -316,13 +316,15 @@ def attention_linear_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 # --- LayerNorm + quantize --------------------------------------------------------------------------
 
 def layer_norm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    """LayerNorm over the last dim in the kernel's fp32 order (two-pass mean/variance, biased variance,
-    ``(x - mean) * (1 / sqrt(var + eps)) * weight + bias``); equals ``F.layer_norm`` up to fp32 rounding."""
+    """LayerNorm over the last dim in the kernels' fp32 order (two-pass mean/variance, biased variance,
+    ``(x - mean) * (1 / sqrt(var + eps)) * weight + bias``); equals ``F.layer_norm`` up to fp32 rounding.
+    Both sums are ``portable_math.sequential_sum`` (float64, index order), which the native kernel repeats
+    bit for bit; the Triton kernel sums as a tree (the tests bound the difference)."""
     xf = x.to(torch.float32)
     c = xf.shape[-1]
-    mean = xf.sum(dim=-1, keepdim=True) / c
+    mean = portable_math.sequential_sum(xf) / c
     centered = xf - mean
-    var = (centered * centered).sum(dim=-1, keepdim=True) / c
+    var = portable_math.sequential_sum(centered * centered) / c
     rstd = 1.0 / torch.sqrt(var + torch.tensor(eps, dtype=torch.float32))
     return centered * rstd * weight.to(torch.float32) + bias.to(torch.float32)
 

@@ -30,6 +30,16 @@ BACKENDS = ("auto", "triton", "native", "torch", "fake")
 class TorchKernels:
     name = "torch"
 
+    def quantize(self, x: torch.Tensor, grid: ActGrid) -> torch.Tensor:
+        """Float activations -> int8 codes on ``grid`` (the shared rounding of ``kernels.reference``)."""
+        return reference.uniform_quantize(x.float(), grid.scale, grid.zero, grid.qmin, grid.qmax).to(torch.int8)
+
+    def gemm_codes_per_column(self, a, layer: PackedLinear, grid: torch.Tensor, out_dtype) -> torch.Tensor:
+        """``layer`` on int8 ``a``, output re-quantized with one grid per column (``grid`` (4, N): scale, zero,
+        qmin, qmax): the qkv GEMM, whose q, k and v parts have grids of their own."""
+        y = self.gemm(a, layer, None, False, None, out_dtype)
+        return reference.uniform_quantize(y.float(), grid[0], grid[1], grid[2], grid[3]).to(torch.int8)
+
     def layernorm_quant(self, x, norm, grid: ActGrid) -> torch.Tensor:
         return reference.layernorm_quant_reference(x, norm.weight, norm.bias, norm.eps, grid.scale, grid.zero,
                                                    grid.qmin, grid.qmax)
@@ -60,6 +70,20 @@ class NativeKernels(TorchKernels):
         for layer in module.modules():
             if isinstance(layer, PackedLinear) and layer.act is not None:
                 layer.to_cpu_panels(native.prepack)
+
+    def quantize(self, x: torch.Tensor, grid: ActGrid) -> torch.Tensor:
+        return native.quantize(x, grid.scale, grid.zero, grid.qmin, grid.qmax)
+
+    def layernorm_quant(self, x, norm, grid: ActGrid) -> torch.Tensor:
+        return native.layernorm_quant(x, norm.weight, norm.bias, norm.eps, grid.scale, grid.zero, grid.qmin,
+                                      grid.qmax)
+
+    def gemm_codes_per_column(self, a, layer: PackedLinear, grid: torch.Tensor, out_dtype) -> torch.Tensor:
+        if out_dtype != torch.float32:  # the fused epilogue re-quantizes the fp32 value
+            return super().gemm_codes_per_column(a, layer, grid, out_dtype)
+        g = layer.act
+        return native.qgemm_prepacked_columns(a, g.scale, g.zero, layer.panels, layer.n, layer.w_scale, layer.w_zero,
+                                              layer.w_col_sums, layer.bias, layer.layout.storage_bits, layer.k, grid)
 
     def gemm(self, a, layer: PackedLinear, residual, gelu: bool, out: Optional[ActGrid], out_dtype):
         g = layer.act

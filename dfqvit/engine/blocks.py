@@ -18,17 +18,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from dfqvit.errors import UnsupportedModelError
-from dfqvit.kernels import reference
 
 from .pack import ActGrid, PackedLinear, act_grid, float_copy, softmax_grid
 
 
 # --- functions shared by every layer ------------------------------------------------------------------
-
-def quantize(x: torch.Tensor, grid: ActGrid) -> torch.Tensor:
-    """Float activations -> int8 codes on ``grid`` (the shared rounding of ``kernels.reference``)."""
-    return reference.uniform_quantize(x.float(), grid.scale, grid.zero, grid.qmin, grid.qmax).to(torch.int8)
-
 
 def layer_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
     return norm(x.float()).to(x.dtype)
@@ -51,7 +45,7 @@ def linear(kernels, x: torch.Tensor, layer: PackedLinear, *, residual: Optional[
     if layer.act is None:
         y = kernels.gemm_w16(x2, layer, res2, gelu, out_dtype)
     else:
-        a = x2 if x2.dtype == torch.int8 else quantize(x2, layer.act)
+        a = x2 if x2.dtype == torch.int8 else kernels.quantize(x2, layer.act)
         y = kernels.gemm(a, layer, res2, gelu, out, out_dtype)
     return y.reshape(*lead, layer.n)
 
@@ -114,11 +108,12 @@ class Attention(nn.Module):
                            (("q_quantizer", attn.q_quantizer), ("k_quantizer", attn.k_quantizer),
                             ("v_quantizer", attn.v_quantizer)))
         self.softmax = softmax_grid(attn.attn_quantizer, f"{where}.attn_quantizer")
-        # Per-column grids of the qkv output: q, k and v are quantized in one contiguous pass.
+        # Per-column grids of the qkv output (4, 3*H*d): scale, zero, qmin, qmax of q, k and v in turn, so the
+        # three are quantized in one pass (or in the GEMM epilogue).
         width = self.num_heads * self.head_dim
-        for name, index in (("scale", 0), ("zero", 1), ("qmin", 2), ("qmax", 3)):
-            values = [0.0 if g is None else float((g.scale, g.zero, g.qmin, g.qmax)[index]) for g in self.grids]
-            self.register_buffer(f"qkv_{name}", torch.tensor(values, dtype=torch.float32).repeat_interleave(width))
+        rows = [[0.0 if g is None else float((g.scale, g.zero, g.qmin, g.qmax)[i]) for g in self.grids]
+                for i in range(4)]
+        self.register_buffer("qkv_grid", torch.tensor(rows, dtype=torch.float32).repeat_interleave(width, dim=1))
         quantized = [g is not None for g in (*self.grids, self.softmax, self.qkv.act, self.proj.act)]
         if any(quantized) and not all(quantized):
             raise UnsupportedModelError(
@@ -128,20 +123,20 @@ class Attention(nn.Module):
     def forward(self, kernels, x: torch.Tensor, out_dtype: torch.dtype, bias=None, mask=None) -> torch.Tensor:
         """x: (B, N, C) int8 codes on ``qkv.act`` (float for A16) -> attention output (B, N, H*d), out_dtype."""
         batch, seq = x.shape[:2]
-        qkv = linear(kernels, x, self.qkv, out_dtype=out_dtype)
-        q, k, v = qkv.view(batch, seq, 3, self.num_heads, self.head_dim).unbind(2)
         if self.softmax is None:
-            heads = [t.transpose(1, 2) for t in (q, k, v)]
+            qkv = linear(kernels, x, self.qkv, out_dtype=out_dtype)
+            heads = [t.transpose(1, 2) for t in qkv.view(batch, seq, 3, self.num_heads, self.head_dim).unbind(2)]
             o = F.scaled_dot_product_attention(*heads, attn_mask=attention_float_bias(bias, mask, batch),
                                                scale=self.sm_scale)
         else:
-            # Quantize q, k, v together (per-column grids, the same rounding as three per-tensor passes) and
-            # hand the kernel strided (B, H, N, d) views: no copies.
-            codes = reference.uniform_quantize(qkv.float(), self.qkv_scale, self.qkv_zero, self.qkv_qmin,
-                                               self.qkv_qmax).to(torch.int8)
+            # q, k, v codes straight from the qkv GEMM (a grid per column: the same rounding as quantizing the
+            # float output per tensor), handed to the kernel as strided (B, H, N, d) views: no copies.
+            a = x.reshape(-1, x.shape[-1])
+            a = a if a.dtype == torch.int8 else kernels.quantize(a, self.qkv.act)
+            codes = kernels.gemm_codes_per_column(a, self.qkv, self.qkv_grid, out_dtype)
             q8, k8, v8 = (t.transpose(1, 2) for t in
                           codes.view(batch, seq, 3, self.num_heads, self.head_dim).unbind(2))
-            o = kernels.attention(q8, k8, v8, self.grids, self.sm_scale, bias, mask, self.softmax, qkv.dtype)
+            o = kernels.attention(q8, k8, v8, self.grids, self.sm_scale, bias, mask, self.softmax, out_dtype)
         return o.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
 
 
@@ -291,7 +286,7 @@ class PatchEmbedding(nn.Module):
             y = self.float_proj(images.float()).permute(0, 2, 3, 1).to(out_dtype)
         else:
             # (C, kh, kw) order inside a patch = the order of the flattened conv weight.
-            codes = images if self.gemm.act is None else quantize(images, self.gemm.act)
+            codes = images if self.gemm.act is None else kernels.quantize(images, self.gemm.act)
             patches = codes.reshape(b, c, h // ph, ph, w // pw, pw).permute(0, 2, 4, 1, 3, 5)
             patches = patches.reshape(b, h // ph, w // pw, c * ph * pw)
             if self.gemm.act is None:

@@ -3,6 +3,7 @@
 //   packing.cpp      native_pack_weight / native_unpack_weight
 //   qgemm_cpu.cpp    native_qgemm       (int8 x packed int4/int3/int8 GEMM, fused epilogue)
 //   attention_cpu.cpp native_attention  (log2 / linear quantized softmax attention)
+//   act_quant_cpu.cpp native_layernorm_quant / native_quantize
 //   here             native_isa / native_set_isa (run-time ISA dispatch: avx512_vnni, avx2, scalar)
 // dfqvit.kernels.native registers native_qgemm / native_attention as the CPU implementations of
 // dfqvit::qgemm and dfqvit::attention_log2 / attention_linear.

@@ -60,7 +60,10 @@ struct Epilogue {
   const float* residual;      // (M, ld_residual) fp32 or nullptr
   int64_t ld_residual;
   bool requant;
-  float out_scale, out_zero, out_qmin, out_qmax;
+  const float* out_scale;     // (Np) per-column re-quantization grid (a per-tensor grid is repeated)
+  const float* out_zero;
+  const float* out_qmin;
+  const float* out_qmax;
   float* out_f32;             // (M, N) when !requant
   int8_t* out_i8;             // (M, N) when requant
   int64_t n;                  // true N (row stride of the output)
@@ -73,8 +76,8 @@ inline void store_scalar(const Epilogue& ep, int32_t acc, int64_t m, int64_t col
   if (ep.gelu) y = pm::gelu(y);
   if (ep.residual) y = y + ep.residual[m * ep.ld_residual + col];
   if (ep.requant) {
-    float q = std::nearbyint(y / ep.out_scale) + ep.out_zero;
-    q = std::fmin(std::fmax(q, ep.out_qmin), ep.out_qmax);
+    float q = std::nearbyint(y / ep.out_scale[col]) + ep.out_zero[col];
+    q = std::fmin(std::fmax(q, ep.out_qmin[col]), ep.out_qmax[col]);
     ep.out_i8[m * ep.n + col] = static_cast<int8_t>(q);
   } else {
     ep.out_f32[m * ep.n + col] = y;
@@ -103,7 +106,10 @@ __attribute__((target("avx2"))) void epilogue_avx2_impl(const Epilogue& ep, cons
   const int64_t ld_residual = ep.ld_residual, n = ep.n;
   int8_t* __restrict out_i8 = kRequant ? ep.out_i8 + m * n + col0 : nullptr;
   float* __restrict out_f32 = kRequant ? nullptr : ep.out_f32 + m * n + col0;
-  const float out_scale = ep.out_scale, out_zero = ep.out_zero, qmin = ep.out_qmin, qmax = ep.out_qmax;
+  const float* __restrict out_scale = kRequant ? ep.out_scale + col0 : nullptr;
+  const float* __restrict out_zero = kRequant ? ep.out_zero + col0 : nullptr;
+  const float* __restrict qmin = kRequant ? ep.out_qmin + col0 : nullptr;
+  const float* __restrict qmax = kRequant ? ep.out_qmax + col0 : nullptr;
   const int full = width / 8 * 8;
   for (int r = 0; r < rows; ++r) {
     const __m256i row_sum = _mm256_set1_epi32(row_sums[r]);
@@ -117,10 +123,10 @@ __attribute__((target("avx2"))) void epilogue_avx2_impl(const Epilogue& ep, cons
       if (kGelu) y = pm::gelu_avx2(y);
       if (kResidual) y = _mm256_add_ps(y, _mm256_loadu_ps(residual + r * ld_residual + c));
       if (kRequant) {
-        __m256 q = _mm256_round_ps(_mm256_div_ps(y, _mm256_set1_ps(out_scale)),
+        __m256 q = _mm256_round_ps(_mm256_div_ps(y, _mm256_loadu_ps(out_scale + c)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        q = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(q, _mm256_set1_ps(out_zero)), _mm256_set1_ps(qmin)),
-                          _mm256_set1_ps(qmax));
+        q = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(q, _mm256_loadu_ps(out_zero + c)), _mm256_loadu_ps(qmin + c)),
+                          _mm256_loadu_ps(qmax + c));
         const __m256i qi = _mm256_cvtps_epi32(q);  // integral already: exact
         const __m128i packed16 = _mm_packs_epi32(_mm256_castsi256_si128(qi), _mm256_extracti128_si256(qi, 1));
         _mm_storel_epi64(reinterpret_cast<__m128i*>(out_i8 + r * n + c), _mm_packs_epi16(packed16, packed16));
@@ -430,7 +436,7 @@ at::Tensor native_qgemm_prepacked(const at::Tensor& a_in, double a_scale, int64_
                                   const at::Tensor& w_col_sums, const c10::optional<at::Tensor>& bias,
                                   const c10::optional<at::Tensor>& residual, int64_t storage_bits, int64_t k,
                                   bool gelu, c10::optional<double> out_scale, int64_t out_zero, int64_t out_qmin,
-                                  int64_t out_qmax, at::ScalarType out_dtype) {
+                                  int64_t out_qmax, at::ScalarType out_dtype, const c10::optional<at::Tensor>& out_grid) {
   TORCH_CHECK(a_in.dim() == 2 && a_in.scalar_type() == at::kChar && a_in.size(1) == k,
               "dfqvit native qgemm: a must be int8 (M, K=", k, "), got ", a_in.sizes(), " ", a_in.scalar_type());
   const int64_t steps = panel_steps(k, storage_bits), panels = (n + kNR - 1) / kNR;
@@ -457,7 +463,21 @@ at::Tensor native_qgemm_prepacked(const at::Tensor& a_in, double a_scale, int64_
     res = residual->to(at::kFloat);
     if (res.stride(1) != 1) res = res.contiguous();
   }
-  const bool requant = out_scale.has_value();
+  // Re-quantization grid per column: out_grid (4, N) rows scale, zero, qmin, qmax, or the per-tensor scalars.
+  const bool requant = out_scale.has_value() || out_grid.has_value();
+  at::Tensor grid = at::ones({4, np}, at::kFloat);
+  if (out_grid.has_value()) {
+    TORCH_CHECK(out_grid->dim() == 2 && out_grid->size(0) == 4 && out_grid->size(1) == n,
+                "dfqvit native qgemm: out_grid must be (4, N=", n, "): scale, zero, qmin, qmax per column, got ",
+                out_grid->sizes());
+    grid.narrow(1, 0, n).copy_(out_grid->to(at::kFloat));
+  } else if (requant) {
+    grid[0].fill_(static_cast<double>(static_cast<float>(*out_scale)));
+    grid[1].fill_(static_cast<double>(out_zero));
+    grid[2].fill_(static_cast<double>(out_qmin));
+    grid[3].fill_(static_cast<double>(out_qmax));
+  }
+  const float* gp = grid.data_ptr<float>();
   at::Tensor out = at::empty({m, n}, requant ? at::kChar : at::kFloat);
   if (m == 0) return requant || out_dtype == at::kFloat ? out : out.to(out_dtype);
 
@@ -475,8 +495,7 @@ at::Tensor native_qgemm_prepacked(const at::Tensor& a_in, double a_scale, int64_
   Epilogue ep{row_scale.data_ptr<float>(), col_term.data(), zero.data(), row_sums.data(),
               bias_f.defined() ? bias_f.data_ptr<float>() : nullptr, gelu,
               res.defined() ? res.data_ptr<float>() : nullptr, res.defined() ? res.stride(0) : 0, requant,
-              static_cast<float>(out_scale.value_or(1.0)), static_cast<float>(out_zero), static_cast<float>(out_qmin),
-              static_cast<float>(out_qmax), requant ? nullptr : out.data_ptr<float>(),
+              gp, gp + np, gp + 2 * np, gp + 3 * np, requant ? nullptr : out.data_ptr<float>(),
               requant ? out.data_ptr<int8_t>() : nullptr, n};
   const uint8_t* wbytes = wp.data_ptr<uint8_t>();
   const int64_t panel_bytes = steps * kStepBytes;
@@ -556,7 +575,8 @@ at::Tensor native_qgemm(const at::Tensor& a, double a_scale, int64_t a_zero, con
   const at::Tensor panels = native_prepack_weight(w_packed, storage_bits, k, group_k);
   const at::Tensor sums = panel_col_sums(panels, storage_bits, k, w_packed.size(0), w_zero);
   return native_qgemm_prepacked(a, a_scale, a_zero, panels, w_packed.size(0), w_scale, w_zero, sums, bias,
-                                residual, storage_bits, k, gelu, out_scale, out_zero, out_qmin, out_qmax, out_dtype);
+                                residual, storage_bits, k, gelu, out_scale, out_zero, out_qmin, out_qmax, out_dtype,
+                                c10::nullopt);
 }
 
 }  // namespace
@@ -568,7 +588,8 @@ TORCH_LIBRARY_FRAGMENT(dfqvit, m) {
         "float? out_scale, int out_zero, int out_qmin, int out_qmax, ScalarType out_dtype) -> Tensor");
   m.def("native_qgemm_prepacked(Tensor a, float a_scale, int a_zero, Tensor panels, int n, Tensor w_scale, "
         "Tensor w_zero, Tensor w_col_sums, Tensor? bias, Tensor? residual, int storage_bits, int k, bool gelu, "
-        "float? out_scale, int out_zero, int out_qmin, int out_qmax, ScalarType out_dtype) -> Tensor");
+        "float? out_scale, int out_zero, int out_qmin, int out_qmax, ScalarType out_dtype, Tensor? out_grid=None) "
+        "-> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(dfqvit, CPU, m) {
