@@ -96,3 +96,18 @@ def sequential_sum(x: torch.Tensor) -> torch.Tensor:
     element is exactly that; the native LayerNorm runs the same loop (tests check both against an explicit
     float64 loop). Cost: one sequential pass, fine for a reference."""
     return x.to(torch.float32).cumsum(dim=-1)[..., -1:]
+
+
+def sqrt(v: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded fp32 square root (IEEE ``sqrt``, what C++ ``std::sqrt`` and Triton ``sqrt_rn`` give).
+    ``torch.sqrt`` on the CPU can be one ulp off; two fix-up rounds compare ``v`` with the squares of the
+    midpoints to the neighbours, exact in float64 (25-bit midpoints square to 50 bits)."""
+    v = v.to(torch.float32)
+    s = torch.sqrt(v)
+    vd = v.double()
+    for _ in range(2):
+        down, up = torch.nextafter(s, torch.zeros_like(s)), torch.nextafter(s, torch.full_like(s, float("inf")))
+        sd = s.double()
+        low, high = (sd + down.double()) / 2, (sd + up.double()) / 2
+        s = torch.where(vd < low * low, down, torch.where(vd >= high * high, up, s))
+    return s

@@ -325,7 +325,8 @@ def layer_norm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     mean = portable_math.sequential_sum(xf) / c
     centered = xf - mean
     var = portable_math.sequential_sum(centered * centered) / c
-    rstd = 1.0 / torch.sqrt(var + torch.tensor(eps, dtype=torch.float32))
+    root = portable_math.sqrt(var + torch.tensor(eps, dtype=torch.float32))
+    rstd = torch.ones_like(root) / root
     return centered * rstd * weight.to(torch.float32) + bias.to(torch.float32)
 
 

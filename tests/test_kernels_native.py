@@ -216,3 +216,21 @@ def test_native_backend_errors_say_what_to_do(monkeypatch):
     monkeypatch.setattr(native, "_LOADED", True)
     with pytest.raises(DFQViTError, match="runs on the CPU"):
         select_kernels("native", torch.device("meta"))
+
+
+# --- LayerNorm + quantize, quantize ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("c", [1, 17, 48, 192, 768])
+def test_native_layernorm_quant_and_quantize_are_bit_exact(isa, c):
+    from dfqvit.kernels import native
+    x = torch.randn(257, c, generator=GEN) * 3 + 0.5
+    w, b = torch.randn(c, generator=GEN), torch.randn(c, generator=GEN)
+    for scale, zero in ((0.02, -2), (0.011, 5)):
+        expected = reference.layernorm_quant_reference(x, w, b, 1e-6, scale, zero, -128, 127)
+        assert torch.equal(native.layernorm_quant(x, w, b, 1e-6, scale, zero, -128, 127), expected)
+        assert torch.equal(native.layernorm_quant(x.half(), w, b, 1e-5, scale, zero, -8, 7),
+                           reference.layernorm_quant_reference(x.half(), w, b, 1e-5, scale, zero, -8, 7))
+    # Values on exact rounding ties (k + 1/2 steps) round half to even, like torch.round.
+    y = (torch.arange(-300, 300, dtype=torch.float32) + 0.5) * 0.25
+    assert torch.equal(native.quantize(y, 0.25, 3, -128, 127),
+                       reference.uniform_quantize(y, 0.25, 3, -128, 127).to(torch.int8))

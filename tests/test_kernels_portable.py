@@ -66,3 +66,18 @@ def test_log2_quantize_matches_float64_definition(bits):
     expected = torch.where(k >= 2 ** bits, torch.full_like(k, 2 ** bits), k)
     # float64 ratio vs fp32 ratio differ in the last fp32 bit: allow it to matter on a handful of entries.
     assert float((codes.double() != expected).float().mean()) <= 1e-4
+
+
+def test_sqrt_is_correctly_rounded():
+    """torch.sqrt on the CPU is not IEEE-exact (about 15% of these inputs differ by an ulp); the portable one is."""
+    import numpy as np
+    v = torch.cat([torch.rand(500_000, generator=torch.Generator().manual_seed(3)) * 10, torch.tensor([0.25, 4.0, 1e-6])])
+    assert np.array_equal(portable_math.sqrt(v).numpy(), np.sqrt(v.numpy()))
+
+
+def test_sequential_sum_is_the_float64_loop():
+    x = torch.randn(64, 197, generator=torch.Generator().manual_seed(4)) * 5
+    acc = torch.zeros(64, dtype=torch.float64)
+    for j in range(197):
+        acc = acc + x[:, j].double()
+    assert torch.equal(portable_math.sequential_sum(x)[:, 0], acc.float())
