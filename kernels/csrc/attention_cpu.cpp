@@ -1,8 +1,8 @@
 // dfqvit::native_attention: int8 Q, K, V -> exact QK^T -> portable base-2 softmax -> log2 (or linear) P codes
 // -> exact P.V, on the CPU; bit for bit kernels/reference.py:attention_log2_reference / attention_linear_reference.
 //
-//   S    = (q - q_zero)(k - k_zero)^T       fp32 on integers: every partial sum is below
-//                                           256 * 255 * 255 < 2**24, so it is the exact integer in any order
+//   S    = (q - q_zero)(k - k_zero)^T       int16 pairs (vpmaddwd) into int32: exact; |S| < 256 * 255 * 255 < 2**24,
+//                                           so fp32(S) is exact too
 //   t_j  = S_j * fp32(scale * log2 e) [+ bias * log2 e] [+ mask * log2 e]
 //   e_j  = exp2(t_j - max t)                (portable_math.h: polynomial + exponent bits, AVX2 or scalar)
 //   p_j  = e_j / fp32(sum_j trunc(e_j 2**53)) 2**-53   (int64 fixed point: any order, same bits)
@@ -11,9 +11,10 @@
 //           out = fp32(sum_j W_j (v_j - v_zero)) * 2**-S * fp32(delta * v_scale)
 //   linear: c_j = clamp(round(p_j / p_scale) + p_zero, 0, 2**bits - 1);  W_j = c_j - p_zero
 //           out = fp32(sum_j W_j (v_j - v_zero)) * fp32(p_scale * v_scale)
-// P.V is an integer sum of shifted V values below 2**53, accumulated in float64: exact in any order.
+// Log2 P.V by shifts and adds: V rows are summed per code level in int32, then the levels are combined with
+// their powers of two in float64 (integers below 2**53: exact in any order). Linear P.V: float64 rows, exact.
 // One (batch, head) pair per task on torch's OpenMP pool; Q, K, V are read once per head (strided views are
-// fine) into centred fp32 / float64 buffers; QK^T and P.V rows are AVX2 loops (scalar on other CPUs).
+// fine) into centred int16 / int32 buffers; the row loops are AVX2 (scalar on other CPUs).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -21,6 +22,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "cpu_isa.h"
@@ -31,6 +33,7 @@ namespace {
 
 constexpr double kLog2E = 1.4426950408889634;
 constexpr int64_t kModeLog2 = 0;
+constexpr int32_t kSkip = 1 << 20;  // a log2 code that adds nothing to P.V
 
 #if DFQVIT_X86
 __attribute__((target("avx2"))) int64_t exp2_row_avx2(const float* d, float* e, int64_t n) {
@@ -39,15 +42,17 @@ __attribute__((target("avx2"))) int64_t exp2_row_avx2(const float* d, float* e, 
   return i;
 }
 
-// Log2 P.V weights for 8 probabilities: 2**(shift - k) as double, 0 beyond the shift or the fp32 normal range
-// (ratios below 2**-126 have k >= 126 > 32 >= shift). Returns how many were done.
-__attribute__((target("avx2"))) int64_t log2_weights_avx2(const float* e, int64_t n, float sum, float delta,
-                                                           float floor, int64_t shift, double* w) {
+// Log2 codes of 8 probabilities at a time: k = round(-log2 max(p / delta, floor)) clamped at 0, or kSkip where
+// the level adds nothing to P.V (k > shift, or a ratio below 2**-126, whose k >= 126 > 32 >= shift).
+// Returns how many were done.
+__attribute__((target("avx2"))) int64_t log2_codes_avx2(const float* e, int64_t n, float sum, float delta,
+                                                         float floor, int64_t shift, int32_t* codes) {
   const __m256 vsum = _mm256_set1_ps(sum), vdelta = _mm256_set1_ps(delta), vfloor = _mm256_set1_ps(floor);
   const __m256 normal = _mm256_set1_ps(1.17549435e-38f);
   const __m256i vshift = _mm256_set1_epi32(static_cast<int32_t>(shift)), zero = _mm256_setzero_si256();
   const __m256i exp_mask = _mm256_set1_epi32(0xFF), mant_mask = _mm256_set1_epi32(0x7FFFFF);
   const __m256i sqrt2_mant = _mm256_set1_epi32(0x3504F3), bias = _mm256_set1_epi32(127);
+  const __m256i skip = _mm256_set1_epi32(kSkip);
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) {
     const __m256 p = _mm256_div_ps(_mm256_loadu_ps(e + j), vsum);
@@ -56,16 +61,54 @@ __attribute__((target("avx2"))) int64_t log2_weights_avx2(const float* e, int64_
     const __m256i exponent = _mm256_sub_epi32(_mm256_and_si256(_mm256_srli_epi32(bits, 23), exp_mask), bias);
     // k = -E - (mantissa > sqrt 2); mantissa bits above 0x3504F3 <=> m > sqrt(2)
     const __m256i up = _mm256_cmpgt_epi32(_mm256_and_si256(bits, mant_mask), sqrt2_mant);  // -1 or 0
-    __m256i k = _mm256_add_epi32(_mm256_sub_epi32(zero, exponent), up);
-    k = _mm256_max_epi32(k, zero);
+    const __m256i k = _mm256_max_epi32(_mm256_add_epi32(_mm256_sub_epi32(zero, exponent), up), zero);
     const __m256i tiny = _mm256_castps_si256(_mm256_cmp_ps(ratio, normal, _CMP_LT_OQ));
     const __m256i beyond = _mm256_or_si256(_mm256_cmpgt_epi32(k, vshift), tiny);
-    const __m256i wbits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(vshift, k), bias), 23);
-    const __m256 wf = _mm256_castsi256_ps(_mm256_andnot_si256(beyond, wbits));  // 2**(shift - k) or +0
-    _mm256_storeu_pd(w + j, _mm256_cvtps_pd(_mm256_castps256_ps128(wf)));
-    _mm256_storeu_pd(w + j + 4, _mm256_cvtps_pd(_mm256_extractf128_ps(wf, 1)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + j), _mm256_blendv_epi8(k, skip, beyond));
   }
   return j;
+}
+
+// scores[j] = sum_t q[t] * k[j, t] with int16 pairs: kp holds K transposed in pairs, kp[(t/2) * ld * 2 + j * 2 + t%2].
+__attribute__((target("avx2"))) void scores_row_avx2(const int16_t* q, const int16_t* kp, int64_t ld, int64_t n,
+                                                     int64_t pairs, int32_t* scores) {
+  for (int64_t j0 = 0; j0 < n; j0 += 64) {
+    const int blocks = static_cast<int>(std::min<int64_t>(8, (n - j0 + 7) / 8));
+    __m256i acc[8];
+    for (int u = 0; u < 8; ++u) acc[u] = _mm256_setzero_si256();
+    for (int64_t t = 0; t < pairs; ++t) {
+      int32_t qq;
+      std::memcpy(&qq, q + 2 * t, 4);
+      const __m256i qt = _mm256_set1_epi32(qq);
+      const int16_t* row = kp + (t * ld + j0) * 2;
+      for (int u = 0; u < blocks; ++u)
+        acc[u] = _mm256_add_epi32(acc[u], _mm256_madd_epi16(qt, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 16 * u))));
+    }
+    alignas(32) int32_t tmp[64];
+    for (int u = 0; u < blocks; ++u) _mm256_store_si256(reinterpret_cast<__m256i*>(tmp + 8 * u), acc[u]);
+    for (int64_t j = j0; j < std::min<int64_t>(n, j0 + 64); ++j) scores[j] = tmp[j - j0];
+  }
+}
+
+// out[t] += w * bucket[t] for t < d (int32 bucket, float64 out; exact: integers below 2**53).
+__attribute__((target("avx2"))) void combine_row_avx2(double* out, double w, const int32_t* bucket, int64_t d) {
+  const __m256d vw = _mm256_set1_pd(w);
+  int64_t t = 0;
+  for (; t + 4 <= d; t += 4) {
+    const __m256d b = _mm256_cvtepi32_pd(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bucket + t)));
+    _mm256_storeu_pd(out + t, _mm256_add_pd(_mm256_loadu_pd(out + t), _mm256_mul_pd(vw, b)));
+  }
+  for (; t < d; ++t) out[t] += w * static_cast<double>(bucket[t]);
+}
+
+// bucket[t] += v[t] for t < d (int32).
+__attribute__((target("avx2"))) void add_row_avx2(int32_t* bucket, const int32_t* v, int64_t d) {
+  int64_t t = 0;
+  for (; t + 8 <= d; t += 8)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(bucket + t),
+                        _mm256_add_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bucket + t)),
+                                         _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + t))));
+  for (; t < d; ++t) bucket[t] += v[t];
 }
 #endif
 
@@ -78,27 +121,7 @@ void exp2_row(const float* d, float* e, int64_t n, Isa isa) {
   for (; j < n; ++j) e[j] = pm::exp2(d[j]);
 }
 
-// scores[j] = sum_t q[t] * kt[t * ld + j] for j < n (kt: K transposed, ld >= n rounded up to 8).
-void scores_row(const float* q, const float* kt, int64_t ld, int64_t n, int64_t d, float* scores, Isa isa);
-
 #if DFQVIT_X86
-__attribute__((target("avx2"))) void scores_row_avx2(const float* q, const float* kt, int64_t ld, int64_t n,
-                                                     int64_t d, float* scores) {
-  for (int64_t j0 = 0; j0 < n; j0 += 64) {
-    const int blocks = static_cast<int>(std::min<int64_t>(8, (n - j0 + 7) / 8));
-    __m256 acc[8];
-    for (int u = 0; u < 8; ++u) acc[u] = _mm256_setzero_ps();
-    for (int64_t t = 0; t < d; ++t) {
-      const __m256 qt = _mm256_set1_ps(q[t]);
-      const float* row = kt + t * ld + j0;
-      for (int u = 0; u < blocks; ++u) acc[u] = _mm256_add_ps(acc[u], _mm256_mul_ps(qt, _mm256_loadu_ps(row + 8 * u)));
-    }
-    alignas(32) float tmp[64];
-    for (int u = 0; u < blocks; ++u) _mm256_store_ps(tmp + 8 * u, acc[u]);
-    for (int64_t j = j0; j < std::min<int64_t>(n, j0 + 64); ++j) scores[j] = tmp[j - j0];
-  }
-}
-
 // out[t] = sum_j w[j] * v[j * d + t] in float64 (integers below 2**53: exact).
 __attribute__((target("avx2"))) void pv_row_avx2(const double* w, const double* v, int64_t n, int64_t d, double* out) {
   for (int64_t t0 = 0; t0 < d; t0 += 32) {
@@ -121,13 +144,53 @@ __attribute__((target("avx2"))) void pv_row_avx2(const double* w, const double* 
 }
 #endif
 
-void scores_row(const float* q, const float* kt, int64_t ld, int64_t n, int64_t d, float* scores, Isa isa) {
+void scores_row(const int16_t* q, const int16_t* kp, int64_t ld, int64_t n, int64_t pairs, int32_t* scores, Isa isa) {
 #if DFQVIT_X86
-  if (isa != Isa::kScalar) return scores_row_avx2(q, kt, ld, n, d, scores);
+  if (isa != Isa::kScalar) return scores_row_avx2(q, kp, ld, n, pairs, scores);
 #endif
-  for (int64_t j = 0; j < n; ++j) scores[j] = 0.0f;
-  for (int64_t t = 0; t < d; ++t)
-    for (int64_t j = 0; j < n; ++j) scores[j] += q[t] * kt[t * ld + j];
+  for (int64_t j = 0; j < n; ++j) {
+    int32_t total = 0;
+    for (int64_t t = 0; t < 2 * pairs; ++t) total += int32_t(q[t]) * int32_t(kp[((t / 2) * ld + j) * 2 + t % 2]);
+    scores[j] = total;
+  }
+}
+
+void add_row(int32_t* bucket, const int32_t* v, int64_t d, Isa isa) {
+#if DFQVIT_X86
+  if (isa != Isa::kScalar) return add_row_avx2(bucket, v, d);
+#endif
+  for (int64_t t = 0; t < d; ++t) bucket[t] += v[t];
+}
+
+// Log2 P.V by shifts and adds: V rows are summed per code level in int32 (|sum| <= 255 * 256), then the levels
+// are combined as sum_k 2**(shift - k) * bucket_k in float64 (integers below 2**53: exact in any order).
+void log2_pv_row(const int32_t* codes, const int32_t* v, int64_t n, int64_t d, int64_t shift, int32_t* buckets,
+                 double* out, Isa isa) {
+  uint64_t touched = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const int32_t k = codes[j];
+    if (k > shift) continue;
+    int32_t* bucket = buckets + k * d;
+    if (touched >> k & 1) {
+      add_row(bucket, v + j * d, d, isa);
+    } else {
+      std::memcpy(bucket, v + j * d, d * sizeof(int32_t));
+      touched |= uint64_t(1) << k;
+    }
+  }
+  for (int64_t t = 0; t < d; ++t) out[t] = 0.0;
+  for (int64_t k = 0; k <= shift; ++k) {
+    if (!(touched >> k & 1)) continue;
+    const double w = std::ldexp(1.0, static_cast<int>(shift - k));
+    const int32_t* bucket = buckets + k * d;
+#if DFQVIT_X86
+    if (isa != Isa::kScalar) {
+      combine_row_avx2(out, w, bucket, d);
+      continue;
+    }
+#endif
+    for (int64_t t = 0; t < d; ++t) out[t] += w * static_cast<double>(bucket[t]);
+  }
 }
 
 void pv_row(const double* w, const double* v, int64_t n, int64_t d, double* out, Isa isa) {
@@ -164,34 +227,42 @@ at::Tensor native_attention(const at::Tensor& q, const at::Tensor& k, const at::
   const float p_param_f = static_cast<float>(p_param), p_zero_f = static_cast<float>(p_zero);
   const float inv_two_s = std::ldexp(1.0f, -static_cast<int>(shift));
   const float out_scale = static_cast<float>(p_param * v_scale);  // fp32(delta * v_scale) or fp32(p_scale * v_scale)
-  const int64_t ld = (n + 7) / 8 * 8;
+  const int64_t ld = (n + 7) / 8 * 8, pairs = (d + 1) / 2;
 
   at::Tensor out = at::empty({batch, heads, n, d}, at::kFloat);
   float* op = out.data_ptr<float>();
   const int8_t *qp = q.data_ptr<int8_t>(), *kp = k.data_ptr<int8_t>(), *vp = v.data_ptr<int8_t>();
   const float* bp = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
   const float* mp = mask_c.defined() ? mask_c.data_ptr<float>() : nullptr;
-
   const auto qs = q.strides(), ks = k.strides(), vs = v.strides();
   at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(n * d), kt(d * ld, 0.0f), t(n), e(n);
-    std::vector<double> vd(n * d), w(n), acc(d);
+    std::vector<int16_t> q16(n * 2 * pairs, 0), kpairs(pairs * ld * 2, 0);
+    std::vector<int32_t> v32(n * d), s32(n), codes(n), buckets((shift + 1) * d);
+    std::vector<float> t(n), e(n);
+    std::vector<double> vd(p_mode == kModeLog2 ? 0 : n * d), w(n), acc(d);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / heads, h = bh % heads;
       const int8_t* qh = qp + b * qs[0] + h * qs[1];
       const int8_t* kh = kp + b * ks[0] + h * ks[1];
       const int8_t* vh = vp + b * vs[0] + h * vs[1];
       for (int64_t i = 0; i < n; ++i) {
-        const int8_t *qi = qh + i * qs[2], *ki = kh + i * ks[2], *vi = vh + i * vs[2];
-        for (int64_t x = 0; x < d; ++x) {
-          qf[i * d + x] = static_cast<float>(qi[x * qs[3]] - q_zero);
-          kt[x * ld + i] = static_cast<float>(ki[x * ks[3]] - k_zero);
-          vd[i * d + x] = static_cast<double>(vi[x * vs[3]] - v_zero);
-        }
+        const int8_t *qi = qh + i * qs[2], *vi = vh + i * vs[2];
+        int16_t* qrow = q16.data() + i * 2 * pairs;
+        int32_t* vrow = v32.data() + i * d;
+        for (int64_t x = 0; x < d; ++x) qrow[x] = static_cast<int16_t>(qi[x * qs[3]] - q_zero);
+        for (int64_t x = 0; x < d; ++x) vrow[x] = vi[x * vs[3]] - static_cast<int32_t>(v_zero);
       }
+      // K transposed into int16 pairs, written in order (the rows of one head sit in L1).
+      for (int64_t x = 0; x < d; ++x) {
+        int16_t* out = kpairs.data() + (x / 2) * ld * 2 + x % 2;
+        const int8_t* col = kh + x * ks[3];
+        for (int64_t i = 0; i < n; ++i) out[2 * i] = static_cast<int16_t>(col[i * ks[2]] - k_zero);
+      }
+      if (p_mode != kModeLog2)
+        for (int64_t x = 0; x < n * d; ++x) vd[x] = static_cast<double>(v32[x]);
       for (int64_t i = 0; i < n; ++i) {
-        scores_row(qf.data() + i * d, kt.data(), ld, n, d, t.data(), isa);  // exact integers
-        for (int64_t j = 0; j < n; ++j) t[j] = t[j] * qk_scale_log2;
+        scores_row(q16.data() + i * 2 * pairs, kpairs.data(), ld, n, pairs, s32.data(), isa);  // exact integers
+        for (int64_t j = 0; j < n; ++j) t[j] = static_cast<float>(s32[j]) * qk_scale_log2;
         if (bp) {
           const int64_t base = b * bias_f.stride(0) + h * bias_f.stride(1) + i * bias_f.stride(2);
           for (int64_t j = 0; j < n; ++j) t[j] = t[j] + bp[base + j * bias_f.stride(3)] * log2e;
@@ -207,28 +278,31 @@ at::Tensor native_attention(const at::Tensor& q, const at::Tensor& k, const at::
         int64_t fixed = 0;
         for (int64_t j = 0; j < n; ++j) fixed += pm::fixed_point_term(e[j]);
         const float sum = pm::fixed_point_sum_to_float(fixed);
-        int64_t j = 0;
+        if (p_mode == kModeLog2) {
+          int64_t j = 0;
 #if DFQVIT_X86
-        if (p_mode == kModeLog2 && isa != Isa::kScalar)
-          j = log2_weights_avx2(e.data(), n, sum, p_param_f, ratio_floor, shift, w.data());
+          if (isa != Isa::kScalar) j = log2_codes_avx2(e.data(), n, sum, p_param_f, ratio_floor, shift, codes.data());
 #endif
-        for (; j < n; ++j) {
-          const float p = e[j] / sum;
-          if (p_mode == kModeLog2) {
-            const float ratio = std::max(p / p_param_f, ratio_floor);
+          for (; j < n; ++j) {
+            const float ratio = std::max((e[j] / sum) / p_param_f, ratio_floor);
             const int64_t code = std::clamp<int64_t>(pm::round_neg_log2(ratio), 0, levels);
-            w[j] = code <= shift ? std::ldexp(1.0, static_cast<int>(shift - code)) : 0.0;
-          } else {
-            float c = std::nearbyint(p / p_param_f) + p_zero_f;
+            codes[j] = code <= shift ? static_cast<int32_t>(code) : kSkip;
+          }
+          log2_pv_row(codes.data(), v32.data(), n, d, shift, buckets.data(), acc.data(), isa);
+        } else {
+          for (int64_t j = 0; j < n; ++j) {
+            float c = std::nearbyint((e[j] / sum) / p_param_f) + p_zero_f;
             c = std::fmin(std::fmax(c, 0.0f), static_cast<float>(levels - 1));
             w[j] = static_cast<double>(c) - static_cast<double>(p_zero);
           }
+          pv_row(w.data(), vd.data(), n, d, acc.data(), isa);
         }
-        pv_row(w.data(), vd.data(), n, d, acc.data(), isa);
         float* orow = op + (bh * n + i) * d;
-        for (int64_t x = 0; x < d; ++x) {
-          const float total = static_cast<float>(acc[x]);  // the exact integer, rounded once
-          orow[x] = p_mode == kModeLog2 ? (total * inv_two_s) * out_scale : total * out_scale;
+        const double* accp = acc.data();
+        if (p_mode == kModeLog2) {  // the exact integer, rounded once, then the two fp32 scalings
+          for (int64_t x = 0; x < d; ++x) orow[x] = (static_cast<float>(accp[x]) * inv_two_s) * out_scale;
+        } else {
+          for (int64_t x = 0; x < d; ++x) orow[x] = static_cast<float>(accp[x]) * out_scale;
         }
       }
     }
