@@ -26,6 +26,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_isa.h"
@@ -499,41 +500,43 @@ at::Tensor native_qgemm_prepacked(const at::Tensor& a_in, double a_scale, int64_
               requant ? out.data_ptr<int8_t>() : nullptr, n};
   const uint8_t* wbytes = wp.data_ptr<uint8_t>();
   const int64_t panel_bytes = steps * kStepBytes;
+  // micro(rows, a, w, acc) for a block of rows: kMR at once when the block is full, else one row at a time.
+  auto blocks = [&](const auto* ap, const auto* wbase, auto micro) {
+    return [=](int64_t row, int rows, int64_t panel, int32_t* acc) {
+      const auto* w = wbase + panel * panel_bytes;
+      if (rows == kMR) return micro(std::integral_constant<int, kMR>{}, ap + row * ld, w, acc);
+      for (int r = 0; r < rows; ++r) micro(std::integral_constant<int, 1>{}, ap + (row + r) * ld, w, acc + r * kNR);
+    };
+  };
   if (nibbles) {
     const uint8_t* ap = au.data();
 #if DFQVIT_X86
     if (isa == Isa::kAvx512Vnni) {
-      run_tiles(m, panels, ep, isa, [&](int64_t row, int rows, int64_t panel, int32_t* acc) {
-        const uint8_t* w = wbytes + panel * panel_bytes;
-        if (rows == kMR) return micro_nibble_vnni<kMR>(ap + row * ld, ld, w, steps, acc);
-        for (int r = 0; r < rows; ++r) micro_nibble_vnni<1>(ap + (row + r) * ld, ld, w, steps, acc + r * kNR);
-      });
+      run_tiles(m, panels, ep, isa, blocks(ap, wbytes, [&](auto mr, const uint8_t* a8r, const uint8_t* w, int32_t* acc) {
+        micro_nibble_vnni<decltype(mr)::value>(a8r, ld, w, steps, acc);
+      }));
     } else if (isa == Isa::kAvx2) {
-      run_tiles(m, panels, ep, isa, [&](int64_t row, int rows, int64_t panel, int32_t* acc) {
-        const uint8_t* w = wbytes + panel * panel_bytes;
-        if (rows == kMR) return micro_nibble_avx2<kMR>(ap + row * ld, ld, w, steps, acc);
-        for (int r = 0; r < rows; ++r) micro_nibble_avx2<1>(ap + (row + r) * ld, ld, w, steps, acc + r * kNR);
-      });
+      run_tiles(m, panels, ep, isa, blocks(ap, wbytes, [&](auto mr, const uint8_t* a8r, const uint8_t* w, int32_t* acc) {
+        micro_nibble_avx2<decltype(mr)::value>(a8r, ld, w, steps, acc);
+      }));
     } else
 #endif
-      run_tiles(m, panels, ep, isa, [&](int64_t row, int rows, int64_t panel, int32_t* acc) {
-        micro_nibble_scalar(ap + row * ld, ld, rows, wbytes + panel * panel_bytes, steps, acc);
-      });
+      run_tiles(m, panels, ep, isa, blocks(ap, wbytes, [&](auto mr, const uint8_t* a8r, const uint8_t* w, int32_t* acc) {
+        micro_nibble_scalar(a8r, ld, decltype(mr)::value, w, steps, acc);
+      }));
   } else {
     const int16_t* ap = as.data();
     const int8_t* w8 = reinterpret_cast<const int8_t*>(wbytes);
 #if DFQVIT_X86
     if (isa != Isa::kScalar) {
-      run_tiles(m, panels, ep, isa, [&](int64_t row, int rows, int64_t panel, int32_t* acc) {
-        const int8_t* w = w8 + panel * panel_bytes;
-        if (rows == kMR) return micro_int8_avx2<kMR>(ap + row * ld, ld, w, steps, acc);
-        for (int r = 0; r < rows; ++r) micro_int8_avx2<1>(ap + (row + r) * ld, ld, w, steps, acc + r * kNR);
-      });
+      run_tiles(m, panels, ep, isa, blocks(ap, w8, [&](auto mr, const int16_t* a16r, const int8_t* w, int32_t* acc) {
+        micro_int8_avx2<decltype(mr)::value>(a16r, ld, w, steps, acc);
+      }));
     } else
 #endif
-      run_tiles(m, panels, ep, isa, [&](int64_t row, int rows, int64_t panel, int32_t* acc) {
-        micro_int8_scalar(ap + row * ld, ld, rows, w8 + panel * panel_bytes, steps, acc);
-      });
+      run_tiles(m, panels, ep, isa, blocks(ap, w8, [&](auto mr, const int16_t* a16r, const int8_t* w, int32_t* acc) {
+        micro_int8_scalar(a16r, ld, decltype(mr)::value, w, steps, acc);
+      }));
   }
   if (requant || out_dtype == at::kFloat) return out;
   return out.to(out_dtype);  // fp16 / bf16: the reference's y.to(out_dtype), round to nearest even
