@@ -1,0 +1,31 @@
+"""benchmarks/kernels.py --cpu: runs end to end on a tiny configuration and writes a complete report."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def test_cpu_benchmark_writes_json_and_markdown(tmp_path, monkeypatch):
+    from dfqvit.kernels import native
+    if not native.available():
+        pytest.skip("dfqvit._C not built: the script only reports that the native backend is unmeasured")
+    monkeypatch.syspath_prepend(str(BENCH))
+    import kernels_cpu
+    monkeypatch.setattr(kernels_cpu, "GEMM_CASES", [("cifar_vit", 1)])
+    assert kernels_cpu.run(str(tmp_path), engine_batch=2, quick=True) == 0
+    (report_path,) = tmp_path.glob("kernels_cpu_*.json")
+    report = json.loads(report_path.read_text())
+    assert report["isa"] == native.isa() and report["env"]["torch"]
+    assert {r["layer"] for r in report["gemm"]} == {"qkv", "proj", "fc1", "fc2"}
+    assert all(r["ms"]["fp32_linear"] > 0 and r["speedup_vs_fp32"]["w4a8_f32out"] > 0 for r in report["gemm"])
+    assert report["targets"]["gemm_shapes"] == 4
+    if "ms" in report["engine"]:  # the CIFAR reference model is present
+        assert report["engine"]["linear_weight_bytes"]["ratio_vs_fp32"] < 0.25
+        assert "engine_meets_target" in report["targets"]
+    assert (tmp_path / (report_path.stem + ".md")).read_text().startswith("# Native CPU backend")
+    sys.modules.pop("kernels_cpu", None)
