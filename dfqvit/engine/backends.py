@@ -30,6 +30,9 @@ BACKENDS = ("auto", "triton", "native", "torch", "fake")
 class TorchKernels:
     name = "torch"
 
+    def prepare(self, module: torch.nn.Module) -> None:
+        """Once, when the engine is built: convert weights to this backend's layout (PyTorch reads them as packed)."""
+
     def quantize(self, x: torch.Tensor, grid: ActGrid) -> torch.Tensor:
         """Float activations -> int8 codes on ``grid`` (the shared rounding of ``kernels.reference``)."""
         return reference.uniform_quantize(x.float(), grid.scale, grid.zero, grid.qmin, grid.qmax).to(torch.int8)

@@ -148,8 +148,7 @@ class QuantizedViT(nn.Module):
         self.dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
         with torch.no_grad():
             self.trunk = TRUNKS[qmodel.family](qmodel.model).to(device)
-            if hasattr(self.kernels, "prepare"):
-                self.kernels.prepare(self.trunk)
+            self.kernels.prepare(self.trunk)
         use_graphs = (device.type == "cuda" and self.backend == "triton") if cuda_graphs is None else cuda_graphs
         self.graphs = None
         if use_graphs:

@@ -235,6 +235,7 @@ at::Tensor native_attention(const at::Tensor& q, const at::Tensor& k, const at::
   const float* bp = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
   const float* mp = mask_c.defined() ? mask_c.data_ptr<float>() : nullptr;
   const auto qs = q.strides(), ks = k.strides(), vs = v.strides();
+  const std::vector<int64_t> bs = bias_f.defined() ? bias_f.strides().vec() : std::vector<int64_t>(4, 0);
   at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<int16_t> q16(n * 2 * pairs, 0), kpairs(pairs * ld * 2, 0);
     std::vector<int32_t> v32(n * d), s32(n), codes(n), buckets((shift + 1) * d);
@@ -264,8 +265,8 @@ at::Tensor native_attention(const at::Tensor& q, const at::Tensor& k, const at::
         scores_row(q16.data() + i * 2 * pairs, kpairs.data(), ld, n, pairs, s32.data(), isa);  // exact integers
         for (int64_t j = 0; j < n; ++j) t[j] = static_cast<float>(s32[j]) * qk_scale_log2;
         if (bp) {
-          const int64_t base = b * bias_f.stride(0) + h * bias_f.stride(1) + i * bias_f.stride(2);
-          for (int64_t j = 0; j < n; ++j) t[j] = t[j] + bp[base + j * bias_f.stride(3)] * log2e;
+          const int64_t base = b * bs[0] + h * bs[1] + i * bs[2];
+          for (int64_t j = 0; j < n; ++j) t[j] = t[j] + bp[base + j * bs[3]] * log2e;
         }
         if (mp) {
           const float* mrow = mp + ((b % windows) * n + i) * n;
