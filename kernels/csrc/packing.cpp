@@ -10,10 +10,10 @@
 
 #include <cstdint>
 
+#include "packing.h"
+
 namespace dfqvit {
 namespace {
-
-int64_t padded_k(int64_t k, int64_t group_k) { return (k + group_k - 1) / group_k * group_k; }
 
 void check_args(int64_t storage_bits, int64_t group_k) {
   TORCH_CHECK(storage_bits == 3 || storage_bits == 4, "dfqvit native packing: storage_bits=", storage_bits,
@@ -75,23 +75,7 @@ at::Tensor unpack_weight(const at::Tensor& packed_in, int64_t storage_bits, int6
   at::Tensor codes = at::empty({n, k}, packed.options());
   const uint8_t* src = packed.data_ptr<uint8_t>();
   uint8_t* dst = codes.data_ptr<uint8_t>();
-  for (int64_t row = 0; row < n; ++row) {
-    const uint8_t* in = src + row * row_bytes;
-    for (int64_t pos = 0; pos < k; ++pos) {
-      const int64_t g = pos / group_k, p = pos % group_k;
-      uint8_t code;
-      if (storage_bits == 4) {
-        const uint8_t byte = in[g * group_k / 2 + p % (group_k / 2)];
-        code = p < group_k / 2 ? (byte & 0xF) : (byte >> 4);
-      } else {
-        const uint8_t* grp = in + g * (3 * group_k / 8);
-        const uint8_t low = (grp[p % (group_k / 4)] >> (2 * (p / (group_k / 4)))) & 0x3;
-        const uint8_t high = (grp[group_k / 4 + p % (group_k / 8)] >> (p / (group_k / 8))) & 0x1;
-        code = static_cast<uint8_t>(low | (high << 2));
-      }
-      dst[row * k + pos] = code;
-    }
-  }
+  for (int64_t row = 0; row < n; ++row) unpack_row(src + row * row_bytes, storage_bits, k, group_k, dst + row * k);
   return codes;
 }
 

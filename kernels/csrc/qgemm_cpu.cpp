@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "cpu_isa.h"
+#include "packing.h"
 #include "portable_math.h"
 
 #ifndef DFQVIT_MR
@@ -285,27 +286,6 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void micro_nibble_vnni(co
 // ---------------------------------------------------------------------------------------------------
 // Prepacking: the GPU layout (kernels/packing.py) -> CPU panels
 // ---------------------------------------------------------------------------------------------------
-
-// Codes of one packed row (storage 3 or 4) into out[0..k).
-void unpack_row(const uint8_t* in, int64_t storage_bits, int64_t k, int64_t group_k, uint8_t* out) {
-  for (int64_t g = 0; g * group_k < k; ++g) {
-    const int64_t base = g * group_k;
-    if (storage_bits == 4) {
-      const uint8_t* bytes = in + g * group_k / 2;
-      for (int64_t j = 0; j < group_k / 2; ++j) {
-        if (base + j < k) out[base + j] = bytes[j] & 0xF;
-        if (base + group_k / 2 + j < k) out[base + group_k / 2 + j] = bytes[j] >> 4;
-      }
-    } else {
-      const uint8_t* grp = in + g * (3 * group_k / 8);
-      for (int64_t p = 0; p < group_k && base + p < k; ++p) {
-        const uint8_t low = (grp[p % (group_k / 4)] >> (2 * (p / (group_k / 4)))) & 0x3;
-        const uint8_t high = (grp[group_k / 4 + p % (group_k / 8)] >> (p / (group_k / 8))) & 0x1;
-        out[base + p] = static_cast<uint8_t>(low | (high << 2));
-      }
-    }
-  }
-}
 
 at::Tensor native_prepack_weight(const at::Tensor& w_in, int64_t storage_bits, int64_t k, int64_t group_k) {
   TORCH_CHECK(storage_bits == 3 || storage_bits == 4 || storage_bits == 8,
