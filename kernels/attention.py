@@ -18,7 +18,8 @@ Why it is shaped like this:
 * Log2 levels ``2**-k`` are built from exponent bits (exact) and, for ``p_bits <= 4`` (k <= 16), are exact
   in fp16, so P.V runs on fp16 tensor cores with no rounding in P; ``v - v_zero`` (|.| <= 255) is exact in
   fp16 too. Linear codes minus their zero point are small integers, also exact in fp16. Wider log2 codes
-  use an IEEE fp32 dot.
+  (levels up to 2**-32, as in the reference) are exact in bf16, so they run on bf16 tensor cores (an
+  IEEE fp32 dot at BLOCK_N = 256 took minutes to compile and ran on the FMA units).
 * The zero points enter QK^T through row sums of Q and K (q - q_zero does not fit int8).
 
 Exactness: the P codes equal the reference bit for bit under the interpreter (same fp32 operations, no libm
@@ -54,6 +55,7 @@ def _attention_kernel(
     sb_b, sb_h, sb_i, sb_j, sm_w, sm_i, sm_j, sc_b, sc_h, sc_i, sc_j,
     q_zero, k_zero, v_zero, qk_scale_log2, p_param, p_zero, pv_scale,
     P_MODE: tl.constexpr, P_BITS: tl.constexpr, P_RATIO_FLOOR: tl.constexpr, PV_FP16: tl.constexpr,
+    PV_BF16: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, STORE_CODES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -102,7 +104,9 @@ def _attention_kernel(
         # reference.log2_quantize: clamp the ratio before log2 (p may underflow to 0), round half to even.
         ratio = tl.maximum(tl.math.div_rn(p, p_param), P_RATIO_FLOOR)
         code = tl.minimum(tl.maximum(round_neg_log2(ratio), 0), LEVELS).to(tl.float32)
-        p_hat = tl.where(code >= LEVELS, 0.0, exp2_of_negative_int(tl.minimum(code, 126.0)))
+        # Levels past reference.log2_pv_shift (min(LEVELS - 1, 32)) add nothing, as in the reference.
+        PV_LAST: tl.constexpr = min(LEVELS - 1, 32)
+        p_hat = tl.where(code > PV_LAST, 0.0, exp2_of_negative_int(tl.minimum(code, 126.0)))
     else:
         code = uniform_quantize(p, p_param, p_zero, 0.0, LEVELS - 1.0)
         p_hat = code - p_zero
@@ -119,15 +123,21 @@ def _attention_kernel(
     if PV_FP16:
         out = tl.dot(p_hat.to(tl.float16), v_centered.to(tl.float16))
     else:
-        out = tl.dot(p_hat, v_centered.to(tl.float32), input_precision="ieee")
+        if PV_BF16:  # 2**-k (k <= 32) and |v - v_zero| <= 255 are exact in bf16: tensor cores, exact products
+            out = tl.dot(p_hat.to(tl.bfloat16), v_centered.to(tl.bfloat16))
+        else:  # the interpreter (numpy has no bf16): an fp32 dot, also exact per product
+            out = tl.dot(p_hat, v_centered.to(tl.float32), input_precision="ieee")
     out = out * pv_scale
     tl.store(out_ptr + b * so_b + h * so_h + rows[:, None] * so_n + dims[None, :] * so_d,
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
 
 
+# A query tile spans the whole key row (BLOCK_N up to 256), so BLOCK_M = 128 spills registers and took over a
+# minute per compilation (sm_90, compile_check); these four compile in seconds.
+TUNE_BLOCK_M_WARPS = ((16, 4), (32, 4), (32, 8), (64, 8))
+
 _attention_kernel_autotuned = triton.autotune(
-    configs=[triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=1)
-             for bm in (16, 32, 64, 128) for w in (4, 8)],
+    configs=[triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=1) for bm, w in TUNE_BLOCK_M_WARPS],
     key=["SEQ", "HEAD_DIM", "P_MODE", "P_BITS", "HAS_BIAS", "HAS_MASK"],
 )(_attention_kernel)
 
@@ -214,6 +224,7 @@ def _launch(entry, q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale, v_zero, s
     ratio_floor = float(torch.tensor(2.0 ** -(2 ** int(p_bits) + 2), dtype=torch.float32))
     # Padded to powers of two and at least 32: the int8 QK^T tl.dot needs K = BLOCK_D >= 32 on tensor cores.
     meta = dict(P_MODE=p_mode, P_BITS=int(p_bits), P_RATIO_FLOOR=ratio_floor, PV_FP16=pv_fp16,
+                PV_BF16=not pv_fp16 and device.type == "cuda",
                 HAS_BIAS=bias is not None, HAS_MASK=mask is not None, STORE_CODES=return_codes,
                 BLOCK_N=max(32, next_power_of_2(seq)), BLOCK_D=max(32, next_power_of_2(head_dim)))
     if block_m is None and device.type == "cpu":

@@ -26,6 +26,7 @@ How the kernel is organised, and why:
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -83,9 +84,13 @@ def _dot_piece(acc, a_ptr, rm, m_ok, ks, K, stride_am, stride_ak, w_piece, w_zer
     a = tl.load(a_ptr + rm[:, None] * stride_am + ks[None, :] * stride_ak,
                 mask=m_ok[:, None] & (ks[None, :] < K), other=0)
     w = w_piece.to(tl.int16) - w_zero16[None, :]
+    # if/else, not an early return: the GPU compiler keeps compiling the statements after a constexpr
+    # branch's return (the interpreter does not), and fp16 x int8 has no tl.dot.
     if FLOAT_A:
-        return tl.dot(a, w.to(a.dtype), acc)
-    return tl.dot(a, w.to(tl.int8), acc, out_dtype=tl.int32)
+        acc = tl.dot(a, w.to(a.dtype), acc)
+    else:
+        acc = tl.dot(a, w.to(tl.int8), acc, out_dtype=tl.int32)
+    return acc
 
 
 @triton.jit
@@ -207,6 +212,30 @@ _TUNE_SPACE = [
 ]
 _SMEM_BUDGET_BYTES = 200 * 1024  # H100: 228 KB per SM, leave room for the epilogue
 
+# DFQVIT_AUTOTUNE=quick tries three tiles per key instead of the whole space (each tile is one Triton
+# compilation, 1-3 s; a ViT has ~6 GEMM variants per M bucket): the benchmarks' default on a lent GPU.
+_QUICK_TILES = {  # M bucket at least -> (BLOCK_M, BLOCK_N, BLOCK_K, num_warps)
+    4096: [(128, 256, 128, 8), (256, 128, 128, 8), (128, 128, 128, 8)],
+    512: [(128, 128, 128, 8), (64, 128, 128, 4), (128, 64, 128, 4)],
+    0: [(64, 64, 128, 4), (32, 64, 128, 4), (16, 64, 256, 4)],
+}
+
+
+def autotune_mode() -> str:
+    """``DFQVIT_AUTOTUNE``: "full" (default: every tile of the tune space) or "quick" (three per M bucket)."""
+    mode = os.environ.get("DFQVIT_AUTOTUNE", "full").lower()
+    if mode not in ("full", "quick"):
+        raise KernelInputError(f"DFQVIT_AUTOTUNE={mode!r}; allowed: 'full' (default) or 'quick'.")
+    return mode
+
+
+def _quick_subset(kept, bucket):
+    """The tiles of ``_QUICK_TILES`` for this M bucket that survived pruning (else the first three kept)."""
+    wanted = next(tiles for floor, tiles in sorted(_QUICK_TILES.items(), reverse=True) if bucket >= floor)
+    chosen = [c for c in kept if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps)
+              in wanted]
+    return chosen or kept[:3]
+
 
 def _prune_configs(configs, named_args, **kwargs):
     """gemlite-style pruning: BLOCK_K a multiple of the packing group, BLOCK_M no bigger than the M
@@ -231,6 +260,8 @@ def _prune_configs(configs, named_args, **kwargs):
         if key not in seen:
             seen.add(key)
             kept.append(triton.Config(dict(kw), num_warps=cfg.num_warps, num_stages=stages))
+    if kept and autotune_mode() == "quick":
+        kept = _quick_subset(kept, bucket)
     return kept or [triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": max(group_k, 64), "GROUP_M": 8},
                                   num_warps=4, num_stages=2)]
 

@@ -157,7 +157,7 @@ def test_attention_errors_say_what_was_given():
                                           torch.float16)
 
 
-@pytest.mark.parametrize("p_bits", [3, 4])
+@pytest.mark.parametrize("p_bits", [3, 4, 8])
 def test_cuda_kernel_at_vit_shape(p_bits):
     """GPU only: autotuned launch at ViT-B attention (B=8, H=12, N=197, d=64); codes may move by one level
     on at most 0.1% of entries (hardware exp2/log2)."""
