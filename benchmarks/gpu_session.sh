@@ -1,25 +1,28 @@
 #!/usr/bin/env bash
-# One prepared GPU check for a session that is lent a CUDA machine for a few minutes: the most important
-# measurement first, each step under its own timeout so a slow Triton JIT cannot eat the others.
-#   OUT=/path/for/logs bash benchmarks/gpu_session.sh [seconds per step, default 150]
-# Results (JSON/markdown) land in benchmarks/results/ and are copied to $OUT with every log.
+# One prepared GPU check for a session lent a CUDA machine for a few minutes: the most important
+# measurement first, each step under its own timeout so a slow step cannot eat the others.
+#   OUT=/path/for/results bash benchmarks/gpu_session.sh
+# Everything (one log, the latency JSON/markdown) lands in $OUT: at most 8 files come back from the device.
+# Kernels that fail to compile for the GPU are caught without one: python -m dfqvit.kernels.compile_check.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-STEP=${1:-150}
-OUT=${OUT:-benchmarks/results/gpu_session_logs}
+OUT=${OUT:-benchmarks/results/gpu_session}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 DFQVIT_BUILD_EXT=0
-python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || { tail -5 "$OUT/install.log"; exit 1; }
-python3 -c "import torch, triton, timm; print('device', torch.cuda.get_device_name(0), 'torch', torch.__version__, 'triton', triton.__version__, 'timm', timm.__version__)" | tee "$OUT/env.log"
-step() {  # name, command...
-    local name=$1; shift
-    echo "== $name (limit ${STEP}s)"
-    timeout "$STEP" "$@" 2>&1 | tee "$OUT/$name.log" | tail -25
-    echo "== $name exit ${PIPESTATUS[0]}"
+LOG="$OUT/session.log"
+export PYTHONUNBUFFERED=1 DFQVIT_BUILD_EXT=0 DFQVIT_AUTOTUNE=quick
+# The CIFAR reference model and images, when carried as .gpu_shared (the GPU tests read ../shared).
+if [ -d .gpu_shared ] && [ ! -e ../shared ]; then ln -s "$PWD/.gpu_shared" ../shared; fi
+python3 -m pip install -q --no-deps --no-build-isolation -e . >>"$LOG" 2>&1 || { tail -5 "$LOG"; exit 1; }
+python3 -c "import torch, triton, timm; print('device', torch.cuda.get_device_name(0), 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'timm', timm.__version__)" 2>&1 | tee -a "$LOG"
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv 2>&1 | tee -a "$LOG"
+step() {  # name, seconds, command...
+    local name=$1 limit=$2; shift 2
+    echo "== $name (limit ${limit}s) $(date +%T)" | tee -a "$LOG"
+    timeout "$limit" "$@" 2>&1 | tee -a "$LOG" | grep -v "^\s*$" | tail -40
+    echo "== $name exit ${PIPESTATUS[0]} $(date +%T)" | tee -a "$LOG"
 }
-step latency python3 benchmarks/latency.py --models deit_small_patch16_224 --batches 1 64 --warmup 5 --iters 20
-step kernels python3 benchmarks/kernels.py --models deit_s --batches 64 256
-step gpu_tests python3 -m pytest -q -x -m gpu -p no:cacheprovider tests/
-step synthesis python3 benchmarks/synthesis.py --shape deit_s --iterations 100
-# only what this run wrote (the device tool brings back at most 8 files)
-find benchmarks/results -maxdepth 1 -type f -newer "$OUT/env.log" \( -name '*.json' -o -name '*.md' \) -exec cp {} "$OUT"/ \;
+LAT="python3 benchmarks/latency.py --warmup 5 --iters 30 --out-dir $OUT"
+step latency_w4a8 ${STEP1:-250} $LAT --models deit_small_patch16_224 vit_base_patch16_224 --batches 64 1 --bits W4A8
+step gpu_tests ${STEP2:-130} python3 -m pytest -q -m gpu -p no:cacheprovider -rs tests/test_kernels_qgemm.py tests/test_kernels_attention.py tests/test_engine_model.py
+step latency_bits ${STEP3:-120} $LAT --models deit_small_patch16_224 --batches 64 1 --bits W8A8 W4A4 W3A16 --baselines graphs
+step latency_swin ${STEP4:-80} $LAT --models swin_small_patch4_window7_224 --batches 64 1 --bits W4A8 --baselines eager graphs

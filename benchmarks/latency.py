@@ -6,11 +6,17 @@ median latency over many synchronised runs after warm-up, images/s and weight by
 writes JSON + markdown under ``benchmarks/results/`` with the device name and versions.
 
     python benchmarks/latency.py [--models deit_small_patch16_224 ...] [--batches 1 8 64 256]
+        [--bits W4A8 W8A8 W4A4 W3A16] [--baselines eager graphs compile] [--autotune quick|full]
+
+The JSON is rewritten after every measured row (``"complete": false`` until the end), so a run cut short
+keeps what it measured. Each engine row also carries its build time and the engine-vs-fake-quant logits
+cosine on the GPU. ``--autotune quick`` (default) tries three GEMM tiles per shape instead of twelve.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -21,7 +27,8 @@ import torch
 
 MODELS = ("deit_small_patch16_224", "vit_base_patch16_224", "swin_small_patch4_window7_224")
 BATCHES = (1, 8, 64, 256)
-ENGINE_BITS = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A4": (4, 4), "W3A16": (3, 16)}
+ENGINE_BITS = {"W4A8": (4, 8), "W8A8": (8, 8), "W4A4": (4, 4), "W3A16": (3, 16)}
+BASELINES = ("eager", "graphs", "compile")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -62,42 +69,72 @@ def cuda_graph_fp16(model, example):
     return run
 
 
-def bench_model(name: str, batches, warmup: int, iters: int):
-    import timm
-
+def build_engine_for(float_model, label: str):
+    """Calibrate (8 random images, no reconstruction) and build the Triton engine; also return the seconds the
+    build took and the engine-vs-fake-quant logits cosine on 4 images (correctness at full size on the GPU)."""
     import dfqvit
     from dfqvit.engine import build_engine
 
-    rows = []
+    start = time.perf_counter()
+    torch.manual_seed(0)
+    calib = torch.randn(8, 3, 224, 224)
+    qmodel = dfqvit.compile(float_model, bits=ENGINE_BITS[label], calib=calib, recon=None, correction=None,
+                            device="cuda", progress=False)
+    engine = build_engine(qmodel, backend="triton")
+    engine.check_inputs = False  # the NaN check syncs the host; latency measures the model
+    x = calib[:4].cuda()
+    with torch.no_grad():
+        got, want = engine(x).float(), qmodel(x).float()
+    torch.cuda.synchronize()
+    cosine = float(torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0))
+    agree = float((got.argmax(-1) == want.argmax(-1)).float().mean())
+    return engine, {"build_s": time.perf_counter() - start, "cosine_vs_fake": cosine, "top1_agree_vs_fake": agree}
+
+
+def bench_model(name: str, batches, bits, baselines, warmup: int, iters: int, on_row):
+    """Time each variant at each batch; ``on_row`` gets every row as soon as it is measured (the JSON is
+    rewritten then, so a run cut short keeps what it measured)."""
+    import timm
+
     float_model = timm.create_model(name, pretrained=False).eval()
     fp16 = timm.create_model(name, pretrained=False).eval().half().cuda()
     fp16.load_state_dict({k: v.half() for k, v in float_model.state_dict().items()})
-    compiled = torch.compile(fp16)
+    compiled = torch.compile(fp16) if "compile" in baselines else None
     fp16_bytes = fp16_weight_bytes(fp16)
-    engines = {}
-    for label, bits in ENGINE_BITS.items():
-        calib = torch.randn(8, 3, 224, 224)
-        qmodel = dfqvit.compile(float_model, bits=bits, calib=calib, recon=None, correction=None, device="cuda",
-                                progress=False)
-        engine = build_engine(qmodel, backend="triton")
-        engine.check_inputs = False  # the NaN check syncs the host; latency measures the model
-        engines[label] = engine
+    engines, checks = {}, {}
     for batch in batches:
         x32 = torch.randn(batch, 3, 224, 224, device="cuda")
         x16 = x32.half()
-        variants = [("timm fp16 eager", lambda x: fp16(x), x16, fp16_bytes),
-                    ("torch.compile fp16", lambda x: compiled(x), x16, fp16_bytes),
-                    ("fp16 CUDA graphs", cuda_graph_fp16(fp16, x16), x16, fp16_bytes)]
-        variants += [(f"dfqvit {label}", engine, x32, engine.weight_nbytes()) for label, engine in engines.items()]
-        for variant, fn, x, nbytes in variants:
+        # Fast-to-build variants first, torch.compile (the slowest to build) last.
+        variants = []
+        if "eager" in baselines:
+            variants.append(("timm fp16 eager", lambda: (lambda x: fp16(x)), x16, fp16_bytes))
+        if "graphs" in baselines:
+            variants.append(("fp16 CUDA graphs", lambda: cuda_graph_fp16(fp16, x16), x16, fp16_bytes))
+        for label in bits:
+            variants.append((f"dfqvit {label}", lambda label=label: engines[label], x32, None))
+        if compiled is not None:
+            variants.append(("torch.compile fp16", lambda: (lambda x: compiled(x)), x16, fp16_bytes))
+        for variant, make, x, nbytes in variants:
+            label = variant.removeprefix("dfqvit ")
+            if variant.startswith("dfqvit") and label not in engines:
+                engines[label], checks[label] = build_engine_for(float_model, label)
+                print(f"{name:32s} built {variant}: {checks[label]}", flush=True)
+            fn = make()
+            nbytes = nbytes if nbytes is not None else engines[label].weight_nbytes()
+            first = time.perf_counter()
             with torch.no_grad():
+                fn(x)  # first call: compilation / autotuning / graph capture, timed separately
+                torch.cuda.synchronize()
+                first_s = time.perf_counter() - first
                 ms = median_ms(fn, x, warmup, iters)
-            rows.append({"model": name, "batch": batch, "variant": variant, "latency_ms": ms,
-                         "images_per_s": batch / ms * 1e3, "weight_bytes": nbytes,
-                         "weight_ratio_vs_fp16": nbytes / fp16_bytes})
+            row = {"model": name, "batch": batch, "variant": variant, "latency_ms": ms,
+                   "images_per_s": batch / ms * 1e3, "weight_bytes": nbytes,
+                   "weight_ratio_vs_fp16": nbytes / fp16_bytes, "first_call_s": first_s}
+            row.update(checks.get(label, {}) if variant.startswith("dfqvit") else {})
+            on_row(row)
             print(f"{name:32s} {batch:4d} {variant:22s} {ms:9.3f} ms {batch / ms * 1e3:10.1f} img/s "
-                  f"{nbytes / 2**20:8.1f} MiB", flush=True)
-    return rows
+                  f"{nbytes / 2**20:8.1f} MiB  (first call {first_s:.1f} s)", flush=True)
 
 
 def markdown(rows, meta) -> str:
@@ -107,32 +144,68 @@ def markdown(rows, meta) -> str:
     for r in rows:
         lines.append(f"| {r['model']} | {r['batch']} | {r['variant']} | {r['latency_ms']:.3f} | "
                      f"{r['images_per_s']:.1f} | {r['weight_bytes'] / 2**20:.1f} | {r['weight_ratio_vs_fp16']:.3f} |")
+    lines += ["", "| model | batch | dfqvit | best fp16 (same run) | images/s ratio |", "|---|---:|---|---|---:|"]
+    for r in ratios(rows):
+        lines.append(f"| {r['model']} | {r['batch']} | {r['variant']} | {r['best_fp16']} | "
+                     f"{r['speedup_vs_best_fp16']:.2f}x |")
     return "\n".join(lines) + "\n"
+
+
+def ratios(rows):
+    """dfqvit images/s over the best fp16 baseline measured at the same model and batch in this run."""
+    out = []
+    for r in rows:
+        if not r["variant"].startswith("dfqvit"):
+            continue
+        base = [b for b in rows if b["model"] == r["model"] and b["batch"] == r["batch"]
+                and not b["variant"].startswith("dfqvit")]
+        if base:
+            best = max(base, key=lambda b: b["images_per_s"])
+            out.append({"model": r["model"], "batch": r["batch"], "variant": r["variant"],
+                        "best_fp16": best["variant"], "speedup_vs_best_fp16": r["images_per_s"] / best["images_per_s"],
+                        "latency_ratio_vs_best_fp16": r["latency_ms"] / best["latency_ms"]})
+    return out
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--batches", nargs="+", type=int, default=list(BATCHES))
+    parser.add_argument("--bits", nargs="*", default=list(ENGINE_BITS), choices=list(ENGINE_BITS))
+    parser.add_argument("--baselines", nargs="+", default=list(BASELINES), choices=list(BASELINES))
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--autotune", choices=("quick", "full"), default="quick",
+                        help="GEMM tiles tried per shape: quick = 3 (minutes saved on a lent GPU), full = all")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("benchmarks/latency.py: no CUDA device; nothing measured (the engine's GPU latency needs a GPU).")
         return 0
+    os.environ["DFQVIT_AUTOTUNE"] = args.autotune
     import timm
     import triton
 
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "timm": timm.__version__, "python": platform.python_version(), "warmup": args.warmup,
-            "iters": args.iters}
+            "timm": timm.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+            "warmup": args.warmup, "iters": args.iters, "autotune": args.autotune, "input": "224x224 fp32 "
+            "(engine) / fp16 (baselines), random weights and images", "timing": "median of iters synchronised "
+            "calls after warmup; first_call_s is the first call alone (compile, autotune, graph capture)"}
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    device_tag = meta["device"].lower().replace(" ", "_")
+    stem = args.out_dir / f"latency_{device_tag}_{time.strftime('%Y%m%d_%H%M%S')}"
     rows = []
+
+    def on_row(row):
+        rows.append(row)
+        Path(f"{stem}.json").write_text(json.dumps({"meta": meta, "complete": False, "rows": rows,
+                                                    "ratios": ratios(rows)}, indent=2))
+
     for name in args.models:
-        rows += bench_model(name, args.batches, args.warmup, args.iters)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    (RESULTS / f"latency-{stamp}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    (RESULTS / f"latency-{stamp}.md").write_text(markdown(rows, meta))
+        bench_model(name, args.batches, args.bits, args.baselines, args.warmup, args.iters, on_row)
+    Path(f"{stem}.json").write_text(json.dumps({"meta": meta, "complete": True, "rows": rows,
+                                                "ratios": ratios(rows)}, indent=2))
+    Path(f"{stem}.md").write_text(markdown(rows, meta))
     print(markdown(rows, meta))
     return 0
 
