@@ -15,7 +15,8 @@ same math in plain PyTorch.
 """
 from .errors import DFQViTError, KernelInputError, MissingGPUError
 from .packing import DEFAULT_GROUP_K, PackedLayout, PackedWeight, pack_weight, packed_nbytes
-from .qgemm import GemmConfig, linear_a8, linear_w16, qgemm_accumulator_triton, qgemm_triton, qgemm_w16_triton
+from .qgemm import (GemmConfig, linear_a8, linear_w16, qgemm_accumulator_triton, qgemm_columns_triton, qgemm_triton,
+                    qgemm_w16_triton)
 from .attention import attention_linear_triton, attention_log2_triton
 from .act_quant import layernorm_quant_triton
 from .packing import pack_weight_triton, unpack_weight_triton
@@ -28,6 +29,7 @@ __all__ = [
     "DEFAULT_GROUP_K", "PackedLayout", "PackedWeight", "pack_weight", "packed_nbytes",
     "pack_weight_triton", "unpack_weight_triton",
     "GemmConfig", "linear_a8", "linear_w16", "qgemm_triton", "qgemm_w16_triton", "qgemm_accumulator_triton",
+    "qgemm_columns_triton",
     "attention_log2_triton", "attention_linear_triton",
     "layernorm_quant_triton",
 ]

@@ -38,7 +38,7 @@ import triton.language as tl
 
 from . import reference
 from ._common import (LOG2E, check_int_range, check_tensor, exp2_nonpositive, exp2_of_negative_int, next_power_of_2,
-                      require_triton_device, round_neg_log2, uniform_quantize)
+                      require_triton_device, round_neg_log2, torch_dtype_to_triton, uniform_quantize)
 from .errors import KernelInputError
 
 MAX_SEQ = 256  # one tile per row: longest key sequence the single-pass kernel accepts
@@ -53,10 +53,11 @@ def _attention_kernel(
     SEQ, HEAD_DIM, HEADS, NUM_WINDOWS,
     sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d, so_b, so_h, so_n, so_d,
     sb_b, sb_h, sb_i, sb_j, sm_w, sm_i, sm_j, sc_b, sc_h, sc_i, sc_j,
-    q_zero, k_zero, v_zero, qk_scale_log2, p_param, p_zero, pv_scale,
+    q_zero, k_zero, v_zero, qk_scale_log2, p_param, p_zero, pv_scale, out_scale, out_zero, out_qmin, out_qmax,
     P_MODE: tl.constexpr, P_BITS: tl.constexpr, P_RATIO_FLOOR: tl.constexpr, PV_FP16: tl.constexpr,
     PV_BF16: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, STORE_CODES: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, STORE_CODES: tl.constexpr, OUT_QUANT: tl.constexpr,
+    ROUND_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -128,13 +129,18 @@ def _attention_kernel(
         else:  # the interpreter (numpy has no bf16): an fp32 dot, also exact per product
             out = tl.dot(p_hat, v_centered.to(tl.float32), input_precision="ieee")
     out = out * pv_scale
-    tl.store(out_ptr + b * so_b + h * so_h + rows[:, None] * so_n + dims[None, :] * so_d,
-             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+    out_ptrs = out_ptr + b * so_b + h * so_h + rows[:, None] * so_n + dims[None, :] * so_d
+    if OUT_QUANT:  # the next GEMM's int8 input: codes of the ROUND_DTYPE output, as quantizing it unfused
+        y = out.to(ROUND_DTYPE).to(tl.float32)
+        q = uniform_quantize(y, out_scale, out_zero, out_qmin, out_qmax)
+        tl.store(out_ptrs, q.to(tl.int8), mask=row_ok[:, None] & dim_ok[None, :])
+    else:
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
 
 
 # A query tile spans the whole key row (BLOCK_N up to 256), so BLOCK_M = 128 spills registers and took over a
 # minute per compilation (sm_90, compile_check); these four compile in seconds.
-TUNE_BLOCK_M_WARPS = ((16, 4), (32, 4), (32, 8), (64, 8))
+TUNE_BLOCK_M_WARPS = ((16, 4), (16, 8), (32, 8), (64, 8))
 
 _attention_kernel_autotuned = triton.autotune(
     configs=[triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=1) for bm, w in TUNE_BLOCK_M_WARPS],
@@ -202,11 +208,24 @@ def check_attention_args(entry, q, k, v, q_zero, k_zero, v_zero, sm_scale, bias,
 
 
 def _launch(entry, q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale, v_zero, sm_scale, bias, mask, p_mode,
-            p_param, p_zero, p_bits, out_dtype, return_codes, block_m):
+            p_param, p_zero, p_bits, out_dtype, return_codes, block_m, out_grid=None, token_major=False):
     batch, heads, seq, head_dim = check_attention_args(entry, q, k, v, q_zero, k_zero, v_zero, sm_scale, bias,
                                                        mask, p_bits, out_dtype, p_mode, p_param, p_zero)
     device = require_triton_device(entry, _attention_kernel, [q, k, v, bias, mask])
-    out = torch.empty((batch, heads, seq, head_dim), dtype=out_dtype, device=q.device)
+    if out_grid is not None:
+        out_scale, out_zero, out_qmin, out_qmax = out_grid
+        if not out_scale > 0:
+            raise KernelInputError(f"{entry}: out_grid scale={out_scale}; it must be > 0.")
+        check_int_range(entry, "out_qmin", out_qmin, -128, 127)
+        check_int_range(entry, "out_qmax", out_qmax, out_qmin, 127)
+    else:
+        out_scale, out_zero, out_qmin, out_qmax = 1.0, 0, 0, 0
+    store_dtype = out_dtype if out_grid is None else torch.int8
+    if token_major:  # (B, N, H, d): the layout the projection GEMM reads, written through strides, no copy
+        out = torch.empty((batch, seq, heads, head_dim), dtype=store_dtype, device=q.device)
+        out_view = out.permute(0, 2, 1, 3)
+    else:
+        out = out_view = torch.empty((batch, heads, seq, head_dim), dtype=store_dtype, device=q.device)
     codes = torch.empty((batch, heads, seq, seq) if return_codes else (1, 1, 1, 1), dtype=torch.int16,
                         device=q.device)
     bias_strides = _bias_strides(entry, bias, batch, heads, seq)
@@ -218,14 +237,16 @@ def _launch(entry, q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale, v_zero, s
     pv_scale = float(p_param) * float(v_scale)
     args = (q, k, v, dummy if bias is None else bias, dummy if mask is None else mask, out, codes,
             seq, head_dim, heads, 1 if mask is None else mask.shape[0],
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *bias_strides, *mask_strides, *codes.stride(),
-            int(q_zero), int(k_zero), int(v_zero), qk_scale_log2, float(p_param), float(p_zero), pv_scale)
+            *q.stride(), *k.stride(), *v.stride(), *out_view.stride(), *bias_strides, *mask_strides, *codes.stride(),
+            int(q_zero), int(k_zero), int(v_zero), qk_scale_log2, float(p_param), float(p_zero), pv_scale,
+            float(out_scale), float(out_zero), float(out_qmin), float(out_qmax))
     # The reference clamps p / delta at 2**-(levels + 2) (a Python float, rounded to fp32 by torch).
     ratio_floor = float(torch.tensor(2.0 ** -(2 ** int(p_bits) + 2), dtype=torch.float32))
     # Padded to powers of two and at least 32: the int8 QK^T tl.dot needs K = BLOCK_D >= 32 on tensor cores.
     meta = dict(P_MODE=p_mode, P_BITS=int(p_bits), P_RATIO_FLOOR=ratio_floor, PV_FP16=pv_fp16,
                 PV_BF16=not pv_fp16 and device.type == "cuda",
                 HAS_BIAS=bias is not None, HAS_MASK=mask is not None, STORE_CODES=return_codes,
+                OUT_QUANT=out_grid is not None, ROUND_DTYPE=torch_dtype_to_triton(out_dtype),
                 BLOCK_N=max(32, next_power_of_2(seq)), BLOCK_D=max(32, next_power_of_2(head_dim)))
     if block_m is None and device.type == "cpu":
         block_m = INTERPRETER_BLOCK_M
@@ -240,24 +261,30 @@ def _launch(entry, q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale, v_zero, s
 def attention_log2_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale: float, q_zero: int,
                           k_scale: float, k_zero: int, v_scale: float, v_zero: int, sm_scale: float,
                           bias: Optional[torch.Tensor], mask: Optional[torch.Tensor], p_delta: float, p_bits: int,
-                          out_dtype: torch.dtype, return_codes: bool = False, block_m: Optional[int] = None):
+                          out_dtype: torch.dtype, return_codes: bool = False, block_m: Optional[int] = None,
+                          out_grid: Optional[tuple] = None, token_major: bool = False):
     """Run the Triton log2-quantized attention (CUDA, or CPU under ``TRITON_INTERPRET=1``).
 
     Returns ``out`` (B, H, N, d), or ``(out, codes)`` with int16 P codes (B, H, N, N) if ``return_codes``.
-    ``block_m`` fixes the query tile (tests); ``None`` autotunes on CUDA.
+    ``block_m`` fixes the query tile (tests); ``None`` autotunes on CUDA. ``token_major`` writes ``out`` as
+    (B, N, H, d) (the projection's input layout); ``out_grid`` = (scale, zero, qmin, qmax) writes int8 codes
+    of the ``out_dtype`` result instead (the projection's input quantization, fused).
     """
     return _launch("attention_log2_triton", q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale, v_zero, sm_scale,
-                   bias, mask, P_MODE_LOG2, p_delta, 0, p_bits, out_dtype, return_codes, block_m)
+                   bias, mask, P_MODE_LOG2, p_delta, 0, p_bits, out_dtype, return_codes, block_m, out_grid,
+                   token_major)
 
 
 def attention_linear_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale: float, q_zero: int,
                             k_scale: float, k_zero: int, v_scale: float, v_zero: int, sm_scale: float,
                             bias: Optional[torch.Tensor], mask: Optional[torch.Tensor], p_scale: float, p_zero: int,
                             p_bits: int, out_dtype: torch.dtype, return_codes: bool = False,
-                            block_m: Optional[int] = None):
+                            block_m: Optional[int] = None, out_grid: Optional[tuple] = None,
+                            token_major: bool = False):
     """Run the Triton attention with a linear (uniform) softmax quantizer; see ``attention_log2_triton``."""
     return _launch("attention_linear_triton", q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale, v_zero, sm_scale,
-                   bias, mask, P_MODE_LINEAR, p_scale, p_zero, p_bits, out_dtype, return_codes, block_m)
+                   bias, mask, P_MODE_LINEAR, p_scale, p_zero, p_bits, out_dtype, return_codes, block_m, out_grid,
+                   token_major)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -87,6 +87,7 @@ def variants(full: bool) -> List[Tuple[str, Callable[[], object]]]:
     scale, zero, sums = torch.ones(n), torch.zeros(n, dtype=torch.int32), torch.zeros(n, dtype=torch.int32)
     bias, residual = torch.zeros(n, dtype=torch.float32), torch.zeros(m, n, dtype=torch.float16)
     a8, x16 = torch.zeros(m, k, dtype=torch.int8), torch.zeros(m, k, dtype=torch.float16)
+    grid_cols = torch.ones(4, n)
     for bits, group_k in ((4, 64), (3, 128), (8, 64)):
         storage, packed = weight(bits, group_k)
         for bm, bn, bk, warps, stages in tiles:
@@ -101,6 +102,9 @@ def variants(full: bool) -> List[Tuple[str, Callable[[], object]]]:
             out.append((f"qgemm W{bits}A8 fp32 {tag}", lambda s=storage, p=packed, g=group_k, c=cfg:
                         qgemm.qgemm_triton(a8, 0.1, 3, p, scale, zero, sums, bias, None, s, k, g, False, None,
                                            0, 0, 0, torch.float32, config=c)))
+            out.append((f"qgemm W{bits}A8 per-column requant {tag}", lambda s=storage, p=packed, g=group_k, c=cfg:
+                        qgemm.qgemm_columns_triton(a8, 0.1, 3, p, scale, zero, sums, bias, s, k, g, grid_cols,
+                                                   torch.float16, config=c)))
             out.append((f"qgemm W{bits}A16 fp16+residual {tag}", lambda s=storage, p=packed, g=group_k, c=cfg:
                         qgemm.qgemm_w16_triton(x16, p, scale, zero, bias, residual, s, k, g, False,
                                                torch.float16, config=c)))
@@ -129,6 +133,11 @@ def variants(full: bool) -> List[Tuple[str, Callable[[], object]]]:
         out.append((f"attention linear P8 block_m={block_m}", lambda b=block_m:
                     attention.attention_linear_triton(q, q, q, 0.1, 0, 0.1, 0, 0.1, 0, 0.125, None, None, 1 / 255, 0,
                                                       8, torch.float16, block_m=b)))
+    for p_bits in (4, 8):
+        out.append((f"attention log2 P{p_bits} token-major int8 out", lambda p=p_bits:
+                    attention.attention_log2_triton(q, q, q, 0.1, 0, 0.1, 0, 0.1, 0, 0.125, None, None, 1.0, p,
+                                                    torch.float16, block_m=32, out_grid=(0.05, 0, -128, 127),
+                                                    token_major=True)))
     out.append(("attention log2 P4 Swin bias+mask+codes", lambda:
                 attention.attention_log2_triton(qw, qw, qw, 0.1, 0, 0.1, 0, 0.1, 0, 0.17, rel_bias, mask, 1.0, 4,
                                                 torch.float16, return_codes=True, block_m=64)))
@@ -136,7 +145,7 @@ def variants(full: bool) -> List[Tuple[str, Callable[[], object]]]:
         out.append((f"layernorm_quant C={c}", lambda c=c:
                     act_quant.layernorm_quant_triton(torch.zeros(37, c, dtype=torch.float16), torch.ones(c),
                                                      torch.zeros(c), 1e-6, 0.05, 0, -128, 127)))
-    for bits in (4, 3, 8):
+    for bits in (4, 3):  # int8 rows are not packed
         group_k = 128 if bits == 3 else 64
         out.append((f"pack/unpack {bits}-bit", lambda b=bits, g=group_k:
                     packing.unpack_weight_triton(

@@ -36,7 +36,7 @@ import triton.language as tl
 
 from . import reference
 from ._common import (check_int_range, check_tensor, gelu_erf, m_bucket, require_triton_device,
-                      uniform_quantize)
+                      torch_dtype_to_triton, uniform_quantize)
 from .errors import KernelInputError
 from .packing import PackedWeight
 
@@ -44,6 +44,7 @@ from .packing import PackedWeight
 EPILOGUE_FLOAT = 0  # y cast to the output dtype
 EPILOGUE_REQUANT = 1  # uniform_quantize(y, out_scale, out_zero, qmin, qmax) as int8
 EPILOGUE_ACCUMULATOR = 2  # the raw int32 accumulator (zero points corrected), for exact tests
+EPILOGUE_REQUANT_COLUMNS = 3  # y rounded to ROUND_DTYPE, then re-quantized with one grid per column (qkv)
 
 
 @dataclass(frozen=True)
@@ -95,12 +96,13 @@ def _dot_piece(acc, a_ptr, rm, m_ok, ks, K, stride_am, stride_ak, w_piece, w_zer
 
 @triton.jit
 def _qgemm_kernel(
-    a_ptr, w_ptr, w_scale_ptr, w_zero_ptr, w_col_sums_ptr, bias_ptr, residual_ptr, out_ptr,
+    a_ptr, w_ptr, w_scale_ptr, w_zero_ptr, w_col_sums_ptr, bias_ptr, residual_ptr, out_ptr, out_grid_ptr,
     M, N, K, ROW_BYTES, M_BUCKET,
     stride_am, stride_ak, stride_wn, stride_rm, stride_rn, stride_om, stride_on,
     a_scale, a_zero, out_scale, out_zero, out_qmin, out_qmax,
     STORAGE_BITS: tl.constexpr, GROUP_K: tl.constexpr, FLOAT_A: tl.constexpr,
     HAS_BIAS: tl.constexpr, APPLY_GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr, EPILOGUE: tl.constexpr,
+    ROUND_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Grouped program order (Triton matmul tutorial): GROUP_M row-tiles share W tiles in L2.
@@ -194,6 +196,16 @@ def _qgemm_kernel(
             y = y + res.to(tl.float32)
         if EPILOGUE == 1:
             q = uniform_quantize(y, out_scale, out_zero, out_qmin, out_qmax)
+            tl.store(out_ptrs, q.to(tl.int8), mask=out_ok)
+        elif EPILOGUE == 3:
+            # out_grid (4, N): scale, zero, qmin, qmax per column. Rounding to ROUND_DTYPE first gives the codes
+            # of quantizing the GEMM's ROUND_DTYPE output (what the unfused path does).
+            g_scale = tl.load(out_grid_ptr + rn, mask=n_ok, other=1.0)
+            g_zero = tl.load(out_grid_ptr + N + rn, mask=n_ok, other=0.0)
+            g_min = tl.load(out_grid_ptr + 2 * N + rn, mask=n_ok, other=0.0)
+            g_max = tl.load(out_grid_ptr + 3 * N + rn, mask=n_ok, other=0.0)
+            y = y.to(ROUND_DTYPE).to(tl.float32)
+            q = uniform_quantize(y, g_scale[None, :], g_zero[None, :], g_min[None, :], g_max[None, :])
             tl.store(out_ptrs, q.to(tl.int8), mask=out_ok)
         else:
             tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=out_ok)
@@ -351,7 +363,7 @@ def check_qgemm_w16_args(entry, x, w_packed, w_scale, w_zero, bias, residual, st
 
 def _launch(entry, a, a_scale, a_zero, w_packed, w_scale, w_zero, w_col_sums, bias, residual, storage_bits, k,
             group_k, gelu, out_scale, out_zero, out_qmin, out_qmax, out, epilogue, float_a,
-            config: Optional[GemmConfig]):
+            config: Optional[GemmConfig], out_grid: Optional[torch.Tensor] = None, round_dtype=torch.float32):
     m, n = out.shape
     device = require_triton_device(entry, _qgemm_kernel, [a, w_packed, w_scale, w_zero, w_col_sums, bias,
                                                           residual])
@@ -368,7 +380,7 @@ def _launch(entry, a, a_scale, a_zero, w_packed, w_scale, w_zero, w_col_sums, bi
                                "128 for int3).")
     dummy = w_scale  # placeholder pointer for absent optional tensors (never read: constexpr-guarded)
     args = (a, w_packed, w_scale, w_zero, w_col_sums, dummy if bias is None else bias,
-            dummy if residual is None else residual, out,
+            dummy if residual is None else residual, out, dummy if out_grid is None else out_grid,
             m, n, k, w_packed.shape[1], m_bucket(m),
             a.stride(0), a.stride(1), w_packed.stride(0),
             0 if residual is None else residual.stride(0), 0 if residual is None else residual.stride(1),
@@ -376,7 +388,7 @@ def _launch(entry, a, a_scale, a_zero, w_packed, w_scale, w_zero, w_col_sums, bi
             float(a_scale), int(a_zero), float(out_scale or 1.0), float(out_zero), float(out_qmin), float(out_qmax))
     meta = dict(STORAGE_BITS=storage_bits, GROUP_K=group_k if storage_bits != 8 else 1, FLOAT_A=float_a,
                 HAS_BIAS=bias is not None, APPLY_GELU=bool(gelu), HAS_RESIDUAL=residual is not None,
-                EPILOGUE=epilogue)
+                EPILOGUE=epilogue, ROUND_DTYPE=torch_dtype_to_triton(round_dtype))
     if config is None:
         grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]) * triton.cdiv(n, META["BLOCK_N"]),)  # noqa: E731
         _qgemm_kernel_autotuned[grid](*args, **meta)
@@ -401,6 +413,25 @@ def qgemm_triton(a: torch.Tensor, a_scale: float, a_zero: int, w_packed: torch.T
     epilogue = EPILOGUE_FLOAT if out_scale is None else EPILOGUE_REQUANT
     return _launch(entry, a, a_scale, a_zero, w_packed, w_scale, w_zero, w_col_sums, bias, residual, storage_bits,
                    k, group_k, gelu, out_scale, out_zero, out_qmin, out_qmax, out, epilogue, False, config)
+
+
+def qgemm_columns_triton(a: torch.Tensor, a_scale: float, a_zero: int, w_packed: torch.Tensor,
+                         w_scale: torch.Tensor, w_zero: torch.Tensor, w_col_sums: torch.Tensor,
+                         bias: Optional[torch.Tensor], storage_bits: int, k: int, group_k: int,
+                         out_grid: torch.Tensor, round_dtype: torch.dtype = torch.float32,
+                         config: Optional[GemmConfig] = None) -> torch.Tensor:
+    """The W{3,4,8}A8 GEMM re-quantized to int8 with one grid per output column: ``out_grid`` (4, N) fp32 rows
+    scale, zero, qmin, qmax (the qkv GEMM, whose q, k and v columns have grids of their own). The float
+    result is rounded to ``round_dtype`` first, so the codes equal quantizing the ``round_dtype`` output of
+    :func:`qgemm_triton` with ``reference.uniform_quantize``."""
+    entry = "qgemm_columns_triton"
+    m, n = check_qgemm_args(entry, a, a_zero, w_packed, w_scale, w_zero, w_col_sums, bias, None, storage_bits, k,
+                            group_k, None, 0, 0, 0, round_dtype)
+    check_tensor(entry, "out_grid", out_grid, dtypes=(torch.float32,), shape=(4, n), contiguous=True)
+    out = torch.empty((m, n), dtype=torch.int8, device=a.device)
+    return _launch(entry, a, a_scale, a_zero, w_packed, w_scale, w_zero, w_col_sums, bias, None, storage_bits, k,
+                   group_k, False, None, 0, 0, 0, out, EPILOGUE_REQUANT_COLUMNS, False, config, out_grid,
+                   round_dtype)
 
 
 def qgemm_accumulator_triton(a: torch.Tensor, a_zero: int, w_packed: torch.Tensor, w_zero: torch.Tensor,
@@ -531,5 +562,5 @@ def linear_w16(x: torch.Tensor, weight: PackedWeight, bias: Optional[torch.Tenso
     return y.reshape(*lead, weight.n)
 
 
-__all__ = ["GemmConfig", "INTERPRETER_CONFIG", "linear_a8", "linear_w16", "qgemm_triton",
+__all__ = ["GemmConfig", "INTERPRETER_CONFIG", "linear_a8", "linear_w16", "qgemm_triton", "qgemm_columns_triton",
            "qgemm_w16_triton", "qgemm_accumulator_triton"]

@@ -85,6 +85,31 @@ def test_linear_codes_exact_and_output_close(p_bits, p_zero):
 
 
 @requires_triton
+@pytest.mark.parametrize("mode", ["log2", "linear"])
+def test_token_major_and_fused_output_codes_equal_the_unfused_path(mode):
+    """token_major writes (B, N, H, d) (the projection's layout); out_grid writes the codes of quantizing the
+    out_dtype result. Both must equal the unfused kernel's output transposed / quantized, bit for bit."""
+    b, h, n, d = 2, 3, 37, 32
+    q, k, v = (t.to(TRITON_DEVICE) for t in _qkv(b, h, n, d))
+    s = _scales(d)
+    args = (q, k, v, *[s[x] for x in ("q_scale", "q_zero", "k_scale", "k_zero", "v_scale", "v_zero", "sm_scale")],
+            None, None)
+    fn, p_args = ((attention_log2_triton, (1.0, 4)) if mode == "log2" else
+                  (attention_linear_triton, (1 / 255, 0, 8)))
+    plain = fn(*args, *p_args, torch.float16, block_m=32).cpu()
+    tokens = fn(*args, *p_args, torch.float16, block_m=32, token_major=True).cpu()
+    assert tokens.shape == (b, n, h, d) and tokens.is_contiguous()
+    assert torch.equal(tokens, plain.transpose(1, 2))
+    grid = (0.02, -3, -8, 7)
+    codes = fn(*args, *p_args, torch.float16, block_m=32, token_major=True, out_grid=grid).cpu()
+    expected = reference.uniform_quantize(plain.transpose(1, 2).float(), *grid).to(torch.int8)
+    assert codes.dtype == torch.int8 and torch.equal(codes, expected)
+    assert len(codes.unique()) > 8  # the grid is exercised, not saturated
+    with pytest.raises(KernelInputError, match="out_qmax"):
+        fn(*args, *p_args, torch.float16, block_m=32, out_grid=(0.02, 0, 5, 4))
+
+
+@requires_triton
 def test_swin_bias_and_shifted_window_mask():
     """(H, N, N) relative-position bias plus a (nW, N, N) mask; batch index b uses window b % nW."""
     n_windows, images, h, n, d = 2, 2, 2, 49, 32

@@ -15,7 +15,7 @@ import torch
 from dfqvit.kernels import GemmConfig, KernelInputError, MissingGPUError, linear_a8, linear_w16, pack_weight
 from dfqvit.kernels import reference
 from dfqvit.kernels._common import require_triton_device
-from dfqvit.kernels.qgemm import qgemm_accumulator_triton, qgemm_triton, qgemm_w16_triton
+from dfqvit.kernels.qgemm import qgemm_accumulator_triton, qgemm_columns_triton, qgemm_triton, qgemm_w16_triton
 from kernel_utils import INTERPRETED, TRITON_DEVICE, gpu, random_int8, random_weight, requires_triton, sqnr_db
 
 GEN = torch.Generator().manual_seed(7)
@@ -90,6 +90,31 @@ def test_requantized_int8_output(bits, m, n, k, gelu):
     if INTERPRETED:
         assert torch.equal(got, expected)
     assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) <= 1e-3
+
+
+@requires_triton
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("round_dtype", [torch.float32, torch.float16])
+def test_per_column_requant_equals_quantizing_the_float_output(bits, round_dtype):
+    """The qkv epilogue: one grid per column (q, k, v parts), after rounding to the residual dtype; the codes
+    must equal quantizing the kernel's own ``round_dtype`` output column by column (no tolerance)."""
+    m, n, k = 37, 48, 100
+    _, w = _packed(bits, n, k)
+    a = random_int8((m, k), GEN)
+    b = torch.randn(n, generator=GEN)
+    grid = torch.stack([torch.rand(n, generator=GEN) * 0.05 + 0.01, torch.randint(-6, 6, (n,), generator=GEN).float(),
+                        torch.full((n,), -128.0), torch.full((n,), 127.0)])
+    grid[2, : n // 3], grid[3, : n // 3] = -8, 7  # a 4-bit third, like A4 q
+    dev = _to(TRITON_DEVICE, a, w.data, w.w_scale, w.w_zero, w.w_col_sums, b, grid)
+    codes = qgemm_columns_triton(dev[0], 0.02, -4, *dev[1:6], w.storage_bits, k, w.group_k, dev[6], round_dtype,
+                                 config=_config(w)).cpu()
+    y = qgemm_triton(dev[0], 0.02, -4, *dev[1:6], None, w.storage_bits, k, w.group_k, False, None, 0, 0, 0,
+                     round_dtype, config=_config(w)).cpu()
+    expected = reference.uniform_quantize(y.float(), grid[0], grid[1], grid[2], grid[3]).to(torch.int8)
+    assert codes.dtype == torch.int8 and torch.equal(codes, expected)
+    assert int(codes[:, : n // 3].min()) >= -8 and int(codes[:, : n // 3].max()) <= 7
+    with pytest.raises(KernelInputError, match="out_grid"):
+        qgemm_columns_triton(dev[0], 0.02, -4, *dev[1:6], w.storage_bits, k, w.group_k, dev[6][:3], round_dtype)
 
 
 @requires_triton

@@ -18,7 +18,7 @@ import torch
 
 from dfqvit.errors import DFQViTError, MissingGPUError
 from dfqvit.kernels import (attention_linear_triton, attention_log2_triton, layernorm_quant_triton, native,
-                            qgemm_triton, qgemm_w16_triton, reference)
+                            qgemm_columns_triton, qgemm_triton, qgemm_w16_triton, reference)
 from dfqvit.kernels._common import kernel_is_interpreted
 from dfqvit.kernels.qgemm import INTERPRETER_CONFIG, _qgemm_kernel
 
@@ -63,6 +63,16 @@ class TorchKernels:
         if p.log2:
             return reference.attention_log2_reference(*args, p.param, p.bits, out_dtype)
         return reference.attention_linear_reference(*args, p.param, p.zero, p.bits, out_dtype)
+
+
+    def attention_tokens(self, q, k, v, grids, sm_scale: float, bias, mask, p: SoftmaxGrid, out_dtype,
+                         out: Optional[ActGrid]) -> torch.Tensor:
+        """Attention as the projection reads it: (B, N, H*d), int8 codes on ``out`` (the codes of the
+        ``out_dtype`` result) or ``out_dtype`` when ``out`` is None."""
+        batch, heads, seq, dim = q.shape
+        o = self.attention(q, k, v, grids, sm_scale, bias, mask, p, out_dtype)
+        o = o.transpose(1, 2).reshape(batch, seq, heads * dim)
+        return o if out is None else self.quantize(o, out)
 
 
 class NativeKernels(TorchKernels):
@@ -114,6 +124,13 @@ class TritonKernels(TorchKernels):
                             layer.bias, residual, layer.layout.storage_bits, layer.k, layer.group_k, gelu,
                             *_out_args(out, out_dtype), config=_interpreter_config(a, layer))
 
+    def gemm_codes_per_column(self, a, layer: PackedLinear, grid: torch.Tensor, out_dtype) -> torch.Tensor:
+        """Re-quantized per column in the GEMM epilogue (after rounding to ``out_dtype``, as the torch path)."""
+        g = layer.act
+        return qgemm_columns_triton(a, g.scale, g.zero, layer.data, layer.w_scale, layer.w_zero, layer.w_col_sums,
+                                    layer.bias, layer.layout.storage_bits, layer.k, layer.group_k, grid, out_dtype,
+                                    config=_interpreter_config(a, layer))
+
     def gemm_w16(self, x, layer: PackedLinear, residual, gelu: bool, out_dtype):
         # The weight-only kernel takes fp16/bf16 activations (exact W - w_zero in fp16, fp32 accumulate).
         x = x if x.dtype in (torch.float16, torch.bfloat16) else x.half()
@@ -127,6 +144,20 @@ class TritonKernels(TorchKernels):
         if p.log2:
             return attention_log2_triton(*args, p.param, p.bits, out_dtype)
         return attention_linear_triton(*args, p.param, p.zero, p.bits, out_dtype)
+
+
+    def attention_tokens(self, q, k, v, grids, sm_scale: float, bias, mask, p: SoftmaxGrid, out_dtype,
+                         out: Optional[ActGrid]) -> torch.Tensor:
+        # One kernel writes (B, N, H, d) directly and, with ``out``, the projection's int8 input codes.
+        qg, kg, vg = grids
+        batch, heads, seq, dim = q.shape
+        args = (q, k, v, qg.scale, qg.zero, kg.scale, kg.zero, vg.scale, vg.zero, sm_scale, bias, mask)
+        grid = None if out is None else (out.scale, out.zero, out.qmin, out.qmax)
+        if p.log2:
+            o = attention_log2_triton(*args, p.param, p.bits, out_dtype, out_grid=grid, token_major=True)
+        else:
+            o = attention_linear_triton(*args, p.param, p.zero, p.bits, out_dtype, out_grid=grid, token_major=True)
+        return o.view(batch, seq, heads * dim)
 
 
 def _interpreter_config(a: torch.Tensor, layer: PackedLinear):

@@ -4,7 +4,7 @@ weights and grids built once by ``pack.py`` and runs the integer path through a 
 
 One A8 pre-norm block, as the kernels see it::
 
-    LayerNorm+quantize -> qkv GEMM -> quantize q, k, v -> int8 attention (log2 softmax) -> quantize
+    LayerNorm+quantize -> qkv GEMM + quantize q, k, v -> int8 attention (log2 softmax) + quantize
     -> proj GEMM (+ residual) -> LayerNorm+quantize -> fc1 GEMM + GELU + re-quantize -> fc2 GEMM (+ residual)
 
 Weight-only (A16) layers take the float path of the same functions: LayerNorm, weight-only GEMM, SDPA.
@@ -121,7 +121,8 @@ class Attention(nn.Module):
                 "a block fully integer (A4..A8) or weight-only (A16). Enable or disable them together")
 
     def forward(self, kernels, x: torch.Tensor, out_dtype: torch.dtype, bias=None, mask=None) -> torch.Tensor:
-        """x: (B, N, C) int8 codes on ``qkv.act`` (float for A16) -> attention output (B, N, H*d), out_dtype."""
+        """x: (B, N, C) int8 codes on ``qkv.act`` (float for A16) -> attention output (B, N, H*d): int8 codes on
+        ``proj.act`` (float, ``out_dtype``, for A16)."""
         batch, seq = x.shape[:2]
         if self.softmax is None:
             qkv = linear(kernels, x, self.qkv, out_dtype=out_dtype)
@@ -136,7 +137,9 @@ class Attention(nn.Module):
             codes = kernels.gemm_codes_per_column(a, self.qkv, self.qkv_grid, out_dtype)
             q8, k8, v8 = (t.transpose(1, 2) for t in
                           codes.view(batch, seq, 3, self.num_heads, self.head_dim).unbind(2))
-            o = kernels.attention(q8, k8, v8, self.grids, self.sm_scale, bias, mask, self.softmax, out_dtype)
+            # (B, N, H*d) int8 codes on the projection's input grid (fused in the Triton kernel).
+            return kernels.attention_tokens(q8, k8, v8, self.grids, self.sm_scale, bias, mask, self.softmax,
+                                            out_dtype, self.proj.act)
         return o.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
 
 
@@ -279,10 +282,26 @@ class PatchEmbedding(nn.Module):
             self.gemm, self.float_proj = None, float_copy(proj)
         self.norm = float_copy(patch_embed.norm)
 
+    def _float_params(self, dtype: torch.dtype):
+        """The float conv's weight and bias in ``dtype``, converted once per dtype and device."""
+        proj = self.float_proj
+        key = (dtype, proj.weight.device)
+        if getattr(self, "_cast", (None,))[0] != key:
+            bias = None if proj.bias is None else proj.bias.to(dtype)
+            self._cast = (key, proj.weight.to(dtype), bias)
+        return self._cast[1], self._cast[2]
+
     def forward(self, kernels, images: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         b, c, h, w = images.shape
         ph, pw = self.patch_size
-        if self.gemm is None:
+        if self.gemm is None and images.is_cuda and out_dtype != torch.float32:
+            # A float patch embedding on the GPU runs in the residual stream's dtype (an fp32 conv cost ~0.5 ms
+            # of a 10 ms DeiT-S batch-64 forward on an H200).
+            weight, bias = self._float_params(out_dtype)
+            proj = self.float_proj
+            y = F.conv2d(images.to(out_dtype), weight, bias, proj.stride, proj.padding, proj.dilation,
+                         proj.groups).permute(0, 2, 3, 1)
+        elif self.gemm is None:
             y = self.float_proj(images.float()).permute(0, 2, 3, 1).to(out_dtype)
         else:
             # (C, kh, kw) order inside a patch = the order of the flattened conv weight.
