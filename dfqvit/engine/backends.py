@@ -64,7 +64,6 @@ class TorchKernels:
             return reference.attention_log2_reference(*args, p.param, p.bits, out_dtype)
         return reference.attention_linear_reference(*args, p.param, p.zero, p.bits, out_dtype)
 
-
     def attention_tokens(self, q, k, v, grids, sm_scale: float, bias, mask, p: SoftmaxGrid, out_dtype,
                          out: Optional[ActGrid]) -> torch.Tensor:
         """Attention as the projection reads it: (B, N, H*d), int8 codes on ``out`` (the codes of the
@@ -144,7 +143,6 @@ class TritonKernels(TorchKernels):
         if p.log2:
             return attention_log2_triton(*args, p.param, p.bits, out_dtype)
         return attention_linear_triton(*args, p.param, p.zero, p.bits, out_dtype)
-
 
     def attention_tokens(self, q, k, v, grids, sm_scale: float, bias, mask, p: SoftmaxGrid, out_dtype,
                          out: Optional[ActGrid]) -> torch.Tensor:
