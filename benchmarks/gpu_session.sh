@@ -22,7 +22,8 @@ step() {  # name, seconds, command...
     echo "== $name exit ${PIPESTATUS[0]} $(date +%T)" | tee -a "$LOG"
 }
 LAT="python3 benchmarks/latency.py --warmup 5 --iters 30 --out-dir $OUT"
-step latency_w4a8 ${STEP1:-250} $LAT --models deit_small_patch16_224 vit_base_patch16_224 --batches 64 1 --bits W4A8
-step gpu_tests ${STEP2:-130} python3 -m pytest -q -m gpu -p no:cacheprovider -rs tests/test_kernels_qgemm.py tests/test_kernels_attention.py tests/test_engine_model.py
-step latency_bits ${STEP3:-120} $LAT --models deit_small_patch16_224 --batches 64 1 --bits W8A8 W4A4 W3A16 --baselines graphs
-step latency_swin ${STEP4:-80} $LAT --models swin_small_patch4_window7_224 --batches 64 1 --bits W4A8 --baselines eager graphs
+# Measured 2026-11-30 on an H200: DeiT-S + ViT-B W4A8 with three baselines at batch 64 and 1 took ~170 s.
+step gpu_tests ${STEP1:-150} python3 -m pytest -q -m gpu -p no:cacheprovider -rs tests/test_kernels_qgemm.py tests/test_kernels_attention.py tests/test_engine_model.py
+step latency_bits ${STEP2:-150} $LAT --models deit_small_patch16_224 --batches 64 1 --bits W4A8 W8A8 W4A4 W3A16 --baselines graphs
+step latency_vitb_swin ${STEP3:-150} $LAT --models vit_base_patch16_224 swin_small_patch4_window7_224 --batches 64 8 --bits W4A8 --baselines graphs compile
+step kernels ${STEP4:-110} python3 benchmarks/kernels.py --models deit_s --batches 64 --out "$OUT"
