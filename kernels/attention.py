@@ -208,7 +208,8 @@ def check_attention_args(entry, q, k, v, q_zero, k_zero, v_zero, sm_scale, bias,
 
 
 def _launch(entry, q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale, v_zero, sm_scale, bias, mask, p_mode,
-            p_param, p_zero, p_bits, out_dtype, return_codes, block_m, out_grid=None, token_major=False):
+            p_param, p_zero, p_bits, out_dtype, return_codes, block_m, out_grid=None, token_major=False,
+            num_warps=None):
     batch, heads, seq, head_dim = check_attention_args(entry, q, k, v, q_zero, k_zero, v_zero, sm_scale, bias,
                                                        mask, p_bits, out_dtype, p_mode, p_param, p_zero)
     device = require_triton_device(entry, _attention_kernel, [q, k, v, bias, mask])
@@ -254,7 +255,8 @@ def _launch(entry, q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale, v_zero, s
         grid = lambda META: (triton.cdiv(seq, META["BLOCK_M"]), batch * heads)  # noqa: E731
         _attention_kernel_autotuned[grid](*args, **meta)
     else:
-        _attention_kernel[(triton.cdiv(seq, block_m), batch * heads)](*args, **meta, BLOCK_M=block_m)
+        warps = {} if num_warps is None else {"num_warps": int(num_warps)}
+        _attention_kernel[(triton.cdiv(seq, block_m), batch * heads)](*args, **meta, BLOCK_M=block_m, **warps)
     return (out, codes) if return_codes else out
 
 
@@ -262,17 +264,18 @@ def attention_log2_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_s
                           k_scale: float, k_zero: int, v_scale: float, v_zero: int, sm_scale: float,
                           bias: Optional[torch.Tensor], mask: Optional[torch.Tensor], p_delta: float, p_bits: int,
                           out_dtype: torch.dtype, return_codes: bool = False, block_m: Optional[int] = None,
-                          out_grid: Optional[tuple] = None, token_major: bool = False):
+                          out_grid: Optional[tuple] = None, token_major: bool = False,
+                          num_warps: Optional[int] = None):
     """Run the Triton log2-quantized attention (CUDA, or CPU under ``TRITON_INTERPRET=1``).
 
     Returns ``out`` (B, H, N, d), or ``(out, codes)`` with int16 P codes (B, H, N, N) if ``return_codes``.
-    ``block_m`` fixes the query tile (tests); ``None`` autotunes on CUDA. ``token_major`` writes ``out`` as
-    (B, N, H, d) (the projection's input layout); ``out_grid`` = (scale, zero, qmin, qmax) writes int8 codes
-    of the ``out_dtype`` result instead (the projection's input quantization, fused).
+    ``block_m`` (and ``num_warps``) fix the launch (tests); ``None`` autotunes on CUDA. ``token_major`` writes
+    ``out`` as (B, N, H, d) (the projection's input layout); ``out_grid`` = (scale, zero, qmin, qmax) writes
+    int8 codes of the ``out_dtype`` result instead (the projection's input quantization, fused).
     """
     return _launch("attention_log2_triton", q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale, v_zero, sm_scale,
                    bias, mask, P_MODE_LOG2, p_delta, 0, p_bits, out_dtype, return_codes, block_m, out_grid,
-                   token_major)
+                   token_major, num_warps)
 
 
 def attention_linear_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale: float, q_zero: int,
@@ -280,11 +283,11 @@ def attention_linear_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q
                             bias: Optional[torch.Tensor], mask: Optional[torch.Tensor], p_scale: float, p_zero: int,
                             p_bits: int, out_dtype: torch.dtype, return_codes: bool = False,
                             block_m: Optional[int] = None, out_grid: Optional[tuple] = None,
-                            token_major: bool = False):
+                            token_major: bool = False, num_warps: Optional[int] = None):
     """Run the Triton attention with a linear (uniform) softmax quantizer; see ``attention_log2_triton``."""
     return _launch("attention_linear_triton", q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale, v_zero, sm_scale,
                    bias, mask, P_MODE_LINEAR, p_scale, p_zero, p_bits, out_dtype, return_codes, block_m, out_grid,
-                   token_major)
+                   token_major, num_warps)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -125,14 +125,16 @@ def variants(full: bool) -> List[Tuple[str, Callable[[], object]]]:
     windows, wseq = 4, 49
     qw = torch.zeros(batch * windows, heads, wseq, 32, dtype=torch.int8)
     rel_bias, mask = torch.zeros(heads, wseq, wseq), torch.zeros(windows, wseq, wseq)
-    for block_m in ((16, 32, 64) if full else (32, 64)):
+    # The autotuner's (BLOCK_M, num_warps) tiles: all with --full, else the two middle ones.
+    for block_m, warps in (attention.TUNE_BLOCK_M_WARPS if full else attention.TUNE_BLOCK_M_WARPS[1:3]):
+        tag = f"block_m={block_m}/w{warps}"
         for p_bits in (4, 8):
-            out.append((f"attention log2 P{p_bits} block_m={block_m}", lambda b=block_m, p=p_bits:
+            out.append((f"attention log2 P{p_bits} {tag}", lambda b=block_m, w=warps, p=p_bits:
                         attention.attention_log2_triton(q, q, q, 0.1, 0, 0.1, 0, 0.1, 0, 0.125, None, None, 1.0, p,
-                                                        torch.float16, block_m=b)))
-        out.append((f"attention linear P8 block_m={block_m}", lambda b=block_m:
+                                                        torch.float16, block_m=b, num_warps=w)))
+        out.append((f"attention linear P8 {tag}", lambda b=block_m, w=warps:
                     attention.attention_linear_triton(q, q, q, 0.1, 0, 0.1, 0, 0.1, 0, 0.125, None, None, 1 / 255, 0,
-                                                      8, torch.float16, block_m=b)))
+                                                      8, torch.float16, block_m=b, num_warps=w)))
     for p_bits in (4, 8):
         out.append((f"attention log2 P{p_bits} token-major int8 out", lambda p=p_bits:
                     attention.attention_log2_triton(q, q, q, 0.1, 0, 0.1, 0, 0.1, 0, 0.125, None, None, 1.0, p,
