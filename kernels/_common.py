@@ -198,6 +198,15 @@ def check_int_range(entry: str, name: str, value: int, lo: int, hi: int) -> None
         raise KernelInputError(f"{entry}: {name}={value} is outside the allowed range [{lo}, {hi}].")
 
 
+def check_requant_grid(entry: str, out_scale: float, out_zero: int, out_qmin: int, out_qmax: int) -> None:
+    """The int8 output grid of a fused re-quantizing epilogue (GEMM, attention, LayerNorm)."""
+    if not out_scale > 0:
+        raise KernelInputError(f"{entry}: out_scale={out_scale}; it must be > 0.")
+    check_int_range(entry, "out_qmin", out_qmin, -128, 127)
+    check_int_range(entry, "out_qmax", out_qmax, out_qmin, 127)
+    check_int_range(entry, "out_zero", out_zero, -128, 127)
+
+
 def torch_dtype_to_triton(dtype: torch.dtype):
     return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[dtype]
 

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._common import check_int_range, check_tensor, next_power_of_2, require_triton_device, uniform_quantize
+from ._common import check_requant_grid, check_tensor, next_power_of_2, require_triton_device, uniform_quantize
 from .errors import KernelInputError
 
 MAX_CHANNELS = 16384
@@ -60,11 +60,7 @@ def check_layernorm_quant_args(entry, x, weight, bias, eps, out_scale, out_zero,
                  contiguous=True)
     if not eps > 0:
         raise KernelInputError(f"{entry}: eps={eps}; it must be > 0.")
-    if not out_scale > 0:
-        raise KernelInputError(f"{entry}: out_scale={out_scale}; it must be > 0.")
-    check_int_range(entry, "out_qmin", out_qmin, -128, 127)
-    check_int_range(entry, "out_qmax", out_qmax, out_qmin, 127)
-    check_int_range(entry, "out_zero", out_zero, -128, 127)
+    check_requant_grid(entry, out_scale, out_zero, out_qmin, out_qmax)
     return c
 
 

@@ -37,8 +37,9 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._common import (LOG2E, check_int_range, check_tensor, exp2_nonpositive, exp2_of_negative_int, next_power_of_2,
-                      require_triton_device, round_neg_log2, torch_dtype_to_triton, uniform_quantize)
+from ._common import (LOG2E, check_int_range, check_requant_grid, check_tensor, exp2_nonpositive, exp2_of_negative_int,
+                      next_power_of_2, require_triton_device, round_neg_log2, torch_dtype_to_triton,
+                      uniform_quantize)
 from .errors import KernelInputError
 
 MAX_SEQ = 256  # one tile per row: longest key sequence the single-pass kernel accepts
@@ -213,14 +214,9 @@ def _launch(entry, q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale, v_zero, s
     batch, heads, seq, head_dim = check_attention_args(entry, q, k, v, q_zero, k_zero, v_zero, sm_scale, bias,
                                                        mask, p_bits, out_dtype, p_mode, p_param, p_zero)
     device = require_triton_device(entry, _attention_kernel, [q, k, v, bias, mask])
+    out_scale, out_zero, out_qmin, out_qmax = (1.0, 0, 0, 0) if out_grid is None else out_grid
     if out_grid is not None:
-        out_scale, out_zero, out_qmin, out_qmax = out_grid
-        if not out_scale > 0:
-            raise KernelInputError(f"{entry}: out_grid scale={out_scale}; it must be > 0.")
-        check_int_range(entry, "out_qmin", out_qmin, -128, 127)
-        check_int_range(entry, "out_qmax", out_qmax, out_qmin, 127)
-    else:
-        out_scale, out_zero, out_qmin, out_qmax = 1.0, 0, 0, 0
+        check_requant_grid(entry, out_scale, out_zero, out_qmin, out_qmax)
     store_dtype = out_dtype if out_grid is None else torch.int8
     if token_major:  # (B, N, H, d): the layout the projection GEMM reads, written through strides, no copy
         out = torch.empty((batch, seq, heads, head_dim), dtype=store_dtype, device=q.device)

@@ -35,8 +35,8 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._common import (check_int_range, check_tensor, gelu_erf, m_bucket, require_triton_device,
-                      torch_dtype_to_triton, uniform_quantize)
+from ._common import (check_int_range, check_requant_grid, check_tensor, gelu_erf, m_bucket,
+                      require_triton_device, torch_dtype_to_triton, uniform_quantize)
 from .errors import KernelInputError
 from .packing import PackedWeight
 
@@ -331,11 +331,7 @@ def _check_epilogue(entry, m, n, bias, residual, out_scale, out_zero, out_qmin, 
         if out_dtype != torch.int8:
             raise KernelInputError(f"{entry}: out_scale is set (re-quantize) so out_dtype must be torch.int8, "
                                    f"got {out_dtype}.")
-        if not out_scale > 0:
-            raise KernelInputError(f"{entry}: out_scale={out_scale}; it must be > 0.")
-        check_int_range(entry, "out_qmin", out_qmin, -128, 127)
-        check_int_range(entry, "out_qmax", out_qmax, out_qmin, 127)
-        check_int_range(entry, "out_zero", out_zero, -128, 127)
+        check_requant_grid(entry, out_scale, out_zero, out_qmin, out_qmax)
 
 
 def check_qgemm_args(entry, a, a_zero, w_packed, w_scale, w_zero, w_col_sums, bias, residual, storage_bits, k,
