@@ -137,24 +137,20 @@ class TritonKernels(TorchKernels):
                                 layer.layout.storage_bits, layer.k, layer.group_k, gelu, out_dtype,
                                 config=_interpreter_config(x, layer))
 
-    def attention(self, q, k, v, grids, sm_scale: float, bias, mask, p: SoftmaxGrid, out_dtype):
+    def attention(self, q, k, v, grids, sm_scale: float, bias, mask, p: SoftmaxGrid, out_dtype, **launch):
+        """``launch``: the kernel's ``out_grid`` / ``token_major`` (see ``attention_tokens``)."""
         qg, kg, vg = grids
         args = (q, k, v, qg.scale, qg.zero, kg.scale, kg.zero, vg.scale, vg.zero, sm_scale, bias, mask)
         if p.log2:
-            return attention_log2_triton(*args, p.param, p.bits, out_dtype)
-        return attention_linear_triton(*args, p.param, p.zero, p.bits, out_dtype)
+            return attention_log2_triton(*args, p.param, p.bits, out_dtype, **launch)
+        return attention_linear_triton(*args, p.param, p.zero, p.bits, out_dtype, **launch)
 
     def attention_tokens(self, q, k, v, grids, sm_scale: float, bias, mask, p: SoftmaxGrid, out_dtype,
                          out: Optional[ActGrid]) -> torch.Tensor:
         # One kernel writes (B, N, H, d) directly and, with ``out``, the projection's int8 input codes.
-        qg, kg, vg = grids
         batch, heads, seq, dim = q.shape
-        args = (q, k, v, qg.scale, qg.zero, kg.scale, kg.zero, vg.scale, vg.zero, sm_scale, bias, mask)
         grid = None if out is None else (out.scale, out.zero, out.qmin, out.qmax)
-        if p.log2:
-            o = attention_log2_triton(*args, p.param, p.bits, out_dtype, out_grid=grid, token_major=True)
-        else:
-            o = attention_linear_triton(*args, p.param, p.zero, p.bits, out_dtype, out_grid=grid, token_major=True)
+        o = self.attention(q, k, v, grids, sm_scale, bias, mask, p, out_dtype, out_grid=grid, token_major=True)
         return o.view(batch, seq, heads * dim)
 
 

@@ -281,12 +281,13 @@ class PatchEmbedding(nn.Module):
         else:
             self.gemm, self.float_proj = None, float_copy(proj)
         self.norm = float_copy(patch_embed.norm)
+        self._cast = (None, None, None)  # (dtype, device), weight, bias: see _float_params
 
     def _float_params(self, dtype: torch.dtype):
         """The float conv's weight and bias in ``dtype``, converted once per dtype and device."""
         proj = self.float_proj
         key = (dtype, proj.weight.device)
-        if getattr(self, "_cast", (None,))[0] != key:
+        if self._cast[0] != key:
             bias = None if proj.bias is None else proj.bias.to(dtype)
             self._cast = (key, proj.weight.to(dtype), bias)
         return self._cast[1], self._cast[2]
