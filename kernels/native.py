@@ -20,15 +20,17 @@ from .errors import KernelInputError, MissingGPUError
 
 _LOADED: Optional[bool] = None
 P_MODE_LOG2, P_MODE_LINEAR = 0, 1
-STEP_BYTES = 32  # bytes per panel step (kernels/csrc/qgemm_cpu.cpp)
-PANEL_OUTPUTS = 16
+
+
+def _disabled_by_env() -> bool:
+    return os.environ.get("DFQVIT_NATIVE", "1").strip().lower() in ("0", "off", "false", "no")
 
 
 def available() -> bool:
     """Whether ``dfqvit._C`` is built and loaded (and not disabled by ``DFQVIT_NATIVE=0``)."""
     global _LOADED
     if _LOADED is None:
-        if os.environ.get("DFQVIT_NATIVE", "1").strip().lower() in ("0", "off", "false", "no"):
+        if _disabled_by_env():
             _LOADED = False
         else:
             try:
@@ -41,8 +43,7 @@ def available() -> bool:
 
 def require() -> None:
     if not available():
-        reason = ("DFQVIT_NATIVE=0 is set" if os.environ.get("DFQVIT_NATIVE", "1").strip().lower()
-                  in ("0", "off", "false", "no") else "dfqvit._C is not built")
+        reason = "DFQVIT_NATIVE=0 is set" if _disabled_by_env() else "dfqvit._C is not built"
         raise MissingGPUError(
             f"the native CPU backend is unavailable ({reason}). Build it with "
             "`DFQVIT_BUILD_EXT=1 pip install --no-build-isolation --no-deps -e .` (needs cmake, ninja, a C++ "

@@ -89,8 +89,6 @@ __attribute__((target("avx2"))) void scores_row_avx2(const int16_t* q, const int
     for (int64_t j = j0; j < std::min<int64_t>(n, j0 + 64); ++j) scores[j] = tmp[j - j0];
   }
 }
-
-
 #endif
 
 // e[j] = exp2(d[j]) for a row; AVX2 and scalar give the same bits.
@@ -162,12 +160,13 @@ __attribute__((target("avx2"))) void log2_pv_row_avx2(const int32_t* codes, cons
     const int64_t k = __builtin_ctzll(left);
     int32_t* bucket = buckets + k * d;
     if (k <= shift) {
-      const __m256d vw = _mm256_set1_pd(std::ldexp(1.0, static_cast<int>(shift - k)));
+      const double w = std::ldexp(1.0, static_cast<int>(shift - k));
+      const __m256d vw = _mm256_set1_pd(w);
       for (int64_t t = 0; t < d4; t += 4) {
         const __m256d b = _mm256_cvtepi32_pd(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bucket + t)));
         _mm256_storeu_pd(out + t, _mm256_add_pd(_mm256_loadu_pd(out + t), _mm256_mul_pd(vw, b)));
       }
-      for (int64_t t = d4; t < d; ++t) out[t] += std::ldexp(1.0, static_cast<int>(shift - k)) * bucket[t];
+      for (int64_t t = d4; t < d; ++t) out[t] += w * static_cast<double>(bucket[t]);
     }
     std::memset(bucket, 0, d * sizeof(int32_t));
   }
@@ -175,30 +174,29 @@ __attribute__((target("avx2"))) void log2_pv_row_avx2(const int32_t* codes, cons
 #endif
 
 // Log2 P.V by shifts and adds: V rows are summed per code level in int32 (|sum| <= 255 * 256), then the levels
-// are combined as sum_k 2**(shift - k) * bucket_k in float64 (integers below 2**53: exact in any order).
+// are combined as sum_k 2**(shift - k) * bucket_k in float64 (integers below 2**53: exact in any order). Same
+// bucket protocol as log2_pv_row_avx2 (spare bucket for skipped keys, zero on entry and return).
 void log2_pv_row(const int32_t* codes, const int32_t* v, int64_t n, int64_t d, int64_t shift, int32_t* buckets,
                  double* out, Isa isa) {
 #if DFQVIT_X86
   if (isa != Isa::kScalar) return log2_pv_row_avx2(codes, v, n, d, shift, buckets, out);
 #endif
+  const int64_t spare = shift + 1;
   uint64_t touched = 0;
   for (int64_t j = 0; j < n; ++j) {
-    const int32_t k = codes[j];
-    if (k > shift) continue;
-    int32_t* bucket = buckets + k * d;
-    if (touched >> k & 1) {
-      for (int64_t t = 0; t < d; ++t) bucket[t] += v[j * d + t];
-    } else {
-      std::memcpy(bucket, v + j * d, d * sizeof(int32_t));
-      touched |= uint64_t(1) << k;
-    }
+    const int64_t level = std::min<int64_t>(codes[j], spare);
+    touched |= uint64_t(1) << level;
+    for (int64_t t = 0; t < d; ++t) buckets[level * d + t] += v[j * d + t];
   }
   for (int64_t t = 0; t < d; ++t) out[t] = 0.0;
-  for (int64_t k = 0; k <= shift; ++k) {
-    if (!(touched >> k & 1)) continue;
-    const double w = std::ldexp(1.0, static_cast<int>(shift - k));
-    const int32_t* bucket = buckets + k * d;
-    for (int64_t t = 0; t < d; ++t) out[t] += w * static_cast<double>(bucket[t]);
+  for (uint64_t left = touched; left; left &= left - 1) {
+    const int64_t k = __builtin_ctzll(left);
+    int32_t* bucket = buckets + k * d;
+    if (k <= shift) {
+      const double w = std::ldexp(1.0, static_cast<int>(shift - k));
+      for (int64_t t = 0; t < d; ++t) out[t] += w * static_cast<double>(bucket[t]);
+    }
+    std::memset(bucket, 0, d * sizeof(int32_t));
   }
 }
 
