@@ -196,15 +196,17 @@ def main(argv=None) -> int:
     stem = args.out_dir / f"latency_{device_tag}_{time.strftime('%Y%m%d_%H%M%S')}"
     rows = []
 
+    def write_json(complete: bool):
+        Path(f"{stem}.json").write_text(json.dumps({"meta": meta, "complete": complete, "rows": rows,
+                                                    "ratios": ratios(rows)}, indent=2))
+
     def on_row(row):
         rows.append(row)
-        Path(f"{stem}.json").write_text(json.dumps({"meta": meta, "complete": False, "rows": rows,
-                                                    "ratios": ratios(rows)}, indent=2))
+        write_json(complete=False)
 
     for name in args.models:
         bench_model(name, args.batches, args.bits, args.baselines, args.warmup, args.iters, on_row)
-    Path(f"{stem}.json").write_text(json.dumps({"meta": meta, "complete": True, "rows": rows,
-                                                "ratios": ratios(rows)}, indent=2))
+    write_json(complete=True)
     Path(f"{stem}.md").write_text(markdown(rows, meta))
     print(markdown(rows, meta))
     return 0
