@@ -234,3 +234,14 @@ def test_native_layernorm_quant_and_quantize_are_bit_exact(isa, c):
     y = (torch.arange(-300, 300, dtype=torch.float32) + 0.5) * 0.25
     assert torch.equal(native.quantize(y, 0.25, 3, -128, 127),
                        reference.uniform_quantize(y, 0.25, 3, -128, 127).to(torch.int8))
+
+
+def test_native_attention_longer_than_one_exact_chunk():
+    """Rows of more than 8192 keys sum P.V in float64 chunks added in int64 (one chunk would not stay below
+    2**53 in the worst case): still the reference's exact integers."""
+    from kernel_utils import random_int8
+    from dfqvit.kernels import native
+    q, k, v = (random_int8((1, 1, 8200, 4), GEN) for _ in range(3))
+    args = (q, k, v, 0.03, 3, 0.025, -5, 0.05, 1, 0.5, None, None)
+    expected = reference.attention_log2_reference(*args, 0.8, 8, torch.float32)
+    assert torch.equal(native.attention(*args, native.P_MODE_LOG2, 0.8, 0, 8, torch.float32), expected)

@@ -11,10 +11,13 @@
 //           out = fp32(sum_j W_j (v_j - v_zero)) * 2**-S * fp32(delta * v_scale)
 //   linear: c_j = clamp(round(p_j / p_scale) + p_zero, 0, 2**bits - 1);  W_j = c_j - p_zero
 //           out = fp32(sum_j W_j (v_j - v_zero)) * fp32(p_scale * v_scale)
-// Log2 P.V by shifts and adds: V rows are summed per code level in int32, then the levels are combined with
-// their powers of two in float64 (integers below 2**53: exact in any order). Linear P.V: float64 rows, exact.
+// P.V in float64 for both modes: the weights (2**(S - k_j), or c_j - p_zero) and V are integers, every product
+// and partial sum an integer below 2**53 for up to kExactKeys keys, so any order of FMAs gives the exact sum
+// (longer rows add exact per-chunk sums in int64). For log2 codes the product by 2**(S - k_j) is the shift:
+// float64 adds S - k_j to v's exponent. Measured on AVX2 (Zen 3, n 65, d 64, one core): float64 FMAs 13-16
+// G terms/s, int64 vpsllq + vpaddq 9-10, per-level int32 buckets combined by shifts (the earlier form) ~4.
 // One (batch, head) pair per task on torch's OpenMP pool; Q, K, V are read once per head (strided views are
-// fine) into centred int16 / int32 buffers; the row loops are AVX2 (scalar on other CPUs).
+// fine) into centred int16 (Q, K) and float64 (V) buffers; the row loops are AVX2 (scalar on other CPUs).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -33,26 +36,74 @@ namespace {
 
 constexpr double kLog2E = 1.4426950408889634;
 constexpr int64_t kModeLog2 = 0;
-constexpr int32_t kSkip = 1 << 20;  // a log2 code that adds nothing to P.V
+// Keys per exact float64 P.V chunk: |weight| <= 2**32 (log2, S <= 32) or 255 (linear), |v - v_zero| <= 255,
+// so 8192 terms stay below 2**53.
+constexpr int64_t kExactKeys = 8192;
+constexpr int kPvRows = 3;  // query rows per P.V block
 
 #if DFQVIT_X86
-__attribute__((target("avx2"))) int64_t exp2_row_avx2(const float* d, float* e, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(e + i, pm::exp2_avx2(_mm256_loadu_ps(d + i)));
-  return i;
+// t[j] = fp32(s[j]) * scale for 8 keys at a time; returns how many were done.
+__attribute__((target("avx2"))) int64_t scale_scores_avx2(const int32_t* s, float scale, float* t, int64_t n) {
+  const __m256 vscale = _mm256_set1_ps(scale);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    _mm256_storeu_ps(t + j, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + j))),
+                                          vscale));
+  return j;
 }
 
-// Log2 codes of 8 probabilities at a time: k = round(-log2 max(p / delta, floor)) clamped at 0, or kSkip where
-// the level adds nothing to P.V (k > shift, or a ratio below 2**-126, whose k >= 126 > 32 >= shift).
-// Returns how many were done.
-__attribute__((target("avx2"))) int64_t log2_codes_avx2(const float* e, int64_t n, float sum, float delta,
-                                                         float floor, int64_t shift, int32_t* codes) {
+// max_j t[j] over the first n8 = n / 8 * 8 entries (n8 >= 8).
+__attribute__((target("avx2"))) float max8_avx2(const float* t, int64_t n8) {
+  __m256 top = _mm256_loadu_ps(t);
+  for (int64_t j = 8; j < n8; j += 8) top = _mm256_max_ps(top, _mm256_loadu_ps(t + j));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, top);
+  return *std::max_element(lanes, lanes + 8);
+}
+
+// e[j] = exp2(t[j] - top) and the fixed-point row sum sum_j trunc(e[j] * 2**53) of those entries, 8 at a time.
+// trunc(f) of the fp32 f = e * 2**53 (exact) from its bits: mantissa m (with the implicit 1) shifted by
+// exponent - 150 (left) or 150 - exponent (right; counts past 63 give 0, which covers 0 and denormals).
+__attribute__((target("avx2"))) int64_t exp2_fixed_sum_avx2(const float* t, float top, float* e, int64_t n,
+                                                            int64_t* fixed) {
+  const __m256 vtop = _mm256_set1_ps(top), scale = _mm256_set1_ps(pm::kSumScale);
+  const __m256i exp_mask = _mm256_set1_epi32(0xFF), mant_mask = _mm256_set1_epi32(0x7FFFFF);
+  const __m256i implicit = _mm256_set1_epi32(0x800000), bias = _mm256_set1_epi32(150), zero = _mm256_setzero_si256();
+  __m256i total = _mm256_setzero_si256();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 ej = pm::exp2_avx2(_mm256_sub_ps(_mm256_loadu_ps(t + j), vtop));
+    _mm256_storeu_ps(e + j, ej);
+    const __m256i bits = _mm256_castps_si256(_mm256_mul_ps(ej, scale));
+    const __m256i mant = _mm256_or_si256(_mm256_and_si256(bits, mant_mask), implicit);
+    const __m256i up = _mm256_sub_epi32(_mm256_and_si256(_mm256_srli_epi32(bits, 23), exp_mask), bias);
+    const __m256i left = _mm256_max_epi32(up, zero), right = _mm256_max_epi32(_mm256_sub_epi32(zero, up), zero);
+    for (int half = 0; half < 2; ++half) {
+      const __m128i m4 = half ? _mm256_extracti128_si256(mant, 1) : _mm256_castsi256_si128(mant);
+      const __m128i l4 = half ? _mm256_extracti128_si256(left, 1) : _mm256_castsi256_si128(left);
+      const __m128i r4 = half ? _mm256_extracti128_si256(right, 1) : _mm256_castsi256_si128(right);
+      const __m256i shifted = _mm256_srlv_epi64(_mm256_sllv_epi64(_mm256_cvtepu32_epi64(m4), _mm256_cvtepu32_epi64(l4)),
+                                                _mm256_cvtepu32_epi64(r4));
+      total = _mm256_add_epi64(total, shifted);
+    }
+  }
+  alignas(32) int64_t lanes[4];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), total);
+  *fixed = lanes[0] + lanes[1] + lanes[2] + lanes[3];
+  return j;
+}
+
+// Log2 P.V weights of 8 probabilities at a time: k = round(-log2 max(p / delta, floor)) clamped at 0, and
+// w = 2**(shift - k) as float64 bits ((1023 + shift - k) << 52), or 0 where the level adds nothing to P.V
+// (k > shift, or a ratio below 2**-126, whose k >= 126 > 32 >= shift). Returns how many were done.
+__attribute__((target("avx2"))) int64_t log2_weights_avx2(const float* e, int64_t n, float sum, float delta,
+                                                           float floor, int64_t shift, double* w) {
   const __m256 vsum = _mm256_set1_ps(sum), vdelta = _mm256_set1_ps(delta), vfloor = _mm256_set1_ps(floor);
   const __m256 normal = _mm256_set1_ps(1.17549435e-38f);
   const __m256i vshift = _mm256_set1_epi32(static_cast<int32_t>(shift)), zero = _mm256_setzero_si256();
   const __m256i exp_mask = _mm256_set1_epi32(0xFF), mant_mask = _mm256_set1_epi32(0x7FFFFF);
   const __m256i sqrt2_mant = _mm256_set1_epi32(0x3504F3), bias = _mm256_set1_epi32(127);
-  const __m256i skip = _mm256_set1_epi32(kSkip);
+  const __m256i one_exp = _mm256_set1_epi32(static_cast<int32_t>(1023 + shift));
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) {
     const __m256 p = _mm256_div_ps(_mm256_loadu_ps(e + j), vsum);
@@ -63,8 +114,13 @@ __attribute__((target("avx2"))) int64_t log2_codes_avx2(const float* e, int64_t 
     const __m256i up = _mm256_cmpgt_epi32(_mm256_and_si256(bits, mant_mask), sqrt2_mant);  // -1 or 0
     const __m256i k = _mm256_max_epi32(_mm256_add_epi32(_mm256_sub_epi32(zero, exponent), up), zero);
     const __m256i tiny = _mm256_castps_si256(_mm256_cmp_ps(ratio, normal, _CMP_LT_OQ));
-    const __m256i beyond = _mm256_or_si256(_mm256_cmpgt_epi32(k, vshift), tiny);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + j), _mm256_blendv_epi8(k, skip, beyond));
+    const __m256i keep = _mm256_andnot_si256(_mm256_or_si256(_mm256_cmpgt_epi32(k, vshift), tiny),
+                                             _mm256_set1_epi32(-1));
+    const __m256i biased = _mm256_and_si256(_mm256_sub_epi32(one_exp, k), keep);  // 0 bits = +0.0
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + j),
+                        _mm256_slli_epi64(_mm256_cvtepu32_epi64(_mm256_castsi256_si128(biased)), 52));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + j + 4),
+                        _mm256_slli_epi64(_mm256_cvtepu32_epi64(_mm256_extracti128_si256(biased, 1)), 52));
   }
   return j;
 }
@@ -91,35 +147,48 @@ __attribute__((target("avx2"))) void scores_row_avx2(const int16_t* q, const int
 }
 #endif
 
-// e[j] = exp2(d[j]) for a row; AVX2 and scalar give the same bits.
-void exp2_row(const float* d, float* e, int64_t n, Isa isa) {
-  int64_t j = 0;
 #if DFQVIT_X86
-  if (isa != Isa::kScalar) j = exp2_row_avx2(d, e, n);
-#endif
-  for (; j < n; ++j) e[j] = pm::exp2(d[j]);
-}
-
-#if DFQVIT_X86
-// out[t] = sum_j w[j] * v[j * d + t] in float64 (integers below 2**53: exact).
-__attribute__((target("avx2"))) void pv_row_avx2(const double* w, const double* v, int64_t n, int64_t d, double* out) {
-  for (int64_t t0 = 0; t0 < d; t0 += 32) {
-    const int blocks = static_cast<int>(std::min<int64_t>(8, (d - t0) / 4));
-    __m256d acc[8];
-    for (int u = 0; u < 8; ++u) acc[u] = _mm256_setzero_pd();
+// out[r, t] = sum_j w[r * ldw + j] * v[j * d + t] for R rows in float64 (integers below 2**53: exact in any
+// order, FMAs included). R rows x 16 columns of accumulators share each load of V (3 x 16: ~20 G terms/s on
+// one Zen 3 core, one row x 32: ~15). No test for zero weights: unpredictable branches cost more than the FMAs.
+template <int R>
+__attribute__((target("avx2,fma"))) void pv_rows_avx2(const double* w, int64_t ldw, const double* v, int64_t n,
+                                                      int64_t d, double* out) {
+  int64_t t0 = 0;
+  for (; t0 + 16 <= d; t0 += 16) {
+    __m256d acc[R][4];
+    for (int r = 0; r < R; ++r)
+      for (int u = 0; u < 4; ++u) acc[r][u] = _mm256_setzero_pd();
     for (int64_t j = 0; j < n; ++j) {
-      if (w[j] == 0.0) continue;
-      const __m256d wj = _mm256_set1_pd(w[j]);
       const double* row = v + j * d + t0;
-      for (int u = 0; u < blocks; ++u) acc[u] = _mm256_add_pd(acc[u], _mm256_mul_pd(wj, _mm256_loadu_pd(row + 4 * u)));
+      const __m256d v0 = _mm256_loadu_pd(row), v1 = _mm256_loadu_pd(row + 4), v2 = _mm256_loadu_pd(row + 8),
+                    v3 = _mm256_loadu_pd(row + 12);
+      for (int r = 0; r < R; ++r) {
+        const __m256d wj = _mm256_broadcast_sd(w + r * ldw + j);
+        acc[r][0] = _mm256_fmadd_pd(wj, v0, acc[r][0]);
+        acc[r][1] = _mm256_fmadd_pd(wj, v1, acc[r][1]);
+        acc[r][2] = _mm256_fmadd_pd(wj, v2, acc[r][2]);
+        acc[r][3] = _mm256_fmadd_pd(wj, v3, acc[r][3]);
+      }
     }
-    for (int u = 0; u < blocks; ++u) _mm256_storeu_pd(out + t0 + 4 * u, acc[u]);
-    for (int64_t t = t0 + 4 * blocks; t < std::min<int64_t>(d, t0 + 32); ++t) {
-      double total = 0.0;
-      for (int64_t j = 0; j < n; ++j) total += w[j] * v[j * d + t];
-      out[t] = total;
-    }
+    for (int r = 0; r < R; ++r)
+      for (int u = 0; u < 4; ++u) _mm256_storeu_pd(out + r * d + t0 + 4 * u, acc[r][u]);
   }
+  for (; t0 + 4 <= d; t0 += 4) {
+    __m256d acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_pd();
+    for (int64_t j = 0; j < n; ++j) {
+      const __m256d vj = _mm256_loadu_pd(v + j * d + t0);
+      for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_pd(_mm256_broadcast_sd(w + r * ldw + j), vj, acc[r]);
+    }
+    for (int r = 0; r < R; ++r) _mm256_storeu_pd(out + r * d + t0, acc[r]);
+  }
+  for (; t0 < d; ++t0)
+    for (int r = 0; r < R; ++r) {
+      double total = 0.0;
+      for (int64_t j = 0; j < n; ++j) total += w[r * ldw + j] * v[j * d + t0];
+      out[r * d + t0] = total;
+    }
 }
 #endif
 
@@ -134,79 +203,104 @@ void scores_row(const int16_t* q, const int16_t* kp, int64_t ld, int64_t n, int6
   }
 }
 
+// out[r, t] = sum_j w[r * ldw + j] * v[j * d + t] for rows <= kPvRows rows, in float64.
+void pv_rows(const double* w, int64_t ldw, int rows, const double* v, int64_t n, int64_t d, double* out, Isa isa) {
 #if DFQVIT_X86
-// log2_pv_row in one AVX2 function, without data-dependent branches in the key loop: a skipped key (code past
-// the shift) adds into a spare bucket that is never combined, and buckets are zeroed after they are combined
-// (they start the next row at zero) instead of being initialised on first touch. Calling add_row /
-// combine_row per key and per level (not inlinable across targets) took ~30% of a layer's time; the branch-free
-// loop gains another 0-4% (A/B in one process). buckets holds shift + 2 rows of d int32, zero on entry and return.
-__attribute__((target("avx2"))) void log2_pv_row_avx2(const int32_t* codes, const int32_t* v, int64_t n, int64_t d,
-                                                       int64_t shift, int32_t* buckets, double* out) {
-  const int64_t d8 = d / 8 * 8, d4 = d / 4 * 4, spare = shift + 1;
-  uint64_t touched = 0;
-  for (int64_t j = 0; j < n; ++j) {
-    const int64_t level = std::min<int64_t>(codes[j], spare);
-    touched |= uint64_t(1) << level;
-    int32_t* bucket = buckets + level * d;
-    const int32_t* vj = v + j * d;
-    for (int64_t t = 0; t < d8; t += 8)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(bucket + t),
-                          _mm256_add_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bucket + t)),
-                                           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vj + t))));
-    for (int64_t t = d8; t < d; ++t) bucket[t] += vj[t];
+  if (isa != Isa::kScalar) {
+    if (rows == 3) return pv_rows_avx2<3>(w, ldw, v, n, d, out);
+    for (int r = 0; r < rows; ++r) pv_rows_avx2<1>(w + r * ldw, ldw, v, n, d, out + r * d);
+    return;
   }
-  for (int64_t t = 0; t < d; ++t) out[t] = 0.0;
-  for (uint64_t left = touched; left; left &= left - 1) {
-    const int64_t k = __builtin_ctzll(left);
-    int32_t* bucket = buckets + k * d;
-    if (k <= shift) {
-      const double w = std::ldexp(1.0, static_cast<int>(shift - k));
-      const __m256d vw = _mm256_set1_pd(w);
-      for (int64_t t = 0; t < d4; t += 4) {
-        const __m256d b = _mm256_cvtepi32_pd(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bucket + t)));
-        _mm256_storeu_pd(out + t, _mm256_add_pd(_mm256_loadu_pd(out + t), _mm256_mul_pd(vw, b)));
-      }
-      for (int64_t t = d4; t < d; ++t) out[t] += w * static_cast<double>(bucket[t]);
-    }
-    std::memset(bucket, 0, d * sizeof(int32_t));
-  }
-}
 #endif
-
-// Log2 P.V by shifts and adds: V rows are summed per code level in int32 (|sum| <= 255 * 256), then the levels
-// are combined as sum_k 2**(shift - k) * bucket_k in float64 (integers below 2**53: exact in any order). Same
-// bucket protocol as log2_pv_row_avx2 (spare bucket for skipped keys, zero on entry and return).
-void log2_pv_row(const int32_t* codes, const int32_t* v, int64_t n, int64_t d, int64_t shift, int32_t* buckets,
-                 double* out, Isa isa) {
-#if DFQVIT_X86
-  if (isa != Isa::kScalar) return log2_pv_row_avx2(codes, v, n, d, shift, buckets, out);
-#endif
-  const int64_t spare = shift + 1;
-  uint64_t touched = 0;
-  for (int64_t j = 0; j < n; ++j) {
-    const int64_t level = std::min<int64_t>(codes[j], spare);
-    touched |= uint64_t(1) << level;
-    for (int64_t t = 0; t < d; ++t) buckets[level * d + t] += v[j * d + t];
-  }
-  for (int64_t t = 0; t < d; ++t) out[t] = 0.0;
-  for (uint64_t left = touched; left; left &= left - 1) {
-    const int64_t k = __builtin_ctzll(left);
-    int32_t* bucket = buckets + k * d;
-    if (k <= shift) {
-      const double w = std::ldexp(1.0, static_cast<int>(shift - k));
-      for (int64_t t = 0; t < d; ++t) out[t] += w * static_cast<double>(bucket[t]);
+  for (int r = 0; r < rows; ++r)
+    for (int64_t t = 0; t < d; ++t) {
+      double total = 0.0;
+      for (int64_t j = 0; j < n; ++j) total += w[r * ldw + j] * v[j * d + t];
+      out[r * d + t] = total;
     }
-    std::memset(bucket, 0, d * sizeof(int32_t));
-  }
 }
 
-void pv_row(const double* w, const double* v, int64_t n, int64_t d, double* out, Isa isa) {
+// result[r, t] = fp32(sum_j w[r * ldw + j] * v[j * d + t]), the exact integer rounded once: float64 per chunk of
+// kExactKeys keys, chunks added in int64. partial: rows x d doubles, totals: rows x d int64 (scratch).
+void exact_pv_rows(const double* w, int64_t ldw, int rows, const double* v, int64_t n, int64_t d, double* partial,
+                   int64_t* totals, float* result, Isa isa) {
+  const int64_t size = rows * d;
+  if (n <= kExactKeys) {
+    pv_rows(w, ldw, rows, v, n, d, partial, isa);
+    for (int64_t x = 0; x < size; ++x) result[x] = static_cast<float>(partial[x]);
+    return;
+  }
+  std::fill(totals, totals + size, int64_t(0));
+  for (int64_t j0 = 0; j0 < n; j0 += kExactKeys) {
+    pv_rows(w + j0, ldw, rows, v + j0 * d, std::min(kExactKeys, n - j0), d, partial, isa);
+    for (int64_t x = 0; x < size; ++x) totals[x] += static_cast<int64_t>(partial[x]);
+  }
+  for (int64_t x = 0; x < size; ++x) result[x] = static_cast<float>(totals[x]);
+}
+
+// Per-call constants of the softmax and the P codes.
+struct SoftmaxParams {
+  float qk_scale_log2;          // fp32(sm_scale * q_scale * k_scale * log2 e)
+  float log2e;
+  bool log2_mode;
+  float p_param;                // delta (log2) or p_scale (linear)
+  float p_zero;
+  float ratio_floor;            // log2: 2**-(levels + 2)
+  int64_t levels, shift;
+  const double* pow2_by_code;   // log2: 2**(shift - k) for k <= shift, 0 at shift + 1
+};
+
+// The P.V weights w[j] (float64) of one query row from its exact scores s[j]: t = s * scale [+ bias * log2 e]
+// [+ mask * log2 e], e = exp2(t - max t), fixed-point row sum, then log2 or linear codes as weights.
+// t, e: n floats of scratch. AVX2 and scalar give the same bits.
+void weights_row(const SoftmaxParams& sp, const int32_t* s, const float* bias_row, int64_t bias_stride,
+                 const float* mask_row, int64_t n, float* t, float* e, double* w, Isa isa) {
+  const bool vec = isa != Isa::kScalar;
+  int64_t j = 0;
 #if DFQVIT_X86
-  if (isa != Isa::kScalar) return pv_row_avx2(w, v, n, d, out);
+  if (vec) j = scale_scores_avx2(s, sp.qk_scale_log2, t, n);
 #endif
-  for (int64_t t = 0; t < d; ++t) out[t] = 0.0;
-  for (int64_t j = 0; j < n; ++j)
-    for (int64_t t = 0; t < d; ++t) out[t] += w[j] * v[j * d + t];
+  for (; j < n; ++j) t[j] = static_cast<float>(s[j]) * sp.qk_scale_log2;
+  if (bias_row)
+    for (j = 0; j < n; ++j) t[j] = t[j] + bias_row[j * bias_stride] * sp.log2e;
+  if (mask_row)
+    for (j = 0; j < n; ++j) t[j] = t[j] + mask_row[j] * sp.log2e;
+  float top = t[0];
+  j = 1;
+#if DFQVIT_X86
+  if (vec && n >= 8) {
+    j = n / 8 * 8;
+    top = max8_avx2(t, j);
+  }
+#endif
+  for (; j < n; ++j) top = std::max(top, t[j]);
+  int64_t fixed = 0;
+  j = 0;
+#if DFQVIT_X86
+  if (vec) j = exp2_fixed_sum_avx2(t, top, e, n, &fixed);
+#endif
+  for (; j < n; ++j) {
+    e[j] = pm::exp2(t[j] - top);
+    fixed += pm::fixed_point_term(e[j]);
+  }
+  const float sum = pm::fixed_point_sum_to_float(fixed);
+  if (sp.log2_mode) {
+    j = 0;
+#if DFQVIT_X86
+    if (vec) j = log2_weights_avx2(e, n, sum, sp.p_param, sp.ratio_floor, sp.shift, w);
+#endif
+    for (; j < n; ++j) {
+      const float ratio = std::max((e[j] / sum) / sp.p_param, sp.ratio_floor);
+      const int64_t code = std::clamp<int64_t>(pm::round_neg_log2(ratio), 0, sp.levels);
+      w[j] = sp.pow2_by_code[std::min(code, sp.shift + 1)];
+    }
+  } else {
+    for (j = 0; j < n; ++j) {
+      float c = std::nearbyint((e[j] / sum) / sp.p_param) + sp.p_zero;
+      c = std::fmin(std::fmax(c, 0.0f), static_cast<float>(sp.levels - 1));
+      w[j] = static_cast<double>(c) - static_cast<double>(sp.p_zero);
+    }
+  }
 }
 
 at::Tensor native_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double q_scale,
@@ -226,14 +320,17 @@ at::Tensor native_attention(const at::Tensor& q, const at::Tensor& k, const at::
   if (mask.has_value()) mask_c = mask->to(at::kFloat).contiguous();
   const int64_t windows = mask_c.defined() ? mask_c.size(0) : 1;
 
-  const float qk_scale_log2 = static_cast<float>(sm_scale * q_scale * k_scale * kLog2E);
-  const float log2e = static_cast<float>(kLog2E);
   const int64_t levels = int64_t(1) << p_bits;
   const int64_t shift = std::min<int64_t>(levels - 1, 32);  // reference.log2_pv_shift
-  const float ratio_floor = static_cast<float>(std::ldexp(1.0, -static_cast<int>(levels + 2)));
-  const float p_param_f = static_cast<float>(p_param), p_zero_f = static_cast<float>(p_zero);
-  const float inv_two_s = std::ldexp(1.0f, -static_cast<int>(shift));
-  const float out_scale = static_cast<float>(p_param * v_scale);  // fp32(delta * v_scale) or fp32(p_scale * v_scale)
+  std::vector<double> pow2_by_code(shift + 2, 0.0);
+  for (int64_t c = 0; c <= shift; ++c) pow2_by_code[c] = std::ldexp(1.0, static_cast<int>(shift - c));
+  const SoftmaxParams sp{static_cast<float>(sm_scale * q_scale * k_scale * kLog2E), static_cast<float>(kLog2E),
+                         p_mode == kModeLog2, static_cast<float>(p_param), static_cast<float>(p_zero),
+                         static_cast<float>(std::ldexp(1.0, -static_cast<int>(levels + 2))), levels, shift,
+                         pow2_by_code.data()};
+  // The exact integer P.V, rounded once to fp32, times 2**-S (log2) and fp32(delta or p_scale * v_scale).
+  const float inv_two_s = p_mode == kModeLog2 ? std::ldexp(1.0f, -static_cast<int>(shift)) : 1.0f;
+  const float out_scale = static_cast<float>(p_param * v_scale);
   const int64_t ld = (n + 7) / 8 * 8, pairs = (d + 1) / 2;
 
   at::Tensor out = at::empty({batch, heads, n, d}, at::kFloat);
@@ -245,9 +342,10 @@ at::Tensor native_attention(const at::Tensor& q, const at::Tensor& k, const at::
   const std::vector<int64_t> bs = bias_f.defined() ? bias_f.strides().vec() : std::vector<int64_t>(4, 0);
   at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<int16_t> q16(n * 2 * pairs, 0), kpairs(pairs * ld * 2, 0);
-    std::vector<int32_t> v32(n * d), s32(n), codes(n), buckets((shift + 2) * d, 0);
-    std::vector<float> t(n), e(n);
-    std::vector<double> vd(p_mode == kModeLog2 ? 0 : n * d), w(n), acc(d);
+    std::vector<int32_t> s32(ld);
+    std::vector<float> t(n), e(n), result(kPvRows * d);
+    std::vector<double> vd(n * d), w(kPvRows * n), partial(kPvRows * d);
+    std::vector<int64_t> totals(kPvRows * d);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / heads, h = bh % heads;
       const int8_t* qh = qp + b * qs[0] + h * qs[1];
@@ -256,62 +354,34 @@ at::Tensor native_attention(const at::Tensor& q, const at::Tensor& k, const at::
       for (int64_t i = 0; i < n; ++i) {
         const int8_t *qi = qh + i * qs[2], *vi = vh + i * vs[2];
         int16_t* qrow = q16.data() + i * 2 * pairs;
-        int32_t* vrow = v32.data() + i * d;
-        for (int64_t x = 0; x < d; ++x) qrow[x] = static_cast<int16_t>(qi[x * qs[3]] - q_zero);
-        for (int64_t x = 0; x < d; ++x) vrow[x] = vi[x * vs[3]] - static_cast<int32_t>(v_zero);
+        double* vrow = vd.data() + i * d;
+        if (qs[3] == 1 && vs[3] == 1) {  // the usual layout: unit stride lets the compiler vectorise
+          for (int64_t x = 0; x < d; ++x) qrow[x] = static_cast<int16_t>(qi[x] - q_zero);
+          for (int64_t x = 0; x < d; ++x) vrow[x] = static_cast<double>(vi[x] - static_cast<int32_t>(v_zero));
+        } else {
+          for (int64_t x = 0; x < d; ++x) qrow[x] = static_cast<int16_t>(qi[x * qs[3]] - q_zero);
+          for (int64_t x = 0; x < d; ++x) vrow[x] = static_cast<double>(vi[x * vs[3]] - static_cast<int32_t>(v_zero));
+        }
       }
-      // K transposed into int16 pairs, written in order (the rows of one head sit in L1).
-      for (int64_t x = 0; x < d; ++x) {
-        int16_t* out = kpairs.data() + (x / 2) * ld * 2 + x % 2;
-        const int8_t* col = kh + x * ks[3];
-        for (int64_t i = 0; i < n; ++i) out[2 * i] = static_cast<int16_t>(col[i * ks[2]] - k_zero);
-      }
-      if (p_mode != kModeLog2)
-        for (int64_t x = 0; x < n * d; ++x) vd[x] = static_cast<double>(v32[x]);
+      // K transposed into int16 pairs: kpairs[(x / 2) * ld * 2 + i * 2 + x % 2], one 32-bit pair per store.
       for (int64_t i = 0; i < n; ++i) {
-        scores_row(q16.data() + i * 2 * pairs, kpairs.data(), ld, n, pairs, s32.data(), isa);  // exact integers
-        for (int64_t j = 0; j < n; ++j) t[j] = static_cast<float>(s32[j]) * qk_scale_log2;
-        if (bp) {
-          const int64_t base = b * bs[0] + h * bs[1] + i * bs[2];
-          for (int64_t j = 0; j < n; ++j) t[j] = t[j] + bp[base + j * bs[3]] * log2e;
+        const int8_t* ki = kh + i * ks[2];
+        int16_t* kt = kpairs.data() + i * 2;
+        for (int64_t x = 0; x < d; ++x) kt[(x / 2) * ld * 2 + x % 2] = static_cast<int16_t>(ki[x * ks[3]] - k_zero);
+      }
+      // kPvRows query rows at a time: their weights, then one P.V block that reads V once for all of them.
+      for (int64_t i0 = 0; i0 < n; i0 += kPvRows) {
+        const int rows = static_cast<int>(std::min<int64_t>(kPvRows, n - i0));
+        for (int r = 0; r < rows; ++r) {
+          const int64_t i = i0 + r;
+          scores_row(q16.data() + i * 2 * pairs, kpairs.data(), ld, n, pairs, s32.data(), isa);  // exact integers
+          const float* bias_row = bp ? bp + b * bs[0] + h * bs[1] + i * bs[2] : nullptr;
+          const float* mask_row = mp ? mp + ((b % windows) * n + i) * n : nullptr;
+          weights_row(sp, s32.data(), bias_row, bs[3], mask_row, n, t.data(), e.data(), w.data() + r * n, isa);
         }
-        if (mp) {
-          const float* mrow = mp + ((b % windows) * n + i) * n;
-          for (int64_t j = 0; j < n; ++j) t[j] = t[j] + mrow[j] * log2e;
-        }
-        float top = t[0];
-        for (int64_t j = 1; j < n; ++j) top = std::max(top, t[j]);
-        for (int64_t j = 0; j < n; ++j) t[j] = t[j] - top;
-        exp2_row(t.data(), e.data(), n, isa);
-        int64_t fixed = 0;
-        for (int64_t j = 0; j < n; ++j) fixed += pm::fixed_point_term(e[j]);
-        const float sum = pm::fixed_point_sum_to_float(fixed);
-        if (p_mode == kModeLog2) {
-          int64_t j = 0;
-#if DFQVIT_X86
-          if (isa != Isa::kScalar) j = log2_codes_avx2(e.data(), n, sum, p_param_f, ratio_floor, shift, codes.data());
-#endif
-          for (; j < n; ++j) {
-            const float ratio = std::max((e[j] / sum) / p_param_f, ratio_floor);
-            const int64_t code = std::clamp<int64_t>(pm::round_neg_log2(ratio), 0, levels);
-            codes[j] = code <= shift ? static_cast<int32_t>(code) : kSkip;
-          }
-          log2_pv_row(codes.data(), v32.data(), n, d, shift, buckets.data(), acc.data(), isa);
-        } else {
-          for (int64_t j = 0; j < n; ++j) {
-            float c = std::nearbyint((e[j] / sum) / p_param_f) + p_zero_f;
-            c = std::fmin(std::fmax(c, 0.0f), static_cast<float>(levels - 1));
-            w[j] = static_cast<double>(c) - static_cast<double>(p_zero);
-          }
-          pv_row(w.data(), vd.data(), n, d, acc.data(), isa);
-        }
-        float* orow = op + (bh * n + i) * d;
-        const double* accp = acc.data();
-        if (p_mode == kModeLog2) {  // the exact integer, rounded once, then the two fp32 scalings
-          for (int64_t x = 0; x < d; ++x) orow[x] = (static_cast<float>(accp[x]) * inv_two_s) * out_scale;
-        } else {
-          for (int64_t x = 0; x < d; ++x) orow[x] = static_cast<float>(accp[x]) * out_scale;
-        }
+        exact_pv_rows(w.data(), n, rows, vd.data(), n, d, partial.data(), totals.data(), result.data(), isa);
+        float* orow = op + (bh * n + i0) * d;
+        for (int64_t x = 0; x < rows * d; ++x) orow[x] = (result[x] * inv_two_s) * out_scale;
       }
     }
   });
