@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -55,7 +56,57 @@ __attribute__((target("avx2"))) int64_t normalize_avx2(const float* x, int64_t n
   }
   return j;
 }
+
+// mean and rstd of 4 rows at once (row r at x + r * c) with the reference's sums: each lane of a float64 vector
+// adds its row's values in index order, so the 4 rows are 4 independent dependency chains (one row alone waits
+// on the latency of every add). 4 x 4 blocks are transposed to get one column (the 4 rows' j-th values) per add.
+__attribute__((target("avx2"))) void row_moments4_avx2(const float* x, int64_t c, float cf, float epsf, float* mean,
+                                                       float* rstd) {
+  const float *r0 = x, *r1 = x + c, *r2 = x + 2 * c, *r3 = x + 3 * c;
+  __m256d acc = _mm256_setzero_pd();
+  int64_t j = 0;
+  for (; j + 4 <= c; j += 4) {
+    __m128 a = _mm_loadu_ps(r0 + j), b = _mm_loadu_ps(r1 + j), e = _mm_loadu_ps(r2 + j), f = _mm_loadu_ps(r3 + j);
+    _MM_TRANSPOSE4_PS(a, b, e, f);
+    acc = _mm256_add_pd(acc, _mm256_cvtps_pd(a));
+    acc = _mm256_add_pd(acc, _mm256_cvtps_pd(b));
+    acc = _mm256_add_pd(acc, _mm256_cvtps_pd(e));
+    acc = _mm256_add_pd(acc, _mm256_cvtps_pd(f));
+  }
+  for (; j < c; ++j) acc = _mm256_add_pd(acc, _mm256_cvtps_pd(_mm_setr_ps(r0[j], r1[j], r2[j], r3[j])));
+  const __m128 vmean = _mm_div_ps(_mm256_cvtpd_ps(acc), _mm_set1_ps(cf));
+  __m256d acc2 = _mm256_setzero_pd();
+  for (j = 0; j + 4 <= c; j += 4) {
+    __m128 a = _mm_loadu_ps(r0 + j), b = _mm_loadu_ps(r1 + j), e = _mm_loadu_ps(r2 + j), f = _mm_loadu_ps(r3 + j);
+    _MM_TRANSPOSE4_PS(a, b, e, f);
+    for (__m128 col : {a, b, e, f}) {
+      const __m128 centered = _mm_sub_ps(col, vmean);
+      acc2 = _mm256_add_pd(acc2, _mm256_cvtps_pd(_mm_mul_ps(centered, centered)));
+    }
+  }
+  for (; j < c; ++j) {
+    const __m128 centered = _mm_sub_ps(_mm_setr_ps(r0[j], r1[j], r2[j], r3[j]), vmean);
+    acc2 = _mm256_add_pd(acc2, _mm256_cvtps_pd(_mm_mul_ps(centered, centered)));
+  }
+  const __m128 var = _mm_div_ps(_mm256_cvtpd_ps(acc2), _mm_set1_ps(cf));
+  _mm_storeu_ps(mean, vmean);
+  _mm_storeu_ps(rstd, _mm_div_ps(_mm_set1_ps(1.0f), _mm_sqrt_ps(_mm_add_ps(var, _mm_set1_ps(epsf)))));
+}
 #endif
+
+// mean and rstd of one row, sums in float64 in index order (the reference's portable_math.sequential_sum).
+void row_moments(const float* xr, int64_t c, float cf, float epsf, float* mean, float* rstd) {
+  double acc = 0.0;
+  for (int64_t j = 0; j < c; ++j) acc += static_cast<double>(xr[j]);
+  *mean = static_cast<float>(acc) / cf;
+  double acc2 = 0.0;
+  for (int64_t j = 0; j < c; ++j) {
+    const float centered = xr[j] - *mean;
+    acc2 += static_cast<double>(centered * centered);
+  }
+  const float var = static_cast<float>(acc2) / cf;
+  *rstd = 1.0f / std::sqrt(var + epsf);
+}
 
 void quantize_row(const float* y, int64_t n, const Grid& g, int8_t* q, Isa isa) {
   int64_t j = 0;
@@ -89,24 +140,24 @@ at::Tensor native_layernorm_quant(const at::Tensor& x_in, const at::Tensor& weig
   const float cf = static_cast<float>(c), epsf = static_cast<float>(eps);
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> y(c);
-    for (int64_t r = begin; r < end; ++r) {
-      const float* xr = xp + r * c;
-      double acc = 0.0;
-      for (int64_t j = 0; j < c; ++j) acc += static_cast<double>(xr[j]);
-      const float mean = static_cast<float>(acc) / cf;
-      double acc2 = 0.0;
-      for (int64_t j = 0; j < c; ++j) {
-        const float centered = xr[j] - mean;
-        acc2 += static_cast<double>(centered * centered);
-      }
-      const float var = static_cast<float>(acc2) / cf;
-      const float rstd = 1.0f / std::sqrt(var + epsf);
-      int64_t j = 0;
+    float mean[4], rstd[4];
+    for (int64_t r0 = begin; r0 < end; r0 += 4) {
+      const int block = static_cast<int>(std::min<int64_t>(4, end - r0));
 #if DFQVIT_X86
-      if (isa != Isa::kScalar) j = normalize_avx2(xr, c, mean, rstd, wp, bp, y.data());
+      if (isa != Isa::kScalar && block == 4) {
+        row_moments4_avx2(xp + r0 * c, c, cf, epsf, mean, rstd);
+      } else
 #endif
-      for (; j < c; ++j) y[j] = (xr[j] - mean) * rstd * wp[j] + bp[j];
-      quantize_row(y.data(), c, g, op + r * c, isa);
+        for (int r = 0; r < block; ++r) row_moments(xp + (r0 + r) * c, c, cf, epsf, mean + r, rstd + r);
+      for (int r = 0; r < block; ++r) {
+        const float* xr = xp + (r0 + r) * c;
+        int64_t j = 0;
+#if DFQVIT_X86
+        if (isa != Isa::kScalar) j = normalize_avx2(xr, c, mean[r], rstd[r], wp, bp, y.data());
+#endif
+        for (; j < c; ++j) y[j] = (xr[j] - mean[r]) * rstd[r] * wp[j] + bp[j];
+        quantize_row(y.data(), c, g, op + (r0 + r) * c, isa);
+      }
     }
   });
   return out;
