@@ -110,10 +110,19 @@ def quantize(x: torch.Tensor, scale: float, zero: int, qmin: int, qmax: int) -> 
 
 
 def attention(q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale, v_zero, sm_scale, bias, mask, p_mode: int,
-              p_param: float, p_zero: int, p_bits: int, out_dtype: torch.dtype) -> torch.Tensor:
+              p_param: float, p_zero: int, p_bits: int, out_dtype: torch.dtype,
+              out_grid: Optional[tuple] = None, token_major: bool = False) -> torch.Tensor:
+    """The native attention (reference.attention_log2_reference / attention_linear_reference, bit for bit).
+
+    ``token_major`` returns (B, N, H, d) instead of (B, H, N, d); ``out_grid`` = (scale, zero, qmin, qmax)
+    returns int8 codes of the ``out_dtype`` result on that grid (``reference.uniform_quantize``): the
+    projection GEMM's input, without a transpose copy or a separate quantize pass."""
+    scale, zero, qmin, qmax = (None, 0, 0, 0) if out_grid is None else out_grid
     return torch.ops.dfqvit.native_attention(q, k, v, float(q_scale), int(q_zero), float(k_scale), int(k_zero),
                                              float(v_scale), int(v_zero), float(sm_scale), bias, mask, int(p_mode),
-                                             float(p_param), int(p_zero), int(p_bits), out_dtype)
+                                             float(p_param), int(p_zero), int(p_bits), out_dtype,
+                                             None if scale is None else float(scale), int(zero), int(qmin),
+                                             int(qmax), bool(token_major))
 
 
 def register_cpu_kernels() -> bool:

@@ -245,3 +245,21 @@ def test_native_attention_longer_than_one_exact_chunk():
     args = (q, k, v, 0.03, 3, 0.025, -5, 0.05, 1, 0.5, None, None)
     expected = reference.attention_log2_reference(*args, 0.8, 8, torch.float32)
     assert torch.equal(native.attention(*args, native.P_MODE_LOG2, 0.8, 0, 8, torch.float32), expected)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16])
+def test_native_attention_token_major_codes_equal_quantizing_the_output(isa, out_dtype):
+    """token_major + out_grid (the engine's projection input) = the (B, H, N, d) result transposed to
+    (B, N, H, d) and quantized by reference.uniform_quantize, bit for bit; float token-major = the transpose."""
+    from kernel_utils import random_int8
+    from dfqvit.kernels import native
+    b, h, n, d = 3, 2, 29, 20
+    q, k, v = (random_int8((b, h, n, d), GEN) for _ in range(3))
+    args = (q, k, v, 0.03, 3, 0.025, -5, 0.05, 1, d ** -0.5, None, None, native.P_MODE_LOG2, 0.8, 0, 8, out_dtype)
+    plain = native.attention(*args)
+    grid = (0.004, -3, -128, 127)
+    codes = native.attention(*args, out_grid=grid, token_major=True)
+    assert codes.dtype == torch.int8 and codes.shape == (b, n, h, d)
+    expected = reference.uniform_quantize(plain.transpose(1, 2).float(), *grid).to(torch.int8)
+    assert torch.equal(codes, expected)
+    assert torch.equal(native.attention(*args, token_major=True), plain.transpose(1, 2))

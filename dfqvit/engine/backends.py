@@ -103,11 +103,20 @@ class NativeKernels(TorchKernels):
                                       layer.w_col_sums, layer.bias, residual, layer.layout.storage_bits, layer.k,
                                       gelu, *_out_args(out, out_dtype))
 
-    def attention(self, q, k, v, grids, sm_scale: float, bias, mask, p: SoftmaxGrid, out_dtype):
+    def attention(self, q, k, v, grids, sm_scale: float, bias, mask, p: SoftmaxGrid, out_dtype, **launch):
+        """``launch``: ``out_grid`` / ``token_major`` of :func:`native.attention` (see ``attention_tokens``)."""
         qg, kg, vg = grids
         mode = native.P_MODE_LOG2 if p.log2 else native.P_MODE_LINEAR
         return native.attention(q, k, v, qg.scale, qg.zero, kg.scale, kg.zero, vg.scale, vg.zero, sm_scale, bias,
-                                mask, mode, p.param, p.zero, p.bits, out_dtype)
+                                mask, mode, p.param, p.zero, p.bits, out_dtype, **launch)
+
+    def attention_tokens(self, q, k, v, grids, sm_scale: float, bias, mask, p: SoftmaxGrid, out_dtype,
+                         out: Optional[ActGrid]) -> torch.Tensor:
+        # As the Triton backend: (B, N, H, d) written directly, with ``out`` as the projection's int8 codes.
+        batch, heads, seq, dim = q.shape
+        grid = None if out is None else (out.scale, out.zero, out.qmin, out.qmax)
+        o = self.attention(q, k, v, grids, sm_scale, bias, mask, p, out_dtype, out_grid=grid, token_major=True)
+        return o.view(batch, seq, heads * dim)
 
 
 class TritonKernels(TorchKernels):

@@ -30,6 +30,7 @@
 
 #include "cpu_isa.h"
 #include "portable_math.h"
+#include "quantize.h"
 
 namespace dfqvit {
 namespace {
@@ -307,13 +308,19 @@ at::Tensor native_attention(const at::Tensor& q, const at::Tensor& k, const at::
                             int64_t q_zero, double k_scale, int64_t k_zero, double v_scale, int64_t v_zero,
                             double sm_scale, const c10::optional<at::Tensor>& bias,
                             const c10::optional<at::Tensor>& mask, int64_t p_mode, double p_param, int64_t p_zero,
-                            int64_t p_bits, at::ScalarType out_dtype) {
+                            int64_t p_bits, at::ScalarType out_dtype, c10::optional<double> out_scale_q,
+                            int64_t out_zero, int64_t out_qmin, int64_t out_qmax, bool token_major) {
   TORCH_CHECK(q.dim() == 4 && q.sizes() == k.sizes() && q.sizes() == v.sizes() && q.scalar_type() == at::kChar &&
                   k.scalar_type() == at::kChar && v.scalar_type() == at::kChar,
               "dfqvit native attention: q, k, v must be int8 (B, H, N, d) of one shape, got ", q.sizes(), ", ",
               k.sizes(), ", ", v.sizes());
   const int64_t batch = q.size(0), heads = q.size(1), n = q.size(2), d = q.size(3);
   TORCH_CHECK(d <= 256, "dfqvit native attention: head dim ", d, " > 256 (QK^T exactness in fp32 needs d <= 256).");
+  TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kHalf || out_dtype == at::kBFloat16,
+              "dfqvit native attention: out_dtype must be float32, float16 or bfloat16, got ", out_dtype);
+  // With out_scale_q: int8 codes of the out_dtype result on that grid (what the projection GEMM reads).
+  const bool requant = out_scale_q.has_value();
+  const Grid out_grid = requant ? make_grid(*out_scale_q, out_zero, out_qmin, out_qmax) : Grid{1.0f, 0.0f, 0.0f, 0.0f};
   const Isa isa = active_isa();
   at::Tensor bias_f, mask_c;
   if (bias.has_value()) bias_f = bias->to(at::kFloat).expand({batch, heads, n, n});
@@ -333,8 +340,12 @@ at::Tensor native_attention(const at::Tensor& q, const at::Tensor& k, const at::
   const float out_scale = static_cast<float>(p_param * v_scale);
   const int64_t ld = (n + 7) / 8 * 8, pairs = (d + 1) / 2;
 
-  at::Tensor out = at::empty({batch, heads, n, d}, at::kFloat);
-  float* op = out.data_ptr<float>();
+  // (B, H, N, d), or token-major (B, N, H, d): the projection's input layout, no transpose copy after.
+  at::Tensor out = token_major ? at::empty({batch, n, heads, d}, requant ? at::kChar : at::kFloat)
+                               : at::empty({batch, heads, n, d}, requant ? at::kChar : at::kFloat);
+  float* op = requant ? nullptr : out.data_ptr<float>();
+  int8_t* oq = requant ? out.data_ptr<int8_t>() : nullptr;
+  const int64_t row_stride = token_major ? heads * d : d;  // between query rows of one (batch, head)
   const int8_t *qp = q.data_ptr<int8_t>(), *kp = k.data_ptr<int8_t>(), *vp = v.data_ptr<int8_t>();
   const float* bp = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
   const float* mp = mask_c.defined() ? mask_c.data_ptr<float>() : nullptr;
@@ -380,12 +391,24 @@ at::Tensor native_attention(const at::Tensor& q, const at::Tensor& k, const at::
           weights_row(sp, s32.data(), bias_row, bs[3], mask_row, n, t.data(), e.data(), w.data() + r * n, isa);
         }
         exact_pv_rows(w.data(), n, rows, vd.data(), n, d, partial.data(), totals.data(), result.data(), isa);
-        float* orow = op + (bh * n + i0) * d;
-        for (int64_t x = 0; x < rows * d; ++x) orow[x] = (result[x] * inv_two_s) * out_scale;
+        for (int64_t x = 0; x < rows * d; ++x) result[x] = (result[x] * inv_two_s) * out_scale;
+        const int64_t first = token_major ? ((b * n + i0) * heads + h) * d : (bh * n + i0) * d;
+        for (int r = 0; r < rows; ++r) {
+          float* y = result.data() + r * d;
+          if (!requant) {
+            std::copy(y, y + d, op + first + r * row_stride);
+            continue;
+          }
+          if (out_dtype == at::kHalf)  // the codes of the out_dtype value, as quantizing the returned tensor
+            for (int64_t x = 0; x < d; ++x) y[x] = static_cast<float>(c10::Half(y[x]));
+          else if (out_dtype == at::kBFloat16)
+            for (int64_t x = 0; x < d; ++x) y[x] = static_cast<float>(c10::BFloat16(y[x]));
+          quantize_row(y, d, out_grid, oq + first + r * row_stride, isa);
+        }
       }
     }
   });
-  return out_dtype == at::kFloat ? out : out.to(out_dtype);
+  return requant || out_dtype == at::kFloat ? out : out.to(out_dtype);
 }
 
 }  // namespace
@@ -393,7 +416,8 @@ at::Tensor native_attention(const at::Tensor& q, const at::Tensor& k, const at::
 TORCH_LIBRARY_FRAGMENT(dfqvit, m) {
   m.def("native_attention(Tensor q, Tensor k, Tensor v, float q_scale, int q_zero, float k_scale, int k_zero, "
         "float v_scale, int v_zero, float sm_scale, Tensor? bias, Tensor? mask, int p_mode, float p_param, "
-        "int p_zero, int p_bits, ScalarType out_dtype) -> Tensor");
+        "int p_zero, int p_bits, ScalarType out_dtype, float? out_scale=None, int out_zero=0, int out_qmin=0, "
+        "int out_qmax=0, bool token_major=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(dfqvit, CPU, m) { m.impl("native_attention", &native_attention); }
