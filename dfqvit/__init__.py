@@ -12,6 +12,7 @@ from .errors import (
     CheckpointNotFoundError,
     DFQViTError,
     InputShapeError,
+    MissingBackendError,
     MissingGPUError,
     NonFiniteInputError,
     UnsupportedBitsError,
@@ -25,5 +26,5 @@ __all__ = [
     "compile", "save", "load", "adapt", "QuantizedModel", "QuantConfig", "SoftmaxQuantizer", "parse_bits",
     "CalibConfig", "ReconConfig", "CorrectionConfig", "ArtifactError",
     "DFQViTError", "UnsupportedBitsError", "UnsupportedModelError", "InputShapeError",
-    "NonFiniteInputError", "CheckpointNotFoundError", "CalibrationError", "MissingGPUError",
+    "NonFiniteInputError", "CheckpointNotFoundError", "CalibrationError", "MissingBackendError", "MissingGPUError",
 ]

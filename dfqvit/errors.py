@@ -1,7 +1,7 @@
 """The ``DFQViTError`` family: every error dfqvit raises on purpose says what it was given, what is
 allowed, and what to do. The base class lives in ``dfqvit.kernels.errors`` so kernels can raise it
 without importing the package above them."""
-from dfqvit.kernels.errors import DFQViTError, KernelInputError, MissingGPUError
+from dfqvit.kernels.errors import DFQViTError, KernelInputError, MissingBackendError, MissingGPUError
 
 
 class UnsupportedBitsError(DFQViTError, ValueError):
@@ -34,7 +34,7 @@ class ArtifactError(DFQViTError, ValueError):
 
 
 __all__ = [
-    "DFQViTError", "KernelInputError", "MissingGPUError", "UnsupportedBitsError",
+    "DFQViTError", "KernelInputError", "MissingBackendError", "MissingGPUError", "UnsupportedBitsError",
     "UnsupportedModelError", "InputShapeError", "NonFiniteInputError", "CheckpointNotFoundError",
     "CalibrationError", "ArtifactError",
 ]

@@ -13,7 +13,7 @@ The ``*_triton`` functions run the Triton kernels directly (CUDA tensors, or CPU
 ``TRITON_INTERPRET=1`` was set before import); the ``*_reference`` functions in ``reference.py`` are the
 same math in plain PyTorch.
 """
-from .errors import DFQViTError, KernelInputError, MissingGPUError
+from .errors import DFQViTError, KernelInputError, MissingBackendError, MissingGPUError
 from .packing import DEFAULT_GROUP_K, PackedLayout, PackedWeight, pack_weight, packed_nbytes
 from .qgemm import (GemmConfig, linear_a8, linear_w16, qgemm_accumulator_triton, qgemm_columns_triton, qgemm_triton,
                     qgemm_w16_triton)
@@ -25,7 +25,7 @@ from . import native
 native.register_cpu_kernels()
 
 __all__ = [
-    "DFQViTError", "KernelInputError", "MissingGPUError",
+    "DFQViTError", "KernelInputError", "MissingBackendError", "MissingGPUError",
     "DEFAULT_GROUP_K", "PackedLayout", "PackedWeight", "pack_weight", "packed_nbytes",
     "pack_weight_triton", "unpack_weight_triton",
     "GemmConfig", "linear_a8", "linear_w16", "qgemm_triton", "qgemm_w16_triton", "qgemm_accumulator_triton",

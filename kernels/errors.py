@@ -13,5 +13,10 @@ class KernelInputError(DFQViTError, ValueError):
     """A kernel launcher was given a tensor of the wrong shape, dtype, device or layout."""
 
 
-class MissingGPUError(DFQViTError, RuntimeError):
+class MissingBackendError(DFQViTError, RuntimeError):
+    """A backend this machine or installation lacks: a CUDA device (MissingGPUError), or the native CPU
+    extension dfqvit._C (not built, or disabled by DFQVIT_NATIVE=0)."""
+
+
+class MissingGPUError(MissingBackendError):
     """A CUDA-only path was asked for on a machine without a CUDA device."""

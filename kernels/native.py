@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from .errors import KernelInputError, MissingGPUError
+from .errors import KernelInputError, MissingBackendError
 
 _LOADED: Optional[bool] = None
 P_MODE_LOG2, P_MODE_LINEAR = 0, 1
@@ -44,7 +44,7 @@ def available() -> bool:
 def require() -> None:
     if not available():
         reason = "DFQVIT_NATIVE=0 is set" if _disabled_by_env() else "dfqvit._C is not built"
-        raise MissingGPUError(
+        raise MissingBackendError(
             f"the native CPU backend is unavailable ({reason}). Build it with "
             "`DFQVIT_BUILD_EXT=1 pip install --no-build-isolation --no-deps -e .` (needs cmake, ninja, a C++ "
             "compiler), or use backend='torch' (the PyTorch reference, same results, slower).")

@@ -207,11 +207,12 @@ def test_engine_native_backend_on_the_trained_cifar_model():
 
 def test_native_backend_errors_say_what_to_do(monkeypatch):
     from dfqvit.engine.backends import select_kernels
-    from dfqvit.errors import DFQViTError, MissingGPUError
+    from dfqvit.errors import DFQViTError, MissingBackendError, MissingGPUError
     from dfqvit.kernels import native
     monkeypatch.setattr(native, "_LOADED", False)
-    with pytest.raises(MissingGPUError, match="DFQVIT_BUILD_EXT=1"):
+    with pytest.raises(MissingBackendError, match="DFQVIT_BUILD_EXT=1") as raised:
         select_kernels("native", torch.device("cpu"))
+    assert not isinstance(raised.value, MissingGPUError)  # a missing extension is not a missing GPU
     assert select_kernels("auto", torch.device("cpu")).name == "torch"
     monkeypatch.setattr(native, "_LOADED", True)
     with pytest.raises(DFQViTError, match="runs on the CPU"):
