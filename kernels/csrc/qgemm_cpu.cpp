@@ -410,16 +410,14 @@ void run_tiles(int64_t m, int64_t panels, const Epilogue& ep, Isa isa, Micro mic
   });
 }
 
-at::Tensor padded_f32(const at::Tensor& t, int64_t padded) {
-  at::Tensor out = at::zeros({padded}, at::kFloat);
-  out.narrow(0, 0, t.size(0)).copy_(t.to(at::kFloat));
-  return out;
-}
-
-std::vector<int32_t> padded_i32(const at::Tensor& t, int64_t padded) {
-  std::vector<int32_t> out(padded, 0);
-  const at::Tensor c = t.to(at::kInt).contiguous();
-  std::copy(c.data_ptr<int32_t>(), c.data_ptr<int32_t>() + c.numel(), out.begin());
+// t (1-D) as a std::vector of `size` entries (the rest `fill`): plain vectors, not ATen ops, for these per-call
+// column parameters (a dozen small tensor ops cost ~50 us a call, a fifth of a batch-8 CIFAR layer).
+template <typename T>
+std::vector<T> padded(const at::Tensor& t, int64_t size, T fill = T(0)) {
+  std::vector<T> out(size, fill);
+  const at::ScalarType type = c10::CppTypeToScalarType<T>::value;
+  const at::Tensor c = t.scalar_type() == type && t.is_contiguous() ? t : t.to(type).contiguous();
+  std::copy(c.data_ptr<T>(), c.data_ptr<T>() + c.numel(), out.begin());
   return out;
 }
 
@@ -441,13 +439,13 @@ at::Tensor native_qgemm_prepacked(const at::Tensor& a_in, double a_scale, int64_
   const int64_t m = a.size(0), np = panels * kNR, lane = lane_k(storage_bits), ld = steps * lane;
   const bool nibbles = storage_bits != 8;
 
-  at::Tensor row_scale = padded_f32(w_scale, np);
-  row_scale.mul_(at::scalar_tensor(static_cast<float>(a_scale), at::kFloat));  // reference: fp32(a_scale) * w_scale
-  const at::Tensor bias_f = bias.has_value() ? padded_f32(*bias, np) : at::Tensor();
-  const std::vector<int32_t> zero = padded_i32(w_zero, np);
+  std::vector<float> row_scale = padded<float>(w_scale, np);
+  for (float& x : row_scale) x = static_cast<float>(a_scale) * x;  // reference: fp32(a_scale) * w_scale
+  const std::vector<float> bias_f = bias.has_value() ? padded<float>(*bias, np) : std::vector<float>();
+  const std::vector<int32_t> zero = padded<int32_t>(w_zero, np);
   std::vector<int32_t> col_term(np, 0);
   if (nibbles) {
-    const std::vector<int32_t> sums = padded_i32(w_col_sums, np);
+    const std::vector<int32_t> sums = padded<int32_t>(w_col_sums, np);
     for (int64_t c = 0; c < np; ++c) col_term[c] = (128 + static_cast<int32_t>(a_zero)) * sums[c];
   }
   at::Tensor res;
@@ -455,21 +453,23 @@ at::Tensor native_qgemm_prepacked(const at::Tensor& a_in, double a_scale, int64_
     res = residual->to(at::kFloat);
     if (res.stride(1) != 1) res = res.contiguous();
   }
-  // Re-quantization grid per column: out_grid (4, N) rows scale, zero, qmin, qmax, or the per-tensor scalars.
+  // Re-quantization grid per column, rows scale, zero, qmin, qmax: out_grid (4, N), or the per-tensor scalars
+  // repeated. Padding columns keep scale 1 (never stored).
   const bool requant = out_scale.has_value() || out_grid.has_value();
-  at::Tensor grid = at::ones({4, np}, at::kFloat);
+  std::vector<float> grid(4 * np, 1.0f);
   if (out_grid.has_value()) {
     TORCH_CHECK(out_grid->dim() == 2 && out_grid->size(0) == 4 && out_grid->size(1) == n,
                 "dfqvit native qgemm: out_grid must be (4, N=", n, "): scale, zero, qmin, qmax per column, got ",
                 out_grid->sizes());
-    grid.narrow(1, 0, n).copy_(out_grid->to(at::kFloat));
+    const at::Tensor g = out_grid->to(at::kFloat).contiguous();
+    for (int row = 0; row < 4; ++row)
+      std::copy(g.data_ptr<float>() + row * n, g.data_ptr<float>() + (row + 1) * n, grid.begin() + row * np);
   } else if (requant) {
-    grid[0].fill_(static_cast<double>(static_cast<float>(*out_scale)));
-    grid[1].fill_(static_cast<double>(out_zero));
-    grid[2].fill_(static_cast<double>(out_qmin));
-    grid[3].fill_(static_cast<double>(out_qmax));
+    const float values[4] = {static_cast<float>(*out_scale), static_cast<float>(out_zero),
+                             static_cast<float>(out_qmin), static_cast<float>(out_qmax)};
+    for (int row = 0; row < 4; ++row) std::fill(grid.begin() + row * np, grid.begin() + (row + 1) * np, values[row]);
   }
-  const float* gp = grid.data_ptr<float>();
+  const float* gp = grid.data();
   at::Tensor out = at::empty({m, n}, requant ? at::kChar : at::kFloat);
   if (m == 0) return requant || out_dtype == at::kFloat ? out : out.to(out_dtype);
 
@@ -484,8 +484,8 @@ at::Tensor native_qgemm_prepacked(const at::Tensor& a_in, double a_scale, int64_
                             : pack_row_s16(a8 + i * k, k, static_cast<int16_t>(a_zero), as.data() + i * ld);
   });
 
-  Epilogue ep{row_scale.data_ptr<float>(), col_term.data(), zero.data(), row_sums.data(),
-              bias_f.defined() ? bias_f.data_ptr<float>() : nullptr, gelu,
+  Epilogue ep{row_scale.data(), col_term.data(), zero.data(), row_sums.data(),
+              bias.has_value() ? bias_f.data() : nullptr, gelu,
               res.defined() ? res.data_ptr<float>() : nullptr, res.defined() ? res.stride(0) : 0, requant,
               gp, gp + np, gp + 2 * np, gp + 3 * np, requant ? nullptr : out.data_ptr<float>(),
               requant ? out.data_ptr<int8_t>() : nullptr, n};
@@ -542,7 +542,7 @@ at::Tensor native_qgemm_prepacked(const at::Tensor& a_in, double a_scale, int64_
 // sum_k (W[n, k] - w_zero[n]) over the true K, from the panels (zero beyond K and N).
 at::Tensor panel_col_sums(const at::Tensor& panels, int64_t storage_bits, int64_t k, int64_t n, const at::Tensor& w_zero) {
   const int64_t steps = panels.size(1);
-  const std::vector<int32_t> zero = padded_i32(w_zero, panels.size(0) * kNR);
+  const std::vector<int32_t> zero = padded<int32_t>(w_zero, panels.size(0) * kNR);
   at::Tensor sums = at::empty({n}, at::kInt);
   const uint8_t* bytes = panels.data_ptr<uint8_t>();
   for (int64_t col = 0; col < n; ++col) {
