@@ -74,7 +74,19 @@ class TorchKernels:
         return o if out is None else self.quantize(o, out)
 
 
-class NativeKernels(TorchKernels):
+class _FusedAttentionTokens:
+    """For backends whose ``attention`` takes ``out_grid`` / ``token_major``: one kernel writes the projection's
+    input, (B, N, H, d) and, with ``out``, its int8 codes (no transpose copy, no separate quantize pass)."""
+
+    def attention_tokens(self, q, k, v, grids, sm_scale: float, bias, mask, p: SoftmaxGrid, out_dtype,
+                         out: Optional[ActGrid]) -> torch.Tensor:
+        batch, heads, seq, dim = q.shape
+        grid = None if out is None else (out.scale, out.zero, out.qmin, out.qmax)
+        o = self.attention(q, k, v, grids, sm_scale, bias, mask, p, out_dtype, out_grid=grid, token_major=True)
+        return o.view(batch, seq, heads * dim)
+
+
+class NativeKernels(_FusedAttentionTokens, TorchKernels):
     name = "native"
 
     def prepare(self, module: torch.nn.Module) -> None:
@@ -110,16 +122,8 @@ class NativeKernels(TorchKernels):
         return native.attention(q, k, v, qg.scale, qg.zero, kg.scale, kg.zero, vg.scale, vg.zero, sm_scale, bias,
                                 mask, mode, p.param, p.zero, p.bits, out_dtype, **launch)
 
-    def attention_tokens(self, q, k, v, grids, sm_scale: float, bias, mask, p: SoftmaxGrid, out_dtype,
-                         out: Optional[ActGrid]) -> torch.Tensor:
-        # As the Triton backend: (B, N, H, d) written directly, with ``out`` as the projection's int8 codes.
-        batch, heads, seq, dim = q.shape
-        grid = None if out is None else (out.scale, out.zero, out.qmin, out.qmax)
-        o = self.attention(q, k, v, grids, sm_scale, bias, mask, p, out_dtype, out_grid=grid, token_major=True)
-        return o.view(batch, seq, heads * dim)
 
-
-class TritonKernels(TorchKernels):
+class TritonKernels(_FusedAttentionTokens, TorchKernels):
     name = "triton"
 
     def layernorm_quant(self, x, norm, grid: ActGrid) -> torch.Tensor:
@@ -153,14 +157,6 @@ class TritonKernels(TorchKernels):
         if p.log2:
             return attention_log2_triton(*args, p.param, p.bits, out_dtype, **launch)
         return attention_linear_triton(*args, p.param, p.zero, p.bits, out_dtype, **launch)
-
-    def attention_tokens(self, q, k, v, grids, sm_scale: float, bias, mask, p: SoftmaxGrid, out_dtype,
-                         out: Optional[ActGrid]) -> torch.Tensor:
-        # One kernel writes (B, N, H, d) directly and, with ``out``, the projection's int8 input codes.
-        batch, heads, seq, dim = q.shape
-        grid = None if out is None else (out.scale, out.zero, out.qmin, out.qmax)
-        o = self.attention(q, k, v, grids, sm_scale, bias, mask, p, out_dtype, out_grid=grid, token_major=True)
-        return o.view(batch, seq, heads * dim)
 
 
 def _interpreter_config(a: torch.Tensor, layer: PackedLinear):
