@@ -137,7 +137,7 @@ class Attention(nn.Module):
             codes = kernels.gemm_codes_per_column(a, self.qkv, self.qkv_grid, out_dtype)
             q8, k8, v8 = (t.transpose(1, 2) for t in
                           codes.view(batch, seq, 3, self.num_heads, self.head_dim).unbind(2))
-            # (B, N, H*d) int8 codes on the projection's input grid (fused in the Triton kernel).
+            # (B, N, H*d) int8 codes on the projection's input grid (fused in the Triton and native kernels).
             return kernels.attention_tokens(q8, k8, v8, self.grids, self.sm_scale, bias, mask, self.softmax,
                                             out_dtype, self.proj.act)
         return o.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)

@@ -45,10 +45,7 @@ __attribute__((target("avx2"))) void row_moments4_avx2(const float* x, int64_t c
   for (; j + 4 <= c; j += 4) {
     __m128 a = _mm_loadu_ps(r0 + j), b = _mm_loadu_ps(r1 + j), e = _mm_loadu_ps(r2 + j), f = _mm_loadu_ps(r3 + j);
     _MM_TRANSPOSE4_PS(a, b, e, f);
-    acc = _mm256_add_pd(acc, _mm256_cvtps_pd(a));
-    acc = _mm256_add_pd(acc, _mm256_cvtps_pd(b));
-    acc = _mm256_add_pd(acc, _mm256_cvtps_pd(e));
-    acc = _mm256_add_pd(acc, _mm256_cvtps_pd(f));
+    for (__m128 col : {a, b, e, f}) acc = _mm256_add_pd(acc, _mm256_cvtps_pd(col));
   }
   for (; j < c; ++j) acc = _mm256_add_pd(acc, _mm256_cvtps_pd(_mm_setr_ps(r0[j], r1[j], r2[j], r3[j])));
   const __m128 vmean = _mm_div_ps(_mm256_cvtpd_ps(acc), _mm_set1_ps(cf));

@@ -47,9 +47,10 @@ constexpr int kPvRows = 3;  // query rows per P.V block
 __attribute__((target("avx2"))) int64_t scale_scores_avx2(const int32_t* s, float scale, float* t, int64_t n) {
   const __m256 vscale = _mm256_set1_ps(scale);
   int64_t j = 0;
-  for (; j + 8 <= n; j += 8)
-    _mm256_storeu_ps(t + j, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + j))),
-                                          vscale));
+  for (; j + 8 <= n; j += 8) {
+    const __m256i sj = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + j));
+    _mm256_storeu_ps(t + j, _mm256_mul_ps(_mm256_cvtepi32_ps(sj), vscale));
+  }
   return j;
 }
 
@@ -208,7 +209,7 @@ void scores_row(const int16_t* q, const int16_t* kp, int64_t ld, int64_t n, int6
 void pv_rows(const double* w, int64_t ldw, int rows, const double* v, int64_t n, int64_t d, double* out, Isa isa) {
 #if DFQVIT_X86
   if (isa != Isa::kScalar) {
-    if (rows == 3) return pv_rows_avx2<3>(w, ldw, v, n, d, out);
+    if (rows == kPvRows) return pv_rows_avx2<kPvRows>(w, ldw, v, n, d, out);
     for (int r = 0; r < rows; ++r) pv_rows_avx2<1>(w + r * ldw, ldw, v, n, d, out + r * d);
     return;
   }
@@ -366,13 +367,8 @@ at::Tensor native_attention(const at::Tensor& q, const at::Tensor& k, const at::
         const int8_t *qi = qh + i * qs[2], *vi = vh + i * vs[2];
         int16_t* qrow = q16.data() + i * 2 * pairs;
         double* vrow = vd.data() + i * d;
-        if (qs[3] == 1 && vs[3] == 1) {  // the usual layout: unit stride lets the compiler vectorise
-          for (int64_t x = 0; x < d; ++x) qrow[x] = static_cast<int16_t>(qi[x] - q_zero);
-          for (int64_t x = 0; x < d; ++x) vrow[x] = static_cast<double>(vi[x] - static_cast<int32_t>(v_zero));
-        } else {
-          for (int64_t x = 0; x < d; ++x) qrow[x] = static_cast<int16_t>(qi[x * qs[3]] - q_zero);
-          for (int64_t x = 0; x < d; ++x) vrow[x] = static_cast<double>(vi[x * vs[3]] - static_cast<int32_t>(v_zero));
-        }
+        for (int64_t x = 0; x < d; ++x) qrow[x] = static_cast<int16_t>(qi[x * qs[3]] - q_zero);
+        for (int64_t x = 0; x < d; ++x) vrow[x] = static_cast<double>(vi[x * vs[3]] - static_cast<int32_t>(v_zero));
       }
       // K transposed into int16 pairs: kpairs[(x / 2) * ld * 2 + i * 2 + x % 2], one 32-bit pair per store.
       for (int64_t i = 0; i < n; ++i) {

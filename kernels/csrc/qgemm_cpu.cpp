@@ -32,6 +32,7 @@
 #include "cpu_isa.h"
 #include "packing.h"
 #include "portable_math.h"
+#include "quantize.h"
 
 #ifndef DFQVIT_MR
 #define DFQVIT_MR 4
@@ -78,9 +79,8 @@ inline void store_scalar(const Epilogue& ep, int32_t acc, int64_t m, int64_t col
   if (ep.gelu) y = pm::gelu(y);
   if (ep.residual) y = y + ep.residual[m * ep.ld_residual + col];
   if (ep.requant) {
-    float q = std::nearbyint(y / ep.out_scale[col]) + ep.out_zero[col];
-    q = std::fmin(std::fmax(q, ep.out_qmin[col]), ep.out_qmax[col]);
-    ep.out_i8[m * ep.n + col] = static_cast<int8_t>(q);
+    const Grid grid{ep.out_scale[col], ep.out_zero[col], ep.out_qmin[col], ep.out_qmax[col]};
+    ep.out_i8[m * ep.n + col] = quantize_scalar(y, grid);
   } else {
     ep.out_f32[m * ep.n + col] = y;
   }
@@ -410,11 +410,11 @@ void run_tiles(int64_t m, int64_t panels, const Epilogue& ep, Isa isa, Micro mic
   });
 }
 
-// t (1-D) as a std::vector of `size` entries (the rest `fill`): plain vectors, not ATen ops, for these per-call
+// t (1-D) as a std::vector of `size` entries, zero-padded: plain vectors, not ATen ops, for these per-call
 // column parameters (a dozen small tensor ops cost ~50 us a call, a fifth of a batch-8 CIFAR layer).
 template <typename T>
-std::vector<T> padded(const at::Tensor& t, int64_t size, T fill = T(0)) {
-  std::vector<T> out(size, fill);
+std::vector<T> padded(const at::Tensor& t, int64_t size) {
+  std::vector<T> out(size, T(0));
   const at::ScalarType type = c10::CppTypeToScalarType<T>::value;
   const at::Tensor c = t.scalar_type() == type && t.is_contiguous() ? t : t.to(type).contiguous();
   std::copy(c.data_ptr<T>(), c.data_ptr<T>() + c.numel(), out.begin());

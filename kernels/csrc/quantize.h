@@ -49,8 +49,8 @@ inline void quantize_row(const float* y, int64_t n, const Grid& g, int8_t* q, Is
 
 inline Grid make_grid(double scale, int64_t zero, int64_t qmin, int64_t qmax) {
   TORCH_CHECK(scale > 0 && qmin <= qmax && qmin >= -128 && qmax <= 127,
-              "dfqvit native re-quantization grid: scale=", scale, " must be > 0 and -128 <= qmin=", qmin, " <= qmax=", qmax,
-              " <= 127.");
+              "dfqvit native re-quantization grid: scale=", scale, " must be > 0 and -128 <= qmin=", qmin,
+              " <= qmax=", qmax, " <= 127.");
   return Grid{static_cast<float>(scale), static_cast<float>(zero), static_cast<float>(qmin), static_cast<float>(qmax)};
 }
 
