@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from ._common import check_requant_grid
 from .errors import KernelInputError, MissingBackendError
 
 _LOADED: Optional[bool] = None
@@ -118,6 +119,8 @@ def attention(q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale, v_zero, sm_sca
     returns int8 codes of the ``out_dtype`` result on that grid (``reference.uniform_quantize``): the
     projection GEMM's input, without a transpose copy or a separate quantize pass."""
     scale, zero, qmin, qmax = (None, 0, 0, 0) if out_grid is None else out_grid
+    if out_grid is not None:  # the same grid check as the Triton launcher
+        check_requant_grid("native.attention", scale, zero, qmin, qmax)
     return torch.ops.dfqvit.native_attention(q, k, v, float(q_scale), int(q_zero), float(k_scale), int(k_zero),
                                              float(v_scale), int(v_zero), float(sm_scale), bias, mask, int(p_mode),
                                              float(p_param), int(p_zero), int(p_bits), out_dtype,

@@ -264,3 +264,6 @@ def test_native_attention_token_major_codes_equal_quantizing_the_output(isa, out
     expected = reference.uniform_quantize(plain.transpose(1, 2).float(), *grid).to(torch.int8)
     assert torch.equal(codes, expected)
     assert torch.equal(native.attention(*args, token_major=True), plain.transpose(1, 2))
+    from dfqvit.kernels import KernelInputError
+    with pytest.raises(KernelInputError, match="out_zero=200"):
+        native.attention(*args, out_grid=(0.004, 200, -128, 127), token_major=True)
