@@ -151,6 +151,22 @@ def test_native_log2_attention_is_bit_exact(isa, b, h, n, d, p_bits):
     assert torch.equal(torch.ops.dfqvit.attention_log2(*args, 0.8, p_bits, out_dtype), expected)
 
 
+@pytest.mark.parametrize("layout", ["tokens", "d_strided"])
+def test_native_attention_head_loading_edges(isa, layout):
+    """Q/K/V are read per head into centred buffers (AVX2: 16 values a step, K through 8 x 8 transposes): d = 40
+    and 23 keys leave partial blocks on both axes; a non-unit stride along d takes the generic loop."""
+    from kernel_utils import random_int8
+    from dfqvit.kernels import native
+    b, h, n, d = 2, 2, 23, 40
+    if layout == "tokens":  # (B, N, 3, H, d) split into (B, H, N, d) views, as the engine's qkv output
+        q, k, v = (t.transpose(1, 2) for t in random_int8((b, n, 3, h, d), GEN).unbind(2))
+    else:
+        q, k, v = (random_int8((b, h, d, n), GEN).transpose(2, 3) for _ in range(3))
+    args = (q, k, v, 0.03, -7, 0.025, 9, 0.05, -3, d ** -0.5, None, None)
+    expected = reference.attention_log2_reference(*args, 0.8, 8, torch.float32)
+    assert torch.equal(native.attention(*args, native.P_MODE_LOG2, 0.8, 0, 8, torch.float32), expected)
+
+
 def test_native_attention_swin_bias_mask_linear_and_strided_inputs(isa):
     from kernel_utils import random_int8
     from dfqvit.kernels import native

@@ -222,14 +222,34 @@ void pv_rows(const double* w, int64_t ldw, int rows, const double* v, int64_t n,
     }
 }
 
-// result[r, t] = fp32(sum_j w[r * ldw + j] * v[j * d + t]), the exact integer rounded once: float64 per chunk of
-// kExactKeys keys, chunks added in int64. partial: rows x d doubles, totals: rows x d int64 (scratch).
-void exact_pv_rows(const double* w, int64_t ldw, int rows, const double* v, int64_t n, int64_t d, double* partial,
-                   int64_t* totals, float* result, Isa isa) {
+#if DFQVIT_X86
+// out[x] = (fp32(sums[x]) * a) * b for x < n8 = n / 8 * 8 (cvtpd2ps rounds to nearest, as static_cast).
+__attribute__((target("avx2"))) int64_t scaled_floats_avx2(const double* sums, int64_t n, float a, float b,
+                                                            float* out) {
+  const __m256 va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b);
+  int64_t x = 0;
+  for (; x + 8 <= n; x += 8) {
+    const __m256 f = _mm256_set_m128(_mm256_cvtpd_ps(_mm256_loadu_pd(sums + x + 4)),
+                                     _mm256_cvtpd_ps(_mm256_loadu_pd(sums + x)));
+    _mm256_storeu_ps(out + x, _mm256_mul_ps(_mm256_mul_ps(f, va), vb));
+  }
+  return x;
+}
+#endif
+
+// result[r, t] = (fp32(sum_j w[r * ldw + j] * v[j * d + t]) * a) * b: the exact integer rounded once to fp32, then
+// the two fp32 scale factors. float64 per chunk of kExactKeys keys, chunks added in int64. partial: rows x d
+// doubles, totals: rows x d int64 (scratch).
+void exact_pv_rows(const double* w, int64_t ldw, int rows, const double* v, int64_t n, int64_t d, float a, float b,
+                   double* partial, int64_t* totals, float* result, Isa isa) {
   const int64_t size = rows * d;
   if (n <= kExactKeys) {
     pv_rows(w, ldw, rows, v, n, d, partial, isa);
-    for (int64_t x = 0; x < size; ++x) result[x] = static_cast<float>(partial[x]);
+    int64_t x = 0;
+#if DFQVIT_X86
+    if (isa != Isa::kScalar) x = scaled_floats_avx2(partial, size, a, b, result);
+#endif
+    for (; x < size; ++x) result[x] = (static_cast<float>(partial[x]) * a) * b;
     return;
   }
   std::fill(totals, totals + size, int64_t(0));
@@ -237,7 +257,101 @@ void exact_pv_rows(const double* w, int64_t ldw, int rows, const double* v, int6
     pv_rows(w + j0, ldw, rows, v + j0 * d, std::min(kExactKeys, n - j0), d, partial, isa);
     for (int64_t x = 0; x < size; ++x) totals[x] += static_cast<int64_t>(partial[x]);
   }
-  for (int64_t x = 0; x < size; ++x) result[x] = static_cast<float>(totals[x]);
+  for (int64_t x = 0; x < size; ++x) result[x] = (static_cast<float>(totals[x]) * a) * b;
+}
+
+// One (batch, head) into the row buffers: Q rows centred in int16 (q16 + i * 2 * pairs), V rows centred in
+// float64 (vd + i * d), K transposed into int16 pairs (kpairs[(x / 2) * ld * 2 + i * 2 + x % 2]). Strides in
+// elements; padding entries are left as they are (zero).
+struct HeadView {
+  const int8_t *q, *k, *v;
+  int64_t q_row, q_col, k_row, k_col, v_row, v_col;  // strides between tokens and along d
+  int32_t q_zero, k_zero, v_zero;
+};
+
+void load_head_scalar(const HeadView& h, int64_t n, int64_t d, int64_t pairs, int64_t ld, int16_t* q16,
+                      int16_t* kpairs, double* vd) {
+  for (int64_t i = 0; i < n; ++i) {
+    const int8_t *qi = h.q + i * h.q_row, *vi = h.v + i * h.v_row, *ki = h.k + i * h.k_row;
+    for (int64_t x = 0; x < d; ++x) q16[i * 2 * pairs + x] = static_cast<int16_t>(qi[x * h.q_col] - h.q_zero);
+    for (int64_t x = 0; x < d; ++x) vd[i * d + x] = static_cast<double>(vi[x * h.v_col] - h.v_zero);
+    for (int64_t x = 0; x < d; ++x)
+      kpairs[(x / 2) * ld * 2 + i * 2 + x % 2] = static_cast<int16_t>(ki[x * h.k_col] - h.k_zero);
+  }
+}
+
+#if DFQVIT_X86
+// r[u] holds pairs 0..7 of key u; afterwards r[u] holds pair u of keys 0..7 (an 8 x 8 transpose of 32-bit lanes).
+__attribute__((target("avx2"))) inline void transpose8x8_epi32(__m256i* r) {
+  __m256i t[8], u[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 2; ++i) {
+    u[4 * i] = _mm256_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 1] = _mm256_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 2] = _mm256_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    u[4 * i + 3] = _mm256_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2x128_si256(u[i], u[i + 4], 0x20);
+    r[i + 4] = _mm256_permute2x128_si256(u[i], u[i + 4], 0x31);
+  }
+}
+
+// load_head_scalar for unit stride along d (what the engine passes): 16 values of Q, 8 of V per step; K in
+// blocks of 8 keys x 16 values through one 8 x 8 transpose of int16 pairs; the edges as in the scalar form.
+// (The scalar transposition was ~10% of the attention time: index arithmetic per element, 2-byte stores.)
+__attribute__((target("avx2"))) void load_head_avx2(const HeadView& h, int64_t n, int64_t d, int64_t pairs,
+                                                    int64_t ld, int16_t* q16, int16_t* kpairs, double* vd) {
+  const __m256i qz = _mm256_set1_epi16(static_cast<int16_t>(h.q_zero));
+  const __m256i kz = _mm256_set1_epi16(static_cast<int16_t>(h.k_zero)), vz = _mm256_set1_epi32(h.v_zero);
+  const int64_t d16 = d / 16 * 16, d8 = d / 8 * 8, n8 = n / 8 * 8;
+  for (int64_t i = 0; i < n; ++i) {
+    const int8_t *qi = h.q + i * h.q_row, *vi = h.v + i * h.v_row;
+    int16_t* qr = q16 + i * 2 * pairs;
+    double* vr = vd + i * d;
+    int64_t x = 0;
+    for (; x < d16; x += 16) {
+      const __m256i q = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qi + x)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(qr + x), _mm256_sub_epi16(q, qz));
+    }
+    for (; x < d; ++x) qr[x] = static_cast<int16_t>(qi[x] - h.q_zero);
+    for (x = 0; x < d8; x += 8) {
+      const __m256i v = _mm256_sub_epi32(
+          _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(vi + x))), vz);
+      _mm256_storeu_pd(vr + x, _mm256_cvtepi32_pd(_mm256_castsi256_si128(v)));
+      _mm256_storeu_pd(vr + x + 4, _mm256_cvtepi32_pd(_mm256_extracti128_si256(v, 1)));
+    }
+    for (; x < d; ++x) vr[x] = static_cast<double>(vi[x] - h.v_zero);
+  }
+  for (int64_t i0 = 0; i0 < n8; i0 += 8)
+    for (int64_t x0 = 0; x0 < d16; x0 += 16) {
+      __m256i r[8];
+      for (int u = 0; u < 8; ++u)
+        r[u] = _mm256_sub_epi16(
+            _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h.k + (i0 + u) * h.k_row + x0))),
+            kz);
+      transpose8x8_epi32(r);
+      for (int u = 0; u < 8; ++u)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(kpairs + ((x0 / 2 + u) * ld + i0) * 2), r[u]);
+    }
+  for (int64_t i = 0; i < n; ++i) {  // keys past the last block of 8, and values past d16 of the others
+    const int8_t* ki = h.k + i * h.k_row;
+    for (int64_t x = i < n8 ? d16 : 0; x < d; ++x)
+      kpairs[(x / 2) * ld * 2 + i * 2 + x % 2] = static_cast<int16_t>(ki[x] - h.k_zero);
+  }
+}
+#endif
+
+void load_head(const HeadView& h, int64_t n, int64_t d, int64_t pairs, int64_t ld, int16_t* q16, int16_t* kpairs,
+               double* vd, Isa isa) {
+#if DFQVIT_X86
+  if (isa != Isa::kScalar && h.q_col == 1 && h.k_col == 1 && h.v_col == 1)
+    return load_head_avx2(h, n, d, pairs, ld, q16, kpairs, vd);
+#endif
+  load_head_scalar(h, n, d, pairs, ld, q16, kpairs, vd);
 }
 
 // Per-call constants of the softmax and the P codes.
@@ -360,22 +474,10 @@ at::Tensor native_attention(const at::Tensor& q, const at::Tensor& k, const at::
     std::vector<int64_t> totals(kPvRows * d);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / heads, h = bh % heads;
-      const int8_t* qh = qp + b * qs[0] + h * qs[1];
-      const int8_t* kh = kp + b * ks[0] + h * ks[1];
-      const int8_t* vh = vp + b * vs[0] + h * vs[1];
-      for (int64_t i = 0; i < n; ++i) {
-        const int8_t *qi = qh + i * qs[2], *vi = vh + i * vs[2];
-        int16_t* qrow = q16.data() + i * 2 * pairs;
-        double* vrow = vd.data() + i * d;
-        for (int64_t x = 0; x < d; ++x) qrow[x] = static_cast<int16_t>(qi[x * qs[3]] - q_zero);
-        for (int64_t x = 0; x < d; ++x) vrow[x] = static_cast<double>(vi[x * vs[3]] - static_cast<int32_t>(v_zero));
-      }
-      // K transposed into int16 pairs: kpairs[(x / 2) * ld * 2 + i * 2 + x % 2], one 32-bit pair per store.
-      for (int64_t i = 0; i < n; ++i) {
-        const int8_t* ki = kh + i * ks[2];
-        int16_t* kt = kpairs.data() + i * 2;
-        for (int64_t x = 0; x < d; ++x) kt[(x / 2) * ld * 2 + x % 2] = static_cast<int16_t>(ki[x * ks[3]] - k_zero);
-      }
+      const HeadView view{qp + b * qs[0] + h * qs[1], kp + b * ks[0] + h * ks[1], vp + b * vs[0] + h * vs[1],
+                          qs[2], qs[3], ks[2], ks[3], vs[2], vs[3], static_cast<int32_t>(q_zero),
+                          static_cast<int32_t>(k_zero), static_cast<int32_t>(v_zero)};
+      load_head(view, n, d, pairs, ld, q16.data(), kpairs.data(), vd.data(), isa);
       // kPvRows query rows at a time: their weights, then one P.V block that reads V once for all of them.
       for (int64_t i0 = 0; i0 < n; i0 += kPvRows) {
         const int rows = static_cast<int>(std::min<int64_t>(kPvRows, n - i0));
@@ -386,8 +488,8 @@ at::Tensor native_attention(const at::Tensor& q, const at::Tensor& k, const at::
           const float* mask_row = mp ? mp + ((b % windows) * n + i) * n : nullptr;
           weights_row(sp, s32.data(), bias_row, bs[3], mask_row, n, t.data(), e.data(), w.data() + r * n, isa);
         }
-        exact_pv_rows(w.data(), n, rows, vd.data(), n, d, partial.data(), totals.data(), result.data(), isa);
-        for (int64_t x = 0; x < rows * d; ++x) result[x] = (result[x] * inv_two_s) * out_scale;
+        exact_pv_rows(w.data(), n, rows, vd.data(), n, d, inv_two_s, out_scale, partial.data(), totals.data(),
+                      result.data(), isa);
         const int64_t first = token_major ? ((b * n + i0) * heads + h) * d : (bh * n + i0) * d;
         for (int r = 0; r < rows; ++r) {
           float* y = result.data() + r * d;
