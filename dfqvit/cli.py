@@ -56,7 +56,7 @@ def _calibration_source(args, spec):
     return stack_images(dataset, args.calib_images)
 
 
-def _quantize(model, norm, args, progress=True):
+def _quantize(model, norm, args, progress=True, backend: str = "fake"):
     from .api import compile as dfq_compile
     from .config import QuantConfig, parse_bits
     from .models import adapt
@@ -66,7 +66,7 @@ def _quantize(model, norm, args, progress=True):
                          calib_images=args.calib_images)
     calib = _calibration_source(args, adapt(model, config, normalization=norm).input_spec)
     return dfq_compile(model, None, calib, config=config, normalization=norm, seed=args.seed,
-                       device=args.device, progress=progress, **_pipeline_configs(args))
+                       device=args.device, progress=progress, backend=backend, **_pipeline_configs(args))
 
 
 def _images_for(path: str, spec, limit: Optional[int]):
@@ -133,7 +133,16 @@ def cmd_eval(args) -> int:
 
     if args.artifact:
         from .api import load
+        from .config import parse_bits
+        if args.model:
+            raise DFQViTError("dfqvit eval takes --model (quantized here when --bits is given) or --artifact (a saved "
+                              "model), not both")
         qmodel = load(args.artifact, device=args.device, backend=args.backend)
+        saved = (qmodel.config.w_bits, qmodel.config.a_bits)
+        if args.bits is not None and parse_bits(args.bits) != saved:
+            raise DFQViTError(f"--bits {args.bits} does not match the artifact, which is W{saved[0]}A{saved[1]}: a saved "
+                              "model keeps its bits. Drop --bits, or quantize again with `dfqvit quantize --bits "
+                              "W,A --out FILE`.")
         data = _images_for(args.data, qmodel.input_spec, args.limit)
         result = evaluate(qmodel, data, args.batch_size, device=args.device)
         print(f"W{qmodel.config.w_bits}A{qmodel.config.a_bits} ({args.artifact}, backend {args.backend}) top-1: "
@@ -144,12 +153,16 @@ def cmd_eval(args) -> int:
     model, norm = load_model(args.model, args.checkpoint)
     data = _images_for(args.data, adapt(model, normalization=norm).input_spec, args.limit)
     if args.bits is None:
+        if args.backend != "fake":
+            raise DFQViTError(f"--backend {args.backend} runs a quantized model: add --bits (quantize here) or use "
+                              "--artifact (a saved model)")
         result = evaluate(model.to(args.device), data, args.batch_size, device=args.device)
         print(f"fp32 top-1: {result.top1:.2f}% on {result.images} images")
     else:
-        qmodel = _quantize(model, norm, args)
+        qmodel = _quantize(model, norm, args, backend=args.backend)
         result = evaluate(qmodel, data, args.batch_size, device=args.device)
-        print(f"W{qmodel.config.w_bits}A{qmodel.config.a_bits} top-1: {result.top1:.2f}% on {result.images} images")
+        print(f"W{qmodel.config.w_bits}A{qmodel.config.a_bits} (backend {args.backend}) top-1: {result.top1:.2f}% "
+              f"on {result.images} images")
     return 0
 
 
@@ -173,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quant_args(e, required=False)
     e.add_argument("--artifact", help="evaluate a model saved by `dfqvit quantize --out` instead of --model")
     e.add_argument("--backend", default="fake", choices=["fake", "auto", "native", "torch", "triton"],
-                   help="with --artifact: fake-quant model (fake) or the integer engine (auto / torch / triton)")
+                   help="fake-quant model (fake) or the integer engine (auto / native / torch / triton), for --artifact "
+                        "and for --model with --bits")
     e.add_argument("--data", required=True, help="evaluation images (.npz or image folder)")
     e.add_argument("--limit", type=int)
     e.add_argument("--batch-size", type=int, default=128)

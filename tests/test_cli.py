@@ -24,6 +24,13 @@ def test_quantize_and_eval_on_reference_model(tmp_path, capsys):
     assert rc == 0 and f"top-1: {data['quant_top1']:.2f}%" in capsys.readouterr().out
     rc = main(["eval", "--artifact", str(artifact), "--backend", "torch", "--data", str(CIFAR_TEST), "--limit", "100"])
     assert rc == 0 and "backend torch" in capsys.readouterr().out
+    # options that cannot apply to a saved model are refused, not ignored
+    assert main(["eval", "--artifact", str(artifact), "--bits", "4", "--data", str(CIFAR_TEST)]) == 2
+    assert "W4A8" in capsys.readouterr().err
+    assert main(["eval", "--artifact", str(artifact), "--bits", "4,8", "--data", str(CIFAR_TEST), "--limit", "10"]) == 0
+    assert main(["eval", "--artifact", str(artifact), "--model", str(CIFAR_MODEL_JSON), "--data", str(CIFAR_TEST)]) == 2
+    assert main(["eval", "--model", str(CIFAR_MODEL_JSON), "--backend", "torch", "--data", str(CIFAR_TEST)]) == 2
+    assert "--bits" in capsys.readouterr().err
 
 
 def test_pipeline_flags_reach_compile(tmp_path, capsys):
