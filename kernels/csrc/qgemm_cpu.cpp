@@ -24,6 +24,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -385,9 +386,8 @@ void run_tiles(int64_t m, int64_t panels, const Epilogue& ep, Isa isa, Micro mic
 #if DFQVIT_X86
   const EpilogueFn epilogue_avx2 = epilogue_avx2_for(ep);
 #endif
-  at::parallel_for(0, row_tiles * panel_tiles, 1, [&](int64_t begin, int64_t end) {
-    alignas(64) int32_t acc[kTileRows * kNR];
-    std::vector<uint8_t> scratch(scratch_bytes);
+  const int64_t tiles = row_tiles * panel_tiles;
+  auto run = [&](int64_t begin, int64_t end, int32_t* acc, uint8_t* scratch) {
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t m0 = (tile / panel_tiles) * kTileRows, m1 = std::min(m, m0 + kTileRows);
       const int64_t p0 = (tile % panel_tiles) * kTilePanels, p1 = std::min(panels, p0 + kTilePanels);
@@ -395,7 +395,7 @@ void run_tiles(int64_t m, int64_t panels, const Epilogue& ep, Isa isa, Micro mic
       for (int64_t panel = p0; panel < p1; ++panel) {
         const int64_t col0 = panel * kNR;
         const int width = static_cast<int>(std::min<int64_t>(kNR, ep.n - col0));
-        const auto* w = prep(panel, scratch.data());
+        const auto* w = prep(panel, scratch);
         for (int64_t row = m0; row < m1; row += kMR)
           micro(row, static_cast<int>(std::min<int64_t>(kMR, m1 - row)), w, acc + (row - m0) * kNR);
 #if DFQVIT_X86
@@ -407,6 +407,17 @@ void run_tiles(int64_t m, int64_t panels, const Epilogue& ep, Isa isa, Micro mic
         epilogue_scalar(ep, acc, m0, rows, col0, width);
       }
     }
+  };
+  // Each thread takes the next row tile (all its panels) from a shared counter instead of a fixed half: the two
+  // cores of this VM often run at different speeds. A/B against static halves over the four CIFAR layer shapes:
+  // sum of medians 23.45 vs 23.53 and 28.67 vs 30.15 ms at M 4160, 2.56 vs 2.56 at M 520 (minima 3-9% lower).
+  std::atomic<int64_t> next{0};
+  const int64_t chunk = panel_tiles;
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    alignas(64) int32_t acc[kTileRows * kNR];
+    std::vector<uint8_t> scratch(scratch_bytes);
+    for (int64_t begin = next.fetch_add(chunk); begin < tiles; begin = next.fetch_add(chunk))
+      run(begin, std::min(tiles, begin + chunk), acc, scratch.data());
   });
 }
 
