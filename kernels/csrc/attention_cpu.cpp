@@ -16,8 +16,8 @@
 // (longer rows add exact per-chunk sums in int64). For log2 codes the product by 2**(S - k_j) is the shift:
 // float64 adds S - k_j to v's exponent. Measured on AVX2 (Zen 3, n 65, d 64, one core): float64 FMAs 13-16
 // G terms/s, int64 vpsllq + vpaddq 9-10, per-level int32 buckets combined by shifts (the earlier form) ~4.
-// One (batch, head) pair per task on torch's OpenMP pool; Q, K, V are read once per head (strided views are
-// fine) into centred int16 (Q, K) and float64 (V) buffers; the row loops are AVX2 (scalar on other CPUs).
+// One (batch, head) pair per claim on torch's OpenMP pool (parallel.h); Q, K, V are read once per head (strided
+// views are fine) into centred int16 (Q, K) and float64 (V) buffers; the row loops are AVX2 (scalar elsewhere).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "cpu_isa.h"
+#include "parallel.h"
 #include "portable_math.h"
 #include "quantize.h"
 
@@ -140,7 +141,8 @@ __attribute__((target("avx2"))) void scores_row_avx2(const int16_t* q, const int
       const __m256i qt = _mm256_set1_epi32(qq);
       const int16_t* row = kp + (t * ld + j0) * 2;
       for (int u = 0; u < blocks; ++u)
-        acc[u] = _mm256_add_epi32(acc[u], _mm256_madd_epi16(qt, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 16 * u))));
+        acc[u] = _mm256_add_epi32(
+            acc[u], _mm256_madd_epi16(qt, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 16 * u))));
     }
     alignas(32) int32_t tmp[64];
     for (int u = 0; u < blocks; ++u) _mm256_store_si256(reinterpret_cast<__m256i*>(tmp + 8 * u), acc[u]);
@@ -466,13 +468,13 @@ at::Tensor native_attention(const at::Tensor& q, const at::Tensor& k, const at::
   const float* mp = mask_c.defined() ? mask_c.data_ptr<float>() : nullptr;
   const auto qs = q.strides(), ks = k.strides(), vs = v.strides();
   const std::vector<int64_t> bs = bias_f.defined() ? bias_f.strides().vec() : std::vector<int64_t>(4, 0);
-  at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
+  parallel_claims(batch * heads, 1, [&](auto& claim) {  // one (batch, head) per claim
     std::vector<int16_t> q16(n * 2 * pairs, 0), kpairs(pairs * ld * 2, 0);
     std::vector<int32_t> s32(ld);
     std::vector<float> t(n), e(n), result(kPvRows * d);
     std::vector<double> vd(n * d), w(kPvRows * n), partial(kPvRows * d);
     std::vector<int64_t> totals(kPvRows * d);
-    for (int64_t bh = begin; bh < end; ++bh) {
+    for (int64_t bh, last; claim(&bh, &last);) {
       const int64_t b = bh / heads, h = bh % heads;
       const HeadView view{qp + b * qs[0] + h * qs[1], kp + b * ks[0] + h * ks[1], vp + b * vs[0] + h * vs[1],
                           qs[2], qs[3], ks[2], ks[3], vs[2], vs[3], static_cast<int32_t>(q_zero),

@@ -42,7 +42,8 @@ at::Tensor pack_weight(const at::Tensor& codes_in, int64_t storage_bits, int64_t
         // byte j: position j in the low nibble, j + G/2 in the high nibble
         for (int64_t j = 0; j < group_k / 2; ++j) {
           out[g * group_k / 2 + j] =
-              static_cast<uint8_t>((code_at(row, base + j) & 0xF) | ((code_at(row, base + group_k / 2 + j) & 0xF) << 4));
+              static_cast<uint8_t>((code_at(row, base + j) & 0xF) |
+                                   ((code_at(row, base + group_k / 2 + j) & 0xF) << 4));
         }
       } else {
         uint8_t* grp = out + g * (3 * group_k / 8);

@@ -24,7 +24,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -32,6 +31,7 @@
 
 #include "cpu_isa.h"
 #include "packing.h"
+#include "parallel.h"
 #include "portable_math.h"
 #include "quantize.h"
 
@@ -147,7 +147,8 @@ using EpilogueFn = void (*)(const Epilogue&, const int32_t*, int64_t, int, int64
 
 template <bool kBias, bool kGelu, bool kResidual>
 EpilogueFn pick_requant(bool requant) {
-  return requant ? &epilogue_avx2_impl<kBias, kGelu, kResidual, true> : &epilogue_avx2_impl<kBias, kGelu, kResidual, false>;
+  return requant ? &epilogue_avx2_impl<kBias, kGelu, kResidual, true>
+                 : &epilogue_avx2_impl<kBias, kGelu, kResidual, false>;
 }
 
 template <bool kBias, bool kGelu>
@@ -408,16 +409,12 @@ void run_tiles(int64_t m, int64_t panels, const Epilogue& ep, Isa isa, Micro mic
       }
     }
   };
-  // Each thread takes the next row tile (all its panels) from a shared counter instead of a fixed half: the two
-  // cores of this VM often run at different speeds. A/B against static halves over the four CIFAR layer shapes:
-  // sum of medians 23.45 vs 23.53 and 28.67 vs 30.15 ms at M 4160, 2.56 vs 2.56 at M 520 (minima 3-9% lower).
-  std::atomic<int64_t> next{0};
-  const int64_t chunk = panel_tiles;
-  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+  // A row tile (all its panels) per claim. A/B against at::parallel_for's fixed halves over the four CIFAR layer
+  // shapes: sum of medians 23.45 vs 23.53 and 28.67 vs 30.15 ms at M 4160, 2.56 vs 2.56 at M 520.
+  parallel_claims(tiles, panel_tiles, [&](auto& claim) {
     alignas(64) int32_t acc[kTileRows * kNR];
     std::vector<uint8_t> scratch(scratch_bytes);
-    for (int64_t begin = next.fetch_add(chunk); begin < tiles; begin = next.fetch_add(chunk))
-      run(begin, std::min(tiles, begin + chunk), acc, scratch.data());
+    for (int64_t begin, end; claim(&begin, &end);) run(begin, end, acc, scratch.data());
   });
 }
 
@@ -437,7 +434,8 @@ at::Tensor native_qgemm_prepacked(const at::Tensor& a_in, double a_scale, int64_
                                   const at::Tensor& w_col_sums, const c10::optional<at::Tensor>& bias,
                                   const c10::optional<at::Tensor>& residual, int64_t storage_bits, int64_t k,
                                   bool gelu, c10::optional<double> out_scale, int64_t out_zero, int64_t out_qmin,
-                                  int64_t out_qmax, at::ScalarType out_dtype, const c10::optional<at::Tensor>& out_grid) {
+                                  int64_t out_qmax, at::ScalarType out_dtype,
+                                  const c10::optional<at::Tensor>& out_grid) {
   TORCH_CHECK(a_in.dim() == 2 && a_in.scalar_type() == at::kChar && a_in.size(1) == k,
               "dfqvit native qgemm: a must be int8 (M, K=", k, "), got ", a_in.sizes(), " ", a_in.scalar_type());
   const int64_t steps = panel_steps(k, storage_bits), panels = (n + kNR - 1) / kNR;
@@ -551,7 +549,8 @@ at::Tensor native_qgemm_prepacked(const at::Tensor& a_in, double a_scale, int64_
 }
 
 // sum_k (W[n, k] - w_zero[n]) over the true K, from the panels (zero beyond K and N).
-at::Tensor panel_col_sums(const at::Tensor& panels, int64_t storage_bits, int64_t k, int64_t n, const at::Tensor& w_zero) {
+at::Tensor panel_col_sums(const at::Tensor& panels, int64_t storage_bits, int64_t k, int64_t n,
+                          const at::Tensor& w_zero) {
   const int64_t steps = panels.size(1);
   const std::vector<int32_t> zero = padded<int32_t>(w_zero, panels.size(0) * kNR);
   at::Tensor sums = at::empty({n}, at::kInt);

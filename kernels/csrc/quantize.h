@@ -29,7 +29,8 @@ __attribute__((target("avx2"))) inline int64_t quantize_avx2(const float* y, int
   const __m256 lo = _mm256_set1_ps(g.qmin), hi = _mm256_set1_ps(g.qmax);
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) {
-    __m256 v = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(y + j), scale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 v = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(y + j), scale),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     v = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(v, zero), lo), hi);
     const __m256i vi = _mm256_cvtps_epi32(v);
     const __m128i p16 = _mm_packs_epi32(_mm256_castsi256_si128(vi), _mm256_extracti128_si256(vi, 1));
