@@ -128,25 +128,40 @@ __attribute__((target("avx2"))) int64_t log2_weights_avx2(const float* e, int64_
   return j;
 }
 
-// scores[j] = sum_t q[t] * k[j, t] with int16 pairs: kp holds K transposed in pairs, kp[(t/2) * ld * 2 + j * 2 + t%2].
+// scores[j0 + j] = sum_t q[t] * k[j0 + j, t] for j < 8 * B with int16 pairs (kp holds K transposed in pairs,
+// kp[(t/2) * ld * 2 + j * 2 + t%2]). B is a template argument so that the B accumulators stay in registers (with
+// a run-time count GCC kept them on the stack, a store and reload per pair: ~4x slower).
+template <int B>
+__attribute__((target("avx2"))) void scores_block_avx2(const int16_t* q, const int16_t* kp, int64_t ld, int64_t j0,
+                                                        int64_t pairs, int32_t* out) {
+  __m256i acc[B];
+  for (int u = 0; u < B; ++u) acc[u] = _mm256_setzero_si256();
+  for (int64_t t = 0; t < pairs; ++t) {
+    int32_t qq;
+    std::memcpy(&qq, q + 2 * t, 4);
+    const __m256i qt = _mm256_set1_epi32(qq);
+    const int16_t* row = kp + (t * ld + j0) * 2;
+    for (int u = 0; u < B; ++u)
+      acc[u] = _mm256_add_epi32(
+          acc[u], _mm256_madd_epi16(qt, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 16 * u))));
+  }
+  for (int u = 0; u < B; ++u) _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 8 * u), acc[u]);
+}
+
+// All n scores of one query row into scores (ld entries: keys padded to 8 are computed too, on zero K).
 __attribute__((target("avx2"))) void scores_row_avx2(const int16_t* q, const int16_t* kp, int64_t ld, int64_t n,
                                                      int64_t pairs, int32_t* scores) {
-  for (int64_t j0 = 0; j0 < n; j0 += 64) {
-    const int blocks = static_cast<int>(std::min<int64_t>(8, (n - j0 + 7) / 8));
-    __m256i acc[8];
-    for (int u = 0; u < 8; ++u) acc[u] = _mm256_setzero_si256();
-    for (int64_t t = 0; t < pairs; ++t) {
-      int32_t qq;
-      std::memcpy(&qq, q + 2 * t, 4);
-      const __m256i qt = _mm256_set1_epi32(qq);
-      const int16_t* row = kp + (t * ld + j0) * 2;
-      for (int u = 0; u < blocks; ++u)
-        acc[u] = _mm256_add_epi32(
-            acc[u], _mm256_madd_epi16(qt, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 16 * u))));
-    }
-    alignas(32) int32_t tmp[64];
-    for (int u = 0; u < blocks; ++u) _mm256_store_si256(reinterpret_cast<__m256i*>(tmp + 8 * u), acc[u]);
-    for (int64_t j = j0; j < std::min<int64_t>(n, j0 + 64); ++j) scores[j] = tmp[j - j0];
+  int64_t j0 = 0;
+  for (; j0 + 64 <= n; j0 += 64) scores_block_avx2<8>(q, kp, ld, j0, pairs, scores + j0);
+  switch ((n - j0 + 7) / 8) {
+    case 0: break;
+    case 1: scores_block_avx2<1>(q, kp, ld, j0, pairs, scores + j0); break;
+    case 2: scores_block_avx2<2>(q, kp, ld, j0, pairs, scores + j0); break;
+    case 3: scores_block_avx2<3>(q, kp, ld, j0, pairs, scores + j0); break;
+    case 4: scores_block_avx2<4>(q, kp, ld, j0, pairs, scores + j0); break;
+    case 5: scores_block_avx2<5>(q, kp, ld, j0, pairs, scores + j0); break;
+    case 6: scores_block_avx2<6>(q, kp, ld, j0, pairs, scores + j0); break;
+    default: scores_block_avx2<7>(q, kp, ld, j0, pairs, scores + j0); break;
   }
 }
 #endif
