@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,6 +26,7 @@ from pathlib import Path
 import torch
 import triton
 
+from dfqvit.environment import describe_environment
 from dfqvit.kernels import pack_weight, packed_nbytes
 from dfqvit.kernels.attention import attention_log2_triton
 from dfqvit.kernels.qgemm import qgemm_triton, qgemm_w16_triton
@@ -214,14 +214,10 @@ def print_table(title: str, results: list[ExperimentResult], keys: list[str], ba
 
 
 def environment() -> dict:
-    env = {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-           "python": platform.python_version(), "platform": platform.platform()}
-    if torch.cuda.is_available():
-        env["device"] = torch.cuda.get_device_name()
-        env["capability"] = list(torch.cuda.get_device_capability())
-    else:
-        env["device"] = None
-    return env
+    """dfqvit's environment record of the GPU with its capability; "device" is None without one."""
+    if not torch.cuda.is_available():
+        return {**describe_environment(torch.device("cpu")), "device": None}
+    return {**describe_environment(torch.device("cuda")), "capability": list(torch.cuda.get_device_capability())}
 
 
 def main(argv=None) -> int:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -183,12 +182,9 @@ def main(argv=None) -> int:
         print("benchmarks/latency.py: no CUDA device; nothing measured (the engine's GPU latency needs a GPU).")
         return 0
     os.environ["DFQVIT_AUTOTUNE"] = args.autotune
-    import timm
-    import triton
+    from dfqvit.environment import describe_environment
 
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "timm": timm.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
-            "warmup": args.warmup, "iters": args.iters, "autotune": args.autotune, "input": "224x224 fp32 "
+    meta = {**describe_environment(torch.device("cuda")), "warmup": args.warmup, "iters": args.iters, "autotune": args.autotune, "input": "224x224 fp32 "
             "(engine) / fp16 (baselines), random weights and images", "timing": "median of iters synchronised "
             "calls after warmup; first_call_s is the first call alone (compile, autotune, graph capture)"}
     args.out_dir.mkdir(parents=True, exist_ok=True)
