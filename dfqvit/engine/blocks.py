@@ -35,6 +35,11 @@ def norm_input(kernels, x: torch.Tensor, norm: nn.LayerNorm, layer: PackedLinear
     return kernels.layernorm_quant(x, norm, layer.act)
 
 
+def input_codes(kernels, x2: torch.Tensor, layer: PackedLinear) -> torch.Tensor:
+    """x2 (M, K) as int8 codes on ``layer.act``: int8 inputs are codes already, float inputs are quantized."""
+    return x2 if x2.dtype == torch.int8 else kernels.quantize(x2, layer.act)
+
+
 def linear(kernels, x: torch.Tensor, layer: PackedLinear, *, residual: Optional[torch.Tensor] = None,
            gelu: bool = False, out: Optional[ActGrid] = None, out_dtype: torch.dtype) -> torch.Tensor:
     """``layer`` on x (..., K): int8 codes on ``layer.act`` (float inputs are quantized first), or float
@@ -45,8 +50,7 @@ def linear(kernels, x: torch.Tensor, layer: PackedLinear, *, residual: Optional[
     if layer.act is None:
         y = kernels.gemm_w16(x2, layer, res2, gelu, out_dtype)
     else:
-        a = x2 if x2.dtype == torch.int8 else kernels.quantize(x2, layer.act)
-        y = kernels.gemm(a, layer, res2, gelu, out, out_dtype)
+        y = kernels.gemm(input_codes(kernels, x2, layer), layer, res2, gelu, out, out_dtype)
     return y.reshape(*lead, layer.n)
 
 
@@ -132,8 +136,7 @@ class Attention(nn.Module):
         else:
             # q, k, v codes straight from the qkv GEMM (a grid per column: the same rounding as quantizing the
             # float output per tensor), handed to the kernel as strided (B, H, N, d) views: no copies.
-            a = x.reshape(-1, x.shape[-1])
-            a = a if a.dtype == torch.int8 else kernels.quantize(a, self.qkv.act)
+            a = input_codes(kernels, x.reshape(-1, x.shape[-1]), self.qkv)
             codes = kernels.gemm_codes_per_column(a, self.qkv, self.qkv_grid, out_dtype)
             q8, k8, v8 = (t.transpose(1, 2) for t in
                           codes.view(batch, seq, 3, self.num_heads, self.head_dim).unbind(2))
