@@ -34,50 +34,44 @@ __attribute__((target("avx2"))) int64_t normalize_avx2(const float* x, int64_t n
   return j;
 }
 
-// mean and rstd of 4 * G rows at once (row r at x + r * c) with the reference's sums: each lane of a float64
-// vector adds its row's values in index order, so the rows are independent dependency chains (one row alone
-// waits on the latency of every add; G = 2 keeps two vectors of chains in flight). 4 x 4 blocks are transposed
-// to get one column (4 rows' j-th values) per add.
-template <int G>
-__attribute__((target("avx2"))) void row_moments_avx2(const float* x, int64_t c, float cf, float epsf, float* mean,
-                                                      float* rstd) {
-  // column j of rows 4g .. 4g + 3
-  auto column = [&](int g, int64_t j) {
-    const float* r = x + 4 * g * c + j;
-    return _mm_setr_ps(r[0], r[c], r[2 * c], r[3 * c]);
-  };
-  __m256d acc[G];
-  __m128 vmean[G];
-  for (int g = 0; g < G; ++g) acc[g] = _mm256_setzero_pd();
+// acc[g] += term(g, column) for every column of rows 4g .. 4g + 3 (row r at x + r * c), in index order, one
+// float64 lane per row; 4 x 4 blocks are transposed to get one column (4 rows' j-th values) per add.
+template <int G, typename Term>
+__attribute__((target("avx2"))) void add_columns_avx2(const float* x, int64_t c, const Term& term, __m256d* acc) {
   int64_t j = 0;
   for (; j + 4 <= c; j += 4)
     for (int g = 0; g < G; ++g) {
       const float* r = x + 4 * g * c + j;
       __m128 a = _mm_loadu_ps(r), b = _mm_loadu_ps(r + c), e = _mm_loadu_ps(r + 2 * c), f = _mm_loadu_ps(r + 3 * c);
       _MM_TRANSPOSE4_PS(a, b, e, f);
-      for (__m128 col : {a, b, e, f}) acc[g] = _mm256_add_pd(acc[g], _mm256_cvtps_pd(col));
+      for (__m128 col : {a, b, e, f}) acc[g] = _mm256_add_pd(acc[g], _mm256_cvtps_pd(term(g, col)));
     }
   for (; j < c; ++j)
-    for (int g = 0; g < G; ++g) acc[g] = _mm256_add_pd(acc[g], _mm256_cvtps_pd(column(g, j)));
+    for (int g = 0; g < G; ++g) {
+      const float* r = x + 4 * g * c + j;
+      acc[g] = _mm256_add_pd(acc[g], _mm256_cvtps_pd(term(g, _mm_setr_ps(r[0], r[c], r[2 * c], r[3 * c]))));
+    }
+}
+
+// mean and rstd of 4 * G rows at once with the reference's sums: each lane of a float64 vector adds its row's
+// values in index order, so the rows are independent dependency chains (one row alone waits on the latency of
+// every add; G = 2 keeps two vectors of chains in flight).
+template <int G>
+__attribute__((target("avx2"))) void row_moments_avx2(const float* x, int64_t c, float cf, float epsf, float* mean,
+                                                      float* rstd) {
+  __m256d acc[G];
+  __m128 vmean[G];
+  for (int g = 0; g < G; ++g) acc[g] = _mm256_setzero_pd();
+  add_columns_avx2<G>(x, c, [](int, __m128 col) { return col; }, acc);
   for (int g = 0; g < G; ++g) {
     vmean[g] = _mm_div_ps(_mm256_cvtpd_ps(acc[g]), _mm_set1_ps(cf));
     acc[g] = _mm256_setzero_pd();
   }
-  for (j = 0; j + 4 <= c; j += 4)
-    for (int g = 0; g < G; ++g) {
-      const float* r = x + 4 * g * c + j;
-      __m128 a = _mm_loadu_ps(r), b = _mm_loadu_ps(r + c), e = _mm_loadu_ps(r + 2 * c), f = _mm_loadu_ps(r + 3 * c);
-      _MM_TRANSPOSE4_PS(a, b, e, f);
-      for (__m128 col : {a, b, e, f}) {
-        const __m128 centered = _mm_sub_ps(col, vmean[g]);
-        acc[g] = _mm256_add_pd(acc[g], _mm256_cvtps_pd(_mm_mul_ps(centered, centered)));
-      }
-    }
-  for (; j < c; ++j)
-    for (int g = 0; g < G; ++g) {
-      const __m128 centered = _mm_sub_ps(column(g, j), vmean[g]);
-      acc[g] = _mm256_add_pd(acc[g], _mm256_cvtps_pd(_mm_mul_ps(centered, centered)));
-    }
+  const auto squared_deviation = [&vmean](int g, __m128 col) {
+    const __m128 centered = _mm_sub_ps(col, vmean[g]);
+    return _mm_mul_ps(centered, centered);
+  };
+  add_columns_avx2<G>(x, c, squared_deviation, acc);
   for (int g = 0; g < G; ++g) {
     const __m128 var = _mm_div_ps(_mm256_cvtpd_ps(acc[g]), _mm_set1_ps(cf));
     _mm_storeu_ps(mean + 4 * g, vmean[g]);
