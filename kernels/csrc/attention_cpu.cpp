@@ -166,6 +166,18 @@ __attribute__((target("avx2"))) void scores_row_avx2(const int16_t* q, const int
 }
 #endif
 
+// out[r, t] = sum_j w[r * ldw + j] * v[j * d + t] for columns t0 <= t < d, in float64: the scalar form of
+// pv_rows, and the AVX2 form's last columns.
+void pv_columns_scalar(const double* w, int64_t ldw, int rows, const double* v, int64_t n, int64_t d, int64_t t0,
+                       double* out) {
+  for (int r = 0; r < rows; ++r)
+    for (int64_t t = t0; t < d; ++t) {
+      double total = 0.0;
+      for (int64_t j = 0; j < n; ++j) total += w[r * ldw + j] * v[j * d + t];
+      out[r * d + t] = total;
+    }
+}
+
 #if DFQVIT_X86
 // out[r, t] = sum_j w[r * ldw + j] * v[j * d + t] for R rows in float64 (integers below 2**53: exact in any
 // order, FMAs included). R rows x 16 columns of accumulators share each load of V (3 x 16: ~20 G terms/s on
@@ -202,12 +214,7 @@ __attribute__((target("avx2,fma"))) void pv_rows_avx2(const double* w, int64_t l
     }
     for (int r = 0; r < R; ++r) _mm256_storeu_pd(out + r * d + t0, acc[r]);
   }
-  for (; t0 < d; ++t0)
-    for (int r = 0; r < R; ++r) {
-      double total = 0.0;
-      for (int64_t j = 0; j < n; ++j) total += w[r * ldw + j] * v[j * d + t0];
-      out[r * d + t0] = total;
-    }
+  pv_columns_scalar(w, ldw, R, v, n, d, t0, out);
 }
 #endif
 
@@ -231,12 +238,7 @@ void pv_rows(const double* w, int64_t ldw, int rows, const double* v, int64_t n,
     return;
   }
 #endif
-  for (int r = 0; r < rows; ++r)
-    for (int64_t t = 0; t < d; ++t) {
-      double total = 0.0;
-      for (int64_t j = 0; j < n; ++j) total += w[r * ldw + j] * v[j * d + t];
-      out[r * d + t] = total;
-    }
+  pv_columns_scalar(w, ldw, rows, v, n, d, 0, out);
 }
 
 #if DFQVIT_X86
