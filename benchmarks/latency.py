@@ -184,9 +184,10 @@ def main(argv=None) -> int:
     os.environ["DFQVIT_AUTOTUNE"] = args.autotune
     from dfqvit.environment import describe_environment
 
-    meta = {**describe_environment(torch.device("cuda")), "warmup": args.warmup, "iters": args.iters, "autotune": args.autotune, "input": "224x224 fp32 "
-            "(engine) / fp16 (baselines), random weights and images", "timing": "median of iters synchronised "
-            "calls after warmup; first_call_s is the first call alone (compile, autotune, graph capture)"}
+    meta = {**describe_environment(torch.device("cuda")), "warmup": args.warmup, "iters": args.iters,
+            "autotune": args.autotune, "input": "224x224 fp32 (engine) / fp16 (baselines), random weights and images",
+            "timing": "median of iters synchronised calls after warmup; first_call_s is the first call alone "
+                      "(compile, autotune, graph capture)"}
     args.out_dir.mkdir(parents=True, exist_ok=True)
     device_tag = meta["device"].lower().replace(" ", "_")
     stem = args.out_dir / f"latency_{device_tag}_{time.strftime('%Y%m%d_%H%M%S')}"
