@@ -135,7 +135,7 @@ def test_native_rejects_bad_arguments():
 
 # --- attention ------------------------------------------------------------------------------------------
 
-ATTN_SHAPES = [(2, 3, 65, 16), (1, 2, 17, 24), (1, 1, 197, 64), (3, 1, 1, 8)]
+ATTN_SHAPES = [(2, 3, 65, 16), (1, 2, 17, 24), (1, 1, 197, 64), (3, 1, 1, 8), (2, 1, 16, 32)]  # 16: no padding keys
 
 
 @pytest.mark.parametrize("b,h,n,d", ATTN_SHAPES)
