@@ -135,7 +135,8 @@ def test_native_rejects_bad_arguments():
 
 # --- attention ------------------------------------------------------------------------------------------
 
-ATTN_SHAPES = [(2, 3, 65, 16), (1, 2, 17, 24), (1, 1, 197, 64), (3, 1, 1, 8), (2, 1, 16, 32)]  # 16: no padding keys
+ATTN_SHAPES = [(2, 3, 65, 16), (1, 2, 17, 24), (1, 1, 197, 64), (3, 1, 1, 8), (2, 1, 16, 32), (1, 2, 9, 13)]
+# 16 keys: no padding keys; d 13: the 4-column and scalar P.V tails
 
 
 @pytest.mark.parametrize("b,h,n,d", ATTN_SHAPES)
