@@ -35,17 +35,13 @@
 #include "portable_math.h"
 #include "quantize.h"
 
-#ifndef DFQVIT_MR
-#define DFQVIT_MR 4
-#endif
 namespace dfqvit {
 namespace {
 
 constexpr int kNR = 16;          // outputs per panel
-constexpr int kMR = DFQVIT_MR;           // rows per micro-kernel call
+constexpr int kMR = 4;           // rows per micro-kernel call
 constexpr int kStepBytes = 32;   // bytes per panel step (a quad of K for nibbles, a pair for int8)
 constexpr int64_t kTileRows = 48;
-constexpr int64_t kTilePanels = 2;
 
 int64_t lane_k(int64_t storage_bits) { return storage_bits == 8 ? 2 : 4; }
 int64_t panel_steps(int64_t k, int64_t storage_bits) { return (k + lane_k(storage_bits) - 1) / lane_k(storage_bits); }
@@ -428,47 +424,59 @@ __attribute__((target_clones("avx2", "default"))) int32_t pack_row_s16(const int
 // Driver
 // ---------------------------------------------------------------------------------------------------
 
-// Tiles of kTileRows rows x kTilePanels panels in parallel. Per panel, the micro-kernel fills the tile's
-// accumulator block (kTileRows x kNR, in L1) and one epilogue call finishes it: long runs of vectors keep the
-// divider and the out-of-order window busy.
+#if DFQVIT_X86
+// y[j] += x[j] for j < n (fp32, the epilogue's y + residual).
+__attribute__((target("avx2"))) void add_row_avx2(float* y, const float* x, int64_t n) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) _mm256_storeu_ps(y + j, _mm256_add_ps(_mm256_loadu_ps(y + j), _mm256_loadu_ps(x + j)));
+  for (; j < n; ++j) y[j] = y[j] + x[j];
+}
+#endif
+
+// Row tiles of kTileRows rows, claimed one at a time by the threads (parallel.h), each through all panels. Per
+// panel, the micro-kernel fills the tile's accumulator block (kTileRows x kNR, in L1) and one epilogue call
+// finishes it: long runs of vectors keep the divider and the out-of-order window busy. An fp32 residual is added
+// after the last panel, row by row over the tile: added per panel, it was read one 64-byte line per row, which
+// made proj (M 4160, N 192, K 192) 7-22% and fc2 (K 768) 4-9% slower (A/B on one and two threads).
 // prep(panel, scratch) returns the weight bytes the micro-kernel reads for that panel (the panel itself, or
 // its unpacked form written to the thread's scratch of scratch_bytes).
 template <typename Micro, typename Prep>
 void run_tiles(int64_t m, int64_t panels, const Epilogue& ep, Isa isa, Micro micro, Prep prep,
                int64_t scratch_bytes) {
   const int64_t row_tiles = (m + kTileRows - 1) / kTileRows;
-  const int64_t panel_tiles = (panels + kTilePanels - 1) / kTilePanels;
+  const bool residual_after = ep.residual && !ep.requant && isa != Isa::kScalar;
+  Epilogue panel_ep = ep;
+  if (residual_after) panel_ep.residual = nullptr;
 #if DFQVIT_X86
-  const EpilogueFn epilogue_avx2 = epilogue_avx2_for(ep);
+  const EpilogueFn epilogue_avx2 = epilogue_avx2_for(panel_ep);
 #endif
-  const int64_t tiles = row_tiles * panel_tiles;
-  auto run = [&](int64_t begin, int64_t end, int32_t* acc, uint8_t* scratch) {
-    for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t m0 = (tile / panel_tiles) * kTileRows, m1 = std::min(m, m0 + kTileRows);
-      const int64_t p0 = (tile % panel_tiles) * kTilePanels, p1 = std::min(panels, p0 + kTilePanels);
+  // A row tile per claim. A/B against at::parallel_for's fixed halves over the four CIFAR layer shapes: sum of
+  // medians 23.45 vs 23.53 and 28.67 vs 30.15 ms at M 4160, 2.56 vs 2.56 at M 520.
+  parallel_claims(row_tiles, 1, [&](auto& claim) {
+    alignas(64) int32_t acc[kTileRows * kNR];
+    std::vector<uint8_t> scratch(scratch_bytes);
+    for (int64_t tile, last; claim(&tile, &last);) {
+      const int64_t m0 = tile * kTileRows, m1 = std::min(m, m0 + kTileRows);
       const int rows = static_cast<int>(m1 - m0);
-      for (int64_t panel = p0; panel < p1; ++panel) {
+      for (int64_t panel = 0; panel < panels; ++panel) {
         const int64_t col0 = panel * kNR;
         const int width = static_cast<int>(std::min<int64_t>(kNR, ep.n - col0));
-        const auto* w = prep(panel, scratch);
+        const auto* w = prep(panel, scratch.data());
         for (int64_t row = m0; row < m1; row += kMR)
           micro(row, static_cast<int>(std::min<int64_t>(kMR, m1 - row)), w, acc + (row - m0) * kNR);
 #if DFQVIT_X86
         if (isa != Isa::kScalar) {
-          epilogue_avx2(ep, acc, m0, rows, col0, width);
+          epilogue_avx2(panel_ep, acc, m0, rows, col0, width);
           continue;
         }
 #endif
-        epilogue_scalar(ep, acc, m0, rows, col0, width);
+        epilogue_scalar(panel_ep, acc, m0, rows, col0, width);
       }
+#if DFQVIT_X86
+      if (residual_after)
+        for (int64_t r = m0; r < m1; ++r) add_row_avx2(ep.out_f32 + r * ep.n, ep.residual + r * ep.ld_residual, ep.n);
+#endif
     }
-  };
-  // A row tile (all its panels) per claim. A/B against at::parallel_for's fixed halves over the four CIFAR layer
-  // shapes: sum of medians 23.45 vs 23.53 and 28.67 vs 30.15 ms at M 4160, 2.56 vs 2.56 at M 520.
-  parallel_claims(tiles, panel_tiles, [&](auto& claim) {
-    alignas(64) int32_t acc[kTileRows * kNR];
-    std::vector<uint8_t> scratch(scratch_bytes);
-    for (int64_t begin, end; claim(&begin, &end);) run(begin, end, acc, scratch.data());
   });
 }
 
