@@ -228,11 +228,13 @@ def main(argv=None) -> int:
     parser.add_argument("--cpu", action="store_true", help="benchmark the native CPU backend instead (no GPU needed)")
     parser.add_argument("--quick", action="store_true", help="with --cpu: few repetitions (smoke test)")
     parser.add_argument("--engine-batch", type=int, default=64, help="with --cpu: batch of the whole-model run")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="with --cpu: keep glibc's malloc thresholds (default: raised, see kernels_cpu.py)")
     args = parser.parse_args(argv)
     if args.cpu:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from kernels_cpu import run
-        return run(args.out, engine_batch=args.engine_batch, quick=args.quick)
+        return run(args.out, engine_batch=args.engine_batch, quick=args.quick, steady_malloc=not args.default_malloc)
 
     report = {"benchmark": "kernels", "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"), "env": environment(),
               "tokens": TOKENS, "batches": args.batches, "models": {m: asdict(MODELS[m]) for m in args.models},
