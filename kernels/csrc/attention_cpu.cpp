@@ -17,7 +17,7 @@
 // float64 adds S - k_j to v's exponent. Measured on AVX2 (Zen 3, n 65, d 64, one core): float64 FMAs 13-16
 // G terms/s, int64 vpsllq + vpaddq 9-10, per-level int32 buckets combined by shifts (the earlier form) ~4.
 // One (batch, head) pair per claim on torch's OpenMP pool (parallel.h); Q, K, V are read once per head (strided
-// views are fine) into centred int16 (Q, K) and float64 (V) buffers; the row loops are AVX2 (scalar elsewhere).
+// views are fine) into centred int16 (Q, K) and int32 (V) buffers; the row loops are AVX2 (scalar elsewhere).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -164,31 +164,38 @@ __attribute__((target("avx2"))) void scores_row_avx2(const int16_t* q, const int
 
 // out[r, t] = sum_j w[r * ldw + j] * v[j * d + t] for columns t0 <= t < d, in float64: the scalar form of
 // pv_rows, and the AVX2 form's last columns.
-void pv_columns_scalar(const double* w, int64_t ldw, int rows, const double* v, int64_t n, int64_t d, int64_t t0,
+void pv_columns_scalar(const double* w, int64_t ldw, int rows, const int32_t* v, int64_t n, int64_t d, int64_t t0,
                        double* out) {
   for (int r = 0; r < rows; ++r)
     for (int64_t t = t0; t < d; ++t) {
       double total = 0.0;
-      for (int64_t j = 0; j < n; ++j) total += w[r * ldw + j] * v[j * d + t];
+      for (int64_t j = 0; j < n; ++j) total += w[r * ldw + j] * static_cast<double>(v[j * d + t]);
       out[r * d + t] = total;
     }
 }
 
 #if DFQVIT_X86
+// Four centred V values (int32) as float64.
+__attribute__((target("avx2"), always_inline)) inline __m256d load4_pd(const int32_t* v) {
+  return _mm256_cvtepi32_pd(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v)));
+}
+
 // out[r, t] = sum_j w[r * ldw + j] * v[j * d + t] for R rows in float64 (integers below 2**53: exact in any
 // order, FMAs included). R rows x 8 columns of accumulators share each load of V. 6 x 8 against the earlier
-// 3 x 16: the attention 6-11% faster (A/B, n 65, d 64): V (n x d float64, 33 KB at the CIFAR shape, more than L1)
-// is streamed once per 6 query rows instead of per 3; 4 x 12, 5 x 8, 8 x 4 and 12 x 4 were slower. No test for
-// zero weights: unpredictable branches cost more than the FMAs.
+// 3 x 16: the attention 6-11% faster (A/B, n 65, d 64): V is streamed once per 6 query rows instead of per 3;
+// 4 x 12, 5 x 8, 8 x 4 and 12 x 4 were slower. V is kept as int32 and converted at the load (vcvtdq2pd): half
+// the bytes of float64 (16 KB per head at n 65, d 64, in L1; float64 was 33 KB), the attention ~4% faster. No
+// test for zero weights: unpredictable branches cost more than the FMAs.
+
 template <int R>
-__attribute__((target("avx2,fma"))) void pv_rows_avx2(const double* w, int64_t ldw, const double* v, int64_t n,
+__attribute__((target("avx2,fma"))) void pv_rows_avx2(const double* w, int64_t ldw, const int32_t* v, int64_t n,
                                                       int64_t d, double* out) {
   int64_t t0 = 0;
   for (; t0 + 8 <= d; t0 += 8) {
     __m256d acc[R][2];
     for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_pd();
     for (int64_t j = 0; j < n; ++j) {
-      const __m256d v0 = _mm256_loadu_pd(v + j * d + t0), v1 = _mm256_loadu_pd(v + j * d + t0 + 4);
+      const __m256d v0 = load4_pd(v + j * d + t0), v1 = load4_pd(v + j * d + t0 + 4);
       for (int r = 0; r < R; ++r) {
         const __m256d wj = _mm256_broadcast_sd(w + r * ldw + j);
         acc[r][0] = _mm256_fmadd_pd(wj, v0, acc[r][0]);
@@ -204,7 +211,7 @@ __attribute__((target("avx2,fma"))) void pv_rows_avx2(const double* w, int64_t l
     __m256d acc[R];
     for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_pd();
     for (int64_t j = 0; j < n; ++j) {
-      const __m256d vj = _mm256_loadu_pd(v + j * d + t0);
+      const __m256d vj = load4_pd(v + j * d + t0);
       for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_pd(_mm256_broadcast_sd(w + r * ldw + j), vj, acc[r]);
     }
     for (int r = 0; r < R; ++r) _mm256_storeu_pd(out + r * d + t0, acc[r]);
@@ -225,7 +232,7 @@ void scores_row(const int16_t* q, const int16_t* kp, int64_t ld, int64_t n, int6
 }
 
 // out[r, t] = sum_j w[r * ldw + j] * v[j * d + t] for rows <= kPvRows rows, in float64.
-void pv_rows(const double* w, int64_t ldw, int rows, const double* v, int64_t n, int64_t d, double* out, Isa isa) {
+void pv_rows(const double* w, int64_t ldw, int rows, const int32_t* v, int64_t n, int64_t d, double* out, Isa isa) {
 #if DFQVIT_X86
   if (isa != Isa::kScalar) {
     switch (rows) {  // the last block of a head has fewer rows
@@ -259,7 +266,7 @@ __attribute__((target("avx2"))) int64_t scaled_floats_avx2(const double* sums, i
 // result[r, t] = (fp32(sum_j w[r * ldw + j] * v[j * d + t]) * a) * b: the exact integer rounded once to fp32, then
 // the two fp32 scale factors. float64 per chunk of kExactKeys keys, chunks added in int64. partial: rows x d
 // doubles, totals: rows x d int64 (scratch).
-void exact_pv_rows(const double* w, int64_t ldw, int rows, const double* v, int64_t n, int64_t d, float a, float b,
+void exact_pv_rows(const double* w, int64_t ldw, int rows, const int32_t* v, int64_t n, int64_t d, float a, float b,
                    double* partial, int64_t* totals, float* result, Isa isa) {
   const int64_t size = rows * d;
   if (n <= kExactKeys) {
@@ -280,7 +287,7 @@ void exact_pv_rows(const double* w, int64_t ldw, int rows, const double* v, int6
 }
 
 // One (batch, head) into the row buffers: Q rows centred in int16 (q16 + i * 2 * pairs), V rows centred in
-// float64 (vd + i * d), K transposed into int16 pairs (kpairs[(x / 2) * ld * 2 + i * 2 + x % 2]). Strides in
+// int32 (vd + i * d), K transposed into int16 pairs (kpairs[(x / 2) * ld * 2 + i * 2 + x % 2]). Strides in
 // elements; padding entries are left as they are (zero).
 struct HeadView {
   const int8_t *q, *k, *v;
@@ -289,11 +296,11 @@ struct HeadView {
 };
 
 void load_head_scalar(const HeadView& h, int64_t n, int64_t d, int64_t pairs, int64_t ld, int16_t* q16,
-                      int16_t* kpairs, double* vd) {
+                      int16_t* kpairs, int32_t* vd) {
   for (int64_t i = 0; i < n; ++i) {
     const int8_t *qi = h.q + i * h.q_row, *vi = h.v + i * h.v_row, *ki = h.k + i * h.k_row;
     for (int64_t x = 0; x < d; ++x) q16[i * 2 * pairs + x] = static_cast<int16_t>(qi[x * h.q_col] - h.q_zero);
-    for (int64_t x = 0; x < d; ++x) vd[i * d + x] = static_cast<double>(vi[x * h.v_col] - h.v_zero);
+    for (int64_t x = 0; x < d; ++x) vd[i * d + x] = vi[x * h.v_col] - h.v_zero;
     for (int64_t x = 0; x < d; ++x)
       kpairs[(x / 2) * ld * 2 + i * 2 + x % 2] = static_cast<int16_t>(ki[x * h.k_col] - h.k_zero);
   }
@@ -323,14 +330,14 @@ __attribute__((target("avx2"))) inline void transpose8x8_epi32(__m256i* r) {
 // blocks of 8 keys x 16 values through one 8 x 8 transpose of int16 pairs; the edges as in the scalar form.
 // (The scalar transposition was ~10% of the attention time: index arithmetic per element, 2-byte stores.)
 __attribute__((target("avx2"))) void load_head_avx2(const HeadView& h, int64_t n, int64_t d, int64_t pairs,
-                                                    int64_t ld, int16_t* q16, int16_t* kpairs, double* vd) {
+                                                    int64_t ld, int16_t* q16, int16_t* kpairs, int32_t* vd) {
   const __m256i qz = _mm256_set1_epi16(static_cast<int16_t>(h.q_zero));
   const __m256i kz = _mm256_set1_epi16(static_cast<int16_t>(h.k_zero)), vz = _mm256_set1_epi32(h.v_zero);
   const int64_t d16 = d / 16 * 16, d8 = d / 8 * 8, n8 = n / 8 * 8;
   for (int64_t i = 0; i < n; ++i) {
     const int8_t *qi = h.q + i * h.q_row, *vi = h.v + i * h.v_row;
     int16_t* qr = q16 + i * 2 * pairs;
-    double* vr = vd + i * d;
+    int32_t* vr = vd + i * d;
     int64_t x = 0;
     for (; x < d16; x += 16) {
       const __m256i q = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qi + x)));
@@ -340,10 +347,9 @@ __attribute__((target("avx2"))) void load_head_avx2(const HeadView& h, int64_t n
     for (x = 0; x < d8; x += 8) {
       const __m256i v = _mm256_sub_epi32(
           _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(vi + x))), vz);
-      _mm256_storeu_pd(vr + x, _mm256_cvtepi32_pd(_mm256_castsi256_si128(v)));
-      _mm256_storeu_pd(vr + x + 4, _mm256_cvtepi32_pd(_mm256_extracti128_si256(v, 1)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(vr + x), v);
     }
-    for (; x < d; ++x) vr[x] = static_cast<double>(vi[x] - h.v_zero);
+    for (; x < d; ++x) vr[x] = vi[x] - h.v_zero;
   }
   for (int64_t i0 = 0; i0 < n8; i0 += 8)
     for (int64_t x0 = 0; x0 < d16; x0 += 16) {
@@ -365,7 +371,7 @@ __attribute__((target("avx2"))) void load_head_avx2(const HeadView& h, int64_t n
 #endif
 
 void load_head(const HeadView& h, int64_t n, int64_t d, int64_t pairs, int64_t ld, int16_t* q16, int16_t* kpairs,
-               double* vd, Isa isa) {
+               int32_t* vd, Isa isa) {
 #if DFQVIT_X86
   if (isa != Isa::kScalar && h.q_col == 1 && h.k_col == 1 && h.v_col == 1)
     return load_head_avx2(h, n, d, pairs, ld, q16, kpairs, vd);
@@ -518,7 +524,8 @@ at::Tensor native_attention(const at::Tensor& q, const at::Tensor& k, const at::
     std::vector<int16_t> q16(n * 2 * pairs, 0), kpairs(pairs * ld * 2, 0);
     std::vector<int32_t> s32(kPvRows * ld);
     std::vector<float> t(kPvRows * ld), e(kPvRows * ld), result(kPvRows * d);
-    std::vector<double> vd(n * d), w(kPvRows * ld), partial(kPvRows * d);
+    std::vector<int32_t> vd(n * d);
+    std::vector<double> w(kPvRows * ld), partial(kPvRows * d);
     std::vector<int64_t> totals(kPvRows * d);
     for (int64_t bh, last; claim(&bh, &last);) {
       const int64_t b = bh / heads, h = bh % heads;
