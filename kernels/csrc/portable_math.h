@@ -6,6 +6,7 @@
 // with __attribute__((target("avx2"))). Every function agrees with its Python twin bit for bit.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -75,19 +76,36 @@ inline int64_t fixed_point_term(float e) { return static_cast<int64_t>(e * kSumS
 inline float fixed_point_sum_to_float(int64_t sum) { return static_cast<float>(sum) * kSumInvScale; }
 
 #if DFQVIT_X86
-__attribute__((target("avx2"))) inline __m256 erf_avx2(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-4.0f)), _mm256_set1_ps(4.0f));
-  const __m256 x2 = _mm256_mul_ps(x, x);
-  __m256 p = _mm256_set1_ps(kErfNum[0]);
-  for (int i = 1; i < 7; ++i) p = _mm256_add_ps(_mm256_mul_ps(p, x2), _mm256_set1_ps(kErfNum[i]));
-  __m256 q = _mm256_set1_ps(kErfDen[0]);
-  for (int i = 1; i < 5; ++i) q = _mm256_add_ps(_mm256_mul_ps(q, x2), _mm256_set1_ps(kErfDen[i]));
-  return _mm256_div_ps(_mm256_mul_ps(x, p), q);
-}
-
-__attribute__((target("avx2"))) inline __m256 gelu_avx2(__m256 y) {
-  const __m256 e = erf_avx2(_mm256_mul_ps(y, _mm256_set1_ps(kSqrt1_2)));
-  return _mm256_mul_ps(_mm256_mul_ps(y, _mm256_set1_ps(0.5f)), _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+// gelu of n8 floats (a multiple of 8) in place, erf as in erf() above, in three passes per chunk: clamp and
+// square; the numerator polynomial; the denominator, erf and GELU. The same operations in the same order per
+// element as gelu(), but each pass's chain per vector is short: done in one pass, a vector's chain is ~90 cycles of
+// dependent multiplies, adds and a division, and only a few vectors fit in the out-of-order window.
+constexpr int64_t kGeluChunk = 768;
+__attribute__((target("avx2"))) inline void gelu_inplace_avx2(float* y, int64_t n8) {
+  alignas(32) float x[kGeluChunk], x2[kGeluChunk], num[kGeluChunk];
+  const __m256 lo = _mm256_set1_ps(-4.0f), hi = _mm256_set1_ps(4.0f), root = _mm256_set1_ps(kSqrt1_2);
+  const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f);
+  for (int64_t j0 = 0; j0 < n8; j0 += kGeluChunk, y += kGeluChunk) {
+    const int64_t count = std::min(kGeluChunk, n8 - j0);
+    for (int64_t j = 0; j < count; j += 8) {
+      const __m256 xj = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(_mm256_loadu_ps(y + j), root), lo), hi);
+      _mm256_store_ps(x + j, xj);
+      _mm256_store_ps(x2 + j, _mm256_mul_ps(xj, xj));
+    }
+    for (int64_t j = 0; j < count; j += 8) {
+      const __m256 sq = _mm256_load_ps(x2 + j);
+      __m256 p = _mm256_set1_ps(kErfNum[0]);
+      for (int i = 1; i < 7; ++i) p = _mm256_add_ps(_mm256_mul_ps(p, sq), _mm256_set1_ps(kErfNum[i]));
+      _mm256_store_ps(num + j, p);
+    }
+    for (int64_t j = 0; j < count; j += 8) {
+      const __m256 sq = _mm256_load_ps(x2 + j);
+      __m256 q = _mm256_set1_ps(kErfDen[0]);
+      for (int i = 1; i < 5; ++i) q = _mm256_add_ps(_mm256_mul_ps(q, sq), _mm256_set1_ps(kErfDen[i]));
+      const __m256 erf = _mm256_div_ps(_mm256_mul_ps(_mm256_load_ps(x + j), _mm256_load_ps(num + j)), q);
+      _mm256_storeu_ps(y + j, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(y + j), half), _mm256_add_ps(one, erf)));
+    }
+  }
 }
 
 __attribute__((target("avx2"))) inline __m256 exp2_avx2(__m256 d) {

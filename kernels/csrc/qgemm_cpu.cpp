@@ -91,35 +91,6 @@ void epilogue_scalar(const Epilogue& ep, const int32_t* acc, int64_t m, int rows
 }
 
 #if DFQVIT_X86
-// pm::gelu_avx2 of n8 <= kTileRows * kNR floats (a multiple of 8) in place, in three passes: clamp and square;
-// the numerator polynomial; the denominator, erf and GELU. The same operations in the same order per element (same
-// bits), but each pass's chain per vector is short. In one pass it is ~90 cycles of dependent multiplies, adds and
-// a division, and only a few vectors fit in the out-of-order window: A/B on the fc1 shape (M 4160, N 768, K 192,
-// int8 out), the GELU's share of the GEMM time 15-25% lower.
-__attribute__((target("avx2"))) void gelu_inplace_avx2(float* y, int64_t n8) {
-  alignas(32) float x[kTileRows * kNR], x2[kTileRows * kNR], num[kTileRows * kNR];
-  const __m256 lo = _mm256_set1_ps(-4.0f), hi = _mm256_set1_ps(4.0f), root = _mm256_set1_ps(pm::kSqrt1_2);
-  for (int64_t j = 0; j < n8; j += 8) {
-    const __m256 xj = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(_mm256_load_ps(y + j), root), lo), hi);
-    _mm256_store_ps(x + j, xj);
-    _mm256_store_ps(x2 + j, _mm256_mul_ps(xj, xj));
-  }
-  for (int64_t j = 0; j < n8; j += 8) {
-    const __m256 sq = _mm256_load_ps(x2 + j);
-    __m256 p = _mm256_set1_ps(pm::kErfNum[0]);
-    for (int i = 1; i < 7; ++i) p = _mm256_add_ps(_mm256_mul_ps(p, sq), _mm256_set1_ps(pm::kErfNum[i]));
-    _mm256_store_ps(num + j, p);
-  }
-  const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f);
-  for (int64_t j = 0; j < n8; j += 8) {
-    const __m256 sq = _mm256_load_ps(x2 + j);
-    __m256 q = _mm256_set1_ps(pm::kErfDen[0]);
-    for (int i = 1; i < 5; ++i) q = _mm256_add_ps(_mm256_mul_ps(q, sq), _mm256_set1_ps(pm::kErfDen[i]));
-    const __m256 erf = _mm256_div_ps(_mm256_mul_ps(_mm256_load_ps(x + j), _mm256_load_ps(num + j)), q);
-    _mm256_store_ps(y + j, _mm256_mul_ps(_mm256_mul_ps(_mm256_load_ps(y + j), half), _mm256_add_ps(one, erf)));
-  }
-}
-
 // The epilogue of one block (rows x 8 columns at a time) without its GELU: the pre-activation from the
 // accumulators, and the residual + output step. Locals, not ep.*: the int8 stores may alias anything, which
 // would force a reload of every field.
@@ -160,19 +131,15 @@ struct BlockEpilogue {
   __attribute__((target("avx2"), always_inline)) void store(__m256 y, int r, int c) const {
     if (kResidual) y = _mm256_add_ps(y, _mm256_loadu_ps(residual + r * ld_residual + c));
     if (!kRequant) return _mm256_storeu_ps(out_f32 + r * n + c, y);
-    __m256 q = _mm256_round_ps(_mm256_div_ps(y, _mm256_loadu_ps(out_scale + c)),
-                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    q = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(q, _mm256_loadu_ps(out_zero + c)), _mm256_loadu_ps(qmin + c)),
-                      _mm256_loadu_ps(qmax + c));
-    const __m256i qi = _mm256_cvtps_epi32(q);  // integral already: exact
-    const __m128i packed16 = _mm_packs_epi32(_mm256_castsi256_si128(qi), _mm256_extracti128_si256(qi, 1));
-    _mm_storel_epi64(reinterpret_cast<__m128i*>(out_i8 + r * n + c), _mm_packs_epi16(packed16, packed16));
+    quantize8_avx2(y, _mm256_loadu_ps(out_scale + c), _mm256_loadu_ps(out_zero + c), _mm256_loadu_ps(qmin + c),
+                   _mm256_loadu_ps(qmax + c), out_i8 + r * n + c);
   }
 };
 
-// One instantiation per epilogue shape: no run-time branches and few live registers in the loop (the GELU
-// constants would otherwise push the loop counters onto the stack). With GELU: the block's pre-activations
-// first, GELU over all of them (gelu_inplace_avx2), then residual and output.
+// One instantiation per epilogue shape: no run-time branches and few live registers in the loop. With GELU: the
+// block's pre-activations first, GELU over all of them (pm::gelu_inplace_avx2, in short passes), then residual and
+// output. A/B on the fc1 shape (M 4160, N 768, K 192, int8 out) against GELU per vector inside the loop: GELU's
+// cost in the GEMM roughly halved.
 template <bool kBias, bool kGelu, bool kResidual, bool kRequant>
 __attribute__((target("avx2"))) void epilogue_avx2_impl(const Epilogue& ep, const int32_t* acc, int64_t m, int rows,
                                                         int64_t col0, int width) {
@@ -182,7 +149,7 @@ __attribute__((target("avx2"))) void epilogue_avx2_impl(const Epilogue& ep, cons
     alignas(32) float y[kTileRows * kNR];
     for (int r = 0; r < rows; ++r)
       for (int c = 0; c < full; c += 8) _mm256_store_ps(y + r * full + c, block.pre_activation(acc, r, c));
-    gelu_inplace_avx2(y, int64_t(rows) * full);
+    pm::gelu_inplace_avx2(y, int64_t(rows) * full);
     for (int r = 0; r < rows; ++r)
       for (int c = 0; c < full; c += 8) block.store(_mm256_load_ps(y + r * full + c), r, c);
   } else {

@@ -23,19 +23,22 @@ inline int8_t quantize_scalar(float y, const Grid& g) {
 }
 
 #if DFQVIT_X86
+// quantize_scalar on 8 lanes (a grid per lane: scale, zero, qmin, qmax), stored as 8 int8 codes at q.
+__attribute__((target("avx2"))) inline void quantize8_avx2(__m256 y, __m256 scale, __m256 zero, __m256 qmin,
+                                                           __m256 qmax, int8_t* q) {
+  __m256 v = _mm256_round_ps(_mm256_div_ps(y, scale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  v = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(v, zero), qmin), qmax);
+  const __m256i vi = _mm256_cvtps_epi32(v);  // integral already: exact
+  const __m128i p16 = _mm_packs_epi32(_mm256_castsi256_si128(vi), _mm256_extracti128_si256(vi, 1));
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(q), _mm_packs_epi16(p16, p16));
+}
+
 // q[j] = quantize(y[j]) for j < n rounded down to 8; returns how many were done.
 __attribute__((target("avx2"))) inline int64_t quantize_avx2(const float* y, int64_t n, const Grid& g, int8_t* q) {
   const __m256 scale = _mm256_set1_ps(g.scale), zero = _mm256_set1_ps(g.zero);
   const __m256 lo = _mm256_set1_ps(g.qmin), hi = _mm256_set1_ps(g.qmax);
   int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    __m256 v = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(y + j), scale),
-                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    v = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(v, zero), lo), hi);
-    const __m256i vi = _mm256_cvtps_epi32(v);
-    const __m128i p16 = _mm_packs_epi32(_mm256_castsi256_si128(vi), _mm256_extracti128_si256(vi, 1));
-    _mm_storel_epi64(reinterpret_cast<__m128i*>(q + j), _mm_packs_epi16(p16, p16));
-  }
+  for (; j + 8 <= n; j += 8) quantize8_avx2(_mm256_loadu_ps(y + j), scale, zero, lo, hi, q + j);
   return j;
 }
 #endif
