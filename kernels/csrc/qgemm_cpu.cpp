@@ -392,14 +392,10 @@ __attribute__((target_clones("avx2", "default"))) int32_t pack_row_s16(const int
 // Driver
 // ---------------------------------------------------------------------------------------------------
 
-#if DFQVIT_X86
 // y[j] += x[j] for j < n (fp32, the epilogue's y + residual).
-__attribute__((target("avx2"))) void add_row_avx2(float* y, const float* x, int64_t n) {
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) _mm256_storeu_ps(y + j, _mm256_add_ps(_mm256_loadu_ps(y + j), _mm256_loadu_ps(x + j)));
-  for (; j < n; ++j) y[j] = y[j] + x[j];
+__attribute__((target_clones("avx2", "default"))) void add_row(float* y, const float* x, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) y[j] = y[j] + x[j];
 }
-#endif
 
 // Row tiles of kTileRows rows, claimed one at a time by the threads (parallel.h), each through all panels. Per
 // panel, the micro-kernel fills the tile's accumulator block (kTileRows x kNR, in L1) and one epilogue call
@@ -412,7 +408,7 @@ template <typename Micro, typename Prep>
 void run_tiles(int64_t m, int64_t panels, const Epilogue& ep, Isa isa, Micro micro, Prep prep,
                int64_t scratch_bytes) {
   const int64_t row_tiles = (m + kTileRows - 1) / kTileRows;
-  const bool residual_after = ep.residual && !ep.requant && isa != Isa::kScalar;
+  const bool residual_after = ep.residual && !ep.requant;
   Epilogue panel_ep = ep;
   if (residual_after) panel_ep.residual = nullptr;
 #if DFQVIT_X86
@@ -440,10 +436,8 @@ void run_tiles(int64_t m, int64_t panels, const Epilogue& ep, Isa isa, Micro mic
 #endif
         epilogue_scalar(panel_ep, acc, m0, rows, col0, width);
       }
-#if DFQVIT_X86
       if (residual_after)
-        for (int64_t r = m0; r < m1; ++r) add_row_avx2(ep.out_f32 + r * ep.n, ep.residual + r * ep.ld_residual, ep.n);
-#endif
+        for (int64_t r = m0; r < m1; ++r) add_row(ep.out_f32 + r * ep.n, ep.residual + r * ep.ld_residual, ep.n);
     }
   });
 }
