@@ -90,23 +90,25 @@ def test_native_qgemm_is_bit_exact(isa, bits, m, n, k):
         assert torch.equal(got, expected)
 
 
-def test_native_qgemm_extreme_codes_and_long_k(isa):
-    """a = -128 against code 15 with zero point 0 everywhere (the s16 pair sums' worst case), K = 3072."""
+@pytest.mark.parametrize("bits,code,zero", [(4, 15, 0), (4, 0, 15), (3, 7, 0), (3, 0, 7), (4, 15, 20)])
+def test_native_qgemm_extreme_codes_and_long_k(isa, bits, code, zero):
+    """Every activation at -128 or 127 against one code and zero point everywhere, K = 3072: the s16 pair sums'
+    worst cases (W - wz = +-15 on the AVX2 planes, which hold W - wz), and a zero point outside the codes' range
+    (20: the AVX2 path keeps raw codes and the row-sum term)."""
     from dfqvit.kernels import native, pack_weight
     n, k = 24, 3072
-    for bits, top in ((4, 15), (3, 7)):
-        w = pack_weight(torch.full((n, k), top, dtype=torch.uint8), torch.ones(n), torch.zeros(n, dtype=torch.int32),
-                        bits)
-        for fill in (-128, 127):
-            a = torch.full((5, k), fill, dtype=torch.int8)
-            args = (a, 1.0, 0, w.data, w.w_scale, w.w_zero, w.w_col_sums, None, None, w.storage_bits, k, w.group_k,
-                    False, None, 0, -128, 127, torch.float32)
-            expected = reference.qgemm_reference(*args)
-            assert float(expected[0, 0]) == (fill * top * k)
-            panels = native.prepack(w.data, bits, k, w.group_k)
-            assert torch.equal(native.qgemm_prepacked(a, 1.0, 0, panels, n, w.w_scale, w.w_zero, w.w_col_sums, None,
-                                                      None, bits, k, False, None, 0, -128, 127, torch.float32),
-                               expected)
+    w = pack_weight(torch.full((n, k), code, dtype=torch.uint8), torch.ones(n),
+                    torch.full((n,), zero, dtype=torch.int32), bits)
+    panels = native.prepack(w.data, bits, k, w.group_k)
+    for fill in (-128, 127):
+        a = torch.full((5, k), fill, dtype=torch.int8)
+        args = (a, 1.0, 0, w.data, w.w_scale, w.w_zero, w.w_col_sums, None, None, w.storage_bits, k, w.group_k,
+                False, None, 0, -128, 127, torch.float32)
+        expected = reference.qgemm_reference(*args)
+        assert float(expected[0, 0]) == (fill * (code - zero) * k)
+        assert torch.equal(native.qgemm_prepacked(a, 1.0, 0, panels, n, w.w_scale, w.w_zero, w.w_col_sums, None,
+                                                  None, bits, k, False, None, 0, -128, 127, torch.float32),
+                           expected)
 
 
 def test_native_kernels_are_the_cpu_implementation_of_the_ops():
