@@ -126,6 +126,21 @@ def test_wrong_input_shape_and_non_finite_input():
     x[1, 0, 3, 3] = float("nan")
     with pytest.raises(NonFiniteInputError, match="1 NaN"):
         qmodel(x)
+    x[1, 0, 3, 3], x[0, 2, 1, 1] = float("inf"), float("-inf")  # the sum is NaN
+    with pytest.raises(NonFiniteInputError, match="2 NaN/Inf"):
+        qmodel(x)
+    x[0, 2, 1, 1] = 0.0  # only +inf: the sum is inf
+    with pytest.raises(NonFiniteInputError, match="1 NaN/Inf"):
+        qmodel(x)
+
+
+def test_finite_input_whose_sum_overflows_is_accepted():
+    from dfqvit.models.quantized import validate_images
+
+    qmodel = dfqvit.compile(TINY_MODELS["vit"](), bits=8, **FAST)
+    x = torch.full((2, 3, 32, 32), 3e38)  # finite, but the sum overflows to inf: the full check decides
+    assert not torch.isfinite(x.sum())
+    validate_images(x, qmodel.input_spec)
 
 
 def test_bad_calibration_data():

