@@ -88,6 +88,19 @@ def qgemm_prepacked(a: torch.Tensor, a_scale: float, a_zero: int, panels: torch.
                                                    int(out_qmin), int(out_qmax), out_dtype)
 
 
+def qgemm_prepacked_norm(a: torch.Tensor, a_scale: float, a_zero: int, panels: torch.Tensor, n: int,
+                         w_scale: torch.Tensor, w_zero: torch.Tensor, w_col_sums: torch.Tensor, bias, residual,
+                         storage_bits: int, k: int, norm_weight: torch.Tensor, norm_bias: torch.Tensor, eps: float,
+                         scale: float, zero: int, qmin: int, qmax: int) -> tuple:
+    """(y, codes): the fp32 ``qgemm_prepacked`` output (bias, residual) and ``layernorm_quant(y, ...)``, bit for
+    bit the two calls, with each output tile normalized while it is still in cache (a pre-norm block's residual
+    branch and the next GEMM's input)."""
+    return torch.ops.dfqvit.native_qgemm_prepacked_norm(a, float(a_scale), int(a_zero), panels, int(n), w_scale,
+                                                        w_zero, w_col_sums, bias, residual, int(storage_bits), int(k),
+                                                        norm_weight, norm_bias, float(eps), float(scale), int(zero),
+                                                        int(qmin), int(qmax))
+
+
 def qgemm_prepacked_columns(a: torch.Tensor, a_scale: float, a_zero: int, panels: torch.Tensor, n: int,
                             w_scale, w_zero, w_col_sums, bias, storage_bits: int, k: int,
                             out_grid: torch.Tensor) -> torch.Tensor:

@@ -90,6 +90,27 @@ def test_native_qgemm_is_bit_exact(isa, bits, m, n, k):
         assert torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("m,n,k", [(1, 3, 5), (66, 37, 129), (101, 48, 64), (200, 192, 40)])
+def test_native_qgemm_norm_is_the_gemm_then_layernorm_quant(isa, bits, m, n, k):
+    """The fused residual GEMM + LayerNorm+quantize equals the two ops bit for bit: every row tile (48 rows, a
+    short last one) is normalized after its last panel and residual add."""
+    from dfqvit.kernels import native
+    w = _weight(bits, n, k)
+    a = torch.randint(-128, 128, (m, k), generator=GEN).to(torch.int8)
+    bias, residual = torch.randn(n, generator=GEN), torch.randn(m, n, generator=GEN)
+    nw, nb = torch.randn(n, generator=GEN), torch.randn(n, generator=GEN)
+    panels = native.prepack(w.data, w.storage_bits, k, w.group_k)
+    for res, b in ((residual, bias), (None, None)):
+        gemm = (a, 0.02, -5, panels, n, w.w_scale, w.w_zero, w.w_col_sums, b, res, w.storage_bits, k)
+        y, codes = native.qgemm_prepacked_norm(*gemm, nw, nb, 1e-6, 0.03, 2, -128, 127)
+        expected = native.qgemm_prepacked(*gemm, False, None, 0, 0, 0, torch.float32)
+        assert torch.equal(y, expected)
+        assert torch.equal(codes, reference.layernorm_quant_reference(expected, nw, nb, 1e-6, 0.03, 2, -128, 127))
+    with pytest.raises(RuntimeError, match="LayerNorm weight and bias"):
+        native.qgemm_prepacked_norm(*gemm, nw[:-1], nb, 1e-6, 0.03, 2, -128, 127)
+
+
 @pytest.mark.parametrize("bits,code,zero", [(4, 15, 0), (4, 0, 15), (3, 7, 0), (3, 0, 7), (4, 15, 20)])
 def test_native_qgemm_extreme_codes_and_long_k(isa, bits, code, zero):
     """Every activation at -128 or 127 against one code and zero point everywhere, K = 3072: the s16 pair sums'

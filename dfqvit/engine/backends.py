@@ -53,6 +53,11 @@ class TorchKernels:
                                          layer.w_col_sums, layer.bias, residual, layer.layout.storage_bits,
                                          layer.k, layer.group_k, gelu, *_out_args(out, out_dtype))
 
+    def gemm_norm(self, a, layer: PackedLinear, residual, out_dtype, norm, grid: ActGrid):
+        """(gemm(a) + residual, layernorm_quant of it on ``grid``): a residual branch and the next layer's input."""
+        y = self.gemm(a, layer, residual, False, None, out_dtype)
+        return y, self.layernorm_quant(y, norm, grid)
+
     def gemm_w16(self, x, layer: PackedLinear, residual, gelu: bool, out_dtype):
         return reference.qgemm_w16_reference(x, layer.data, layer.w_scale, layer.w_zero, layer.bias, residual,
                                              layer.layout.storage_bits, layer.k, layer.group_k, gelu, out_dtype)
@@ -114,6 +119,15 @@ class NativeKernels(_FusedAttentionTokens, TorchKernels):
         return native.qgemm_prepacked(a, g.scale, g.zero, layer.panels, layer.n, layer.w_scale, layer.w_zero,
                                       layer.w_col_sums, layer.bias, residual, layer.layout.storage_bits, layer.k,
                                       gelu, *_out_args(out, out_dtype))
+
+    def gemm_norm(self, a, layer: PackedLinear, residual, out_dtype, norm, grid: ActGrid):
+        if out_dtype != torch.float32:  # the LayerNorm reads the fp32 rows
+            return super().gemm_norm(a, layer, residual, out_dtype, norm, grid)
+        g = layer.act
+        return native.qgemm_prepacked_norm(a, g.scale, g.zero, layer.panels, layer.n, layer.w_scale, layer.w_zero,
+                                           layer.w_col_sums, layer.bias, residual, layer.layout.storage_bits,
+                                           layer.k, norm.weight, norm.bias, norm.eps, grid.scale, grid.zero,
+                                           grid.qmin, grid.qmax)
 
     def attention(self, q, k, v, grids, sm_scale: float, bias, mask, p: SoftmaxGrid, out_dtype, **launch):
         """``launch``: ``out_grid`` / ``token_major`` of :func:`native.attention` (see ``attention_tokens``)."""

@@ -7,6 +7,8 @@ One A8 pre-norm block, as the kernels see it::
     LayerNorm+quantize -> qkv GEMM + quantize q, k, v -> int8 attention (log2 softmax) + quantize
     -> proj GEMM (+ residual) -> LayerNorm+quantize -> fc1 GEMM + GELU + re-quantize -> fc2 GEMM (+ residual)
 
+(each LayerNorm+quantize after a residual GEMM runs inside that GEMM on the native backend: ``branch_norm``).
+
 Weight-only (A16) layers take the float path of the same functions: LayerNorm, weight-only GEMM, SDPA.
 """
 from __future__ import annotations
@@ -100,6 +102,19 @@ def branch(kernels, x_in: torch.Tensor, layer: PackedLinear, end: BranchEnd, res
     return residual + end(linear(kernels, x_in, layer, out_dtype=residual.dtype))
 
 
+def branch_norm(kernels, x_in: torch.Tensor, layer: PackedLinear, end: BranchEnd, residual: torch.Tensor,
+                norm: nn.Module, next_layer: PackedLinear):
+    """``branch`` and ``norm_input`` of its result for ``next_layer``: (residual stream, next layer's input). One
+    kernel call (``kernels.gemm_norm``) when the residual add is fused and both layers are integer."""
+    if not (end.fusable and layer.act is not None and next_layer.act is not None):
+        y = branch(kernels, x_in, layer, end, residual)
+        return y, norm_input(kernels, y, norm, next_layer)
+    lead = x_in.shape[:-1]
+    a = input_codes(kernels, x_in.reshape(-1, x_in.shape[-1]), layer)
+    y, codes = kernels.gemm_norm(a, layer, residual.reshape(-1, layer.n), residual.dtype, norm, next_layer.act)
+    return y.reshape(*lead, layer.n), codes.reshape(*lead, layer.n)
+
+
 class Attention(nn.Module):
     """qkv GEMM -> quantized q, k, v -> attention (int8 with a quantized softmax, or SDPA for A16)."""
 
@@ -163,9 +178,17 @@ class Mlp(nn.Module):
         self.end = BranchEnd(mlp.drop2, layer_scale)
 
     def forward(self, kernels, x: torch.Tensor) -> torch.Tensor:
-        a = norm_input(kernels, x, self.norm, self.fc1)
+        return self.run(kernels, x)[0]
+
+    def run(self, kernels, x: torch.Tensor, a: Optional[torch.Tensor] = None, next_norm=None):
+        """(x + mlp(x), the input of ``next_norm`` = (norm, layer) on the result, or None). ``a``: fc1's input
+        (``norm`` of x) when the caller already has it."""
+        if a is None:
+            a = norm_input(kernels, x, self.norm, self.fc1)
         h = linear(kernels, a, self.fc1, gelu=True, out=self.fc2.act, out_dtype=x.dtype)
-        return branch(kernels, h, self.fc2, self.end, x)
+        if next_norm is None:
+            return branch(kernels, h, self.fc2, self.end, x), None
+        return branch_norm(kernels, h, self.fc2, self.end, x, *next_norm)
 
 
 def _layer_scale(block: nn.Module, name: str) -> Optional[nn.Module]:
@@ -186,9 +209,17 @@ class ViTBlock(nn.Module):
         self.mlp = Mlp(block.norm2, block.mlp, _layer_scale(block, "ls2"), f"{where}.mlp")
 
     def forward(self, kernels, x: torch.Tensor) -> torch.Tensor:
-        a = norm_input(kernels, x, self.norm1, self.attn.qkv)
-        x = branch(kernels, self.attn(kernels, a, x.dtype), self.attn.proj, self.attn_end, x)
-        return self.mlp(kernels, x)
+        return self.run(kernels, x)[0]
+
+    def run(self, kernels, x: torch.Tensor, a: Optional[torch.Tensor] = None, next_norm=None):
+        """(block(x), the input of ``next_norm`` = (norm, layer) on it, or None). ``a``: norm1's output for x when
+        the previous block computed it. Each LayerNorm after a residual branch goes with that branch's GEMM
+        (``branch_norm``): on the native backend the GEMM normalizes its output tiles while they are in cache."""
+        if a is None:
+            a = norm_input(kernels, x, self.norm1, self.attn.qkv)
+        x, h = branch_norm(kernels, self.attn(kernels, a, x.dtype), self.attn.proj, self.attn_end, x,
+                           self.mlp.norm, self.mlp.fc1)
+        return self.mlp.run(kernels, x, h, next_norm)
 
 
 class SwinBlock(nn.Module):

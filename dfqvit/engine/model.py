@@ -72,8 +72,10 @@ class ViTTrunk(nn.Module):
 
     def forward(self, kernels, images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         x = self.embed(kernels, images, dtype)
-        for block in self.blocks:
-            x = block(kernels, x)
+        a = None  # the next block's norm1 output, computed with the previous block's last GEMM
+        for i, block in enumerate(self.blocks):
+            following = self.blocks[i + 1] if i + 1 < len(self.blocks) else None
+            x, a = block.run(kernels, x, a, None if following is None else (following.norm1, following.attn.qkv))
         if self.distilled:
             x = layer_norm(x[:, :2], self.norm)
             return (run_head(kernels, x[:, 0], self.head) + run_head(kernels, x[:, 1], self.head_dist)) / 2

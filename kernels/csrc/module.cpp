@@ -1,7 +1,8 @@
 // dfqvit._C: the native CPU backend. Importing the Python module loads this shared library, whose static
 // initialisers register the torch ops (torch.ops.dfqvit.native_*):
 //   packing.cpp      native_pack_weight / native_unpack_weight
-//   qgemm_cpu.cpp    native_qgemm       (int8 x packed int4/int3/int8 GEMM, fused epilogue)
+//   qgemm_cpu.cpp    native_qgemm       (int8 x packed int4/int3/int8 GEMM, fused epilogue; _prepacked on CPU
+//                    panels; _prepacked_norm also LayerNorm-quantizes the fp32 output tiles: layernorm.h)
 //   attention_cpu.cpp native_attention  (log2 / linear quantized softmax attention)
 //   act_quant_cpu.cpp native_layernorm_quant / native_quantize
 //   here             native_isa / native_set_isa (run-time ISA dispatch: avx512_vnni, avx2, scalar)

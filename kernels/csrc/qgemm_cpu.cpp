@@ -29,10 +29,12 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
 #include "cpu_isa.h"
+#include "layernorm.h"
 #include "packing.h"
 #include "parallel.h"
 #include "portable_math.h"
@@ -70,6 +72,10 @@ struct Epilogue {
   float* out_f32;             // (M, N) when !requant
   int8_t* out_i8;             // (M, N) when requant
   int64_t n;                  // true N (row stride of the output)
+  // With norm: each finished row tile of the fp32 output (residual added) is also LayerNorm-quantized into
+  // norm_out (M, N) while it is in cache (native_qgemm_prepacked_norm).
+  const LayerNormQuant* norm = nullptr;
+  int8_t* norm_out = nullptr;
 };
 
 inline void store_scalar(const Epilogue& ep, int32_t acc, int64_t m, int64_t col) {
@@ -440,6 +446,7 @@ void run_tiles(int64_t m, int64_t panels, const Epilogue& ep, Isa isa, Micro mic
   parallel_claims(row_tiles, 1, [&](auto& claim) {
     alignas(64) int32_t acc[kTileRows * kNR];
     std::vector<uint8_t> scratch(scratch_bytes);
+    std::vector<float> norm_scratch(ep.norm ? ep.n : 0);
     for (int64_t tile, last; claim(&tile, &last);) {
       const int64_t m0 = tile * kTileRows, m1 = std::min(m, m0 + kTileRows);
       const int rows = static_cast<int>(m1 - m0);
@@ -459,6 +466,9 @@ void run_tiles(int64_t m, int64_t panels, const Epilogue& ep, Isa isa, Micro mic
       }
       if (residual_after)
         for (int64_t r = m0; r < m1; ++r) add_row(ep.out_f32 + r * ep.n, ep.residual + r * ep.ld_residual, ep.n);
+      if (ep.norm)
+        layernorm_quant_rows(*ep.norm, ep.out_f32 + m0 * ep.n, m1 - m0, ep.n, ep.norm_out + m0 * ep.n,
+                             norm_scratch.data(), isa);
     }
   });
 }
@@ -474,13 +484,19 @@ std::vector<T> padded(const at::Tensor& t, int64_t size) {
   return out;
 }
 
-at::Tensor native_qgemm_prepacked(const at::Tensor& a_in, double a_scale, int64_t a_zero, const at::Tensor& panels_in,
-                                  int64_t n, const at::Tensor& w_scale, const at::Tensor& w_zero,
-                                  const at::Tensor& w_col_sums, const c10::optional<at::Tensor>& bias,
-                                  const c10::optional<at::Tensor>& residual, int64_t storage_bits, int64_t k,
-                                  bool gelu, c10::optional<double> out_scale, int64_t out_zero, int64_t out_qmin,
-                                  int64_t out_qmax, at::ScalarType out_dtype,
-                                  const c10::optional<at::Tensor>& out_grid) {
+// A LayerNorm + quantize of the fp32 output rows, and where its codes go.
+struct NormOutput {
+  LayerNormQuant ln;
+  int8_t* codes;
+};
+
+at::Tensor qgemm_prepacked_impl(const at::Tensor& a_in, double a_scale, int64_t a_zero, const at::Tensor& panels_in,
+                                int64_t n, const at::Tensor& w_scale, const at::Tensor& w_zero,
+                                const at::Tensor& w_col_sums, const c10::optional<at::Tensor>& bias,
+                                const c10::optional<at::Tensor>& residual, int64_t storage_bits, int64_t k, bool gelu,
+                                c10::optional<double> out_scale, int64_t out_zero, int64_t out_qmin, int64_t out_qmax,
+                                at::ScalarType out_dtype, const c10::optional<at::Tensor>& out_grid,
+                                const NormOutput* norm) {
   TORCH_CHECK(a_in.dim() == 2 && a_in.scalar_type() == at::kChar && a_in.size(1) == k,
               "dfqvit native qgemm: a must be int8 (M, K=", k, "), got ", a_in.sizes(), " ", a_in.scalar_type());
   const int64_t steps = panel_steps(k, storage_bits), panels = (n + kNR - 1) / kNR;
@@ -550,7 +566,8 @@ at::Tensor native_qgemm_prepacked(const at::Tensor& a_in, double a_scale, int64_
               bias.has_value() ? bias_f.data() : nullptr, gelu,
               res.defined() ? res.data_ptr<float>() : nullptr, res.defined() ? res.stride(0) : 0, requant,
               gp, gp + np, gp + 2 * np, gp + 3 * np, requant ? nullptr : out.data_ptr<float>(),
-              requant ? out.data_ptr<int8_t>() : nullptr, n};
+              requant ? out.data_ptr<int8_t>() : nullptr, n,
+              norm ? &norm->ln : nullptr, norm ? norm->codes : nullptr};
   const uint8_t* wbytes = wp.data_ptr<uint8_t>();
   const int64_t panel_bytes = steps * kStepBytes;
   // micro(rows, a, w, acc) for a block of rows: kMR at once when the block is full, else one row at a time.
@@ -613,6 +630,42 @@ at::Tensor native_qgemm_prepacked(const at::Tensor& a_in, double a_scale, int64_
   return out.to(out_dtype);  // fp16 / bf16: the reference's y.to(out_dtype), round to nearest even
 }
 
+at::Tensor native_qgemm_prepacked(const at::Tensor& a, double a_scale, int64_t a_zero, const at::Tensor& panels,
+                                  int64_t n, const at::Tensor& w_scale, const at::Tensor& w_zero,
+                                  const at::Tensor& w_col_sums, const c10::optional<at::Tensor>& bias,
+                                  const c10::optional<at::Tensor>& residual, int64_t storage_bits, int64_t k,
+                                  bool gelu, c10::optional<double> out_scale, int64_t out_zero, int64_t out_qmin,
+                                  int64_t out_qmax, at::ScalarType out_dtype,
+                                  const c10::optional<at::Tensor>& out_grid) {
+  return qgemm_prepacked_impl(a, a_scale, a_zero, panels, n, w_scale, w_zero, w_col_sums, bias, residual,
+                              storage_bits, k, gelu, out_scale, out_zero, out_qmin, out_qmax, out_dtype, out_grid,
+                              nullptr);
+}
+
+// The fp32 GEMM (+ bias, + residual) and the int8 codes of LayerNorm(output) on a grid: what a pre-norm block's
+// residual branch hands to the next block (the residual stream and the next GEMM's input). Each row tile is
+// normalized right after its last panel, from cache, instead of a separate pass over the output (bit for bit
+// native_qgemm_prepacked followed by native_layernorm_quant).
+std::tuple<at::Tensor, at::Tensor> native_qgemm_prepacked_norm(
+    const at::Tensor& a, double a_scale, int64_t a_zero, const at::Tensor& panels, int64_t n,
+    const at::Tensor& w_scale, const at::Tensor& w_zero, const at::Tensor& w_col_sums,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& residual, int64_t storage_bits, int64_t k,
+    const at::Tensor& norm_weight, const at::Tensor& norm_bias, double eps, double norm_scale, int64_t norm_zero,
+    int64_t norm_qmin, int64_t norm_qmax) {
+  TORCH_CHECK(norm_weight.dim() == 1 && norm_bias.dim() == 1 && norm_weight.size(0) == n && norm_bias.size(0) == n,
+              "dfqvit native qgemm_norm: LayerNorm weight and bias must be (N=", n, ",), got ", norm_weight.sizes(),
+              ", ", norm_bias.sizes());
+  const at::Tensor w = norm_weight.to(at::kFloat).contiguous(), b = norm_bias.to(at::kFloat).contiguous();
+  at::Tensor codes = at::empty({a.size(0), n}, at::kChar);
+  const NormOutput norm{{w.data_ptr<float>(), b.data_ptr<float>(), static_cast<float>(eps),
+                         make_grid(norm_scale, norm_zero, norm_qmin, norm_qmax)},
+                        codes.data_ptr<int8_t>()};
+  at::Tensor out = qgemm_prepacked_impl(a, a_scale, a_zero, panels, n, w_scale, w_zero, w_col_sums, bias, residual,
+                                        storage_bits, k, false, c10::nullopt, 0, 0, 0, at::kFloat, c10::nullopt,
+                                        &norm);
+  return {out, codes};
+}
+
 // sum_k (W[n, k] - w_zero[n]) over the true K, from the panels (zero beyond K and N).
 at::Tensor panel_col_sums(const at::Tensor& panels, int64_t storage_bits, int64_t k, int64_t n,
                           const at::Tensor& w_zero) {
@@ -665,12 +718,17 @@ TORCH_LIBRARY_FRAGMENT(dfqvit, m) {
         "Tensor w_zero, Tensor w_col_sums, Tensor? bias, Tensor? residual, int storage_bits, int k, bool gelu, "
         "float? out_scale, int out_zero, int out_qmin, int out_qmax, ScalarType out_dtype, Tensor? out_grid=None) "
         "-> Tensor");
+  m.def("native_qgemm_prepacked_norm(Tensor a, float a_scale, int a_zero, Tensor panels, int n, Tensor w_scale, "
+        "Tensor w_zero, Tensor w_col_sums, Tensor? bias, Tensor? residual, int storage_bits, int k, "
+        "Tensor norm_weight, Tensor norm_bias, float eps, float norm_scale, int norm_zero, int norm_qmin, "
+        "int norm_qmax) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(dfqvit, CPU, m) {
   m.impl("native_prepack_weight", &native_prepack_weight);
   m.impl("native_qgemm", &native_qgemm);
   m.impl("native_qgemm_prepacked", &native_qgemm_prepacked);
+  m.impl("native_qgemm_prepacked_norm", &native_qgemm_prepacked_norm);
 }
 
 }  // namespace dfqvit
