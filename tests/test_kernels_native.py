@@ -111,6 +111,23 @@ def test_native_qgemm_norm_is_the_gemm_then_layernorm_quant(isa, bits, m, n, k):
         native.qgemm_prepacked_norm(*gemm, nw[:-1], nb, 1e-6, 0.03, 2, -128, 127)
 
 
+def test_native_qgemm_weights_unpacked_per_tile_beyond_the_once_per_call_size(isa):
+    """N 400 x K 2800: 1.1 MB of unpacked AVX2 planes, above the once-per-call limit (1 MB), so each row tile
+    unpacks its panels (M 100: three tiles); also the short-M form (one tile)."""
+    from dfqvit.kernels import native
+    n, k = 400, 2800
+    w = _weight(4, n, k)
+    panels = native.prepack(w.data, w.storage_bits, k, w.group_k)
+    for m in (100, 9):
+        a = torch.randint(-128, 128, (m, k), generator=GEN).to(torch.int8)
+        bias = torch.randn(n, generator=GEN)
+        args = (a, 0.02, -5, w.data, w.w_scale, w.w_zero, w.w_col_sums, bias, None, w.storage_bits, k, w.group_k,
+                True, 0.05, 3, -128, 127, torch.int8)
+        got = native.qgemm_prepacked(a, 0.02, -5, panels, n, w.w_scale, w.w_zero, w.w_col_sums, bias, None,
+                                     w.storage_bits, k, True, 0.05, 3, -128, 127, torch.int8)
+        assert torch.equal(got, reference.qgemm_reference(*args))
+
+
 @pytest.mark.parametrize("bits,code,zero", [(4, 15, 0), (4, 0, 15), (3, 7, 0), (3, 0, 7), (4, 15, 20)])
 def test_native_qgemm_extreme_codes_and_long_k(isa, bits, code, zero):
     """Every activation at -128 or 127 against one code and zero point everywhere, K = 3072: the s16 pair sums'

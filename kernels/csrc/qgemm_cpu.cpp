@@ -14,8 +14,8 @@
 //   int8:   sum (a - az)(W - wz) = sum (a - az) W  - wz[n] * sum_k (a - az)
 // Micro-kernels keep 4 rows x 16 outputs of int32 accumulators in registers:
 //   AVX-512 VNNI: vpdpbusd (u8 x s8, 4 products per lane) on 16 outputs;
-//   AVX2: the panel unpacked once per tile to s8 planes in L1 with the zero point subtracted (W - wz in
-//         -15..15), vpmaddubsw (u8 x s8 pairs -> s16; four of them stay below 2**15), vpmaddwd with ones ->
+//   AVX2: the panels unpacked to s8 planes with the zero point subtracted (W - wz in -15..15; once per call,
+//         or per row tile for large weights), vpmaddubsw (u8 x s8 pairs -> s16; four of them stay below 2**15), vpmaddwd with ones ->
 //         s32. The sum is then sum (a + 128)(W - wz): the epilogue has no wz[n] * row-sum term. int8
 //         weights: sign-extend to s16, vpmaddwd;
 //   scalar: the same sums in plain C++.
@@ -47,6 +47,11 @@ constexpr int kNR = 16;          // outputs per panel
 constexpr int kMR = 4;           // rows per micro-kernel call
 constexpr int kStepBytes = 32;   // bytes per panel step (a quad of K for nibbles, a pair for int8)
 constexpr int64_t kTileRows = 48;
+// Unpacked weights up to this size are unpacked once per GEMM call instead of once per row tile. A/B on the 2-core
+// Zen 3 VM: the CIFAR layer shapes (planes 37-147 KB) 4-17% faster (M 520 and 4160, every epilogue), the DeiT-S ones
+// (147-590 KB, read back from L2/L3 by each tile) ~4% on average. Larger weights keep the per-tile unpack: their
+// planes would be streamed from memory by every tile.
+constexpr int64_t kPlanesOnceBytes = int64_t(1) << 20;
 
 int64_t lane_k(int64_t storage_bits) { return storage_bits == 8 ? 2 : 4; }
 int64_t panel_steps(int64_t k, int64_t storage_bits) { return (k + lane_k(storage_bits) - 1) / lane_k(storage_bits); }
@@ -266,11 +271,11 @@ __attribute__((target("avx2"))) void micro_int8_avx2(const int16_t* a, int64_t l
   }
 }
 
-// AVX2 nibble path, second form: the panel is unpacked once per tile (unpack_panel_avx2) into s8 planes of
-// W - wz, 64 bytes per quad (low nibbles = outputs 0..7, then high = 8..15), read from L1 by every row of the
-// tile. Subtracting the zero point here (one vpsubb per 32 bytes, once per tile) instead of the wz[n] * row-sum
-// term (a vpmulld) per 8 outputs in the epilogue: A/B over the CIFAR layer shapes x 4 epilogues, 0-4% faster
-// (median ~1.5%; the fp32-out ones, bound by their stores, unchanged); the engine within its noise.
+// AVX2 nibble path, second form: the panels are unpacked (unpack_panel_avx2; once per call, or once per row tile
+// for large weights: kPlanesOnceBytes) into s8 planes of W - wz, 64 bytes per quad (low nibbles = outputs 0..7,
+// then high = 8..15), read by every row of a tile. Subtracting the zero point here (one vpsubb per 32 bytes)
+// instead of the wz[n] * row-sum term (a vpmulld) per 8 outputs in the epilogue: A/B over the CIFAR layer shapes
+// x 4 epilogues, 0-4% faster (median ~1.5%; the fp32-out ones, bound by their stores, unchanged).
 // Four quads accumulate in s16 before one vpmaddwd: each vpmaddubsw lane is <= 2 * 255 * 15 = 7650 in magnitude
 // (|W - wz| <= 15), four are <= 30600 < 2**15 (exact): one vpmaddwd per four quads instead of one per two (the
 // earlier form, which also re-unpacked the nibbles for every 4 rows, was 0-12% slower on this machine).
@@ -598,15 +603,31 @@ at::Tensor qgemm_prepacked_impl(const at::Tensor& a_in, double a_scale, int64_t 
             plane_zeros[p * 64 + c * 4 + t] = static_cast<uint8_t>(zero[p * kNR + c]);
             plane_zeros[p * 64 + 32 + c * 4 + t] = static_cast<uint8_t>(zero[p * kNR + 8 + c]);
           }
-      auto unpack = [&](int64_t panel, uint8_t* scratch) -> const uint8_t* {
-        unpack_panel_avx2(wbytes + panel * panel_bytes, steps, plane_zeros.data() + panel * 64, scratch);
-        return scratch;
-      };
       Epilogue folded = ep;
       if (fold) folded.w_zero = nullptr;
-      run_tiles(m, panels, folded, isa, blocks(ap, [&](auto mr, const uint8_t* a8r, const uint8_t* w, int32_t* acc) {
+      auto micro = blocks(ap, [&](auto mr, const uint8_t* a8r, const uint8_t* w, int32_t* acc) {
         micro_unpacked_avx2<decltype(mr)::value>(a8r, ld, w, steps, acc);
-      }), unpack, steps * 64);
+      });
+      // All panels unpacked once per call (a temporary of N x K bytes) when that is at most kPlanesOnceBytes and
+      // there are several row tiles; otherwise each tile unpacks each panel into its L1 scratch.
+      const int64_t plane_bytes = steps * 64;
+      if (panels * plane_bytes <= kPlanesOnceBytes && m > kTileRows) {
+        at::Tensor planes = at::empty({panels * plane_bytes}, at::kByte);
+        uint8_t* pp = planes.data_ptr<uint8_t>();
+        at::parallel_for(0, panels, 1, [&](int64_t b, int64_t e) {
+          for (int64_t p = b; p < e; ++p)
+            unpack_panel_avx2(wbytes + p * panel_bytes, steps, plane_zeros.data() + p * 64, pp + p * plane_bytes);
+        });
+        run_tiles(m, panels, folded, isa, micro, [&](int64_t panel, uint8_t*) -> const uint8_t* {
+          return pp + panel * plane_bytes;
+        }, 0);
+      } else {
+        auto unpack = [&](int64_t panel, uint8_t* scratch) -> const uint8_t* {
+          unpack_panel_avx2(wbytes + panel * panel_bytes, steps, plane_zeros.data() + panel * 64, scratch);
+          return scratch;
+        };
+        run_tiles(m, panels, folded, isa, micro, unpack, plane_bytes);
+      }
     } else
 #endif
       run_tiles(m, panels, ep, isa, blocks(ap, [&](auto mr, const uint8_t* a8r, const uint8_t* w, int32_t* acc) {
