@@ -15,9 +15,9 @@
 // Micro-kernels keep 4 rows x 16 outputs of int32 accumulators in registers:
 //   AVX-512 VNNI: vpdpbusd (u8 x s8, 4 products per lane) on 16 outputs;
 //   AVX2: the panels unpacked to s8 planes with the zero point subtracted (W - wz in -15..15; once per call,
-//         or per row tile for large weights), vpmaddubsw (u8 x s8 pairs -> s16; four of them stay below 2**15), vpmaddwd with ones ->
-//         s32. The sum is then sum (a + 128)(W - wz): the epilogue has no wz[n] * row-sum term. int8
-//         weights: sign-extend to s16, vpmaddwd;
+//         or per row tile for large weights), vpmaddubsw (u8 x s8 pairs -> s16; four of them stay below
+//         2**15), vpmaddwd with ones -> s32. The sum is then sum (a + 128)(W - wz): the epilogue has no
+//         wz[n] * row-sum term. int8 weights: sign-extend to s16, vpmaddwd;
 //   scalar: the same sums in plain C++.
 // Output tiles run in parallel on torch's OpenMP pool (at::parallel_for, torch.set_num_threads); the epilogue
 // runs on the accumulators right after each micro-kernel, in the reference's fp32 order.
