@@ -175,8 +175,10 @@ def test_native_rejects_bad_arguments():
 
 # --- attention ------------------------------------------------------------------------------------------
 
-ATTN_SHAPES = [(2, 3, 65, 16), (1, 2, 17, 24), (1, 1, 197, 64), (3, 1, 1, 8), (2, 1, 16, 32), (1, 2, 9, 13)]
-# 16 keys: no padding keys; d 13: the 4-column and scalar P.V tails
+ATTN_SHAPES = [(2, 3, 65, 16), (1, 2, 17, 24), (1, 1, 197, 64), (3, 1, 1, 8), (2, 1, 16, 32), (1, 2, 9, 13),
+               (1, 1, 77, 8), (1, 1, 90, 8), (1, 1, 100, 8)]
+# 16 keys: no padding keys; d 13: the 4-column and scalar P.V tails; 65, 77, 90 keys: QK^T in one block of 9, 10,
+# 12 vectors; 100 and 197: blocks of 8 vectors, then 5 and 9
 
 
 @pytest.mark.parametrize("b,h,n,d", ATTN_SHAPES)

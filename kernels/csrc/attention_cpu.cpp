@@ -144,11 +144,14 @@ __attribute__((target("avx2"))) void scores_block_avx2(const int16_t* q, const i
   for (int u = 0; u < B; ++u) _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 8 * u), acc[u]);
 }
 
-// All n scores of one query row into scores (ld entries: keys padded to 8 are computed too, on zero K).
+// All n scores of one query row into scores (ld entries: keys padded to 8 are computed too, on zero K). Blocks of
+// 8 vectors (64 keys) while more than 12 vectors remain, then the rest in one block of up to 12: n 65 is one
+// pass over q of 9 vectors instead of 8 + 1 (each pass broadcasts every q pair again): the attention 2-4% faster
+// (A/B, B 64, 3 heads, n 65, d 64).
 __attribute__((target("avx2"))) void scores_row_avx2(const int16_t* q, const int16_t* kp, int64_t ld, int64_t n,
                                                      int64_t pairs, int32_t* scores) {
   int64_t j0 = 0;
-  for (; j0 + 64 <= n; j0 += 64) scores_block_avx2<8>(q, kp, ld, j0, pairs, scores + j0);
+  for (; (n - j0 + 7) / 8 > 12; j0 += 64) scores_block_avx2<8>(q, kp, ld, j0, pairs, scores + j0);
   switch ((n - j0 + 7) / 8) {
     case 0: break;
     case 1: scores_block_avx2<1>(q, kp, ld, j0, pairs, scores + j0); break;
@@ -157,7 +160,12 @@ __attribute__((target("avx2"))) void scores_row_avx2(const int16_t* q, const int
     case 4: scores_block_avx2<4>(q, kp, ld, j0, pairs, scores + j0); break;
     case 5: scores_block_avx2<5>(q, kp, ld, j0, pairs, scores + j0); break;
     case 6: scores_block_avx2<6>(q, kp, ld, j0, pairs, scores + j0); break;
-    default: scores_block_avx2<7>(q, kp, ld, j0, pairs, scores + j0); break;
+    case 7: scores_block_avx2<7>(q, kp, ld, j0, pairs, scores + j0); break;
+    case 8: scores_block_avx2<8>(q, kp, ld, j0, pairs, scores + j0); break;
+    case 9: scores_block_avx2<9>(q, kp, ld, j0, pairs, scores + j0); break;
+    case 10: scores_block_avx2<10>(q, kp, ld, j0, pairs, scores + j0); break;
+    case 11: scores_block_avx2<11>(q, kp, ld, j0, pairs, scores + j0); break;
+    default: scores_block_avx2<12>(q, kp, ld, j0, pairs, scores + j0); break;
   }
 }
 #endif
