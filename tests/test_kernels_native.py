@@ -111,6 +111,23 @@ def test_native_qgemm_norm_is_the_gemm_then_layernorm_quant(isa, bits, m, n, k):
         native.qgemm_prepacked_norm(*gemm, nw[:-1], nb, 1e-6, 0.03, 2, -128, 127)
 
 
+@pytest.mark.parametrize("n", [1360, 1400])
+def test_native_qgemm_residual_with_and_without_the_staging_block(isa, n):
+    """fp32 + residual: tiles staged per thread (N 1360: 48 x N floats fit the 256 KB block) or written in place
+    and added to afterwards (N 1400), both the reference's bits."""
+    from dfqvit.kernels import native
+    m, k = 60, 24
+    w = _weight(4, n, k)
+    panels = native.prepack(w.data, w.storage_bits, k, w.group_k)
+    a = torch.randint(-128, 128, (m, k), generator=GEN).to(torch.int8)
+    bias, residual = torch.randn(n, generator=GEN), torch.randn(m, n, generator=GEN)
+    args = (a, 0.02, 1, w.data, w.w_scale, w.w_zero, w.w_col_sums, bias, residual, w.storage_bits, k, w.group_k,
+            False, None, 0, 0, 0, torch.float32)
+    got = native.qgemm_prepacked(a, 0.02, 1, panels, n, w.w_scale, w.w_zero, w.w_col_sums, bias, residual,
+                                 w.storage_bits, k, False, None, 0, 0, 0, torch.float32)
+    assert torch.equal(got, reference.qgemm_reference(*args))
+
+
 def test_native_qgemm_weights_unpacked_per_tile_beyond_the_once_per_call_size(isa):
     """N 400 x K 2800: 1.1 MB of unpacked AVX2 planes, above the once-per-call limit (1 MB), so each row tile
     unpacks its panels (M 100: three tiles); also the short-M form (one tile)."""
