@@ -473,7 +473,6 @@ void run_tiles(int64_t m, int64_t panels, const Epilogue& ep, Isa isa, Micro mic
       int64_t em = m0;
       if (use_stage) {  // rows of the tile relative to m0, fp32 output into the staging block
         tile_ep.row_sums = ep.row_sums + m0;
-        if (tile_ep.residual) tile_ep.residual = ep.residual + m0 * ep.ld_residual;
         tile_ep.out_f32 = staged.get();
         em = 0;
       }
@@ -492,12 +491,8 @@ void run_tiles(int64_t m, int64_t panels, const Epilogue& ep, Isa isa, Micro mic
         epilogue_scalar(tile_ep, acc, em, rows, col0, width);
       }
       if (use_stage) {
-        for (int64_t r = m0; r < m1; ++r) {
-          float* dst = ep.out_f32 + r * ep.n;
-          const float* src = staged.get() + (r - m0) * ep.n;
-          if (residual_after) add_rows_to(dst, src, ep.residual + r * ep.ld_residual, ep.n);
-          else std::memcpy(dst, src, ep.n * sizeof(float));
-        }
+        for (int64_t r = m0; r < m1; ++r)
+          add_rows_to(ep.out_f32 + r * ep.n, staged.get() + (r - m0) * ep.n, ep.residual + r * ep.ld_residual, ep.n);
       } else if (residual_after) {
         for (int64_t r = m0; r < m1; ++r) add_row(ep.out_f32 + r * ep.n, ep.residual + r * ep.ld_residual, ep.n);
       }
