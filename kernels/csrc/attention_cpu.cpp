@@ -194,7 +194,6 @@ __attribute__((target("avx2"), always_inline)) inline __m256d load4_pd(const int
 // 4 x 12, 5 x 8, 8 x 4 and 12 x 4 were slower. V is kept as int32 and converted at the load (vcvtdq2pd): half
 // the bytes of float64 (16 KB per head at n 65, d 64, in L1; float64 was 33 KB), the attention ~4% faster. No
 // test for zero weights: unpredictable branches cost more than the FMAs.
-
 template <int R>
 __attribute__((target("avx2,fma"))) void pv_rows_avx2(const double* w, int64_t ldw, const int32_t* v, int64_t n,
                                                       int64_t d, double* out) {

@@ -62,6 +62,12 @@ int64_t panel_steps(int64_t k, int64_t storage_bits) { return (k + lane_k(storag
 // Epilogue
 // ---------------------------------------------------------------------------------------------------
 
+// A LayerNorm + quantize of the fp32 output rows, and where its codes go.
+struct NormOutput {
+  LayerNormQuant ln;
+  int8_t* codes;  // (M, N)
+};
+
 struct Epilogue {
   const float* row_scale;     // (Np) a_scale * w_scale
   const int32_t* col_term;    // (Np) subtracted from every accumulator of the column
@@ -79,10 +85,9 @@ struct Epilogue {
   float* out_f32;             // (M, N) when !requant
   int8_t* out_i8;             // (M, N) when requant
   int64_t n;                  // true N (row stride of the output)
-  // With norm: each finished row tile of the fp32 output (residual added) is also LayerNorm-quantized into
-  // norm_out (M, N) while it is in cache (native_qgemm_prepacked_norm).
-  const LayerNormQuant* norm = nullptr;
-  int8_t* norm_out = nullptr;
+  // With norm: each finished row tile of the fp32 output (residual added) is also LayerNorm-quantized while it
+  // is in cache (native_qgemm_prepacked_norm).
+  const NormOutput* norm = nullptr;
 };
 
 inline void store_scalar(const Epilogue& ep, int32_t acc, int64_t m, int64_t col) {
@@ -426,15 +431,10 @@ __attribute__((target_clones("avx2", "default"))) int32_t pack_row_s16(const int
 // Driver
 // ---------------------------------------------------------------------------------------------------
 
-// out[j] = y[j] + x[j] for j < n.
-__attribute__((target_clones("avx2", "default"))) void add_rows_to(float* out, const float* y, const float* x,
-                                                                    int64_t n) {
+// out[j] = y[j] + x[j] for j < n (fp32, the epilogue's y + residual; out may be y).
+__attribute__((target_clones("avx2", "default"))) void add_row(float* out, const float* y, const float* x,
+                                                                int64_t n) {
   for (int64_t j = 0; j < n; ++j) out[j] = y[j] + x[j];
-}
-
-// y[j] += x[j] for j < n (fp32, the epilogue's y + residual).
-__attribute__((target_clones("avx2", "default"))) void add_row(float* y, const float* x, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) y[j] = y[j] + x[j];
 }
 
 // Row tiles of kTileRows rows, claimed one at a time by the threads (parallel.h), each through all panels. Per
@@ -492,12 +492,15 @@ void run_tiles(int64_t m, int64_t panels, const Epilogue& ep, Isa isa, Micro mic
       }
       if (use_stage) {
         for (int64_t r = m0; r < m1; ++r)
-          add_rows_to(ep.out_f32 + r * ep.n, staged.get() + (r - m0) * ep.n, ep.residual + r * ep.ld_residual, ep.n);
+          add_row(ep.out_f32 + r * ep.n, staged.get() + (r - m0) * ep.n, ep.residual + r * ep.ld_residual, ep.n);
       } else if (residual_after) {
-        for (int64_t r = m0; r < m1; ++r) add_row(ep.out_f32 + r * ep.n, ep.residual + r * ep.ld_residual, ep.n);
+        for (int64_t r = m0; r < m1; ++r) {
+          float* y = ep.out_f32 + r * ep.n;
+          add_row(y, y, ep.residual + r * ep.ld_residual, ep.n);
+        }
       }
       if (ep.norm)
-        layernorm_quant_rows(*ep.norm, ep.out_f32 + m0 * ep.n, m1 - m0, ep.n, ep.norm_out + m0 * ep.n,
+        layernorm_quant_rows(ep.norm->ln, ep.out_f32 + m0 * ep.n, m1 - m0, ep.n, ep.norm->codes + m0 * ep.n,
                              norm_scratch.data(), isa);
     }
   });
@@ -513,12 +516,6 @@ std::vector<T> padded(const at::Tensor& t, int64_t size) {
   std::copy(c.data_ptr<T>(), c.data_ptr<T>() + c.numel(), out.begin());
   return out;
 }
-
-// A LayerNorm + quantize of the fp32 output rows, and where its codes go.
-struct NormOutput {
-  LayerNormQuant ln;
-  int8_t* codes;
-};
 
 at::Tensor qgemm_prepacked_impl(const at::Tensor& a_in, double a_scale, int64_t a_zero, const at::Tensor& panels_in,
                                 int64_t n, const at::Tensor& w_scale, const at::Tensor& w_zero,
@@ -596,8 +593,7 @@ at::Tensor qgemm_prepacked_impl(const at::Tensor& a_in, double a_scale, int64_t 
               bias.has_value() ? bias_f.data() : nullptr, gelu,
               res.defined() ? res.data_ptr<float>() : nullptr, res.defined() ? res.stride(0) : 0, requant,
               gp, gp + np, gp + 2 * np, gp + 3 * np, requant ? nullptr : out.data_ptr<float>(),
-              requant ? out.data_ptr<int8_t>() : nullptr, n,
-              norm ? &norm->ln : nullptr, norm ? norm->codes : nullptr};
+              requant ? out.data_ptr<int8_t>() : nullptr, n, norm};
   const uint8_t* wbytes = wp.data_ptr<uint8_t>();
   const int64_t panel_bytes = steps * kStepBytes;
   // micro(rows, a, w, acc) for a block of rows: kMR at once when the block is full, else one row at a time.
