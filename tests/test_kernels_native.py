@@ -147,9 +147,9 @@ def test_native_qgemm_weights_unpacked_per_tile_beyond_the_once_per_call_size(is
 
 @pytest.mark.parametrize("bits,code,zero", [(4, 15, 0), (4, 0, 15), (3, 7, 0), (3, 0, 7), (4, 15, 20)])
 def test_native_qgemm_extreme_codes_and_long_k(isa, bits, code, zero):
-    """Every activation at -128 or 127 against one code and zero point everywhere, K = 3072: the s16 pair sums'
-    worst cases (W - wz = +-15 on the AVX2 planes, which hold W - wz), and a zero point outside the codes' range
-    (20: the AVX2 path keeps raw codes and the row-sum term)."""
+    """Every activation at -128 or 127 against one code and zero point everywhere, K = 3072: the s16 sums' worst
+    cases (AVX2 sums eight quads of code x activation in s16: 15 x -128 x 16 = -30720), a zero point at either end
+    of the codes' range and one outside it (20)."""
     from dfqvit.kernels import native, pack_weight
     n, k = 24, 3072
     w = pack_weight(torch.full((n, k), code, dtype=torch.uint8), torch.ones(n),

@@ -10,14 +10,15 @@
 //       int3 codes are stored in nibbles too (0.5 byte per weight on the CPU).
 //   int8: 16 outputs per panel, 32 bytes per pair of K positions: byte c*2 + t = W[16p + c, 2q + t].
 // Codes are stored raw (not minus the zero point); the zero points enter through sums:
-//   nibble: sum (a - az)(W - wz) = sum (a + 128) W - wz[n] * sum_k (a + 128) - (128 + az) * colsum[n]
-//   int8:   sum (a - az)(W - wz) = sum (a - az) W  - wz[n] * sum_k (a - az)
-// Micro-kernels keep 4 rows x 16 outputs of int32 accumulators in registers:
-//   AVX-512 VNNI: vpdpbusd (u8 x s8, 4 products per lane) on 16 outputs;
-//   AVX2: the panels unpacked to s8 planes with the zero point subtracted (W - wz in -15..15; once per call,
-//         or per row tile for large weights), vpmaddubsw (u8 x s8 pairs -> s16; four of them stay below
-//         2**15), vpmaddwd with ones -> s32. The sum is then sum (a + 128)(W - wz): the epilogue has no
-//         wz[n] * row-sum term. int8 weights: sign-extend to s16, vpmaddwd;
+//   nibble, VNNI / scalar: sum (a - az)(W - wz) = sum (a + 128) W - wz[n] * sum_k (a + 128) - (128 + az) * colsum[n]
+//   nibble, AVX2:          sum (a - az)(W - wz) = sum a W         - wz[n] * sum_k a         - az * colsum[n]
+//   int8:                  sum (a - az)(W - wz) = sum (a - az) W  - wz[n] * sum_k (a - az)
+// (colsum[n] = sum_k (W - wz).) Micro-kernels compute 4 rows x 16 outputs of int32 sums:
+//   AVX-512 VNNI: vpdpbusd (u8 a + 128 x s8 codes, 4 products per lane) on 16 outputs;
+//   AVX2: the panels unpacked to u8 planes of the codes (once per call, or per row tile for large weights),
+//         vpmaddubsw of codes (u8) x activations (s8, read in place when K is a multiple of 4) -> s16 pairs;
+//         eight of them stay within 2**15, then vpmaddwd with ones -> s32. int8 weights: sign-extend to s16,
+//         vpmaddwd;
 //   scalar: the same sums in plain C++.
 // Output tiles run in parallel on torch's OpenMP pool (at::parallel_for, torch.set_num_threads); the epilogue
 // runs on the accumulators right after each micro-kernel, in the reference's fp32 order.
@@ -71,8 +72,8 @@ struct NormOutput {
 struct Epilogue {
   const float* row_scale;     // (Np) a_scale * w_scale
   const int32_t* col_term;    // (Np) subtracted from every accumulator of the column
-  const int32_t* w_zero;      // (Np) times row_sums[m], subtracted too; nullptr where the micro-kernel
-  const int32_t* row_sums;    // (M)  already summed (a + 128)(W - wz) (AVX2 nibble planes)
+  const int32_t* w_zero;      // (Np) times row_sums[m], subtracted too; nullptr: no such term
+  const int32_t* row_sums;    // (M)  sum_k of the activations as the micro-kernel read them
   const float* bias;          // (Np) or nullptr
   bool gelu;
   const float* residual;      // (M, ld_residual) fp32 or nullptr
@@ -278,45 +279,40 @@ __attribute__((target("avx2"))) void micro_int8_avx2(const int16_t* a, int64_t l
   }
 }
 
-// AVX2 nibble path, second form: the panels are unpacked (unpack_panel_avx2; once per call, or once per row tile
-// for large weights: kPlanesOnceBytes) into s8 planes of W - wz, 64 bytes per quad (low nibbles = outputs 0..7,
-// then high = 8..15), read by every row of a tile. Subtracting the zero point here (one vpsubb per 32 bytes)
-// instead of the wz[n] * row-sum term (a vpmulld) per 8 outputs in the epilogue: A/B over the CIFAR layer shapes
-// x 4 epilogues, 0-4% faster (median ~1.5%; the fp32-out ones, bound by their stores, unchanged).
-// Four quads accumulate in s16 before one vpmaddwd: each vpmaddubsw lane is <= 2 * 255 * 15 = 7650 in magnitude
-// (|W - wz| <= 15), four are <= 30600 < 2**15 (exact): one vpmaddwd per four quads instead of one per two (the
-// earlier form, which also re-unpacked the nibbles for every 4 rows, was 0-12% slower on this machine).
-// zeros: 64 bytes, the zero point of the plane byte at the same place (byte c * 4 + t: wz of output c, then of
-// output c + 8).
-__attribute__((target("avx2"))) void unpack_panel_avx2(const uint8_t* panel, int64_t quads, const uint8_t* zeros,
-                                                       uint8_t* out) {
+// AVX2 nibble path: the panels are unpacked (unpack_panel_avx2; once per call, or once per row tile for large
+// weights: kPlanesOnceBytes) into u8 planes of the codes, 64 bytes per quad (low nibbles = outputs 0..7, then
+// high = 8..15), read by every row of a tile.
+__attribute__((target("avx2"))) void unpack_panel_avx2(const uint8_t* panel, int64_t quads, uint8_t* out) {
   const __m256i nibble = _mm256_set1_epi8(0x0F);
-  const __m256i zero_lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(zeros));
-  const __m256i zero_hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(zeros + 32));
   for (int64_t q = 0; q < quads; ++q) {
     const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + q * kStepBytes));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + q * 64),
-                        _mm256_sub_epi8(_mm256_and_si256(x, nibble), zero_lo));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + q * 64), _mm256_and_si256(x, nibble));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + q * 64 + 32),
-                        _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(x, 4), nibble), zero_hi));
+                        _mm256_and_si256(_mm256_srli_epi16(x, 4), nibble));
   }
 }
 
-// Loop order: per quad, the plane's two vectors are loaded once into registers and used by all MR rows (only the
-// row's 4 activation bytes are broadcast per row); the s16 partial sums of a group of quads stay in registers
-// (2 * MR) and the int32 sums live in acc (one load-add-store per row and group). Row-outer with the weights
-// reloaded per row (the earlier form: 3 loads per 2 vpmaddubsw, this CPU's two 256-bit loads per cycle the
-// limit) was 5-12% slower on every CIFAR layer shape at M 520 and 4160 (in-process A/B, fp32 and int8 out).
+// sum_k codes x activations for MR rows x 16 outputs: vpmaddubsw takes the codes as its unsigned operand and the
+// activations (s8, as they are) as the signed one. Each s16 lane of one vpmaddubsw is two products, in
+// [-2 * 128 * 15, 2 * 127 * 15]; eight quads sum to at most 30720 in magnitude (exact in s16), then one vpmaddwd
+// with ones widens the group to int32. Loop order: per quad the plane's two vectors are loaded once and used by
+// all MR rows (one 4-byte broadcast per row); the s16 sums of the group stay in registers (2 * MR), the int32
+// sums live in acc.
+// Measured against the earlier forms (in-process A/B, CIFAR layer shapes at M 520 and 4160, fp32 and int8 out):
+// row-outer with the plane reloaded per row (3 loads per 2 vpmaddubsw; this CPU loads two 256-bit vectors per
+// cycle) was 5-12% slower; then a + 128 (u8) x s8 planes of W - wz, whose products bound the group to four
+// quads (2 * 255 * 15 per lane) and which needed a copy of the activations, was 4-11% slower than this form
+// even though this one brings back the epilogue's wz[n] * row-sum term.
 template <int MR>
-__attribute__((target("avx2"))) void micro_unpacked_avx2(const uint8_t* a, int64_t lda, const uint8_t* planes,
-                                                         int64_t quads, int32_t* acc) {
+__attribute__((target("avx2"))) void micro_codes_avx2(const int8_t* a, int64_t lda, const uint8_t* planes,
+                                                      int64_t quads, int32_t* acc) {
   const __m256i ones = _mm256_set1_epi16(1);
   for (int r = 0; r < MR; ++r) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc + r * kNR), _mm256_setzero_si256());
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc + r * kNR + 8), _mm256_setzero_si256());
   }
-  for (int64_t q = 0; q < quads; q += 4) {
-    const int group = static_cast<int>(std::min<int64_t>(4, quads - q));
+  for (int64_t q = 0; q < quads; q += 8) {
+    const int group = static_cast<int>(std::min<int64_t>(8, quads - q));
     __m256i lo[MR], hi[MR];
     for (int r = 0; r < MR; ++r) lo[r] = hi[r] = _mm256_setzero_si256();
     for (int t = 0; t < group; ++t) {
@@ -325,8 +321,8 @@ __attribute__((target("avx2"))) void micro_unpacked_avx2(const uint8_t* a, int64
       const __m256i wh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + 32));
       for (int r = 0; r < MR; ++r) {
         const __m256i b = _mm256_set1_epi32(load_i32(a + r * lda + 4 * (q + t)));
-        lo[r] = _mm256_add_epi16(lo[r], _mm256_maddubs_epi16(b, wl));
-        hi[r] = _mm256_add_epi16(hi[r], _mm256_maddubs_epi16(b, wh));
+        lo[r] = _mm256_add_epi16(lo[r], _mm256_maddubs_epi16(wl, b));
+        hi[r] = _mm256_add_epi16(hi[r], _mm256_maddubs_epi16(wh, b));
       }
     }
     for (int r = 0; r < MR; ++r) {
@@ -395,6 +391,21 @@ at::Tensor native_prepack_weight(const at::Tensor& w_in, int64_t storage_bits, i
 // ---------------------------------------------------------------------------------------------------
 
 #if DFQVIT_X86
+__attribute__((target("avx2"))) int64_t sum_row_s8_avx2(const int8_t* src, int64_t k, int8_t* dst, int64_t* total) {
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80)), zero = _mm256_setzero_si256();
+  __m256i sums = _mm256_setzero_si256();
+  int64_t j = 0;
+  for (; j + 32 <= k; j += 32) {
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + j));
+    if (dst) _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j), x);
+    sums = _mm256_add_epi64(sums, _mm256_sad_epu8(_mm256_xor_si256(x, flip), zero));
+  }
+  alignas(32) int64_t parts[4];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(parts), sums);
+  *total = parts[0] + parts[1] + parts[2] + parts[3] - 128 * j;  // the sums were of a + 128
+  return j;
+}
+
 __attribute__((target("avx2"))) int64_t pack_row_u8_avx2(const int8_t* src, int64_t k, uint8_t* dst, int64_t* total) {
   const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80)), zero = _mm256_setzero_si256();
   __m256i sums = _mm256_setzero_si256();
@@ -410,6 +421,20 @@ __attribute__((target("avx2"))) int64_t pack_row_u8_avx2(const int8_t* src, int6
   return j;
 }
 #endif
+
+// sum_j src[j] for j < k, and a copy into dst unless it is null (the activations as the AVX2 nibble kernel reads
+// them).
+int32_t sum_row_s8(const int8_t* src, int64_t k, int8_t* dst, Isa isa) {
+  int64_t total = 0, j = 0;
+#if DFQVIT_X86
+  if (isa != Isa::kScalar) j = sum_row_s8_avx2(src, k, dst, &total);
+#endif
+  for (; j < k; ++j) {
+    if (dst) dst[j] = src[j];
+    total += src[j];
+  }
+  return static_cast<int32_t>(total);
+}
 
 // dst[j] = a[j] + 128 (as u8) for j < k; returns sum_j dst[j].
 int32_t pack_row_u8(const int8_t* src, int64_t k, uint8_t* dst, Isa isa) {
@@ -548,10 +573,14 @@ at::Tensor qgemm_prepacked_impl(const at::Tensor& a_in, double a_scale, int64_t 
   for (float& x : row_scale) x = static_cast<float>(a_scale) * x;  // reference: fp32(a_scale) * w_scale
   const std::vector<float> bias_f = bias.has_value() ? padded<float>(*bias, np) : std::vector<float>();
   const std::vector<int32_t> zero = padded<int32_t>(w_zero, np);
+  // AVX2 nibbles read the activations as they are (s8), in place when the rows need no padding; the other
+  // nibble kernels read a + 128 (u8).
+  const bool signed_acts = nibbles && isa == Isa::kAvx2, direct = signed_acts && ld == k;
   std::vector<int32_t> col_term(np, 0);
   if (nibbles) {
     const std::vector<int32_t> sums = padded<int32_t>(w_col_sums, np);
-    for (int64_t c = 0; c < np; ++c) col_term[c] = (128 + static_cast<int32_t>(a_zero)) * sums[c];
+    const int32_t a_offset = static_cast<int32_t>(a_zero) + (signed_acts ? 0 : 128);
+    for (int64_t c = 0; c < np; ++c) col_term[c] = a_offset * sums[c];
   }
   at::Tensor res;
   if (residual.has_value()) {
@@ -578,16 +607,20 @@ at::Tensor qgemm_prepacked_impl(const at::Tensor& a_in, double a_scale, int64_t 
   at::Tensor out = at::empty({m, n}, requant ? at::kChar : at::kFloat);
   if (m == 0) return requant || out_dtype == at::kFloat ? out : out.to(out_dtype);
 
-  // Activations once, K padded to the lane: a + 128 as u8 (nibbles) or a - a_zero as s16 (int8), with row sums.
-  // Buffers without the zero fill of std::vector (a memset of M x K bytes was ~2% of the engine's time); only the
-  // padding of each row is zeroed.
+  // Activations once, K padded to the lane, with row sums: a as it is (AVX2 nibbles; no copy when K is a multiple
+  // of the lane), a + 128 as u8 (other nibble kernels) or a - a_zero as s16 (int8). Buffers without the zero fill
+  // of std::vector (a memset of M x K bytes was ~2% of the engine's time); only the padding of each row is zeroed.
   const int8_t* a8 = a.data_ptr<int8_t>();
-  std::unique_ptr<uint8_t[]> au(nibbles ? new uint8_t[m * ld] : nullptr);
+  std::unique_ptr<uint8_t[]> au(nibbles && !direct ? new uint8_t[m * ld] : nullptr);
   std::unique_ptr<int16_t[]> as(nibbles ? nullptr : new int16_t[m * ld]);
   std::vector<int32_t> row_sums(m);
   at::parallel_for(0, m, 64, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
-      if (nibbles) {
+      if (signed_acts) {
+        int8_t* dst = direct ? nullptr : reinterpret_cast<int8_t*>(au.get()) + i * ld;
+        row_sums[i] = sum_row_s8(a8 + i * k, k, dst, isa);
+        if (dst) std::fill(dst + k, dst + ld, int8_t(0));
+      } else if (nibbles) {
         row_sums[i] = pack_row_u8(a8 + i * k, k, au.get() + i * ld, isa);
         std::fill(au.get() + i * ld + k, au.get() + (i + 1) * ld, uint8_t(0));
       } else {
@@ -621,41 +654,28 @@ at::Tensor qgemm_prepacked_impl(const at::Tensor& a_in, double a_scale, int64_t 
       run_tiles(m, panels, ep, isa, blocks(ap, [&](auto mr, const uint8_t* a8r, const uint8_t* w, int32_t* acc) {
         micro_nibble_vnni<decltype(mr)::value>(a8r, ld, w, steps, acc);
       }), panel_at(wbytes), 0);
-    } else if (isa == Isa::kAvx2) {
-      // Planes of W - wz (in -15..15 for zero points in 0..15, the s16 bound of micro_unpacked_avx2): no row-sum
-      // term. Zero points outside the codes' range keep the raw codes and the term.
-      const bool fold = std::all_of(zero.begin(), zero.end(), [](int32_t z) { return z >= 0 && z <= 15; });
-      std::vector<uint8_t> plane_zeros(panels * 64, 0);
-      for (int64_t p = 0; fold && p < panels; ++p)
-        for (int c = 0; c < 8; ++c)
-          for (int t = 0; t < 4; ++t) {
-            plane_zeros[p * 64 + c * 4 + t] = static_cast<uint8_t>(zero[p * kNR + c]);
-            plane_zeros[p * 64 + 32 + c * 4 + t] = static_cast<uint8_t>(zero[p * kNR + 8 + c]);
-          }
-      Epilogue folded = ep;
-      if (fold) folded.w_zero = nullptr;
-      auto micro = blocks(ap, [&](auto mr, const uint8_t* a8r, const uint8_t* w, int32_t* acc) {
-        micro_unpacked_avx2<decltype(mr)::value>(a8r, ld, w, steps, acc);
+    } else if (signed_acts) {
+      const int8_t* sp = direct ? a8 : reinterpret_cast<const int8_t*>(au.get());
+      auto micro = blocks(sp, [&](auto mr, const int8_t* a8r, const uint8_t* w, int32_t* acc) {
+        micro_codes_avx2<decltype(mr)::value>(a8r, ld, w, steps, acc);
       });
-      // All panels unpacked once per call (a temporary of N x K bytes) when that is at most kPlanesOnceBytes and
-      // there are several row tiles; otherwise each tile unpacks each panel into its L1 scratch.
       const int64_t plane_bytes = steps * 64;
       if (panels * plane_bytes <= kPlanesOnceBytes && m > kTileRows) {
         at::Tensor planes = at::empty({panels * plane_bytes}, at::kByte);
         uint8_t* pp = planes.data_ptr<uint8_t>();
         at::parallel_for(0, panels, 1, [&](int64_t b, int64_t e) {
           for (int64_t p = b; p < e; ++p)
-            unpack_panel_avx2(wbytes + p * panel_bytes, steps, plane_zeros.data() + p * 64, pp + p * plane_bytes);
+            unpack_panel_avx2(wbytes + p * panel_bytes, steps, pp + p * plane_bytes);
         });
-        run_tiles(m, panels, folded, isa, micro, [&](int64_t panel, uint8_t*) -> const uint8_t* {
+        run_tiles(m, panels, ep, isa, micro, [&](int64_t panel, uint8_t*) -> const uint8_t* {
           return pp + panel * plane_bytes;
         }, 0);
       } else {
         auto unpack = [&](int64_t panel, uint8_t* scratch) -> const uint8_t* {
-          unpack_panel_avx2(wbytes + panel * panel_bytes, steps, plane_zeros.data() + panel * 64, scratch);
+          unpack_panel_avx2(wbytes + panel * panel_bytes, steps, scratch);
           return scratch;
         };
-        run_tiles(m, panels, folded, isa, micro, unpack, plane_bytes);
+        run_tiles(m, panels, ep, isa, micro, unpack, plane_bytes);
       }
     } else
 #endif
