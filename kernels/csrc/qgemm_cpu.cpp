@@ -480,10 +480,15 @@ __attribute__((target_clones("avx2", "default"))) void add_row(float* out, const
 // 64-byte stores per panel and again by the residual pass. A/B: the residual GEMMs at M 4160 4-9% faster, the
 // engine 1-3%. (Staging the fp32 outputs without a residual was 6% slower at M 520: one more copy.)
 // prep(panel, scratch) returns the weight bytes the micro-kernel reads for that panel (the panel itself, or
-// its unpacked form written to the thread's scratch of scratch_bytes).
-template <typename Micro, typename Prep>
+// its unpacked form written to the thread's scratch of scratch_bytes). tile_start(m0, m1) runs first in each row
+// tile (the row sums of activations read in place).
+struct NoTileStart {
+  void operator()(int64_t, int64_t) const {}
+};
+
+template <typename Micro, typename Prep, typename TileStart = NoTileStart>
 void run_tiles(int64_t m, int64_t panels, const Epilogue& ep, Isa isa, Micro micro, Prep prep,
-               int64_t scratch_bytes) {
+               int64_t scratch_bytes, TileStart tile_start = {}) {
   const int64_t row_tiles = (m + kTileRows - 1) / kTileRows;
   const bool residual_after = ep.residual && !ep.requant;
   const bool use_stage = residual_after && kTileRows * ep.n * int64_t(sizeof(float)) <= kStagingBytes;
@@ -502,6 +507,7 @@ void run_tiles(int64_t m, int64_t panels, const Epilogue& ep, Isa isa, Micro mic
     for (int64_t tile, last; claim(&tile, &last);) {
       const int64_t m0 = tile * kTileRows, m1 = std::min(m, m0 + kTileRows);
       const int rows = static_cast<int>(m1 - m0);
+      tile_start(m0, m1);
       Epilogue tile_ep = panel_ep;
       int64_t em = m0;
       if (use_stage) {  // rows of the tile relative to m0, fp32 output into the staging block
@@ -614,12 +620,19 @@ at::Tensor qgemm_prepacked_impl(const at::Tensor& a_in, double a_scale, int64_t 
   std::unique_ptr<uint8_t[]> au(nibbles && !direct ? new uint8_t[m * ld] : nullptr);
   std::unique_ptr<int16_t[]> as(nibbles ? nullptr : new int16_t[m * ld]);
   std::vector<int32_t> row_sums(m);
-  at::parallel_for(0, m, 64, [&](int64_t b, int64_t e) {
+  // Read in place, the rows are summed by the thread that runs their tile, just before the tile's first panel
+  // (the rows come into L1 for the micro-kernel anyway): fc2 (K 768, M 4160) 9-11% faster than a separate pass
+  // over the activations, the other CIFAR shapes unchanged (A/B).
+  auto tile_row_sums = [&](int64_t m0, int64_t m1) {
+    if (direct)
+      for (int64_t i = m0; i < m1; ++i) row_sums[i] = sum_row_s8(a8 + i * k, k, nullptr, isa);
+  };
+  if (!direct) at::parallel_for(0, m, 64, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
-      if (signed_acts) {
-        int8_t* dst = direct ? nullptr : reinterpret_cast<int8_t*>(au.get()) + i * ld;
+      if (signed_acts) {  // copied with the padding
+        int8_t* dst = reinterpret_cast<int8_t*>(au.get()) + i * ld;
         row_sums[i] = sum_row_s8(a8 + i * k, k, dst, isa);
-        if (dst) std::fill(dst + k, dst + ld, int8_t(0));
+        std::fill(dst + k, dst + ld, int8_t(0));
       } else if (nibbles) {
         row_sums[i] = pack_row_u8(a8 + i * k, k, au.get() + i * ld, isa);
         std::fill(au.get() + i * ld + k, au.get() + (i + 1) * ld, uint8_t(0));
@@ -669,13 +682,13 @@ at::Tensor qgemm_prepacked_impl(const at::Tensor& a_in, double a_scale, int64_t 
         });
         run_tiles(m, panels, ep, isa, micro, [&](int64_t panel, uint8_t*) -> const uint8_t* {
           return pp + panel * plane_bytes;
-        }, 0);
+        }, 0, tile_row_sums);
       } else {
         auto unpack = [&](int64_t panel, uint8_t* scratch) -> const uint8_t* {
           unpack_panel_avx2(wbytes + panel * panel_bytes, steps, scratch);
           return scratch;
         };
-        run_tiles(m, panels, ep, isa, micro, unpack, plane_bytes);
+        run_tiles(m, panels, ep, isa, micro, unpack, plane_bytes, tile_row_sums);
       }
     } else
 #endif
