@@ -390,61 +390,36 @@ at::Tensor native_prepack_weight(const at::Tensor& w_in, int64_t storage_bits, i
 // Activation rows
 // ---------------------------------------------------------------------------------------------------
 
+// The activation rows as the nibble kernels read them, with their sums: a + 128 as u8 (kPlus128: VNNI and scalar
+// kernels) or a as it is (AVX2). dst[j] for j < k (no copy when dst is null); returns sum_j dst[j].
 #if DFQVIT_X86
-__attribute__((target("avx2"))) int64_t sum_row_s8_avx2(const int8_t* src, int64_t k, int8_t* dst, int64_t* total) {
+template <bool kPlus128>
+__attribute__((target("avx2"))) int64_t copy_row_avx2(const int8_t* src, int64_t k, uint8_t* dst, int64_t* total) {
   const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80)), zero = _mm256_setzero_si256();
   __m256i sums = _mm256_setzero_si256();
   int64_t j = 0;
   for (; j + 32 <= k; j += 32) {
-    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + j));
-    if (dst) _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j), x);
-    sums = _mm256_add_epi64(sums, _mm256_sad_epu8(_mm256_xor_si256(x, flip), zero));
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + j)), plus = _mm256_xor_si256(x, flip);
+    if (dst) _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j), kPlus128 ? plus : x);
+    sums = _mm256_add_epi64(sums, _mm256_sad_epu8(plus, zero));  // vpsadbw sums u8: those of a + 128
   }
   alignas(32) int64_t parts[4];
   _mm256_store_si256(reinterpret_cast<__m256i*>(parts), sums);
-  *total = parts[0] + parts[1] + parts[2] + parts[3] - 128 * j;  // the sums were of a + 128
-  return j;
-}
-
-__attribute__((target("avx2"))) int64_t pack_row_u8_avx2(const int8_t* src, int64_t k, uint8_t* dst, int64_t* total) {
-  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80)), zero = _mm256_setzero_si256();
-  __m256i sums = _mm256_setzero_si256();
-  int64_t j = 0;
-  for (; j + 32 <= k; j += 32) {
-    const __m256i x = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + j)), flip);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j), x);
-    sums = _mm256_add_epi64(sums, _mm256_sad_epu8(x, zero));
-  }
-  alignas(32) int64_t parts[4];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(parts), sums);
-  *total = parts[0] + parts[1] + parts[2] + parts[3];
+  *total = parts[0] + parts[1] + parts[2] + parts[3] - (kPlus128 ? 0 : 128 * j);
   return j;
 }
 #endif
 
-// sum_j src[j] for j < k, and a copy into dst unless it is null (the activations as the AVX2 nibble kernel reads
-// them).
-int32_t sum_row_s8(const int8_t* src, int64_t k, int8_t* dst, Isa isa) {
+template <bool kPlus128>
+int32_t copy_row(const int8_t* src, int64_t k, uint8_t* dst, Isa isa) {
   int64_t total = 0, j = 0;
 #if DFQVIT_X86
-  if (isa != Isa::kScalar) j = sum_row_s8_avx2(src, k, dst, &total);
+  if (isa != Isa::kScalar) j = copy_row_avx2<kPlus128>(src, k, dst, &total);
 #endif
   for (; j < k; ++j) {
-    if (dst) dst[j] = src[j];
-    total += src[j];
-  }
-  return static_cast<int32_t>(total);
-}
-
-// dst[j] = a[j] + 128 (as u8) for j < k; returns sum_j dst[j].
-int32_t pack_row_u8(const int8_t* src, int64_t k, uint8_t* dst, Isa isa) {
-  int64_t total = 0, j = 0;
-#if DFQVIT_X86
-  if (isa != Isa::kScalar) j = pack_row_u8_avx2(src, k, dst, &total);
-#endif
-  for (; j < k; ++j) {
-    dst[j] = static_cast<uint8_t>(src[j] ^ 0x80);
-    total += dst[j];
+    const int32_t x = kPlus128 ? src[j] + 128 : src[j];
+    if (dst) dst[j] = static_cast<uint8_t>(x);
+    total += x;
   }
   return static_cast<int32_t>(total);
 }
@@ -625,17 +600,14 @@ at::Tensor qgemm_prepacked_impl(const at::Tensor& a_in, double a_scale, int64_t 
   // over the activations, the other CIFAR shapes unchanged (A/B).
   auto tile_row_sums = [&](int64_t m0, int64_t m1) {
     if (direct)
-      for (int64_t i = m0; i < m1; ++i) row_sums[i] = sum_row_s8(a8 + i * k, k, nullptr, isa);
+      for (int64_t i = m0; i < m1; ++i) row_sums[i] = copy_row<false>(a8 + i * k, k, nullptr, isa);
   };
   if (!direct) at::parallel_for(0, m, 64, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
-      if (signed_acts) {  // copied with the padding
-        int8_t* dst = reinterpret_cast<int8_t*>(au.get()) + i * ld;
-        row_sums[i] = sum_row_s8(a8 + i * k, k, dst, isa);
-        std::fill(dst + k, dst + ld, int8_t(0));
-      } else if (nibbles) {
-        row_sums[i] = pack_row_u8(a8 + i * k, k, au.get() + i * ld, isa);
-        std::fill(au.get() + i * ld + k, au.get() + (i + 1) * ld, uint8_t(0));
+      if (nibbles) {
+        uint8_t* dst = au.get() + i * ld;
+        row_sums[i] = signed_acts ? copy_row<false>(a8 + i * k, k, dst, isa) : copy_row<true>(a8 + i * k, k, dst, isa);
+        std::fill(dst + k, dst + ld, uint8_t(0));
       } else {
         row_sums[i] = pack_row_s16(a8 + i * k, k, static_cast<int16_t>(a_zero), as.get() + i * ld);
         std::fill(as.get() + i * ld + k, as.get() + (i + 1) * ld, int16_t(0));
@@ -672,6 +644,8 @@ at::Tensor qgemm_prepacked_impl(const at::Tensor& a_in, double a_scale, int64_t 
       auto micro = blocks(sp, [&](auto mr, const int8_t* a8r, const uint8_t* w, int32_t* acc) {
         micro_codes_avx2<decltype(mr)::value>(a8r, ld, w, steps, acc);
       });
+      // All panels unpacked once per call (a temporary of N x K bytes) when that is at most kPlanesOnceBytes and
+      // there are several row tiles; otherwise each tile unpacks each panel into its L1 scratch.
       const int64_t plane_bytes = steps * 64;
       if (panels * plane_bytes <= kPlanesOnceBytes && m > kTileRows) {
         at::Tensor planes = at::empty({panels * plane_bytes}, at::kByte);
