@@ -186,8 +186,10 @@ def targets(gemm: list[dict], engine: dict) -> dict:
 
 
 def markdown(report: dict) -> str:
-    lines = [f"# Native CPU backend — {report['env']['device']}, {report['env']['threads']} threads, "
-             f"ISA {report['isa']} ({report['timestamp']})", "",
+    env = report["env"]
+    lines = [f"# Native CPU backend — {env['device']}, {env['threads']} threads, ISA {report['isa']} "
+             f"({report['timestamp']})", "",
+             f"CPU: {env.get('cpu_model')}; code: commit {env.get('git_commit')}; torch {env['torch']}.", "",
              f"glibc malloc thresholds raised (kernels_cpu.keep_freed_memory_in_heap): {report['malloc']['applied']}",
              "",
              "| model | batch | layer | M | N | K | rounds | fp32 ms | W4A8 f32-out ms (x) | W4A8 int8-out ms (x) "

@@ -1,9 +1,42 @@
-"""Where a measurement was taken: device name and library versions, recorded in every benchmark JSON."""
+"""Where a measurement was taken: device, CPU, library versions and the code's git commit, recorded in every
+benchmark JSON."""
 from __future__ import annotations
 
 import platform
+import subprocess
+from pathlib import Path
+from typing import Optional
 
 import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def git_commit(root: Path = REPO_ROOT) -> Optional[str]:
+    """The checkout's commit (12 hex digits, "-dirty" when tracked files differ from it); None outside a git
+    checkout or without git (an installed wheel)."""
+    def git(*args: str) -> Optional[str]:
+        try:
+            out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "--short=12", "HEAD")
+    if not commit:
+        return None
+    return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux; platform's processor or machine elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def describe_environment(device: torch.device) -> dict:
@@ -20,7 +53,7 @@ def describe_environment(device: torch.device) -> dict:
         name = torch.cuda.get_device_name(device)
     else:
         name = f"cpu ({platform.processor() or platform.machine()})"
-    return {"device": name, "device_type": device.type, "threads": torch.get_num_threads(),
+    return {"device": name, "device_type": device.type, "cpu_model": cpu_model(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "timm": timm.__version__, "triton": triton_version,
-            "dfqvit": dfqvit.__version__, "python": platform.python_version(), "platform": platform.platform(),
-            "cuda": torch.version.cuda}
+            "dfqvit": dfqvit.__version__, "git_commit": git_commit(), "python": platform.python_version(),
+            "platform": platform.platform(), "cuda": torch.version.cuda}
