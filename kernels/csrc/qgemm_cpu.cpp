@@ -72,7 +72,7 @@ struct NormOutput {
 struct Epilogue {
   const float* row_scale;     // (Np) a_scale * w_scale
   const int32_t* col_term;    // (Np) subtracted from every accumulator of the column
-  const int32_t* w_zero;      // (Np) times row_sums[m], subtracted too; nullptr: no such term
+  const int32_t* w_zero;      // (Np) times row_sums[m], subtracted too
   const int32_t* row_sums;    // (M)  sum_k of the activations as the micro-kernel read them
   const float* bias;          // (Np) or nullptr
   bool gelu;
@@ -92,8 +92,7 @@ struct Epilogue {
 };
 
 inline void store_scalar(const Epilogue& ep, int32_t acc, int64_t m, int64_t col) {
-  const int32_t row_term = ep.w_zero ? ep.w_zero[col] * ep.row_sums[m] : 0;
-  const int32_t exact = acc - row_term - ep.col_term[col];
+  const int32_t exact = acc - ep.w_zero[col] * ep.row_sums[m] - ep.col_term[col];
   float y = static_cast<float>(exact) * ep.row_scale[col];
   if (ep.bias) y = y + ep.bias[col];
   if (ep.gelu) y = pm::gelu(y);
@@ -116,7 +115,7 @@ void epilogue_scalar(const Epilogue& ep, const int32_t* acc, int64_t m, int rows
 // The epilogue of one block (rows x 8 columns at a time) without its GELU: the pre-activation from the
 // accumulators, and the residual + output step. Locals, not ep.*: the int8 stores may alias anything, which
 // would force a reload of every field.
-template <bool kRowTerm, bool kBias, bool kResidual, bool kRequant>
+template <bool kBias, bool kResidual, bool kRequant>
 struct BlockEpilogue {
   const float* __restrict row_scale;
   const int32_t* __restrict col_term;
@@ -133,8 +132,8 @@ struct BlockEpilogue {
   const float* __restrict qmax;
 
   BlockEpilogue(const Epilogue& ep, int64_t m, int64_t col0)
-      : row_scale(ep.row_scale + col0), col_term(ep.col_term + col0), w_zero(kRowTerm ? ep.w_zero + col0 : nullptr),
-        row_sums(kRowTerm ? ep.row_sums + m : nullptr), bias(kBias ? ep.bias + col0 : nullptr),
+      : row_scale(ep.row_scale + col0), col_term(ep.col_term + col0), w_zero(ep.w_zero + col0),
+        row_sums(ep.row_sums + m), bias(kBias ? ep.bias + col0 : nullptr),
         residual(kResidual ? ep.residual + m * ep.ld_residual + col0 : nullptr), ld_residual(ep.ld_residual),
         n(ep.n), out_i8(kRequant ? ep.out_i8 + m * n + col0 : nullptr),
         out_f32(kRequant ? nullptr : ep.out_f32 + m * n + col0), out_scale(kRequant ? ep.out_scale + col0 : nullptr),
@@ -143,9 +142,8 @@ struct BlockEpilogue {
 
   __attribute__((target("avx2"), always_inline)) __m256 pre_activation(const int32_t* acc, int r, int c) const {
     __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + r * kNR + c));
-    if (kRowTerm)
-      a = _mm256_sub_epi32(a, _mm256_mullo_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w_zero + c)),
-                                                 _mm256_set1_epi32(row_sums[r])));
+    a = _mm256_sub_epi32(a, _mm256_mullo_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w_zero + c)),
+                                               _mm256_set1_epi32(row_sums[r])));
     a = _mm256_sub_epi32(a, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(col_term + c)));
     const __m256 y = _mm256_mul_ps(_mm256_cvtepi32_ps(a), _mm256_loadu_ps(row_scale + c));
     return kBias ? _mm256_add_ps(y, _mm256_loadu_ps(bias + c)) : y;
@@ -163,10 +161,10 @@ struct BlockEpilogue {
 // block's pre-activations first, GELU over all of them (pm::gelu_inplace_avx2, in short passes), then residual and
 // output. A/B on the fc1 shape (M 4160, N 768, K 192, int8 out) against GELU per vector inside the loop: GELU's
 // cost in the GEMM roughly halved.
-template <bool kRowTerm, bool kBias, bool kGelu, bool kResidual, bool kRequant>
+template <bool kBias, bool kGelu, bool kResidual, bool kRequant>
 __attribute__((target("avx2"))) void epilogue_avx2_impl(const Epilogue& ep, const int32_t* acc, int64_t m, int rows,
                                                         int64_t col0, int width) {
-  const BlockEpilogue<kRowTerm, kBias, kResidual, kRequant> block(ep, m, col0);
+  const BlockEpilogue<kBias, kResidual, kRequant> block(ep, m, col0);
   const int full = width / 8 * 8;
   if (kGelu) {
     alignas(32) float y[kTileRows * kNR];
@@ -186,33 +184,25 @@ __attribute__((target("avx2"))) void epilogue_avx2_impl(const Epilogue& ep, cons
 
 using EpilogueFn = void (*)(const Epilogue&, const int32_t*, int64_t, int, int64_t, int);
 
-template <bool kRowTerm, bool kBias, bool kGelu, bool kResidual>
+template <bool kBias, bool kGelu, bool kResidual>
 EpilogueFn pick_requant(bool requant) {
-  return requant ? &epilogue_avx2_impl<kRowTerm, kBias, kGelu, kResidual, true>
-                 : &epilogue_avx2_impl<kRowTerm, kBias, kGelu, kResidual, false>;
+  return requant ? &epilogue_avx2_impl<kBias, kGelu, kResidual, true>
+                 : &epilogue_avx2_impl<kBias, kGelu, kResidual, false>;
 }
 
-template <bool kRowTerm, bool kBias, bool kGelu>
+template <bool kBias, bool kGelu>
 EpilogueFn pick_residual(bool residual, bool requant) {
-  return residual ? pick_requant<kRowTerm, kBias, kGelu, true>(requant)
-                  : pick_requant<kRowTerm, kBias, kGelu, false>(requant);
+  return residual ? pick_requant<kBias, kGelu, true>(requant) : pick_requant<kBias, kGelu, false>(requant);
 }
 
-template <bool kRowTerm, bool kBias>
+template <bool kBias>
 EpilogueFn pick_gelu(bool gelu, bool residual, bool requant) {
-  return gelu ? pick_residual<kRowTerm, kBias, true>(residual, requant)
-              : pick_residual<kRowTerm, kBias, false>(residual, requant);
-}
-
-template <bool kRowTerm>
-EpilogueFn pick_bias(const Epilogue& ep) {
-  const bool residual = ep.residual != nullptr;
-  return ep.bias ? pick_gelu<kRowTerm, true>(ep.gelu, residual, ep.requant)
-                 : pick_gelu<kRowTerm, false>(ep.gelu, residual, ep.requant);
+  return gelu ? pick_residual<kBias, true>(residual, requant) : pick_residual<kBias, false>(residual, requant);
 }
 
 EpilogueFn epilogue_avx2_for(const Epilogue& ep) {
-  return ep.w_zero ? pick_bias<true>(ep) : pick_bias<false>(ep);
+  const bool residual = ep.residual != nullptr;
+  return ep.bias ? pick_gelu<true>(ep.gelu, residual, ep.requant) : pick_gelu<false>(ep.gelu, residual, ep.requant);
 }
 #endif
 
