@@ -190,6 +190,48 @@ def test_native_rejects_bad_arguments():
         native.set_isa("neon")
 
 
+def test_direct_entry_points_are_the_registered_ops():
+    """native.* calls dfqvit._C's pybind entry points (bindings.cpp), not torch.ops: the same registered ops,
+    bit for bit, the same kernel errors, and a clear error for a missing extension or a wrong argument type."""
+    ops = _native()
+    from kernel_utils import random_int8
+    from dfqvit.kernels import native
+    m, n, k = 37, 40, 72
+    w = _weight(4, n, k)
+    a = torch.randint(-128, 128, (m, k), generator=GEN).to(torch.int8)
+    bias, residual = torch.randn(n, generator=GEN), torch.randn(m, n, generator=GEN)
+    panels = native.prepack(w.data, 4, k, w.group_k)
+    gemm = (a, 0.02, -5, panels, n, w.w_scale, w.w_zero, w.w_col_sums, bias, residual, 4, k)
+    for tail in ((True, None, 0, 0, 0, torch.float32), (False, 0.05, 3, -128, 127, torch.int8)):
+        assert torch.equal(native.qgemm_prepacked(*gemm, *tail), ops.native_qgemm_prepacked(*gemm, *tail))
+    grid = torch.tensor([[0.05] * n, [1.0] * n, [-128.0] * n, [127.0] * n])
+    assert torch.equal(native.qgemm_prepacked_columns(*gemm[:9], 4, k, grid),
+                       ops.native_qgemm_prepacked(*gemm[:9], None, 4, k, False, None, 0, 0, 0, torch.int8, grid))
+    norm = (torch.randn(n, generator=GEN), torch.randn(n, generator=GEN), 1e-6, 0.03, 2, -128, 127)
+    for got, want in zip(native.qgemm_prepacked_norm(*gemm, *norm), ops.native_qgemm_prepacked_norm(*gemm, *norm)):
+        assert torch.equal(got, want)
+    x = torch.randn(m, n, generator=GEN)
+    assert torch.equal(native.layernorm_quant(x, *norm), ops.native_layernorm_quant(x, *norm))
+    assert torch.equal(native.quantize(x, 0.02, 1, -128, 127), ops.native_quantize(x, 0.02, 1, -128, 127))
+    q, kk, v = (random_int8((2, 3, 17, 8), GEN) for _ in range(3))
+    attn = (q, kk, v, 0.03, 3, 0.025, -5, 0.05, 1, 0.35, None, None, native.P_MODE_LOG2, 0.8, 0, 8, torch.float32)
+    assert torch.equal(native.attention(*attn), ops.native_attention(*attn))
+    with pytest.raises(RuntimeError, match=r"a must be int8 \(M, K=72\)"):  # the kernel's check, as through torch.ops
+        native.qgemm_prepacked(a[:, :50], *gemm[1:], False, None, 0, 0, 0, torch.float32)
+    with pytest.raises(TypeError, match="qgemm_prepacked"):
+        native._ext().qgemm_prepacked(a, "0.02", *gemm[2:], False, None, 0, 0, 0, torch.float32, None)
+
+
+def test_direct_entry_points_without_the_extension(monkeypatch):
+    _native()
+    from dfqvit.errors import MissingBackendError
+    from dfqvit.kernels import native
+    monkeypatch.setattr(native, "_LOADED", False)
+    monkeypatch.setattr(native, "_EXT", None)
+    with pytest.raises(MissingBackendError, match="DFQVIT_BUILD_EXT=1"):
+        native.quantize(torch.zeros(3), 0.1, 0, -128, 127)
+
+
 # --- attention ------------------------------------------------------------------------------------------
 
 ATTN_SHAPES = [(2, 3, 65, 16), (1, 2, 17, 24), (1, 1, 197, 64), (3, 1, 1, 8), (2, 1, 16, 32), (1, 2, 9, 13),

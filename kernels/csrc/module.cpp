@@ -1,15 +1,14 @@
-// dfqvit._C: the native CPU backend. Importing the Python module loads this shared library, whose static
-// initialisers register the torch ops (torch.ops.dfqvit.native_*):
+// dfqvit._C: the native CPU backend. Importing the Python module (bindings.cpp) loads this shared library, whose
+// static initialisers register the torch ops (torch.ops.dfqvit.native_*):
 //   packing.cpp      native_pack_weight / native_unpack_weight
 //   qgemm_cpu.cpp    native_qgemm       (int8 x packed int4/int3/int8 GEMM, fused epilogue; _prepacked on CPU
 //                    panels; _prepacked_norm also LayerNorm-quantizes the fp32 output tiles: layernorm.h)
 //   attention_cpu.cpp native_attention  (log2 / linear quantized softmax attention)
 //   act_quant_cpu.cpp native_layernorm_quant / native_quantize
 //   here             native_isa / native_set_isa (run-time ISA dispatch: avx512_vnni, avx2, scalar)
+//   bindings.cpp     the Python module: direct entry points to the engine's per-call ops (no torch.ops boxing)
 // dfqvit.kernels.native registers native_qgemm / native_attention as the CPU implementations of
 // dfqvit::qgemm and dfqvit::attention_log2 / attention_linear.
-#include <Python.h>
-
 #include <torch/library.h>
 
 #include <string>
@@ -32,8 +31,3 @@ TORCH_LIBRARY_FRAGMENT(dfqvit, m) {
 }
 
 }  // namespace dfqvit
-
-static struct PyModuleDef dfqvit_c_module = {PyModuleDef_HEAD_INIT, "_C",
-                                             "dfqvit native CPU ops (torch.ops.dfqvit.native_*)", -1, nullptr};
-
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&dfqvit_c_module); }
