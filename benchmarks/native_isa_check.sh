@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Build the native CPU backend (dfqvit._C) on this host and run its bit-exactness tests for every ISA the CPU
+# has. Meant for a lent GPU machine, whose CPU may have AVX-512 VNNI: the development machines are AVX2 only, so
+# the VNNI GEMM kernel (micro_nibble_vnni) has not run on hardware (its 71 tests skip there).
+#   OUT=/path/for/results bash benchmarks/native_isa_check.sh        (about 2 min; the log lands in $OUT)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/results/native_isa_check}
+mkdir -p "$OUT"
+LOG="$OUT/native_isa_check.log"
+{
+  echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-)  cores: $(nproc)"
+  echo "avx512_vnni: $(grep -q -w avx512_vnni /proc/cpuinfo && echo yes || echo no)"
+  if ! python3 -c "import cmake, ninja" 2>/dev/null && ! { command -v cmake && command -v ninja; } >/dev/null; then
+    echo "cmake / ninja missing: pip install cmake ninja, then run this again"; exit 1
+  fi
+  DFQVIT_BUILD_EXT=1 python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+  python3 -c "import dfqvit.kernels.native as n; print('native ISA detected:', n.detected_isa(), 'active:', n.isa())"
+  timeout "${LIMIT:-300}" python3 -m pytest -q -p no:cacheprovider -rs tests/test_kernels_native.py
+  echo "pytest exit $?"
+} 2>&1 | tee "$LOG" | grep -v "^\s*$" | tail -25
+head -2 "$LOG"
