@@ -192,7 +192,8 @@ def test_native_rejects_bad_arguments():
 
 def test_direct_entry_points_are_the_registered_ops():
     """native.* calls dfqvit._C's pybind entry points (bindings.cpp), not torch.ops: the same registered ops,
-    bit for bit, the same kernel errors, and a clear error for a missing extension or a wrong argument type."""
+    bit for bit, the same kernel errors, and a TypeError for a wrong argument type (a missing extension: the next
+    test)."""
     ops = _native()
     from kernel_utils import random_int8
     from dfqvit.kernels import native

@@ -13,7 +13,6 @@
 namespace dfqvit {
 namespace {
 
-namespace py = pybind11;
 using OptTensor = c10::optional<at::Tensor>;
 
 template <typename Sig>
