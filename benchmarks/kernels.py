@@ -5,8 +5,10 @@
 
 One run times, side by side on the same GPU, at the linear shapes of DeiT-S and ViT-B (M = batch x 197):
 cuBLAS fp16 (``torch.matmul``), cuBLAS fp8 (``torch._scaled_mm``, e4m3), our W8A8 / W4A8 / W3A8 GEMMs
-(int8 activations, fused dequant + bias epilogue, fp16 out) and W4A16 (weight-only), and for attention
-SDPA fp16 against our log2-quantized attention. Times are ``triton.testing.do_bench`` medians (20th and
+(int8 activations, fused dequant + bias epilogue, fp16 out) and W4A16 (weight-only) — the int4/int3 ones on
+both paths, ``fused`` (unpacked inside the K loop) and ``unpack_first`` (a dense W - w_zero first, see
+``dfqvit.kernels.qgemm``), with the path the engine takes at that M recorded as ``default_path`` — and for
+attention SDPA fp16 against our log2-quantized attention. Times are ``triton.testing.do_bench`` medians (20th and
 80th percentiles kept) after a warm-up call that also runs the autotuner. It prints a table and writes
 JSON (device, torch / triton / CUDA versions, shapes, every timing, the weight-byte ratios and the issue's
 targets with pass/fail) to ``--out``.
@@ -18,8 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,7 +33,7 @@ import triton
 from dfqvit.environment import describe_environment
 from dfqvit.kernels import pack_weight, packed_nbytes
 from dfqvit.kernels.attention import attention_log2_triton
-from dfqvit.kernels.qgemm import qgemm_triton, qgemm_w16_triton
+from dfqvit.kernels.qgemm import qgemm_triton, qgemm_w16_triton, use_unpack_first
 
 TOKENS = 197  # 224 px / 16 px patches + class token
 
@@ -122,6 +126,24 @@ def _bench(provider: str, fn) -> Timing:
         return Timing(provider, None, error=f"{type(exc).__name__}: {exc}"[:300])
 
 
+@contextmanager
+def _gemm_path(unpack_first: bool):
+    """Force the packed GEMM's path (unpack-first or fused unpack) for the autotuned launch."""
+    name = "DFQVIT_UNPACK_FIRST_MIN_M"
+    old = os.environ.get(name)
+    os.environ[name] = "0" if unpack_first else str(2 ** 62)
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
+
+
+PATHS = (("fused", False), ("unpack_first", True))
+
+
 def time_gemm(exp: GemmExperiment) -> ExperimentResult:
     dev = "cuda"
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -140,19 +162,32 @@ def time_gemm(exp: GemmExperiment) -> ExperimentResult:
                                                                      out_dtype=torch.float16)))
 
     a_int8 = torch.randint(-128, 128, (m, k), device=dev, dtype=torch.int8, generator=gen)
+    # int4/int3: both GEMM paths (the weight unpacked inside the K loop, or first into a dense int8 W - w_zero
+    # by a separate kernel, timed together); the engine takes the one use_unpack_first picks for this M.
     for bits, label in ((8, "ours_w8a8"), (4, "ours_w4a8"), (3, "ours_w3a8")):
         high = 128 if bits == 8 else 2 ** bits
         low = -128 if bits == 8 else 0
         codes = torch.randint(low, high, (n, k), device="cpu", dtype=torch.int32)
         codes = codes.to(torch.int8 if bits == 8 else torch.uint8)
-        w = pack_weight(codes, torch.rand(n) * 0.01, torch.zeros(n, dtype=torch.int32), bits).to(dev)
-        timings.append(_bench(label, lambda w=w: qgemm_triton(
-            a_int8, 0.02, 0, w.data, w.w_scale, w.w_zero, w.w_col_sums, bias, None, w.storage_bits, k, w.group_k,
-            False, None, 0, 0, 0, torch.float16)))
+        zero = torch.zeros(n, dtype=torch.int32) if bits == 8 else torch.full((n,), 2 ** (bits - 1), dtype=torch.int32)
+        w = pack_weight(codes, torch.rand(n) * 0.01, zero, bits).to(dev)
+        call = lambda w=w: qgemm_triton(  # noqa: E731
+            a_int8, 0.02, 3, w.data, w.w_scale, w.w_zero, w.w_col_sums, bias, None, w.storage_bits, k, w.group_k,
+            False, None, 0, 0, 0, torch.float16)
+        if bits == 8:
+            timings.append(_bench(label, call))
+            continue
+        for path, flag in PATHS:
+            with _gemm_path(flag):
+                timings.append(_bench(f"{label}_{path}", call))
         if bits == 4:
-            timings.append(_bench("ours_w4a16", lambda w=w: qgemm_w16_triton(
-                a16, w.data, w.w_scale, w.w_zero, bias, None, w.storage_bits, k, w.group_k, False, torch.float16)))
-    return ExperimentResult(asdict(exp) | {"scaled_mm_m_padded_to": m_pad}, timings)
+            for path, flag in PATHS:
+                with _gemm_path(flag):
+                    timings.append(_bench(f"ours_w4a16_{path}", lambda w=w: qgemm_w16_triton(
+                        a16, w.data, w.w_scale, w.w_zero, bias, None, w.storage_bits, k, w.group_k, False,
+                        torch.float16)))
+    default = "unpack_first" if use_unpack_first(None, m, 4) else "fused"
+    return ExperimentResult(asdict(exp) | {"scaled_mm_m_padded_to": m_pad, "default_path": default}, timings)
 
 
 def time_attention(exp: AttentionExperiment) -> ExperimentResult:
@@ -184,7 +219,8 @@ def evaluate_targets(gemm: list[ExperimentResult], attention: list[ExperimentRes
     w4a8 = []
     for r in gemm:
         if r.experiment["batch"] >= 64:
-            base, ours = _median(r, "cublas_fp16"), _median(r, "ours_w4a8")
+            base = _median(r, "cublas_fp16")
+            ours = _median(r, f"ours_w4a8_{r.experiment['default_path']}")
             if base and ours:
                 w4a8.append(base / ours)
     attn = []

@@ -19,7 +19,7 @@ from .qgemm import (GemmConfig, linear_a8, linear_w16, qgemm_accumulator_triton,
                     qgemm_w16_triton)
 from .attention import attention_linear_triton, attention_log2_triton
 from .act_quant import layernorm_quant_triton
-from .packing import pack_weight_triton, unpack_weight_triton
+from .packing import pack_weight_triton, unpack_centered_triton, unpack_weight_triton
 from . import native
 
 native.register_cpu_kernels()
@@ -27,7 +27,7 @@ native.register_cpu_kernels()
 __all__ = [
     "DFQViTError", "KernelInputError", "MissingBackendError", "MissingGPUError",
     "DEFAULT_GROUP_K", "PackedLayout", "PackedWeight", "pack_weight", "packed_nbytes",
-    "pack_weight_triton", "unpack_weight_triton",
+    "pack_weight_triton", "unpack_weight_triton", "unpack_centered_triton",
     "GemmConfig", "linear_a8", "linear_w16", "qgemm_triton", "qgemm_w16_triton", "qgemm_accumulator_triton",
     "qgemm_columns_triton",
     "attention_log2_triton", "attention_linear_triton",

@@ -110,6 +110,17 @@ def variants(full: bool) -> List[Tuple[str, Callable[[], object]]]:
                                                torch.float16, config=c)))
             if not full:
                 break  # one tile per epilogue; --full compiles the whole tune space
+        if storage != 8:  # the unpack-first path: the centered-unpack kernel, then the dense int8 / fp16 GEMM
+            dense = GemmConfig(128, 128, 128, 8, 8, 3, unpack_first=True)
+            out.append((f"qgemm W{bits}A8 unpack-first fp16+residual", lambda s=storage, p=packed, g=group_k:
+                        qgemm.qgemm_triton(a8, 0.1, 3, p, scale, zero, sums, bias, residual, s, k, g, False, None,
+                                           0, 0, 0, torch.float16, config=dense)))
+            out.append((f"qgemm W{bits}A8 unpack-first per-column requant", lambda s=storage, p=packed, g=group_k:
+                        qgemm.qgemm_columns_triton(a8, 0.1, 3, p, scale, zero, sums, bias, s, k, g, grid_cols,
+                                                   torch.float16, config=dense)))
+            out.append((f"qgemm W{bits}A16 unpack-first fp16+residual", lambda s=storage, p=packed, g=group_k:
+                        qgemm.qgemm_w16_triton(x16, p, scale, zero, bias, residual, s, k, g, False, torch.float16,
+                                               config=dense)))
         out.append((f"qgemm W{bits}A8 accumulator", lambda s=storage, p=packed, g=group_k:
                     qgemm.qgemm_accumulator_triton(a8, 3, p, zero, sums, s, k, g,
                                                    config=GemmConfig(64, 64, 128, 8, 4, 3))))

@@ -223,19 +223,35 @@ def _pack_kernel(codes_ptr, packed_ptr, N, K, stride_cn, stride_pn,
 
 
 @triton.jit
-def _unpack_kernel(packed_ptr, codes_ptr, N, K, stride_pn, stride_cn,
-                   STORAGE_BITS: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_N: tl.constexpr):
+def _centered(code, zero, CENTER: tl.constexpr, out_ptr):
+    """``code`` as stored (CENTER False), or ``code - zero`` converted to the output's dtype."""
+    # if/else, not an early return: the GPU compiler type-checks both returns of a constexpr branch.
+    if CENTER:
+        out = (code.to(tl.int16) - zero).to(out_ptr.dtype.element_ty)
+    else:
+        out = code
+    return out
+
+
+@triton.jit
+def _unpack_kernel(packed_ptr, codes_ptr, zero_ptr, N, K, stride_pn, stride_cn,
+                   STORAGE_BITS: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                   CENTER: tl.constexpr):
     pid_n = tl.program_id(0)
     group = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows[:, None] < N
     k_base = group * GROUP_K
     dst = codes_ptr + rows[:, None] * stride_cn
+    zero = 0
+    if CENTER:
+        zero = tl.load(zero_ptr + rows, mask=rows < N, other=0).to(tl.int16)[:, None]
     if STORAGE_BITS == 4:
         j = tl.arange(0, GROUP_K // 2)[None, :]
         byte = tl.load(packed_ptr + rows[:, None] * stride_pn + group * (GROUP_K // 2) + j, mask=row_ok, other=0)
-        tl.store(dst + k_base + j, byte & 0xF, mask=row_ok & (k_base + j < K))
-        tl.store(dst + k_base + GROUP_K // 2 + j, byte >> 4, mask=row_ok & (k_base + GROUP_K // 2 + j < K))
+        tl.store(dst + k_base + j, _centered(byte & 0xF, zero, CENTER, codes_ptr), mask=row_ok & (k_base + j < K))
+        tl.store(dst + k_base + GROUP_K // 2 + j, _centered(byte >> 4, zero, CENTER, codes_ptr),
+                 mask=row_ok & (k_base + GROUP_K // 2 + j < K))
     else:
         src = packed_ptr + rows[:, None] * stride_pn + group * (3 * GROUP_K // 8)
         r = tl.arange(0, GROUP_K // 4)[None, :]
@@ -246,7 +262,7 @@ def _unpack_kernel(packed_ptr, codes_ptr, N, K, stride_pn, stride_cn,
             shift = (2 * f + r // (GROUP_K // 8)).to(tl.uint8)
             code = ((plane2 >> (2 * f)) & 3) | (((plane1 >> shift) & 1) << 2)
             pos = k_base + f * (GROUP_K // 4) + r
-            tl.store(dst + pos, code, mask=row_ok & (pos < K))
+            tl.store(dst + pos, _centered(code, zero, CENTER, codes_ptr), mask=row_ok & (pos < K))
 
 
 _PACK_BLOCK_N = 16
@@ -291,9 +307,33 @@ def unpack_weight_triton(packed: torch.Tensor, storage_bits: int, k: int, group_
     n = packed.shape[0]
     codes = torch.empty((n, k), dtype=torch.uint8, device=packed.device)
     grid = (triton.cdiv(n, _PACK_BLOCK_N), triton.cdiv(k, group_k))
-    _unpack_kernel[grid](packed, codes, n, k, packed.stride(0), codes.stride(0),
-                         STORAGE_BITS=storage_bits, GROUP_K=group_k, BLOCK_N=_PACK_BLOCK_N)
+    _unpack_kernel[grid](packed, codes, packed, n, k, packed.stride(0), codes.stride(0),
+                         STORAGE_BITS=storage_bits, GROUP_K=group_k, BLOCK_N=_PACK_BLOCK_N, CENTER=False)
     return codes
+
+
+_CENTERED_BLOCK_N = 64  # 64 rows x one group per program: a few KB each, enough work per program
+
+
+def unpack_centered_triton(packed: torch.Tensor, w_zero: torch.Tensor, storage_bits: int, k: int, group_k: int,
+                           dtype: torch.dtype = torch.int8) -> torch.Tensor:
+    """``W - w_zero`` of packed int4/int3 weights as a dense (N, K) tensor of ``dtype``: int8 (|W - w_zero| <= 15
+    for zero points in the code range) for the int8 tensor-core GEMM, or float16/bfloat16 (exact) for the
+    weight-only one. The GEMM's unpack-first path (``qgemm.GemmConfig.unpack_first``) runs on it."""
+    entry = "unpack_centered_triton"
+    _check_storage_bits(entry, storage_bits)
+    _check_group_k(entry, storage_bits, group_k)
+    _check_packed(entry, packed, storage_bits, k, group_k)
+    if dtype not in (torch.int8, torch.float16, torch.bfloat16):
+        raise KernelInputError(f"{entry}: dtype={dtype}; allowed int8, float16, bfloat16.")
+    check_tensor(entry, "w_zero", w_zero, dtypes=(torch.int32,), shape=(packed.shape[0],), contiguous=True)
+    require_triton_device(entry, _unpack_kernel, [packed, w_zero])
+    n = packed.shape[0]
+    out = torch.empty((n, k), dtype=dtype, device=packed.device)
+    grid = (triton.cdiv(n, _CENTERED_BLOCK_N), triton.cdiv(k, group_k))
+    _unpack_kernel[grid](packed, out, w_zero, n, k, packed.stride(0), out.stride(0),
+                         STORAGE_BITS=storage_bits, GROUP_K=group_k, BLOCK_N=_CENTERED_BLOCK_N, CENTER=True)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------

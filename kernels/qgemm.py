@@ -22,6 +22,18 @@ How the kernel is organised, and why:
   pipeline stages fit in shared memory; the autotuner picks per M bucket. Measured inside the DeiT-S engine
   on an H200 (batch 64, quick autotune): ~170 int8 TOPS, slower than the cuBLAS fp16 GEMMs of the same model;
   ``benchmarks/kernels.py`` compares it alone with cuBLAS fp16 and fp8 ``_scaled_mm`` (not yet run on a GPU).
+* Unpack-first path, from M >= ``UNPACK_FIRST_MIN_M`` rows (1024: batch 8 and up at 197 tokens): a small
+  kernel (``packing.unpack_centered_triton``) writes the dense ``W - w_zero`` (int8; fp16/bf16 for weight-only)
+  into a transient (N, K) buffer and the same kernel runs as a plain GEMM on it (``W_DENSE``: no unpack, no
+  row sums). Why: compiled for sm_90 (``compile_check``; TTGIR), the fused path's K loop reads each packed
+  tile from shared memory into registers, unpacks it and writes it back to shared memory for every ``tl.dot``
+  (wgmma takes B from shared memory), while the dense one feeds both operands straight from the pipelined
+  copies. Neither overlaps its int8 wgmma with the next K step (Triton only makes fp32-accumulator wgmma
+  async; an int32 one is followed by a wait), so the per-step unpack shows in full. The GEMM is compute bound
+  at these M, so an extra pass over N x K bytes costs little there; at batch 1 (M = 197) reading 4-bit
+  weights is what saves time and the fused path stays. The persistent weights stay packed; the buffer is
+  one layer's N x K (int8, or 2 bytes for weight-only), freed after the call. Not yet measured on a GPU:
+  ``benchmarks/kernels.py`` times both paths (``*_fused``, ``*_unpack_first``) side by side.
 * Split-K for tiny M is not implemented: ViT rows are batch x 197 >= 197, enough tiles at batch >= 8.
 """
 from __future__ import annotations
@@ -38,7 +50,12 @@ from . import reference
 from ._common import (check_int_range, check_requant_grid, check_tensor, gelu_erf, m_bucket,
                       require_triton_device, torch_dtype_to_triton, uniform_quantize)
 from .errors import KernelInputError
-from .packing import PackedWeight
+from .packing import PackedWeight, unpack_centered_triton
+
+# From this many rows M, int4/int3 weights are unpacked to int8 before the GEMM instead of inside it (the
+# GEMM is compute bound there; below it, reading 4-bit weights is what saves time). DFQVIT_UNPACK_FIRST_MIN_M
+# overrides it, GemmConfig.unpack_first forces a path.
+UNPACK_FIRST_MIN_M = 1024
 
 # Epilogue modes (constexpr): what the kernel writes.
 EPILOGUE_FLOAT = 0  # y cast to the output dtype
@@ -51,7 +68,8 @@ EPILOGUE_REQUANT_COLUMNS = 3  # y rounded to ROUND_DTYPE, then re-quantized with
 class GemmConfig:
     """Fixed launch configuration (tests, debugging); ``None`` means autotune on CUDA.
 
-    ``block_k`` must be a multiple of the weight's ``group_k`` for int4/int3 storage.
+    ``block_k`` must be a multiple of the weight's ``group_k`` for int4/int3 storage (unless the weight is
+    unpacked first).
     """
 
     block_m: int = 32
@@ -60,6 +78,7 @@ class GemmConfig:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
+    unpack_first: Optional[bool] = None  # None: by M (see use_unpack_first); True/False force a path
 
 
 # Interpreter default: big enough that numpy does the work, small enough for dims 16..128.
@@ -102,7 +121,7 @@ def _qgemm_kernel(
     a_scale, a_zero, out_scale, out_zero, out_qmin, out_qmax,
     STORAGE_BITS: tl.constexpr, GROUP_K: tl.constexpr, FLOAT_A: tl.constexpr,
     HAS_BIAS: tl.constexpr, APPLY_GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr, EPILOGUE: tl.constexpr,
-    ROUND_DTYPE: tl.constexpr,
+    ROUND_DTYPE: tl.constexpr, W_DENSE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Grouped program order (Triton matmul tutorial): GROUP_M row-tiles share W tiles in L2.
@@ -134,7 +153,14 @@ def _qgemm_kernel(
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             w = tl.load(w_rows + ks[:, None], mask=n_ok[None, :] & (ks[:, None] < K), other=0)
-            if FLOAT_A:
+            if W_DENSE:  # W - w_zero already (unpack-first path): a plain GEMM, no correction in the loop
+                a = tl.load(a_ptr + rm[:, None] * stride_am + ks[None, :] * stride_ak,
+                            mask=m_ok[:, None] & (ks[None, :] < K), other=0)
+                if FLOAT_A:
+                    acc = tl.dot(a, w, acc)
+                else:
+                    acc = tl.dot(a, w, acc, out_dtype=tl.int32)
+            elif FLOAT_A:
                 acc = _dot_piece(acc, a_ptr, rm, m_ok, ks, K, stride_am, stride_ak, w, w_zero.to(tl.int16),
                                  FLOAT_A)
             else:
@@ -171,7 +197,7 @@ def _qgemm_kernel(
                 acc = _dot_piece(acc, a_ptr, rm, m_ok, ks, K, stride_am, stride_ak, codes, w_zero16, FLOAT_A)
 
     if not FLOAT_A:
-        if STORAGE_BITS == 8:
+        if STORAGE_BITS == 8 and not W_DENSE:
             acc = acc - a_rowsum[:, None] * w_zero[None, :]
         col_sums = tl.load(w_col_sums_ptr + rn, mask=n_ok, other=0)
         acc = acc - a_zero * col_sums[None, :]
@@ -255,6 +281,8 @@ def _prune_configs(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     bits, group_k, bucket = args["STORAGE_BITS"], args["GROUP_K"], args["M_BUCKET"]
     a_bytes = 2 if args["FLOAT_A"] else 1
+    if args["W_DENSE"]:
+        bits = 8 * a_bytes  # unpacked to the activations' type
     kept, seen = [], set()
     for cfg in configs:
         kw = cfg.kwargs
@@ -281,7 +309,7 @@ def _prune_configs(configs, named_args, **kwargs):
 _qgemm_kernel_autotuned = triton.autotune(
     configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
              for bm, bn, bk, w, s in _TUNE_SPACE],
-    key=["M_BUCKET", "N", "K", "STORAGE_BITS", "FLOAT_A", "EPILOGUE", "HAS_RESIDUAL"],
+    key=["M_BUCKET", "N", "K", "STORAGE_BITS", "FLOAT_A", "EPILOGUE", "HAS_RESIDUAL", "W_DENSE"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )(_qgemm_kernel)
 
@@ -357,6 +385,25 @@ def check_qgemm_w16_args(entry, x, w_packed, w_scale, w_zero, bias, residual, st
     return x.shape[0], n
 
 
+def unpack_first_min_m() -> int:
+    """Smallest M that takes the unpack-first path by default: ``DFQVIT_UNPACK_FIRST_MIN_M`` (default 1024)."""
+    raw = os.environ.get("DFQVIT_UNPACK_FIRST_MIN_M", str(UNPACK_FIRST_MIN_M))
+    try:
+        return int(raw)
+    except ValueError:
+        raise KernelInputError(f"DFQVIT_UNPACK_FIRST_MIN_M={raw!r}; expected an integer (rows M from which "
+                               "int4/int3 weights are unpacked before the GEMM).") from None
+
+
+def use_unpack_first(config: Optional[GemmConfig], m: int, storage_bits: int) -> bool:
+    """Whether int4/int3 weights are unpacked to a dense ``W - w_zero`` before the GEMM (see module docstring)."""
+    if storage_bits == 8:
+        return False
+    if config is not None and config.unpack_first is not None:
+        return config.unpack_first
+    return m >= unpack_first_min_m()
+
+
 def _launch(entry, a, a_scale, a_zero, w_packed, w_scale, w_zero, w_col_sums, bias, residual, storage_bits, k,
             group_k, gelu, out_scale, out_zero, out_qmin, out_qmax, out, epilogue, float_a,
             config: Optional[GemmConfig], out_grid: Optional[torch.Tensor] = None, round_dtype=torch.float32):
@@ -365,6 +412,11 @@ def _launch(entry, a, a_scale, a_zero, w_packed, w_scale, w_zero, w_col_sums, bi
                                                           residual])
     if m == 0:
         return out
+    w_dense = use_unpack_first(config, m, storage_bits)
+    if w_dense:  # transient (N, K) W - w_zero in the MMA's input type; the packed weight stays the stored one
+        w_packed = unpack_centered_triton(w_packed, w_zero, storage_bits, k, group_k,
+                                          a.dtype if float_a else torch.int8)
+        storage_bits, group_k = 8, 1
     if config is None and device.type == "cpu":
         config = INTERPRETER_CONFIG
     if config is not None and storage_bits != 8 and config.block_k % group_k:
@@ -384,7 +436,7 @@ def _launch(entry, a, a_scale, a_zero, w_packed, w_scale, w_zero, w_col_sums, bi
             float(a_scale), int(a_zero), float(out_scale or 1.0), float(out_zero), float(out_qmin), float(out_qmax))
     meta = dict(STORAGE_BITS=storage_bits, GROUP_K=group_k if storage_bits != 8 else 1, FLOAT_A=float_a,
                 HAS_BIAS=bias is not None, APPLY_GELU=bool(gelu), HAS_RESIDUAL=residual is not None,
-                EPILOGUE=epilogue, ROUND_DTYPE=torch_dtype_to_triton(round_dtype))
+                EPILOGUE=epilogue, ROUND_DTYPE=torch_dtype_to_triton(round_dtype), W_DENSE=w_dense)
     if config is None:
         grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]) * triton.cdiv(n, META["BLOCK_N"]),)  # noqa: E731
         _qgemm_kernel_autotuned[grid](*args, **meta)

@@ -30,3 +30,41 @@ def test_benchmark_without_gpu_writes_byte_ratios(tmp_path, capsys):
     ratios = {(r["layer"], r["bits"]): r for r in report["weight_bytes"]}
     assert all(r["meets_target"] for r in ratios.values() if r["target"] is not None)
     assert ratios[("fc1", 4)]["ratio_vs_fp16"] <= 0.27 and ratios[("fc1", 3)]["ratio_vs_fp16"] <= 0.21
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("kernels_benchmark_targets", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[spec.name]
+    return module
+
+
+def test_w4a8_target_uses_the_path_the_engine_takes():
+    """Both GEMM paths are timed; the speed-up target reads the one recorded as the default at that M."""
+    module = _load_script()
+    Timing, Result = module.Timing, module.ExperimentResult
+
+    def row(batch, default_path):
+        return Result({"batch": batch, "default_path": default_path},
+                      [Timing("cublas_fp16", 3.0), Timing("ours_w4a8_fused", 6.0), Timing("ours_w4a8_unpack_first", 1.5)])
+
+    targets = module.evaluate_targets([row(64, "unpack_first"), row(1, "fused")], [])
+    assert targets["w4a8_speedup_vs_fp16_at_batch_ge_64"] == {"target": ">= 1.5", "min": 2.0, "met": True}
+    targets = module.evaluate_targets([row(64, "fused")], [])
+    assert targets["w4a8_speedup_vs_fp16_at_batch_ge_64"]["min"] == 0.5
+
+
+def test_gemm_path_context_forces_and_restores_the_rule(monkeypatch):
+    from dfqvit.kernels.qgemm import use_unpack_first
+
+    module = _load_script()
+    monkeypatch.setenv("DFQVIT_UNPACK_FIRST_MIN_M", "5000")
+    with module._gemm_path(True):
+        assert use_unpack_first(None, 197, 4)
+    with module._gemm_path(False):
+        assert not use_unpack_first(None, 50_000, 4)
+    assert not use_unpack_first(None, 4999, 4) and use_unpack_first(None, 5000, 4)

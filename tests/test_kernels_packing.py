@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dfqvit.kernels import KernelInputError, PackedLayout, pack_weight, packed_nbytes, reference
-from dfqvit.kernels.packing import pack_weight_triton, unpack_weight_triton
+from dfqvit.kernels.packing import pack_weight_triton, unpack_centered_triton, unpack_weight_triton
 from kernel_utils import TRITON_DEVICE, random_weight, requires_triton
 
 GEN = torch.Generator().manual_seed(1234)
@@ -60,6 +60,28 @@ def test_triton_pack_matches_reference_bytes(bits, group_k, k):
     packed = pack_weight_triton(codes.to(TRITON_DEVICE), bits, group_k)
     assert torch.equal(packed.cpu(), expected)
     assert torch.equal(unpack_weight_triton(packed, bits, k, group_k).cpu(), codes)
+
+
+@requires_triton
+@pytest.mark.parametrize("bits,group_k", [(4, 16), (3, 32)])
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float16])
+def test_unpack_centered_is_codes_minus_zero_point(bits, group_k, dtype):
+    """The unpack-first GEMM's input: W - w_zero, exact, for 70 rows (a full and a partial program) and odd K."""
+    k = 100
+    codes, scale, zero = random_weight(bits, 70, k, GEN)
+    zero[0], zero[1] = 0, 2 ** bits - 1  # both ends of the zero-point range: W - w_zero spans -15..15
+    w = pack_weight(codes, scale, zero, bits, group_k=group_k)
+    got = unpack_centered_triton(w.data.to(TRITON_DEVICE), w.w_zero.to(TRITON_DEVICE), bits, k, group_k, dtype)
+    assert got.dtype == dtype and got.shape == (70, k)
+    assert torch.equal(got.cpu().to(torch.int32), codes.to(torch.int32) - zero[:, None])
+
+
+@requires_triton
+def test_unpack_centered_rejects_a_float32_output():
+    codes, scale, zero = random_weight(4, 4, 32, GEN)
+    w = pack_weight(codes, scale, zero, 4, group_k=16)
+    with pytest.raises(KernelInputError, match="dtype=torch.float32"):
+        unpack_centered_triton(w.data.to(TRITON_DEVICE), w.w_zero.to(TRITON_DEVICE), 4, 32, 16, torch.float32)
 
 
 @pytest.mark.parametrize("bits", [3, 4, 5, 6, 8])

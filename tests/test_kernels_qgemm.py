@@ -9,13 +9,17 @@ in fp32 summation order: SQNR >= 100 dB (fp32 output).
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from dfqvit.kernels import GemmConfig, KernelInputError, MissingGPUError, linear_a8, linear_w16, pack_weight
 from dfqvit.kernels import reference
 from dfqvit.kernels._common import require_triton_device
-from dfqvit.kernels.qgemm import qgemm_accumulator_triton, qgemm_columns_triton, qgemm_triton, qgemm_w16_triton
+from dfqvit.kernels import qgemm as qgemm_module
+from dfqvit.kernels.qgemm import (qgemm_accumulator_triton, qgemm_columns_triton, qgemm_triton, qgemm_w16_triton,
+                                 use_unpack_first)
 from kernel_utils import INTERPRETED, TRITON_DEVICE, gpu, random_int8, random_weight, requires_triton, sqnr_db
 
 GEN = torch.Generator().manual_seed(7)
@@ -132,6 +136,89 @@ def test_weight_only_matches_reference(bits, dtype):
     expected = reference.qgemm_w16_reference(*args)
     got = qgemm_w16_triton(*_to(TRITON_DEVICE, *args[:6]), *args[6:], config=_config(w))
     assert sqnr_db(expected, got.cpu()) >= 100
+
+
+@requires_triton
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("m,n,k", SHAPES)
+def test_unpack_first_accumulator_is_exact(bits, m, n, k):
+    """The unpack-first path (dense W - w_zero, then an int8 GEMM) gives the same int32 accumulator."""
+    codes, w = _packed(bits, n, k)
+    a = random_int8((m, k), GEN)
+    expected = reference.qgemm_accumulator_reference(a, -7, codes, w.w_zero)
+    a_d, data, zero, col = _to(TRITON_DEVICE, a, w.data, w.w_zero, w.w_col_sums)
+    acc = qgemm_accumulator_triton(a_d, -7, data, zero, col, w.storage_bits, k, w.group_k,
+                                   config=replace(_config(w), unpack_first=True))
+    assert torch.equal(acc.cpu(), expected)
+
+
+@requires_triton
+@pytest.mark.parametrize("bits", [3, 4])
+def test_unpack_first_epilogues_equal_the_fused_path(bits):
+    """Same accumulator, same epilogue: fp16 + GELU + residual, int8 re-quantization and per-column codes agree
+    bit for bit with the fused-unpack path (and so with the reference, which the other tests check)."""
+    m, n, k = 33, 48, 100
+    _, w = _packed(bits, n, k)
+    a = random_int8((m, k), GEN)
+    b, r = torch.randn(n, generator=GEN), torch.randn(m, n, generator=GEN).half()
+    grid = torch.stack([torch.rand(n, generator=GEN) * 0.05 + 0.01, torch.randint(-5, 5, (n,), generator=GEN).float(),
+                        torch.full((n,), -128.0), torch.full((n,), 127.0)])
+    a_d, data, scale, zero, col, b_d, r_d, grid_d = _to(TRITON_DEVICE, a, w.data, w.w_scale, w.w_zero, w.w_col_sums,
+                                                        b, r, grid)
+    for unpack_first in (False, True):
+        cfg = replace(_config(w), unpack_first=unpack_first)
+        common = (a_d, 0.02, 3, data, scale, zero, col, b_d)
+        outs = (qgemm_triton(*common, r_d, bits, k, w.group_k, True, None, 0, 0, 0, torch.float16, config=cfg),
+                qgemm_triton(*common, None, bits, k, w.group_k, False, 0.05, 2, -128, 127, torch.int8, config=cfg),
+                qgemm_columns_triton(*common, bits, k, w.group_k, grid_d, torch.float16, config=cfg))
+        if unpack_first:
+            for fused_out, dense_out in zip(fused, outs):
+                assert torch.equal(fused_out.cpu(), dense_out.cpu())
+        fused = outs
+
+
+@requires_triton
+@pytest.mark.parametrize("bits", [3, 4])
+def test_unpack_first_weight_only_matches_reference(bits):
+    m, n, k = 65, 17, 100
+    _, w = _packed(bits, n, k)
+    x = torch.randn(m, k, generator=GEN).half()
+    b, r = torch.randn(n, generator=GEN), torch.randn(m, n, generator=GEN)
+    args = (x, w.data, w.w_scale, w.w_zero, b, r, w.storage_bits, k, w.group_k, True, torch.float32)
+    expected = reference.qgemm_w16_reference(*args)
+    got = qgemm_w16_triton(*_to(TRITON_DEVICE, *args[:6]), *args[6:], config=replace(_config(w), unpack_first=True))
+    assert sqnr_db(expected, got.cpu()) >= 100
+
+
+def test_unpack_first_rule_by_rows_environment_and_config(monkeypatch):
+    monkeypatch.delenv("DFQVIT_UNPACK_FIRST_MIN_M", raising=False)
+    assert not use_unpack_first(None, qgemm_module.UNPACK_FIRST_MIN_M - 1, 4)
+    assert use_unpack_first(None, qgemm_module.UNPACK_FIRST_MIN_M, 3)
+    assert not use_unpack_first(None, 10 ** 6, 8)  # int8 rows are dense already
+    assert use_unpack_first(GemmConfig(unpack_first=True), 1, 4)
+    assert not use_unpack_first(GemmConfig(unpack_first=False), 10 ** 6, 4)
+    monkeypatch.setenv("DFQVIT_UNPACK_FIRST_MIN_M", "0")
+    assert use_unpack_first(None, 1, 4)
+    monkeypatch.setenv("DFQVIT_UNPACK_FIRST_MIN_M", "lots")
+    with pytest.raises(KernelInputError, match="DFQVIT_UNPACK_FIRST_MIN_M='lots'"):
+        use_unpack_first(None, 1, 4)
+
+
+@requires_triton
+def test_autotuned_launch_takes_the_path_the_rule_picks(monkeypatch):
+    """Without a config the launch follows use_unpack_first: the dense weight is built only when it says so."""
+    codes, w = _packed(4, 17, 40)
+    a = random_int8((3, 40), GEN)
+    expected = reference.qgemm_accumulator_reference(a, 1, codes, w.w_zero)
+    calls = []
+    real = qgemm_module.unpack_centered_triton
+    monkeypatch.setattr(qgemm_module, "unpack_centered_triton", lambda *args: calls.append(1) or real(*args))
+    args = _to(TRITON_DEVICE, a, w.data, w.w_zero, w.w_col_sums)
+    for min_m, used in (("4", False), ("3", True)):
+        monkeypatch.setenv("DFQVIT_UNPACK_FIRST_MIN_M", min_m)
+        calls.clear()
+        acc = qgemm_accumulator_triton(args[0], 1, *args[1:], 4, 40, w.group_k)
+        assert bool(calls) == used and torch.equal(acc.cpu(), expected)
 
 
 @requires_triton
