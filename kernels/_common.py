@@ -36,18 +36,23 @@ def m_bucket(m: int) -> int:
 # ---------------------------------------------------------------------------------------------------
 
 
+# 1.5 * 2**23: an fp32 in [2**23, 2**24) has no fraction bits, so adding this rounds to an integer (to nearest
+# even, the IEEE default), and for |x| < 2**22 the sum stays in that binade with x's integer in its low bits.
+ROUND_MAGIC = tl.constexpr(12582912.0)
+ROUND_MAGIC_BITS = tl.constexpr(0x4B400000)  # its fp32 bit pattern
+
+
 @triton.jit
 def rint(x):
-    """Round half to even (== ``torch.round``), exact for every fp32 value, without libdevice.
+    """Round half to even (== ``torch.round``) for |x| < 2**22, with two fp32 adds and no libdevice.
 
-    ``x - floor(x)`` is exact in fp32, so the tie test is exact; values >= 2**23 are integers already
-    (frac == 0). ``libdevice.round`` would round ties away from zero, which differs from torch.
+    Callers use it on bounded values (exp2's exponent) or clamp the result to a small integer grid: a larger
+    |x| comes back at least 2**22 - 1 in magnitude with its sign, so the clamp gives the same code; inf and nan
+    pass through. (An earlier version built it from two ``floor`` calls and a tie test, ~13 instructions
+    where this is 2, and ``floor`` runs on the GPU's slower conversion unit.) ``libdevice.round`` would round
+    ties away from zero, and the interpreter has no libdevice.
     """
-    fl = tl.floor(x)
-    frac = x - fl
-    fl_is_odd = (fl - 2.0 * tl.floor(fl * 0.5)) != 0.0
-    round_up = (frac > 0.5) | ((frac == 0.5) & fl_is_odd)
-    return tl.where(round_up, fl + 1.0, fl)
+    return (x + ROUND_MAGIC) - ROUND_MAGIC
 
 
 @triton.jit
@@ -87,8 +92,12 @@ def gelu_erf(x):
 
 @triton.jit
 def exp2_nonpositive(d):
-    """``portable_math.exp2``: 2**d for d <= 0 from round(d), a degree-7 polynomial and exponent bits."""
-    n = rint(d)
+    """``portable_math.exp2``: 2**d for -2**22 < d <= 0 from round(d), a degree-7 polynomial and exponent bits.
+
+    round(d) comes from the magic add of :func:`rint`; its integer is read from the low bits of the sum, so
+    no float-to-int conversion is needed."""
+    y = d + ROUND_MAGIC
+    n = y - ROUND_MAGIC
     f = d - n
     p = f * 1.5252733646775596e-05 + 1.540352968731895e-04
     p = p * f + 1.3333557872101665e-03
@@ -97,7 +106,8 @@ def exp2_nonpositive(d):
     p = p * f + 2.4022650718688965e-01
     p = p * f + 6.931471824645996e-01
     p = p * f + 1.0
-    two_n = ((tl.maximum(n, -126.0).to(tl.int32) + 127) << 23).to(tl.float32, bitcast=True)
+    n_int = y.to(tl.int32, bitcast=True) - ROUND_MAGIC_BITS
+    two_n = ((tl.maximum(n_int, -126) + 127) << 23).to(tl.float32, bitcast=True)
     return tl.where(d < -126.0, 0.0, p * two_n)
 
 
@@ -114,10 +124,16 @@ def round_neg_log2(ratio):
 
 @triton.jit
 def exp2_of_negative_int(k):
-    """``2**-k`` for integer-valued fp32 ``k`` in [0, 126], built from the exponent bits (always exact;
-    ``exp2`` on the GPU is an approximation)."""
-    bits = (127 - k.to(tl.int32)) << 23
+    """``2**-k`` for int32 ``k`` in [0, 126], built from the exponent bits (always exact; ``exp2`` on the GPU
+    is an approximation)."""
+    bits = (127 - k) << 23
     return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def small_int_to_float(i):
+    """int32 -> fp32 for |i| < 2**22 through the magic constant (exact; no conversion instruction)."""
+    return (i + ROUND_MAGIC_BITS).to(tl.float32, bitcast=True) - ROUND_MAGIC
 
 
 # ---------------------------------------------------------------------------------------------------

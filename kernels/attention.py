@@ -38,8 +38,8 @@ import triton.language as tl
 
 from . import reference
 from ._common import (LOG2E, check_int_range, check_requant_grid, check_tensor, exp2_nonpositive, exp2_of_negative_int,
-                      next_power_of_2, require_triton_device, round_neg_log2, torch_dtype_to_triton,
-                      uniform_quantize)
+                      next_power_of_2, require_triton_device, round_neg_log2, small_int_to_float,
+                      torch_dtype_to_triton, uniform_quantize)
 from .errors import KernelInputError
 
 MAX_SEQ = 256  # one tile per row: longest key sequence the single-pass kernel accepts
@@ -77,12 +77,17 @@ def _attention_kernel(
     k = tl.load(k_ptr + b * sk_b + h * sk_h + cols[:, None] * sk_n + dims[None, :] * sk_d,
                 mask=col_ok[:, None] & dim_ok[None, :], other=0)
     qk = tl.dot(q, tl.trans(k), out_dtype=tl.int32)
-    # sum (q - zq)(k - zk) = qk - zk*rowsum(q) - zq*rowsum(k) + d*zq*zk; padded dims load as 0.
+    # sum (q - zq)(k - zk) = qk - zk*rowsum(q) - zq*rowsum(k) + d*zq*zk; padded dims load as 0. The constant
+    # goes into the per-row term, so each element takes two adds.
     q_sum = tl.sum(q.to(tl.int32), axis=1)
     k_sum = tl.sum(k.to(tl.int32), axis=1)
-    acc = qk - k_zero * q_sum[:, None] - q_zero * k_sum[None, :] + HEAD_DIM * q_zero * k_zero
+    row_term = HEAD_DIM * q_zero * k_zero - k_zero * q_sum
+    acc = qk + row_term[:, None] - q_zero * k_sum[None, :]
 
-    t = acc.to(tl.float32) * qk_scale_log2
+    if BLOCK_D <= 64:  # |acc| <= 64 * 255 * 255 < 2**22: exact without a conversion instruction
+        t = small_int_to_float(acc) * qk_scale_log2
+    else:
+        t = acc.to(tl.float32) * qk_scale_log2
     tile_ok = row_ok[:, None] & col_ok[None, :]
     if HAS_BIAS:
         bias = tl.load(bias_ptr + b * sb_b + h * sb_h + rows[:, None] * sb_i + cols[None, :] * sb_j,
@@ -105,10 +110,10 @@ def _attention_kernel(
     if P_MODE == 0:
         # reference.log2_quantize: clamp the ratio before log2 (p may underflow to 0), round half to even.
         ratio = tl.maximum(tl.math.div_rn(p, p_param), P_RATIO_FLOOR)
-        code = tl.minimum(tl.maximum(round_neg_log2(ratio), 0), LEVELS).to(tl.float32)
+        code = tl.minimum(tl.maximum(round_neg_log2(ratio), 0), LEVELS)  # int32 throughout: no conversions
         # Levels past reference.log2_pv_shift (min(LEVELS - 1, 32)) add nothing, as in the reference.
         PV_LAST: tl.constexpr = min(LEVELS - 1, 32)
-        p_hat = tl.where(code > PV_LAST, 0.0, exp2_of_negative_int(tl.minimum(code, 126.0)))
+        p_hat = tl.where(code > PV_LAST, 0.0, exp2_of_negative_int(tl.minimum(code, PV_LAST)))
     else:
         code = uniform_quantize(p, p_param, p_zero, 0.0, LEVELS - 1.0)
         p_hat = code - p_zero
@@ -139,9 +144,13 @@ def _attention_kernel(
         tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
 
 
-# A query tile spans the whole key row (BLOCK_N up to 256), so BLOCK_M = 128 spills registers and took over a
-# minute per compilation (sm_90, compile_check); these four compile in seconds.
-TUNE_BLOCK_M_WARPS = ((16, 4), (16, 8), (32, 8), (64, 8))
+# A query tile spans the whole key row (BLOCK_N up to 256). Compiled for sm_90 (compile_check, SASS), at
+# N = 197, d = 64, log2 P4: 16 and 32 rows use mma.sync; 64 and 128 rows use wgmma, whose warps split the rows
+# only, so 64 rows on 8 warps computed every softmax element twice (272 div.rn for 64 elements per thread) and
+# was dropped; 64 rows on 4 warps and 128 on 8 (255 registers, no spills) take about 100 SASS instructions per
+# element against 125-155 for the small tiles, but pad 197 rows to 256. BLOCK_M = 128 used to spill and take
+# over a minute to compile; since the portable math lost its conversions it compiles in seconds.
+TUNE_BLOCK_M_WARPS = ((16, 4), (16, 8), (32, 8), (64, 4), (128, 8))
 
 _attention_kernel_autotuned = triton.autotune(
     configs=[triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=1) for bm, w in TUNE_BLOCK_M_WARPS],

@@ -136,8 +136,8 @@ def variants(full: bool) -> List[Tuple[str, Callable[[], object]]]:
     windows, wseq = 4, 49
     qw = torch.zeros(batch * windows, heads, wseq, 32, dtype=torch.int8)
     rel_bias, mask = torch.zeros(heads, wseq, wseq), torch.zeros(windows, wseq, wseq)
-    # The autotuner's (BLOCK_M, num_warps) tiles: all with --full, else the two middle ones.
-    for block_m, warps in (attention.TUNE_BLOCK_M_WARPS if full else attention.TUNE_BLOCK_M_WARPS[1:3]):
+    # The autotuner's (BLOCK_M, num_warps) tiles: all with --full, else (32, 8) with mma.sync and (64, 4) with wgmma.
+    for block_m, warps in (attention.TUNE_BLOCK_M_WARPS if full else attention.TUNE_BLOCK_M_WARPS[2:4]):
         tag = f"block_m={block_m}/w{warps}"
         for p_bits in (4, 8):
             out.append((f"attention log2 P{p_bits} {tag}", lambda b=block_m, w=warps, p=p_bits:

@@ -53,7 +53,7 @@ def _assert_out_close(out, ref):
 # exactly as in the reference; numpy (the interpreter) warns about it.
 @pytest.mark.filterwarnings("ignore:divide by zero encountered in log2:RuntimeWarning")
 @pytest.mark.filterwarnings("ignore:invalid value encountered in subtract:RuntimeWarning")  # rint(inf)
-@pytest.mark.parametrize("b,h,n,d", [(2, 3, 65, 16), (1, 2, 17, 24), (2, 1, 197, 64)])
+@pytest.mark.parametrize("b,h,n,d", [(2, 3, 65, 16), (1, 2, 17, 24), (2, 1, 197, 64), (1, 2, 33, 80)])
 @pytest.mark.parametrize("p_bits", [3, 4, 8])
 def test_log2_codes_exact_and_output_close(b, h, n, d, p_bits):
     q, k, v = _qkv(b, h, n, d)
@@ -63,6 +63,20 @@ def test_log2_codes_exact_and_output_close(b, h, n, d, p_bits):
     assert len(codes.unique()) >= min(2 ** p_bits, 6)  # probabilities spread over many levels
     if p_bits <= 4:
         assert bool((codes == 2 ** p_bits).any())  # the underflow code occurs too
+    assert torch.equal(codes, ref_codes)
+    _assert_out_close(out, ref_out)
+
+
+@requires_triton
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log2:RuntimeWarning")
+def test_log2_codes_exact_at_the_largest_accumulator():
+    """d = 64 and (q - q_zero)(k - k_zero) = -255 * 255 in every term: |acc| = 4,161,600, just under the 2**22
+    up to which the kernel converts the int32 accumulator to fp32 through the magic constant."""
+    q, k, v = _qkv(1, 2, 40, 64)
+    q[:, :, :5] = -128
+    k[:, :, :3] = 127
+    s = dict(q_scale=2e-4, q_zero=127, k_scale=2e-4, k_zero=-128, v_scale=0.05, v_zero=1, sm_scale=0.125)
+    out, codes, ref_out, ref_codes = _run_log2(q, k, v, s, None, None, 4, torch.float32, block_m=16)
     assert torch.equal(codes, ref_codes)
     _assert_out_close(out, ref_out)
 
