@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,7 +31,7 @@ import triton
 from dfqvit.environment import describe_environment
 from dfqvit.kernels import pack_weight, packed_nbytes
 from dfqvit.kernels.attention import attention_log2_triton
-from dfqvit.kernels.qgemm import qgemm_triton, qgemm_w16_triton, use_unpack_first
+from dfqvit.kernels.qgemm import gemm_path, qgemm_triton, qgemm_w16_triton, use_unpack_first
 
 TOKENS = 197  # 224 px / 16 px patches + class token
 
@@ -126,21 +124,6 @@ def _bench(provider: str, fn) -> Timing:
         return Timing(provider, None, error=f"{type(exc).__name__}: {exc}"[:300])
 
 
-@contextmanager
-def _gemm_path(unpack_first: bool):
-    """Force the packed GEMM's path (unpack-first or fused unpack) for the autotuned launch."""
-    name = "DFQVIT_UNPACK_FIRST_MIN_M"
-    old = os.environ.get(name)
-    os.environ[name] = "0" if unpack_first else str(2 ** 62)
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = old
-
-
 PATHS = (("fused", False), ("unpack_first", True))
 
 
@@ -178,11 +161,11 @@ def time_gemm(exp: GemmExperiment) -> ExperimentResult:
             timings.append(_bench(label, call))
             continue
         for path, flag in PATHS:
-            with _gemm_path(flag):
+            with gemm_path(flag):
                 timings.append(_bench(f"{label}_{path}", call))
         if bits == 4:
             for path, flag in PATHS:
-                with _gemm_path(flag):
+                with gemm_path(flag):
                     timings.append(_bench(f"ours_w4a16_{path}", lambda w=w: qgemm_w16_triton(
                         a16, w.data, w.w_scale, w.w_zero, bias, None, w.storage_bits, k, w.group_k, False,
                         torch.float16)))

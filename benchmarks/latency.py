@@ -7,10 +7,14 @@ writes JSON + markdown under ``benchmarks/results/`` with the device name and ve
 
     python benchmarks/latency.py [--models deit_small_patch16_224 ...] [--batches 1 8 64 256]
         [--bits W4A8 W8A8 W4A4 W3A16] [--baselines eager graphs compile] [--autotune quick|full]
+        [--gemm-paths default fused]
 
 The JSON is rewritten after every measured row (``"complete": false`` until the end), so a run cut short
 keeps what it measured. Each engine row also carries its build time and the engine-vs-fake-quant logits
 cosine on the GPU. ``--autotune quick`` (default) tries three GEMM tiles per shape instead of twelve.
+``--gemm-paths default fused`` adds, for int4/int3 weights, a second engine of the same quantized model whose
+GEMMs unpack the weights inside the K loop at every batch (``dfqvit.kernels.qgemm.gemm_path(False)``; the
+default takes the unpack-first path from 1024 rows): rows "dfqvit W4A8 fused-GEMM", timed in the same run.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ MODELS = ("deit_small_patch16_224", "vit_base_patch16_224", "swin_small_patch4_w
 BATCHES = (1, 8, 64, 256)
 ENGINE_BITS = {"W4A8": (4, 8), "W8A8": (8, 8), "W4A4": (4, 4), "W3A16": (3, 16)}
 BASELINES = ("eager", "graphs", "compile")
+GEMM_PATHS = {"default": "", "fused": " fused-GEMM"}  # path -> suffix of the row's variant name
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -68,29 +73,54 @@ def cuda_graph_fp16(model, example):
     return run
 
 
-def build_engine_for(float_model, label: str):
-    """Calibrate (8 random images, no reconstruction) and build the Triton engine; also return the seconds the
-    build took and the engine-vs-fake-quant logits cosine on 4 images (correctness at full size on the GPU)."""
+def calibrate_for(float_model, label: str):
+    """The fake-quant model at ``label``'s bits: 8 random images, no reconstruction (the kernels do not care)."""
     import dfqvit
+
+    torch.manual_seed(0)
+    return dfqvit.compile(float_model, bits=ENGINE_BITS[label], calib=torch.randn(8, 3, 224, 224), recon=None,
+                          correction=None, device="cuda", progress=False)
+
+
+def engine_runner(engine, path: str):
+    """The engine as a callable that runs (and captures its CUDA graphs) on GEMM path ``path``."""
+    from dfqvit.kernels.qgemm import gemm_path
+
+    if path == "default":
+        return engine
+
+    def run(x):
+        with gemm_path(False):
+            return engine(x)
+    return run
+
+
+def build_engine_for(qmodel, path: str = "default"):
+    """Build the Triton engine of ``qmodel``; also return the seconds the build took and the engine-vs-fake-quant
+    logits cosine on 4 images (correctness at full size on the GPU)."""
     from dfqvit.engine import build_engine
 
     start = time.perf_counter()
-    torch.manual_seed(0)
-    calib = torch.randn(8, 3, 224, 224)
-    qmodel = dfqvit.compile(float_model, bits=ENGINE_BITS[label], calib=calib, recon=None, correction=None,
-                            device="cuda", progress=False)
     engine = build_engine(qmodel, backend="triton")
     engine.check_inputs = False  # the NaN check syncs the host; latency measures the model
-    x = calib[:4].cuda()
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 224, 224)[:4].cuda()
     with torch.no_grad():
-        got, want = engine(x).float(), qmodel(x).float()
+        got, want = engine_runner(engine, path)(x).float(), qmodel(x).float()
     torch.cuda.synchronize()
     cosine = float(torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0))
     agree = float((got.argmax(-1) == want.argmax(-1)).float().mean())
-    return engine, {"build_s": time.perf_counter() - start, "cosine_vs_fake": cosine, "top1_agree_vs_fake": agree}
+    return engine, {"build_s": time.perf_counter() - start, "cosine_vs_fake": cosine, "top1_agree_vs_fake": agree,
+                    "gemm_path": path}
 
 
-def bench_model(name: str, batches, bits, baselines, warmup: int, iters: int, on_row):
+def engine_variants(bits, gemm_paths):
+    """(variant name, bits label, GEMM path) of each engine row; the fused path only where weights are packed."""
+    return [(f"dfqvit {label}{GEMM_PATHS[path]}", label, path) for label in bits for path in gemm_paths
+            if path == "default" or ENGINE_BITS[label][0] <= 4]
+
+
+def bench_model(name: str, batches, bits, baselines, warmup: int, iters: int, on_row, gemm_paths=("default",)):
     """Time each variant at each batch; ``on_row`` gets every row as soon as it is measured (the JSON is
     rewritten then, so a run cut short keeps what it measured)."""
     import timm
@@ -100,7 +130,7 @@ def bench_model(name: str, batches, bits, baselines, warmup: int, iters: int, on
     fp16.load_state_dict({k: v.half() for k, v in float_model.state_dict().items()})
     compiled = torch.compile(fp16) if "compile" in baselines else None
     fp16_bytes = fp16_weight_bytes(fp16)
-    engines, checks = {}, {}
+    qmodels, engines, checks = {}, {}, {}
     for batch in batches:
         x32 = torch.randn(batch, 3, 224, 224, device="cuda")
         x16 = x32.half()
@@ -110,17 +140,20 @@ def bench_model(name: str, batches, bits, baselines, warmup: int, iters: int, on
             variants.append(("timm fp16 eager", lambda: (lambda x: fp16(x)), x16, fp16_bytes))
         if "graphs" in baselines:
             variants.append(("fp16 CUDA graphs", lambda: cuda_graph_fp16(fp16, x16), x16, fp16_bytes))
-        for label in bits:
-            variants.append((f"dfqvit {label}", lambda label=label: engines[label], x32, None))
+        for variant, label, path in engine_variants(bits, gemm_paths):
+            variants.append((variant, lambda v=variant, p=path: engine_runner(engines[v], p), x32, None))
         if compiled is not None:
             variants.append(("torch.compile fp16", lambda: (lambda x: compiled(x)), x16, fp16_bytes))
+        engine_info = {v: (label, path) for v, label, path in engine_variants(bits, gemm_paths)}
         for variant, make, x, nbytes in variants:
-            label = variant.removeprefix("dfqvit ")
-            if variant.startswith("dfqvit") and label not in engines:
-                engines[label], checks[label] = build_engine_for(float_model, label)
-                print(f"{name:32s} built {variant}: {checks[label]}", flush=True)
+            if variant in engine_info and variant not in engines:
+                label, path = engine_info[variant]
+                if label not in qmodels:
+                    qmodels[label] = calibrate_for(float_model, label)
+                engines[variant], checks[variant] = build_engine_for(qmodels[label], path)
+                print(f"{name:32s} built {variant}: {checks[variant]}", flush=True)
             fn = make()
-            nbytes = nbytes if nbytes is not None else engines[label].weight_nbytes()
+            nbytes = nbytes if nbytes is not None else engines[variant].weight_nbytes()
             first = time.perf_counter()
             with torch.no_grad():
                 fn(x)  # first call: compilation / autotuning / graph capture, timed separately
@@ -130,7 +163,7 @@ def bench_model(name: str, batches, bits, baselines, warmup: int, iters: int, on
             row = {"model": name, "batch": batch, "variant": variant, "latency_ms": ms,
                    "images_per_s": batch / ms * 1e3, "weight_bytes": nbytes,
                    "weight_ratio_vs_fp16": nbytes / fp16_bytes, "first_call_s": first_s}
-            row.update(checks.get(label, {}) if variant.startswith("dfqvit") else {})
+            row.update(checks.get(variant, {}))
             on_row(row)
             print(f"{name:32s} {batch:4d} {variant:22s} {ms:9.3f} ms {batch / ms * 1e3:10.1f} img/s "
                   f"{nbytes / 2**20:8.1f} MiB  (first call {first_s:.1f} s)", flush=True)
@@ -176,6 +209,8 @@ def main(argv=None) -> int:
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--autotune", choices=("quick", "full"), default="quick",
                         help="GEMM tiles tried per shape: quick = 3 (minutes saved on a lent GPU), full = all")
+    parser.add_argument("--gemm-paths", nargs="+", default=["default"], choices=list(GEMM_PATHS),
+                        help="'fused' adds engine rows whose int4/int3 GEMMs unpack inside the K loop at every batch")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -202,7 +237,8 @@ def main(argv=None) -> int:
         write_json(complete=False)
 
     for name in args.models:
-        bench_model(name, args.batches, args.bits, args.baselines, args.warmup, args.iters, on_row)
+        bench_model(name, args.batches, args.bits, args.baselines, args.warmup, args.iters, on_row,
+                    args.gemm_paths)
     write_json(complete=True)
     Path(f"{stem}.md").write_text(markdown(rows, meta))
     print(markdown(rows, meta))

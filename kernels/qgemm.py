@@ -39,6 +39,7 @@ How the kernel is organised, and why:
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
@@ -395,12 +396,31 @@ def unpack_first_min_m() -> int:
                                "int4/int3 weights are unpacked before the GEMM).") from None
 
 
+_forced_unpack_first: Optional[bool] = None
+
+
+@contextmanager
+def gemm_path(unpack_first: Optional[bool]):
+    """Inside the block, int4/int3 GEMMs take the unpack-first path (True) or unpack inside the K loop (False)
+    at every M; None keeps the rule by M. For side-by-side benchmarks (a CUDA graph keeps the kernels it
+    captured); ``GemmConfig.unpack_first`` still wins. Not thread-safe."""
+    global _forced_unpack_first
+    previous, _forced_unpack_first = _forced_unpack_first, unpack_first
+    try:
+        yield
+    finally:
+        _forced_unpack_first = previous
+
+
 def use_unpack_first(config: Optional[GemmConfig], m: int, storage_bits: int) -> bool:
-    """Whether int4/int3 weights are unpacked to a dense ``W - w_zero`` before the GEMM (see module docstring)."""
+    """Whether int4/int3 weights are unpacked to a dense ``W - w_zero`` before the GEMM (see module docstring):
+    ``config.unpack_first`` if set, else :func:`gemm_path`'s choice, else ``m >= unpack_first_min_m()``."""
     if storage_bits == 8:
         return False
     if config is not None and config.unpack_first is not None:
         return config.unpack_first
+    if _forced_unpack_first is not None:
+        return _forced_unpack_first
     return m >= unpack_first_min_m()
 
 
@@ -610,5 +630,5 @@ def linear_w16(x: torch.Tensor, weight: PackedWeight, bias: Optional[torch.Tenso
     return y.reshape(*lead, weight.n)
 
 
-__all__ = ["GemmConfig", "INTERPRETER_CONFIG", "linear_a8", "linear_w16", "qgemm_triton", "qgemm_columns_triton",
+__all__ = ["GemmConfig", "INTERPRETER_CONFIG", "gemm_path", "use_unpack_first", "linear_a8", "linear_w16", "qgemm_triton", "qgemm_columns_triton",
            "qgemm_w16_triton", "qgemm_accumulator_triton"]

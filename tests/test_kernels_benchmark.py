@@ -59,12 +59,13 @@ def test_w4a8_target_uses_the_path_the_engine_takes():
 
 
 def test_gemm_path_context_forces_and_restores_the_rule(monkeypatch):
-    from dfqvit.kernels.qgemm import use_unpack_first
+    from dfqvit.kernels.qgemm import GemmConfig, gemm_path, use_unpack_first
 
-    module = _load_script()
     monkeypatch.setenv("DFQVIT_UNPACK_FIRST_MIN_M", "5000")
-    with module._gemm_path(True):
+    with gemm_path(True):
         assert use_unpack_first(None, 197, 4)
-    with module._gemm_path(False):
-        assert not use_unpack_first(None, 50_000, 4)
+        with gemm_path(False):
+            assert not use_unpack_first(None, 50_000, 3)
+        assert use_unpack_first(None, 197, 4)
+        assert not use_unpack_first(GemmConfig(unpack_first=False), 197, 4)  # an explicit config wins
     assert not use_unpack_first(None, 4999, 4) and use_unpack_first(None, 5000, 4)

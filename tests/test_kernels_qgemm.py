@@ -350,6 +350,26 @@ def test_autotuned_cuda_kernel_at_vit_shapes(bits, m):
 test_autotuned_cuda_kernel_at_vit_shapes = gpu[0](gpu[1](test_autotuned_cuda_kernel_at_vit_shapes))
 
 
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("m", [197, 1576])
+def test_autotuned_cuda_weight_only_at_vit_shapes(bits, m):
+    """GPU only: W4A16/W3A16 at DeiT-S fc1, batch 1 (unpack in the K loop) and 8 (unpack-first, fp16 MMA)."""
+    n, k = 1536, 384
+    codes, scale, zero = random_weight(bits, n, k, GEN)
+    w = pack_weight(codes, scale, zero, bits).to("cuda")
+    x = torch.randn(m, k, generator=GEN).half()
+    y = qgemm_w16_triton(x.cuda(), w.data, w.w_scale, w.w_zero, None, None, w.storage_bits, k, w.group_k, False,
+                         torch.float32)
+    ref = reference.qgemm_w16_reference(x, w.data.cpu(), scale.float(), zero, None, None, w.storage_bits, k,
+                                        w.group_k, False, torch.float32)
+    # Exact products, fp32 accumulation in another order (tensor cores may align the addends with truncation):
+    # 80 dB, where a wrong zero point or K position gives below 30.
+    assert sqnr_db(ref, y.cpu()) >= 80
+
+
+test_autotuned_cuda_weight_only_at_vit_shapes = gpu[0](gpu[1](test_autotuned_cuda_weight_only_at_vit_shapes))
+
+
 @pytest.mark.parametrize("k", [1, 67, 3072])
 def test_exact_int_matmul_equals_int64_at_extreme_codes(k):
     """The float64 fast path of the CPU reference must give the int64 product bit for bit, also when every

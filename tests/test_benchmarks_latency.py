@@ -1,0 +1,58 @@
+"""benchmarks/latency.py without a GPU: it says nothing was measured and exits 0; its row bookkeeping."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "latency.py"
+
+
+@pytest.fixture(scope="module")
+def latency():
+    spec = importlib.util.spec_from_file_location("latency_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the script runs the whole sweep")
+def test_without_cuda_it_says_so_and_exits_0(latency, capsys, tmp_path):
+    assert latency.main(["--gemm-paths", "default", "fused", "--out-dir", str(tmp_path)]) == 0
+    assert "no CUDA device; nothing measured" in capsys.readouterr().out
+    assert not list(tmp_path.iterdir())
+
+
+def test_fused_gemm_rows_only_for_packed_weights(latency):
+    rows = latency.engine_variants(["W4A8", "W8A8", "W3A16"], ["default", "fused"])
+    assert rows == [("dfqvit W4A8", "W4A8", "default"), ("dfqvit W4A8 fused-GEMM", "W4A8", "fused"),
+                    ("dfqvit W8A8", "W8A8", "default"),
+                    ("dfqvit W3A16", "W3A16", "default"), ("dfqvit W3A16 fused-GEMM", "W3A16", "fused")]
+    assert latency.engine_variants(["W4A4"], ["default"]) == [("dfqvit W4A4", "W4A4", "default")]
+
+
+def test_every_engine_row_is_compared_with_the_best_fp16_row_of_its_batch(latency):
+    def row(variant, batch, ips):
+        return {"model": "m", "batch": batch, "variant": variant, "images_per_s": ips, "latency_ms": batch / ips * 1e3}
+
+    rows = [row("fp16 CUDA graphs", 64, 1000.0), row("torch.compile fp16", 64, 1250.0),
+            row("dfqvit W4A8", 64, 2500.0), row("dfqvit W4A8 fused-GEMM", 64, 500.0), row("fp16 CUDA graphs", 1, 900.0)]
+    got = {r["variant"]: r for r in latency.ratios(rows)}
+    assert set(got) == {"dfqvit W4A8", "dfqvit W4A8 fused-GEMM"}
+    assert got["dfqvit W4A8"]["best_fp16"] == "torch.compile fp16"
+    assert got["dfqvit W4A8"]["speedup_vs_best_fp16"] == pytest.approx(2.0)
+    assert got["dfqvit W4A8 fused-GEMM"]["speedup_vs_best_fp16"] == pytest.approx(0.4)
+
+
+def test_engine_runner_forces_the_fused_path_only_inside_the_call(latency):
+    from dfqvit.kernels.qgemm import use_unpack_first
+
+    seen = []
+    runner = latency.engine_runner(lambda x: seen.append(use_unpack_first(None, 10 ** 6, 4)) or x, "fused")
+    assert runner(3) == 3 and seen == [False]
+    assert use_unpack_first(None, 10 ** 6, 4)
+    engine = object()
+    assert latency.engine_runner(engine, "default") is engine
