@@ -113,6 +113,24 @@ def test_triton_engine_matches_fake_quant(name, bits):
     assert agreement(fake, real) >= 0.99
 
 
+@pytest.mark.parametrize("name,bits", [("vit_depth1", (4, 8)), ("swin_small", (3, 8)), ("vit_depth1", (3, 16))])
+def test_triton_engine_gives_the_same_logits_on_both_gemm_paths(name, bits):
+    """Unpack-first (batch 8 and up on a GPU) and the in-loop unpack, forced here at a tiny batch: identical
+    integer accumulators, so identical logits for A8; for A16 only the fp32 summation order differs."""
+    from dfqvit.kernels.qgemm import gemm_path
+
+    model, qmodel = calibrated(name, bits)
+    x = images(2, model.patch_embed.img_size[0])
+    runs = []
+    for unpack_first in (False, True):
+        with gemm_path(unpack_first):
+            runs.append(logits(build_engine(qmodel, backend="triton"), x))
+    if bits[1] == 8:
+        assert torch.equal(runs[0], runs[1])
+    else:
+        assert cosine(runs[0], runs[1]) >= 0.99999
+
+
 GPU_CASES = [("vit", (4, 8)), ("swin", (4, 8)), ("deit_distilled", (4, 8)), ("vit", (8, 8)), ("vit", (3, 16)),
              ("vit", (4, 4)), ("swin", (4, 4))]
 
