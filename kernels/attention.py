@@ -43,9 +43,36 @@ from ._common import (LOG2E, check_int_range, check_requant_grid, check_tensor, 
 from .errors import KernelInputError
 
 MAX_SEQ = 256  # one tile per row: longest key sequence the single-pass kernel accepts
+FAST_RATIO_MAX_BITS = 6  # log2 softmax codes of up to this many bits use _log2_ratio_fast
+FAST_RATIO_NEAR_ULPS = 16  # its margin around the rounding boundary, in ulps (the error bound is 3)
 
 P_MODE_LOG2 = 0
 P_MODE_LINEAR = 1
+
+
+# The rounding boundary of round(-log2 r) inside a binade: mantissa bits of sqrt(2) (see round_neg_log2).
+SQRT2_MANTISSA = tl.constexpr(0x3504F4)
+
+
+@triton.jit
+def _log2_ratio_fast(e, e_sum, p_param, inv_p_param, P_RATIO_FLOOR: tl.constexpr, NEAR_ULPS: tl.constexpr):
+    """The reference's ``max(RN(RN(e / e_sum) / delta), floor)`` as far as ``round_neg_log2`` can tell.
+
+    ``e * RN(RN(1 / e_sum) * RN(1 / delta))`` is within 6 units of 2**-24 (relative) of the exact ratio, i.e.
+    within 3 ulps of the reference's twice-rounded one (whose own error is 2 of those units), and the code
+    only depends on which side of sqrt(2) * 2**-k the ratio falls (a power of two between the two values
+    does not change it). So one multiply per element replaces two IEEE divisions, unless some element's
+    mantissa lies within NEAR_ULPS of the boundary (a few in a million): then this tile runs the divisions.
+    Ratios below the normal range are far below the last level (FAST_RATIO needs p_bits <= 6)."""
+    scale = tl.math.div_rn(1.0, e_sum) * inv_p_param  # per row
+    fast = tl.maximum(e * scale[:, None], P_RATIO_FLOOR)
+    mantissa = fast.to(tl.int32, bitcast=True) & 0x7FFFFF
+    near = tl.abs(mantissa - SQRT2_MANTISSA) <= NEAR_ULPS
+    if tl.max(tl.max(near.to(tl.int32), axis=1), axis=0) > 0:
+        ratio = tl.maximum(tl.math.div_rn(tl.math.div_rn(e, e_sum[:, None]), p_param), P_RATIO_FLOOR)
+    else:
+        ratio = fast
+    return ratio
 
 
 @triton.jit
@@ -54,8 +81,10 @@ def _attention_kernel(
     SEQ, HEAD_DIM, HEADS, NUM_WINDOWS,
     sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d, so_b, so_h, so_n, so_d,
     sb_b, sb_h, sb_i, sb_j, sm_w, sm_i, sm_j, sc_b, sc_h, sc_i, sc_j,
-    q_zero, k_zero, v_zero, qk_scale_log2, p_param, p_zero, pv_scale, out_scale, out_zero, out_qmin, out_qmax,
-    P_MODE: tl.constexpr, P_BITS: tl.constexpr, P_RATIO_FLOOR: tl.constexpr, PV_FP16: tl.constexpr,
+    q_zero, k_zero, v_zero, qk_scale_log2, p_param, inv_p_param, p_zero, pv_scale, out_scale, out_zero, out_qmin,
+    out_qmax,
+    P_MODE: tl.constexpr, P_BITS: tl.constexpr, P_RATIO_FLOOR: tl.constexpr, FAST_RATIO: tl.constexpr,
+    NEAR_ULPS: tl.constexpr, PV_FP16: tl.constexpr,
     PV_BF16: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, STORE_CODES: tl.constexpr, OUT_QUANT: tl.constexpr,
     ROUND_DTYPE: tl.constexpr,
@@ -104,17 +133,20 @@ def _attention_kernel(
     d = tl.maximum(t - tl.max(t, axis=1)[:, None], -127.0)
     e = exp2_nonpositive(d)
     e_sum = tl.sum((e * 9007199254740992.0).to(tl.int64), axis=1).to(tl.float32) * 1.1102230246251565e-16
-    p = tl.math.div_rn(e, e_sum[:, None])
 
     LEVELS: tl.constexpr = 2 ** P_BITS
     if P_MODE == 0:
-        # reference.log2_quantize: clamp the ratio before log2 (p may underflow to 0), round half to even.
-        ratio = tl.maximum(tl.math.div_rn(p, p_param), P_RATIO_FLOOR)
+        # reference.log2_quantize: ratio = (e / e_sum) / delta, clamped before log2 (p may underflow to 0).
+        if FAST_RATIO:
+            ratio = _log2_ratio_fast(e, e_sum, p_param, inv_p_param, P_RATIO_FLOOR, NEAR_ULPS)
+        else:
+            ratio = tl.maximum(tl.math.div_rn(tl.math.div_rn(e, e_sum[:, None]), p_param), P_RATIO_FLOOR)
         code = tl.minimum(tl.maximum(round_neg_log2(ratio), 0), LEVELS)  # int32 throughout: no conversions
         # Levels past reference.log2_pv_shift (min(LEVELS - 1, 32)) add nothing, as in the reference.
         PV_LAST: tl.constexpr = min(LEVELS - 1, 32)
         p_hat = tl.where(code > PV_LAST, 0.0, exp2_of_negative_int(tl.minimum(code, PV_LAST)))
     else:
+        p = tl.math.div_rn(e, e_sum[:, None])
         code = uniform_quantize(p, p_param, p_zero, 0.0, LEVELS - 1.0)
         p_hat = code - p_zero
     p_hat = tl.where(col_ok[None, :], p_hat, 0.0)
@@ -241,15 +273,21 @@ def _launch(entry, q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale, v_zero, s
     pv_fp16 = p_mode == P_MODE_LINEAR or p_bits <= 4
     qk_scale_log2 = float(torch.tensor(sm_scale * q_scale * k_scale * LOG2E, dtype=torch.float32))
     pv_scale = float(p_param) * float(v_scale)
+    # RN(1 / delta) of the fp32 delta the kernel sees. The fast ratio needs every level in the normal fp32 range
+    # (2**-(2**p_bits) >= 2**-64) and 1 / delta finite and normal.
+    inv_p_param = float(torch.tensor(1.0) / torch.tensor(float(p_param), dtype=torch.float32))
+    fast_ratio = (p_mode == P_MODE_LOG2 and int(p_bits) <= FAST_RATIO_MAX_BITS
+                  and 2.0 ** -60 <= float(p_param) <= 2.0 ** 60)
     args = (q, k, v, dummy if bias is None else bias, dummy if mask is None else mask, out, codes,
             seq, head_dim, heads, 1 if mask is None else mask.shape[0],
             *q.stride(), *k.stride(), *v.stride(), *out_view.stride(), *bias_strides, *mask_strides, *codes.stride(),
-            int(q_zero), int(k_zero), int(v_zero), qk_scale_log2, float(p_param), float(p_zero), pv_scale,
+            int(q_zero), int(k_zero), int(v_zero), qk_scale_log2, float(p_param), inv_p_param, float(p_zero), pv_scale,
             float(out_scale), float(out_zero), float(out_qmin), float(out_qmax))
     # The reference clamps p / delta at 2**-(levels + 2) (a Python float, rounded to fp32 by torch).
     ratio_floor = float(torch.tensor(2.0 ** -(2 ** int(p_bits) + 2), dtype=torch.float32))
     # Padded to powers of two and at least 32: the int8 QK^T tl.dot needs K = BLOCK_D >= 32 on tensor cores.
-    meta = dict(P_MODE=p_mode, P_BITS=int(p_bits), P_RATIO_FLOOR=ratio_floor, PV_FP16=pv_fp16,
+    meta = dict(P_MODE=p_mode, P_BITS=int(p_bits), P_RATIO_FLOOR=ratio_floor, FAST_RATIO=fast_ratio,
+                NEAR_ULPS=FAST_RATIO_NEAR_ULPS, PV_FP16=pv_fp16,
                 PV_BF16=not pv_fp16 and device.type == "cuda",
                 HAS_BIAS=bias is not None, HAS_MASK=mask is not None, STORE_CODES=return_codes,
                 OUT_QUANT=out_grid is not None, ROUND_DTYPE=torch_dtype_to_triton(out_dtype),

@@ -68,6 +68,41 @@ def test_log2_codes_exact_and_output_close(b, h, n, d, p_bits):
 
 
 @requires_triton
+@pytest.mark.parametrize("p_bits", [3, 4])
+def test_log2_codes_exact_when_every_tile_takes_the_divisions(monkeypatch, p_bits):
+    """The fast ratio's fallback: with a margin covering every mantissa, each tile runs the two IEEE divisions."""
+    from dfqvit.kernels import attention
+
+    monkeypatch.setattr(attention, "FAST_RATIO_NEAR_ULPS", 2 ** 23)
+    q, k, v = _qkv(2, 2, 37, 16)
+    out, codes, ref_out, ref_codes = _run_log2(q, k, v, _scales(16), None, None, p_bits, torch.float32, block_m=16)
+    assert torch.equal(codes, ref_codes)
+    _assert_out_close(out, ref_out)
+
+
+def test_fast_log2_ratio_gives_the_reference_code_away_from_the_boundary():
+    """The claim behind attention._log2_ratio_fast, in fp32 PyTorch (IEEE round-to-nearest like the GPU): the
+    product e * RN(RN(1/s) * RN(1/delta)) is within 6 * 2**-24 (relative) of RN(RN(e / s) / delta), and when its
+    mantissa is more than 16 ulps from sqrt(2)'s the two give the same round(-log2) code (2**-64 floor, 6 bits)."""
+    from dfqvit.kernels import portable_math
+
+    gen = torch.Generator().manual_seed(2)
+    n = 2_000_000
+    e = portable_math.exp2(-torch.rand(n, generator=gen) * 70)
+    s = 1 + torch.rand(n, generator=gen) * 255
+    delta = torch.exp2(-torch.rand(n, generator=gen) * 12)
+    exact = (e / s) / delta
+    fast = e * ((1 / s) * (1 / delta))
+    assert float(((fast.double() - exact.double()) / exact.double()).abs().max()) <= 6 * 2.0 ** -24
+    floor = torch.tensor(2.0 ** -66)
+    codes = [torch.clamp(portable_math.round_neg_log2(torch.maximum(r, floor)), 0, 64) for r in (fast, exact)]
+    mantissa = torch.maximum(fast, floor).view(torch.int32) & 0x7FFFFF
+    near = (mantissa - 0x3504F4).abs() <= 16
+    assert torch.equal(codes[0][~near], codes[1][~near])
+    assert int(near.sum()) < n * 1e-4  # the fallback is rare
+
+
+@requires_triton
 @pytest.mark.filterwarnings("ignore:divide by zero encountered in log2:RuntimeWarning")
 def test_log2_codes_exact_at_the_largest_accumulator():
     """d = 64 and (q - q_zero)(k - k_zero) = -255 * 255 in every term: |acc| = 4,161,600, just under the 2**22
