@@ -22,7 +22,7 @@ How the kernel is organised, and why:
   pipeline stages fit in shared memory; the autotuner picks per M bucket. Measured inside the DeiT-S engine
   on an H200 (batch 64, quick autotune): ~170 int8 TOPS, slower than the cuBLAS fp16 GEMMs of the same model;
   ``benchmarks/kernels.py`` compares it alone with cuBLAS fp16 and fp8 ``_scaled_mm`` (not yet run on a GPU).
-* Unpack-first path, from M >= ``UNPACK_FIRST_MIN_M`` rows (1024: batch 8 and up at 197 tokens): a small
+* Unpack-first path, from M >= ``UNPACK_FIRST_MIN_M`` rows (1024: batch 6 and up at 197 tokens): a small
   kernel (``packing.unpack_centered_triton``) writes the dense ``W - w_zero`` (int8; fp16/bf16 for weight-only)
   into a transient (N, K) buffer and the same kernel runs as a plain GEMM on it (``W_DENSE``: no unpack, no
   row sums). Why: compiled for sm_90 (``compile_check``; TTGIR), the fused path's K loop reads each packed
