@@ -10,6 +10,9 @@ Math (``reference.attention_log2_reference`` / ``attention_linear_reference`` ar
     code = log2_quantize(p, p_delta, p_bits)   or   uniform_quantize(p, p_scale, p_zero, 0, 2**p_bits - 1)
     out  = (sum_j phat_j (v_j - v_zero)) * v_scale
 
+The log2 code of ``p / p_delta`` comes from one multiply by a per-row constant instead of the two divisions
+when that cannot change it (``_log2_ratio_fast``; exact codes either way).
+
 Why it is shaped like this:
 
 * ViT rows have 197 keys (Swin windows 49, 16, 4): a whole row fits one tile, so the softmax is single pass
@@ -179,8 +182,9 @@ def _attention_kernel(
 # A query tile spans the whole key row (BLOCK_N up to 256). Compiled for sm_90 (compile_check, SASS), at
 # N = 197, d = 64, log2 P4: 16 and 32 rows use mma.sync; 64 and 128 rows use wgmma, whose warps split the rows
 # only, so 64 rows on 8 warps computed every softmax element twice (272 div.rn for 64 elements per thread) and
-# was dropped; 64 rows on 4 warps and 128 on 8 (255 registers, no spills) take about 100 SASS instructions per
-# element against 125-155 for the small tiles, but pad 197 rows to 256. BLOCK_M = 128 used to spill and take
+# was dropped; 64 rows on 4 warps and 128 on 8 (255 registers; spills only inside _log2_ratio_fast's rare
+# fallback branch) take about 100 SASS instructions per element before that fast ratio (75 with it) against
+# 110-155 for the small tiles, but pad 197 rows to 256. BLOCK_M = 128 used to spill and take
 # over a minute to compile; since the portable math lost its conversions it compiles in seconds.
 TUNE_BLOCK_M_WARPS = ((16, 4), (16, 8), (32, 8), (64, 4), (128, 8))
 
