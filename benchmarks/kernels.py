@@ -29,7 +29,7 @@ import torch
 import triton
 
 from dfqvit.environment import describe_environment
-from dfqvit.kernels import pack_weight, packed_nbytes
+from dfqvit.kernels import autotune_choices, pack_weight, packed_nbytes
 from dfqvit.kernels.attention import attention_log2_triton
 from dfqvit.kernels.qgemm import gemm_path, qgemm_triton, qgemm_w16_triton, use_unpack_first
 
@@ -285,6 +285,7 @@ def main(argv=None) -> int:
         report["gemm"] = [asdict(r) for r in gemm]
         report["attention"] = [asdict(r) for r in attention]
         report["targets"] = evaluate_targets(gemm, attention)
+        report["autotune_choices"] = autotune_choices()
         print("\ntargets:", json.dumps(report["targets"], indent=1))
 
     out_dir = Path(args.out)

@@ -10,7 +10,7 @@ writes JSON + markdown under ``benchmarks/results/`` with the device name and ve
         [--gemm-paths default fused]
 
 The JSON is rewritten after every measured row (``"complete": false`` until the end), so a run cut short
-keeps what it measured. Each engine row also carries its build time and the engine-vs-fake-quant logits
+keeps what it measured; ``autotune_choices`` records the GEMM and attention tiles the autotuner picked. Each engine row also carries its build time and the engine-vs-fake-quant logits
 cosine on the GPU. ``--autotune quick`` (default) tries three GEMM tiles per shape instead of twelve.
 ``--gemm-paths default fused`` adds, for int4/int3 weights, a second engine of the same quantized model whose
 GEMMs unpack the weights inside the K loop at every batch (``dfqvit.kernels.qgemm.gemm_path(False)``; the
@@ -229,8 +229,11 @@ def main(argv=None) -> int:
     rows = []
 
     def write_json(complete: bool):
+        from dfqvit.kernels import autotune_choices
+
         Path(f"{stem}.json").write_text(json.dumps({"meta": meta, "complete": complete, "rows": rows,
-                                                    "ratios": ratios(rows)}, indent=2))
+                                                    "ratios": ratios(rows), "autotune_choices": autotune_choices()},
+                                                   indent=2))
 
     def on_row(row):
         rows.append(row)

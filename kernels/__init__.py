@@ -24,6 +24,16 @@ from . import native
 
 native.register_cpu_kernels()
 
+
+def autotune_choices() -> dict:
+    """The tile each autotuned Triton kernel picked in this process, per autotune key (benchmark records:
+    which GEMM and attention tiles a GPU run actually used). Empty where nothing was autotuned (CPU)."""
+    from .attention import _attention_kernel_autotuned
+    from .qgemm import _qgemm_kernel_autotuned
+
+    return {name: {repr(key): str(config) for key, config in getattr(tuner, "cache", {}).items()}
+            for name, tuner in (("qgemm", _qgemm_kernel_autotuned), ("attention", _attention_kernel_autotuned))}
+
 __all__ = [
     "DFQViTError", "KernelInputError", "MissingBackendError", "MissingGPUError",
     "DEFAULT_GROUP_K", "PackedLayout", "PackedWeight", "pack_weight", "packed_nbytes",
@@ -31,5 +41,5 @@ __all__ = [
     "GemmConfig", "linear_a8", "linear_w16", "qgemm_triton", "qgemm_w16_triton", "qgemm_accumulator_triton",
     "qgemm_columns_triton",
     "attention_log2_triton", "attention_linear_triton",
-    "layernorm_quant_triton",
+    "layernorm_quant_triton", "autotune_choices",
 ]

@@ -69,3 +69,20 @@ def test_gemm_path_context_forces_and_restores_the_rule(monkeypatch):
         assert use_unpack_first(None, 197, 4)
         assert not use_unpack_first(GemmConfig(unpack_first=False), 197, 4)  # an explicit config wins
     assert not use_unpack_first(None, 4999, 4) and use_unpack_first(None, 5000, 4)
+
+
+def test_autotune_choices_are_recorded_as_json():
+    """What the GPU benchmarks store: the tile per autotune key of each kernel (here a made-up entry)."""
+    import triton
+
+    from dfqvit.kernels import autotune_choices
+    from dfqvit.kernels.attention import _attention_kernel_autotuned
+
+    key = (197, 64, 0, 4, False, False)
+    _attention_kernel_autotuned.cache[key] = triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=1)
+    try:
+        choices = json.loads(json.dumps(autotune_choices()))
+    finally:
+        del _attention_kernel_autotuned.cache[key]
+    assert set(choices) == {"qgemm", "attention"}
+    assert "BLOCK_M: 64" in choices["attention"][repr(key)] and "num_warps: 4" in choices["attention"][repr(key)]
