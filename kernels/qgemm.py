@@ -248,6 +248,7 @@ _TUNE_SPACE = [
     (256, 128, 128, 8, 3), (128, 256, 128, 8, 3), (128, 128, 128, 8, 4), (128, 128, 256, 8, 3),
     (128, 64, 128, 4, 4), (64, 128, 128, 4, 4), (64, 64, 128, 4, 5), (64, 128, 256, 4, 3),
     (32, 64, 128, 4, 5), (32, 128, 128, 4, 4), (16, 64, 256, 4, 4), (16, 128, 128, 4, 4),
+    (128, 256, 256, 8, 2),
 ]
 _SMEM_BUDGET_BYTES = 200 * 1024  # H100: 228 KB per SM, leave room for the epilogue
 
@@ -258,6 +259,10 @@ _QUICK_TILES = {  # M bucket at least -> (BLOCK_M, BLOCK_N, BLOCK_K, num_warps)
     512: [(128, 128, 128, 8), (64, 128, 128, 4), (128, 64, 128, 4)],
     0: [(64, 64, 128, 4), (32, 64, 128, 4), (16, 64, 256, 4)],
 }
+# The unpack-first (dense) GEMM at large M: an int32-accumulator wgmma waits after every tl.dot, so a K step of
+# 256 (8 wgmma instructions per wait per warpgroup instead of 4) is among the three tried. Unmeasured guess;
+# latency.py records which tile wins (autotune_choices).
+_QUICK_TILES_DENSE = {**_QUICK_TILES, 4096: [(128, 256, 128, 8), (256, 128, 128, 8), (128, 256, 256, 8)]}
 
 
 def autotune_mode() -> str:
@@ -268,9 +273,11 @@ def autotune_mode() -> str:
     return mode
 
 
-def _quick_subset(kept, bucket):
-    """The tiles of ``_QUICK_TILES`` for this M bucket that survived pruning (else the first three kept)."""
-    wanted = next(tiles for floor, tiles in sorted(_QUICK_TILES.items(), reverse=True) if bucket >= floor)
+def _quick_subset(kept, bucket, dense=False):
+    """The tiles of ``_QUICK_TILES`` (``_QUICK_TILES_DENSE`` for the unpack-first int8 GEMM) for this M bucket that
+    survived pruning (else the first three kept)."""
+    table = _QUICK_TILES_DENSE if dense else _QUICK_TILES
+    wanted = next(tiles for floor, tiles in sorted(table.items(), reverse=True) if bucket >= floor)
     chosen = [c for c in kept if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps)
               in wanted]
     return chosen or kept[:3]
@@ -302,7 +309,7 @@ def _prune_configs(configs, named_args, **kwargs):
             seen.add(key)
             kept.append(triton.Config(dict(kw), num_warps=cfg.num_warps, num_stages=stages))
     if kept and autotune_mode() == "quick":
-        kept = _quick_subset(kept, bucket)
+        kept = _quick_subset(kept, bucket, dense=bool(args["W_DENSE"]) and not args["FLOAT_A"])
     return kept or [triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": max(group_k, 64), "GROUP_M": 8},
                                   num_warps=4, num_stages=2)]
 

@@ -204,6 +204,26 @@ def test_unpack_first_rule_by_rows_environment_and_config(monkeypatch):
         use_unpack_first(None, 1, 4)
 
 
+@pytest.mark.parametrize("dense,float_a", [(False, False), (True, False), (True, True)])
+def test_quick_autotune_tiles_fit_shared_memory(monkeypatch, dense, float_a):
+    """DFQVIT_AUTOTUNE=quick at batch 64: three tiles per key, each within the shared-memory budget for its
+    operand bytes (fp16 dense weights are twice int8), the unpack-first int8 GEMM including a 256-deep K step."""
+    monkeypatch.setenv("DFQVIT_AUTOTUNE", "quick")
+    tuner = qgemm_module._qgemm_kernel_autotuned
+    args = dict(STORAGE_BITS=8 if dense else 4, GROUP_K=1 if dense else 64, M_BUCKET=16384, FLOAT_A=float_a,
+                W_DENSE=dense)
+    kept = qgemm_module._prune_configs(tuner.configs, {}, **args)
+    assert len(kept) == 3
+    a_bytes = w_bytes = 2 if float_a else 1
+    if not dense:
+        w_bytes = 0.5
+    for c in kept:
+        bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        assert c.num_stages * (bm * bk * a_bytes + bk * bn * w_bytes) <= qgemm_module._SMEM_BUDGET_BYTES
+    deep = [c for c in kept if c.kwargs["BLOCK_K"] == 256]
+    assert bool(deep) == (dense and not float_a)
+
+
 @requires_triton
 def test_autotuned_launch_takes_the_path_the_rule_picks(monkeypatch):
     """Without a config the launch follows use_unpack_first: the dense weight is built only when it says so."""
