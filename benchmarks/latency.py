@@ -11,7 +11,7 @@ writes JSON + markdown under ``benchmarks/results/`` with the device name and ve
 
 The JSON is rewritten after every measured row (``"complete": false`` until the end), so a run cut short
 keeps what it measured; ``autotune_choices`` records the GEMM and attention tiles the autotuner picked. Each engine row also carries its build time and the engine-vs-fake-quant logits
-cosine on the GPU. ``--autotune quick`` (default) tries three GEMM tiles per shape instead of twelve.
+cosine on the GPU. ``--autotune quick`` (default) tries three GEMM tiles per shape instead of thirteen.
 ``--gemm-paths default fused`` adds, for int4/int3 weights, a second engine of the same quantized model whose
 GEMMs unpack the weights inside the K loop at every batch (``dfqvit.kernels.qgemm.gemm_path(False)``; the
 default takes the unpack-first path from 1024 rows): rows "dfqvit W4A8 fused-GEMM", timed in the same run.
