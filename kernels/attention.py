@@ -58,8 +58,14 @@ SQRT2_MANTISSA = tl.constexpr(0x3504F4)
 
 
 @triton.jit
+def _log2_ratio_exact(e, e_sum, p_param, P_RATIO_FLOOR: tl.constexpr):
+    """reference.log2_quantize's ratio: ``max(RN(RN(e / e_sum) / delta), floor)`` (p may underflow to 0)."""
+    return tl.maximum(tl.math.div_rn(tl.math.div_rn(e, e_sum[:, None]), p_param), P_RATIO_FLOOR)
+
+
+@triton.jit
 def _log2_ratio_fast(e, e_sum, p_param, inv_p_param, P_RATIO_FLOOR: tl.constexpr, NEAR_ULPS: tl.constexpr):
-    """The reference's ``max(RN(RN(e / e_sum) / delta), floor)`` as far as ``round_neg_log2`` can tell.
+    """:func:`_log2_ratio_exact` as far as ``round_neg_log2`` can tell.
 
     ``e * RN(RN(1 / e_sum) * RN(1 / delta))`` is within 6 units of 2**-24 (relative) of the exact ratio, i.e.
     within 3 ulps of the reference's twice-rounded one (whose own error is 2 of those units), and the code
@@ -72,7 +78,7 @@ def _log2_ratio_fast(e, e_sum, p_param, inv_p_param, P_RATIO_FLOOR: tl.constexpr
     mantissa = fast.to(tl.int32, bitcast=True) & 0x7FFFFF
     near = tl.abs(mantissa - SQRT2_MANTISSA) <= NEAR_ULPS
     if tl.max(tl.max(near.to(tl.int32), axis=1), axis=0) > 0:
-        ratio = tl.maximum(tl.math.div_rn(tl.math.div_rn(e, e_sum[:, None]), p_param), P_RATIO_FLOOR)
+        ratio = _log2_ratio_exact(e, e_sum, p_param, P_RATIO_FLOOR)
     else:
         ratio = fast
     return ratio
@@ -139,11 +145,10 @@ def _attention_kernel(
 
     LEVELS: tl.constexpr = 2 ** P_BITS
     if P_MODE == 0:
-        # reference.log2_quantize: ratio = (e / e_sum) / delta, clamped before log2 (p may underflow to 0).
         if FAST_RATIO:
             ratio = _log2_ratio_fast(e, e_sum, p_param, inv_p_param, P_RATIO_FLOOR, NEAR_ULPS)
         else:
-            ratio = tl.maximum(tl.math.div_rn(tl.math.div_rn(e, e_sum[:, None]), p_param), P_RATIO_FLOOR)
+            ratio = _log2_ratio_exact(e, e_sum, p_param, P_RATIO_FLOOR)
         code = tl.minimum(tl.maximum(round_neg_log2(ratio), 0), LEVELS)  # int32 throughout: no conversions
         # Levels past reference.log2_pv_shift (min(LEVELS - 1, 32)) add nothing, as in the reference.
         PV_LAST: tl.constexpr = min(LEVELS - 1, 32)

@@ -149,26 +149,22 @@ def _qgemm_kernel(
     a_rowsum = tl.zeros((BLOCK_M,), dtype=tl.int32)
 
     if STORAGE_BITS == 8:
-        # int8 rows: no unpack. W - w_zero may overflow int8, so correct with row sums of A instead.
-        zero16 = tl.zeros((BLOCK_N,), dtype=tl.int16)
+        # Dense rows, no unpack: int8 codes (W8), or W - w_zero already (W_DENSE, the unpack-first path).
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             w = tl.load(w_rows + ks[:, None], mask=n_ok[None, :] & (ks[:, None] < K), other=0)
-            if W_DENSE:  # W - w_zero already (unpack-first path): a plain GEMM, no correction in the loop
+            if FLOAT_A and not W_DENSE:  # fp16/bf16 x int8 codes: W - w_zero converted in registers
+                acc = _dot_piece(acc, a_ptr, rm, m_ok, ks, K, stride_am, stride_ak, w, w_zero.to(tl.int16),
+                                 FLOAT_A)
+            else:
                 a = tl.load(a_ptr + rm[:, None] * stride_am + ks[None, :] * stride_ak,
                             mask=m_ok[:, None] & (ks[None, :] < K), other=0)
                 if FLOAT_A:
                     acc = tl.dot(a, w, acc)
                 else:
                     acc = tl.dot(a, w, acc, out_dtype=tl.int32)
-            elif FLOAT_A:
-                acc = _dot_piece(acc, a_ptr, rm, m_ok, ks, K, stride_am, stride_ak, w, w_zero.to(tl.int16),
-                                 FLOAT_A)
-            else:
-                a = tl.load(a_ptr + rm[:, None] * stride_am + ks[None, :] * stride_ak,
-                            mask=m_ok[:, None] & (ks[None, :] < K), other=0)
-                acc = tl.dot(a, w, acc, out_dtype=tl.int32)
-                a_rowsum += tl.sum(a.to(tl.int32), axis=1)
+                    if not W_DENSE:  # W - w_zero may overflow int8: corrected with row sums of A after the loop
+                        a_rowsum += tl.sum(a.to(tl.int32), axis=1)
     elif STORAGE_BITS == 4:
         w_zero16 = w_zero.to(tl.int16)
         for k0 in range(0, K, BLOCK_K):
@@ -637,5 +633,5 @@ def linear_w16(x: torch.Tensor, weight: PackedWeight, bias: Optional[torch.Tenso
     return y.reshape(*lead, weight.n)
 
 
-__all__ = ["GemmConfig", "INTERPRETER_CONFIG", "gemm_path", "use_unpack_first", "linear_a8", "linear_w16", "qgemm_triton", "qgemm_columns_triton",
-           "qgemm_w16_triton", "qgemm_accumulator_triton"]
+__all__ = ["GemmConfig", "INTERPRETER_CONFIG", "gemm_path", "use_unpack_first", "linear_a8", "linear_w16",
+           "qgemm_triton", "qgemm_columns_triton", "qgemm_w16_triton", "qgemm_accumulator_triton"]
