@@ -127,6 +127,15 @@ def _bench(provider: str, fn) -> Timing:
 PATHS = (("fused", False), ("unpack_first", True))
 
 
+def _bench_paths(label: str, fn) -> list[Timing]:
+    """``fn`` timed on each packed-GEMM path, as ``{label}_fused`` and ``{label}_unpack_first``."""
+    timings = []
+    for path, unpack_first in PATHS:
+        with gemm_path(unpack_first):
+            timings.append(_bench(f"{label}_{path}", fn))
+    return timings
+
+
 def time_gemm(exp: GemmExperiment) -> ExperimentResult:
     dev = "cuda"
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -160,15 +169,10 @@ def time_gemm(exp: GemmExperiment) -> ExperimentResult:
         if bits == 8:
             timings.append(_bench(label, call))
             continue
-        for path, flag in PATHS:
-            with gemm_path(flag):
-                timings.append(_bench(f"{label}_{path}", call))
+        timings += _bench_paths(label, call)
         if bits == 4:
-            for path, flag in PATHS:
-                with gemm_path(flag):
-                    timings.append(_bench(f"ours_w4a16_{path}", lambda w=w: qgemm_w16_triton(
-                        a16, w.data, w.w_scale, w.w_zero, bias, None, w.storage_bits, k, w.group_k, False,
-                        torch.float16)))
+            timings += _bench_paths("ours_w4a16", lambda w=w: qgemm_w16_triton(
+                a16, w.data, w.w_scale, w.w_zero, bias, None, w.storage_bits, k, w.group_k, False, torch.float16))
     default = "unpack_first" if use_unpack_first(None, m, 4) else "fused"
     return ExperimentResult(asdict(exp) | {"scaled_mm_m_padded_to": m_pad, "default_path": default}, timings)
 

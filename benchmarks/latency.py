@@ -10,8 +10,10 @@ writes JSON + markdown under ``benchmarks/results/`` with the device name and ve
         [--gemm-paths default fused]
 
 The JSON is rewritten after every measured row (``"complete": false`` until the end), so a run cut short
-keeps what it measured; ``autotune_choices`` records the GEMM and attention tiles the autotuner picked. Each engine row also carries its build time and the engine-vs-fake-quant logits
-cosine on the GPU. ``--autotune quick`` (default) tries three GEMM tiles per shape instead of thirteen.
+keeps what it measured; ``autotune_choices`` records the GEMM and attention tiles the autotuner picked. Each
+engine row also carries its build time (calibration included for the first engine of its bits) and the
+engine-vs-fake-quant logits cosine on the GPU. ``--autotune quick`` (default) tries three GEMM tiles per shape
+instead of thirteen.
 ``--gemm-paths default fused`` adds, for int4/int3 weights, a second engine of the same quantized model whose
 GEMMs unpack the weights inside the K loop at every batch (``dfqvit.kernels.qgemm.gemm_path(False)``; the
 default takes the unpack-first path from 1024 rows): rows "dfqvit W4A8 fused-GEMM", timed in the same run.
@@ -73,12 +75,17 @@ def cuda_graph_fp16(model, example):
     return run
 
 
+def calibration_images() -> torch.Tensor:
+    """8 random 224 px images (seed 0): the calibration set, and the first 4 check the built engine."""
+    torch.manual_seed(0)
+    return torch.randn(8, 3, 224, 224)
+
+
 def calibrate_for(float_model, label: str):
-    """The fake-quant model at ``label``'s bits: 8 random images, no reconstruction (the kernels do not care)."""
+    """The fake-quant model at ``label``'s bits: calibration_images(), no reconstruction (the kernels do not care)."""
     import dfqvit
 
-    torch.manual_seed(0)
-    return dfqvit.compile(float_model, bits=ENGINE_BITS[label], calib=torch.randn(8, 3, 224, 224), recon=None,
+    return dfqvit.compile(float_model, bits=ENGINE_BITS[label], calib=calibration_images(), recon=None,
                           correction=None, device="cuda", progress=False)
 
 
@@ -103,8 +110,7 @@ def build_engine_for(qmodel, path: str = "default"):
     start = time.perf_counter()
     engine = build_engine(qmodel, backend="triton")
     engine.check_inputs = False  # the NaN check syncs the host; latency measures the model
-    torch.manual_seed(0)
-    x = torch.randn(8, 3, 224, 224)[:4].cuda()
+    x = calibration_images()[:4].cuda()
     with torch.no_grad():
         got, want = engine_runner(engine, path)(x).float(), qmodel(x).float()
     torch.cuda.synchronize()
@@ -148,9 +154,13 @@ def bench_model(name: str, batches, bits, baselines, warmup: int, iters: int, on
         for variant, make, x, nbytes in variants:
             if variant in engine_info and variant not in engines:
                 label, path = engine_info[variant]
+                calibrate_s = 0.0
                 if label not in qmodels:
+                    start = time.perf_counter()
                     qmodels[label] = calibrate_for(float_model, label)
+                    calibrate_s = time.perf_counter() - start
                 engines[variant], checks[variant] = build_engine_for(qmodels[label], path)
+                checks[variant]["build_s"] += calibrate_s
                 print(f"{name:32s} built {variant}: {checks[variant]}", flush=True)
             fn = make()
             nbytes = nbytes if nbytes is not None else engines[variant].weight_nbytes()

@@ -14,13 +14,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels.py"
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the script runs the full timing sweep")
 def test_benchmark_without_gpu_writes_byte_ratios(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("kernels_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the script is executed
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        del sys.modules[spec.name]
+    module = _load_script()
     assert module.main(["--out", str(tmp_path), "--models", "deit_s"]) == 0
     assert "UNMEASURED" in capsys.readouterr().out
     (report_path,) = tmp_path.glob("kernels_nogpu_*.json")
@@ -33,9 +27,9 @@ def test_benchmark_without_gpu_writes_byte_ratios(tmp_path, capsys):
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("kernels_benchmark_targets", SCRIPT)
+    spec = importlib.util.spec_from_file_location("kernels_benchmark", SCRIPT)
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
+    sys.modules[spec.name] = module  # dataclasses look their module up while the script is executed
     try:
         spec.loader.exec_module(module)
     finally:
@@ -50,7 +44,8 @@ def test_w4a8_target_uses_the_path_the_engine_takes():
 
     def row(batch, default_path):
         return Result({"batch": batch, "default_path": default_path},
-                      [Timing("cublas_fp16", 3.0), Timing("ours_w4a8_fused", 6.0), Timing("ours_w4a8_unpack_first", 1.5)])
+                      [Timing("cublas_fp16", 3.0), Timing("ours_w4a8_fused", 6.0),
+                       Timing("ours_w4a8_unpack_first", 1.5)])
 
     targets = module.evaluate_targets([row(64, "unpack_first"), row(1, "fused")], [])
     assert targets["w4a8_speedup_vs_fp16_at_batch_ge_64"] == {"target": ">= 1.5", "min": 2.0, "met": True}
@@ -86,3 +81,13 @@ def test_autotune_choices_are_recorded_as_json():
         del _attention_kernel_autotuned.cache[key]
     assert set(choices) == {"qgemm", "attention"}
     assert "BLOCK_M: 64" in choices["attention"][repr(key)] and "num_warps: 4" in choices["attention"][repr(key)]
+
+
+def test_both_gemm_paths_are_timed_under_their_names():
+    from dfqvit.kernels.qgemm import use_unpack_first
+
+    module = _load_script()
+    seen = []
+    timings = module._bench_paths("ours_w3a8", lambda: seen.append(use_unpack_first(None, 197, 3)))
+    assert [t.provider for t in timings] == ["ours_w3a8_fused", "ours_w3a8_unpack_first"]
+    assert seen[:1] == [False] and seen[-1:] == [True]  # the warm-up call ran on each path (timing needs CUDA)
