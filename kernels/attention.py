@@ -13,6 +13,14 @@ Math (``reference.attention_log2_reference`` / ``attention_linear_reference`` ar
 The log2 code of ``p / p_delta`` comes from one multiply by a per-row constant instead of the two divisions
 when that cannot change it (``_log2_ratio_fast``; exact codes either way).
 
+Softmax math (``softmax_math``): ``"exact"`` is the above, code for code the reference. ``"fast"`` (the default on
+CUDA; log2 codes only) skips the divisions and the portable exp2: since p = 2**d / sum_j 2**d_j with d = t - max t,
+``-log2(p / delta) = log2(sum_j 2**d_j) + log2(delta) - d``, so a code is one subtraction and a rounding per
+element, with the hardware exp2 for the row sum and one log2 per row (``_log2_codes_fast``). Codes that P.V
+uses (up to ``reference.log2_pv_shift``) differ from the reference only where -log2(p / delta) lies within a few
+1e-6 of a rounding boundary, by one level (a few entries in a million); codes past it weigh 0 either way and
+are not reproduced (the reference's underflowed probabilities get the last code, here their rounded exponent).
+
 Why it is shaped like this:
 
 * ViT rows have 197 keys (Swin windows 49, 16, 4): a whole row fits one tile, so the softmax is single pass
@@ -33,6 +41,9 @@ agrees within fp32 rounding. ``benchmarks/kernels.py`` compares the speed with S
 """
 from __future__ import annotations
 
+import math
+import os
+from contextlib import contextmanager
 from typing import Optional
 
 import torch
@@ -40,14 +51,15 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._common import (LOG2E, check_int_range, check_requant_grid, check_tensor, exp2_nonpositive, exp2_of_negative_int,
-                      next_power_of_2, require_triton_device, round_neg_log2, small_int_to_float,
-                      torch_dtype_to_triton, uniform_quantize)
+from ._common import (LOG2E, ROUND_MAGIC, ROUND_MAGIC_BITS, check_int_range, check_requant_grid, check_tensor,
+                      exp2_nonpositive, exp2_of_negative_int, next_power_of_2, require_triton_device, round_neg_log2,
+                      small_int_to_float, torch_dtype_to_triton, uniform_quantize)
 from .errors import KernelInputError
 
 MAX_SEQ = 256  # one tile per row: longest key sequence the single-pass kernel accepts
 FAST_RATIO_MAX_BITS = 6  # log2 softmax codes of up to this many bits use _log2_ratio_fast
 FAST_RATIO_NEAR_ULPS = 16  # its margin around the rounding boundary, in ulps (the error bound is 3)
+SOFTMAX_MATHS = ("exact", "fast")
 
 P_MODE_LOG2 = 0
 P_MODE_LINEAR = 1
@@ -85,14 +97,30 @@ def _log2_ratio_fast(e, e_sum, p_param, inv_p_param, P_RATIO_FLOOR: tl.constexpr
 
 
 @triton.jit
+def _log2_codes_fast(t, log2_p_param, LEVELS: tl.constexpr):
+    """Log2 codes ``clamp(round(-log2(p / delta)), 0, LEVELS)`` of the softmax of ``t`` (base 2, -inf = masked)
+    without computing p: ``-log2(p / delta) = log2(sum_j 2**d_j) + log2(delta) - d`` with d = t - max t.
+
+    Per element: one exp2 (the hardware's on a GPU) for the row sum, one subtraction, a clamp and the magic
+    rounding, whose sum carries the integer in its low bits (no conversion). The reference rounds the same
+    quantity computed another way (polynomial exp2, two divisions), so a code can differ by one level where
+    -log2(p / delta) is within a few 1e-6 of a half-integer."""
+    d = t - tl.max(t, axis=1)[:, None]
+    c = tl.math.log2(tl.sum(tl.math.exp2(d), axis=1)) + log2_p_param
+    x = tl.minimum(tl.maximum(c[:, None] - d, 0.0), LEVELS)  # masked columns: d = -inf -> x = LEVELS
+    return (x + ROUND_MAGIC).to(tl.int32, bitcast=True) - ROUND_MAGIC_BITS
+
+
+@triton.jit
 def _attention_kernel(
     q_ptr, k_ptr, v_ptr, bias_ptr, mask_ptr, out_ptr, codes_ptr,
     SEQ, HEAD_DIM, HEADS, NUM_WINDOWS,
     sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d, so_b, so_h, so_n, so_d,
     sb_b, sb_h, sb_i, sb_j, sm_w, sm_i, sm_j, sc_b, sc_h, sc_i, sc_j,
-    q_zero, k_zero, v_zero, qk_scale_log2, p_param, inv_p_param, p_zero, pv_scale, out_scale, out_zero, out_qmin,
-    out_qmax,
+    q_zero, k_zero, v_zero, qk_scale_log2, p_param, inv_p_param, log2_p_param, p_zero, pv_scale, out_scale, out_zero,
+    out_qmin, out_qmax,
     P_MODE: tl.constexpr, P_BITS: tl.constexpr, P_RATIO_FLOOR: tl.constexpr, FAST_RATIO: tl.constexpr,
+    FAST_SOFTMAX: tl.constexpr,
     NEAR_ULPS: tl.constexpr, PV_FP16: tl.constexpr,
     PV_BF16: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, STORE_CODES: tl.constexpr, OUT_QUANT: tl.constexpr,
@@ -137,25 +165,29 @@ def _attention_kernel(
                        mask=tile_ok, other=0.0)
         t = t + mask * 1.4426950408889634
     t = tl.where(col_ok[None, :], t, float("-inf"))
-    # portable_math: exp2 from a polynomial and exponent bits, row sum in 53-bit fixed point (exact in any
-    # order); padded columns sit below -126 and give 0.
-    d = tl.maximum(t - tl.max(t, axis=1)[:, None], -127.0)
-    e = exp2_nonpositive(d)
-    e_sum = tl.sum((e * 9007199254740992.0).to(tl.int64), axis=1).to(tl.float32) * 1.1102230246251565e-16
-
     LEVELS: tl.constexpr = 2 ** P_BITS
-    if P_MODE == 0:
-        if FAST_RATIO:
-            ratio = _log2_ratio_fast(e, e_sum, p_param, inv_p_param, P_RATIO_FLOOR, NEAR_ULPS)
+    if FAST_SOFTMAX:  # log2 codes straight from the log domain (softmax_math "fast")
+        code = _log2_codes_fast(t, log2_p_param, LEVELS)
+    else:
+        # portable_math: exp2 from a polynomial and exponent bits, row sum in 53-bit fixed point (exact in any
+        # order); padded columns sit below -126 and give 0.
+        d = tl.maximum(t - tl.max(t, axis=1)[:, None], -127.0)
+        e = exp2_nonpositive(d)
+        e_sum = tl.sum((e * 9007199254740992.0).to(tl.int64), axis=1).to(tl.float32) * 1.1102230246251565e-16
+        if P_MODE == 0:
+            if FAST_RATIO:
+                ratio = _log2_ratio_fast(e, e_sum, p_param, inv_p_param, P_RATIO_FLOOR, NEAR_ULPS)
+            else:
+                ratio = _log2_ratio_exact(e, e_sum, p_param, P_RATIO_FLOOR)
+            code = tl.minimum(tl.maximum(round_neg_log2(ratio), 0), LEVELS)  # int32 throughout: no conversions
         else:
-            ratio = _log2_ratio_exact(e, e_sum, p_param, P_RATIO_FLOOR)
-        code = tl.minimum(tl.maximum(round_neg_log2(ratio), 0), LEVELS)  # int32 throughout: no conversions
+            p = tl.math.div_rn(e, e_sum[:, None])
+            code = uniform_quantize(p, p_param, p_zero, 0.0, LEVELS - 1.0)
+    if P_MODE == 0:
         # Levels past reference.log2_pv_shift (min(LEVELS - 1, 32)) add nothing, as in the reference.
         PV_LAST: tl.constexpr = min(LEVELS - 1, 32)
         p_hat = tl.where(code > PV_LAST, 0.0, exp2_of_negative_int(tl.minimum(code, PV_LAST)))
     else:
-        p = tl.math.div_rn(e, e_sum[:, None])
-        code = uniform_quantize(p, p_param, p_zero, 0.0, LEVELS - 1.0)
         p_hat = code - p_zero
     p_hat = tl.where(col_ok[None, :], p_hat, 0.0)
 
@@ -165,15 +197,15 @@ def _attention_kernel(
 
     v = tl.load(v_ptr + b * sv_b + h * sv_h + cols[:, None] * sv_n + dims[None, :] * sv_d,
                 mask=col_ok[:, None] & dim_ok[None, :], other=0)
-    v_centered = v.to(tl.int32) - v_zero
-    v_centered = tl.where(col_ok[:, None], v_centered, 0)
+    # |v - v_zero| <= 255: to fp32 through the magic constant (ALU adds, not the conversion unit), exact.
+    v_centered = small_int_to_float(tl.where(col_ok[:, None], v.to(tl.int32) - v_zero, 0))
     if PV_FP16:
         out = tl.dot(p_hat.to(tl.float16), v_centered.to(tl.float16))
     else:
         if PV_BF16:  # 2**-k (k <= 32) and |v - v_zero| <= 255 are exact in bf16: tensor cores, exact products
             out = tl.dot(p_hat.to(tl.bfloat16), v_centered.to(tl.bfloat16))
         else:  # the interpreter (numpy has no bf16): an fp32 dot, also exact per product
-            out = tl.dot(p_hat, v_centered.to(tl.float32), input_precision="ieee")
+            out = tl.dot(p_hat, v_centered, input_precision="ieee")
     out = out * pv_scale
     out_ptrs = out_ptr + b * so_b + h * so_h + rows[:, None] * so_n + dims[None, :] * so_d
     if OUT_QUANT:  # the next GEMM's int8 input: codes of the ROUND_DTYPE output, as quantizing it unfused
@@ -195,7 +227,7 @@ TUNE_BLOCK_M_WARPS = ((16, 4), (16, 8), (32, 8), (64, 4), (128, 8))
 
 _attention_kernel_autotuned = triton.autotune(
     configs=[triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=1) for bm, w in TUNE_BLOCK_M_WARPS],
-    key=["SEQ", "HEAD_DIM", "P_MODE", "P_BITS", "HAS_BIAS", "HAS_MASK"],
+    key=["SEQ", "HEAD_DIM", "P_MODE", "P_BITS", "HAS_BIAS", "HAS_MASK", "FAST_SOFTMAX"],
 )(_attention_kernel)
 
 INTERPRETER_BLOCK_M = 32
@@ -258,9 +290,47 @@ def check_attention_args(entry, q, k, v, q_zero, k_zero, v_zero, sm_scale, bias,
     return batch, heads, seq, head_dim
 
 
+_forced_softmax_math: Optional[str] = None
+
+
+def _checked_softmax_math(value: str, where: str) -> str:
+    if value not in SOFTMAX_MATHS:
+        raise KernelInputError(f"{where}={value!r}; allowed: 'exact' (the reference's codes bit for bit) or 'fast' "
+                               "(log-domain codes; one level off on a few entries in a million).")
+    return value
+
+
+@contextmanager
+def softmax_math_override(mode: Optional[str]):
+    """Inside the block, log2 attention uses softmax math ``mode`` ('exact' or 'fast'); None keeps the default.
+    For side-by-side benchmarks (a CUDA graph keeps the kernels it captured); an explicit ``softmax_math=``
+    argument still wins. Not thread-safe."""
+    global _forced_softmax_math
+    previous = _forced_softmax_math
+    _forced_softmax_math = None if mode is None else _checked_softmax_math(mode, "softmax_math")
+    try:
+        yield
+    finally:
+        _forced_softmax_math = previous
+
+
+def resolve_softmax_math(device: torch.device, requested: Optional[str] = None) -> str:
+    """The softmax math a log2 attention on ``device`` uses: ``requested`` if given, else the one of an enclosing
+    :func:`softmax_math_override` block, else ``DFQVIT_SOFTMAX_MATH``, else 'fast' on CUDA and 'exact' elsewhere (the
+    interpreter, whose tests check codes bit for bit). Linear softmax codes always run 'exact'."""
+    if requested is not None:
+        return _checked_softmax_math(requested, "softmax_math")
+    if _forced_softmax_math is not None:
+        return _forced_softmax_math
+    env = os.environ.get("DFQVIT_SOFTMAX_MATH")
+    if env:
+        return _checked_softmax_math(env, "DFQVIT_SOFTMAX_MATH")
+    return "fast" if device.type == "cuda" else "exact"
+
+
 def _launch(entry, q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale, v_zero, sm_scale, bias, mask, p_mode,
             p_param, p_zero, p_bits, out_dtype, return_codes, block_m, out_grid=None, token_major=False,
-            num_warps=None):
+            num_warps=None, softmax_math=None):
     batch, heads, seq, head_dim = check_attention_args(entry, q, k, v, q_zero, k_zero, v_zero, sm_scale, bias,
                                                        mask, p_bits, out_dtype, p_mode, p_param, p_zero)
     device = require_triton_device(entry, _attention_kernel, [q, k, v, bias, mask])
@@ -287,16 +357,18 @@ def _launch(entry, q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale, v_zero, s
     inv_p_param = float(torch.tensor(1.0) / torch.tensor(float(p_param), dtype=torch.float32))
     fast_ratio = (p_mode == P_MODE_LOG2 and int(p_bits) <= FAST_RATIO_MAX_BITS
                   and 2.0 ** -60 <= float(p_param) <= 2.0 ** 60)
+    fast_softmax = p_mode == P_MODE_LOG2 and resolve_softmax_math(device, softmax_math) == "fast"
+    p_param_fp32 = float(torch.tensor(float(p_param), dtype=torch.float32))
     args = (q, k, v, dummy if bias is None else bias, dummy if mask is None else mask, out, codes,
             seq, head_dim, heads, 1 if mask is None else mask.shape[0],
             *q.stride(), *k.stride(), *v.stride(), *out_view.stride(), *bias_strides, *mask_strides, *codes.stride(),
-            int(q_zero), int(k_zero), int(v_zero), qk_scale_log2, float(p_param), inv_p_param, float(p_zero), pv_scale,
-            float(out_scale), float(out_zero), float(out_qmin), float(out_qmax))
+            int(q_zero), int(k_zero), int(v_zero), qk_scale_log2, float(p_param), inv_p_param, math.log2(p_param_fp32),
+            float(p_zero), pv_scale, float(out_scale), float(out_zero), float(out_qmin), float(out_qmax))
     # The reference clamps p / delta at 2**-(levels + 2) (a Python float, rounded to fp32 by torch).
     ratio_floor = float(torch.tensor(2.0 ** -(2 ** int(p_bits) + 2), dtype=torch.float32))
     # Padded to powers of two and at least 32: the int8 QK^T tl.dot needs K = BLOCK_D >= 32 on tensor cores.
     meta = dict(P_MODE=p_mode, P_BITS=int(p_bits), P_RATIO_FLOOR=ratio_floor, FAST_RATIO=fast_ratio,
-                NEAR_ULPS=FAST_RATIO_NEAR_ULPS, PV_FP16=pv_fp16,
+                FAST_SOFTMAX=fast_softmax, NEAR_ULPS=FAST_RATIO_NEAR_ULPS, PV_FP16=pv_fp16,
                 PV_BF16=not pv_fp16 and device.type == "cuda",
                 HAS_BIAS=bias is not None, HAS_MASK=mask is not None, STORE_CODES=return_codes,
                 OUT_QUANT=out_grid is not None, ROUND_DTYPE=torch_dtype_to_triton(out_dtype),
@@ -317,17 +389,18 @@ def attention_log2_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_s
                           bias: Optional[torch.Tensor], mask: Optional[torch.Tensor], p_delta: float, p_bits: int,
                           out_dtype: torch.dtype, return_codes: bool = False, block_m: Optional[int] = None,
                           out_grid: Optional[tuple] = None, token_major: bool = False,
-                          num_warps: Optional[int] = None):
+                          num_warps: Optional[int] = None, softmax_math: Optional[str] = None):
     """Run the Triton log2-quantized attention (CUDA, or CPU under ``TRITON_INTERPRET=1``).
 
     Returns ``out`` (B, H, N, d), or ``(out, codes)`` with int16 P codes (B, H, N, N) if ``return_codes``.
     ``block_m`` (and ``num_warps``) fix the launch (tests); ``None`` autotunes on CUDA. ``token_major`` writes
     ``out`` as (B, N, H, d) (the projection's input layout); ``out_grid`` = (scale, zero, qmin, qmax) writes
     int8 codes of the ``out_dtype`` result instead (the projection's input quantization, fused).
+    ``softmax_math``: 'exact' or 'fast' (module docstring); None = :func:`resolve_softmax_math`'s default.
     """
     return _launch("attention_log2_triton", q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale, v_zero, sm_scale,
                    bias, mask, P_MODE_LOG2, p_delta, 0, p_bits, out_dtype, return_codes, block_m, out_grid,
-                   token_major, num_warps)
+                   token_major, num_warps, softmax_math)
 
 
 def attention_linear_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale: float, q_zero: int,
