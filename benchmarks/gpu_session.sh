@@ -27,11 +27,12 @@ LAT="python3 benchmarks/latency.py --warmup 5 --iters 30 --out-dir $OUT"
 # Measured 2026-11-30 on an H200: DeiT-S + ViT-B W4A8 with three baselines at batch 64 and 1 took ~170 s.
 # The magic-constant rint / exp2 / int->float of kernels/_common.py, compiled (a few seconds).
 step gpu_math ${STEP0:-30} python3 -m pytest -q -p no:cacheprovider tests/test_kernels_common.py
-step gpu_tests ${STEP1:-150} python3 -m pytest -q -m gpu -p no:cacheprovider -rs tests/test_kernels_qgemm.py tests/test_kernels_attention.py tests/test_engine_model.py
-# The engine at W4A8 with both GEMM paths side by side (unpack-first from 1024 rows, the default since
-# 2026-12-01, and the earlier in-loop unpack at every batch), against fp16 CUDA graphs and torch.compile.
-step latency_gemm_paths ${STEP2:-160} $LAT --models deit_small_patch16_224 --batches 64 1 --bits W4A8 --gemm-paths default fused --baselines graphs compile
-step latency_vitb_swin ${STEP3:-130} $LAT --models vit_base_patch16_224 swin_small_patch4_window7_224 --batches 64 8 --bits W4A8 --baselines graphs compile
+step gpu_tests ${STEP1:-140} python3 -m pytest -q -m gpu -p no:cacheprovider -rs tests/test_kernels_qgemm.py tests/test_kernels_attention.py tests/test_engine_model.py
+# The engine at W4A8 side by side with its two earlier forms, against fp16 CUDA graphs and torch.compile:
+# "fused-GEMM" (in-loop unpack at every batch; unpack-first from 1024 rows is the default since 2026-12-01)
+# and "exact-softmax" (the portable softmax math; log-domain codes are the CUDA default since 2026-12-01).
+step latency_ab ${STEP2:-200} $LAT --models deit_small_patch16_224 --batches 64 1 --bits W4A8 --gemm-paths default fused --softmax-maths default exact --baselines graphs compile
+step latency_vitb_swin ${STEP3:-110} $LAT --models vit_base_patch16_224 swin_small_patch4_window7_224 --batches 64 8 --bits W4A8 --baselines graphs compile
 # Not in the 600 s of one command (run next, or in a later session): the other bit widths,
 #   $LAT --models deit_small_patch16_224 --batches 64 1 --bits W8A8 W4A4 W3A16 --gemm-paths default fused --baselines graphs
-step kernels ${STEP4:-100} python3 benchmarks/kernels.py --models deit_s --batches 64 --out "$OUT"
+step kernels ${STEP4:-90} python3 benchmarks/kernels.py --models deit_s --batches 64 --out "$OUT"

@@ -7,7 +7,7 @@ writes JSON + markdown under ``benchmarks/results/`` with the device name and ve
 
     python benchmarks/latency.py [--models deit_small_patch16_224 ...] [--batches 1 8 64 256]
         [--bits W4A8 W8A8 W4A4 W3A16] [--baselines eager graphs compile] [--autotune quick|full]
-        [--gemm-paths default fused]
+        [--gemm-paths default fused] [--softmax-maths default exact]
 
 The JSON is rewritten after every measured row (``"complete": false`` until the end), so a run cut short
 keeps what it measured; ``autotune_choices`` records the GEMM and attention tiles the autotuner picked. Each
@@ -17,6 +17,9 @@ instead of thirteen.
 ``--gemm-paths default fused`` adds, for int4/int3 weights, a second engine of the same quantized model whose
 GEMMs unpack the weights inside the K loop at every batch (``dfqvit.kernels.qgemm.gemm_path(False)``; the
 default takes the unpack-first path from 1024 rows): rows "dfqvit W4A8 fused-GEMM", timed in the same run.
+``--softmax-maths default exact`` adds rows "dfqvit W4A8 exact-softmax": an engine whose log2 attention runs the
+reference's portable softmax math (``dfqvit.kernels.attention.softmax_math_override("exact")``) instead of the
+CUDA default, the log-domain codes of ``softmax_math="fast"``.
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ BATCHES = (1, 8, 64, 256)
 ENGINE_BITS = {"W4A8": (4, 8), "W8A8": (8, 8), "W4A4": (4, 4), "W3A16": (3, 16)}
 BASELINES = ("eager", "graphs", "compile")
 GEMM_PATHS = {"default": "", "fused": " fused-GEMM"}  # path -> suffix of the row's variant name
+SOFTMAX_MATHS = {"default": "", "exact": " exact-softmax"}  # attention softmax math -> suffix
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -89,44 +93,63 @@ def calibrate_for(float_model, label: str):
                           correction=None, device="cuda", progress=False)
 
 
-def engine_runner(engine, path: str):
-    """The engine as a callable that runs (and captures its CUDA graphs) on GEMM path ``path``."""
+def engine_runner(engine, path: str = "default", softmax: str = "default"):
+    """The engine as a callable that runs (and captures its CUDA graphs) on GEMM path ``path`` with attention
+    softmax math ``softmax`` ("default": the engine's own choice)."""
+    from contextlib import ExitStack
+
+    from dfqvit.kernels.attention import softmax_math_override
     from dfqvit.kernels.qgemm import gemm_path
 
-    if path == "default":
+    if path == "default" and softmax == "default":
         return engine
 
     def run(x):
-        with gemm_path(False):
+        with ExitStack() as stack:
+            if path == "fused":
+                stack.enter_context(gemm_path(False))
+            if softmax != "default":
+                stack.enter_context(softmax_math_override(softmax))
             return engine(x)
     return run
 
 
-def build_engine_for(qmodel, path: str = "default"):
+def build_engine_for(qmodel, path: str = "default", softmax: str = "default"):
     """Build the Triton engine of ``qmodel``; also return the seconds the build took and the engine-vs-fake-quant
     logits cosine on 4 images (correctness at full size on the GPU)."""
     from dfqvit.engine import build_engine
+    from dfqvit.kernels.attention import resolve_softmax_math
 
     start = time.perf_counter()
     engine = build_engine(qmodel, backend="triton")
     engine.check_inputs = False  # the NaN check syncs the host; latency measures the model
     x = calibration_images()[:4].cuda()
     with torch.no_grad():
-        got, want = engine_runner(engine, path)(x).float(), qmodel(x).float()
+        got, want = engine_runner(engine, path, softmax)(x).float(), qmodel(x).float()
     torch.cuda.synchronize()
     cosine = float(torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0))
     agree = float((got.argmax(-1) == want.argmax(-1)).float().mean())
+    math = resolve_softmax_math(torch.device("cuda"), None if softmax == "default" else softmax)
     return engine, {"build_s": time.perf_counter() - start, "cosine_vs_fake": cosine, "top1_agree_vs_fake": agree,
-                    "gemm_path": path}
+                    "gemm_path": path, "softmax_math": math}
 
 
-def engine_variants(bits, gemm_paths):
-    """(variant name, bits label, GEMM path) of each engine row; the fused path only where weights are packed."""
-    return [(f"dfqvit {label}{GEMM_PATHS[path]}", label, path) for label in bits for path in gemm_paths
-            if path == "default" or ENGINE_BITS[label][0] <= 4]
+def engine_variants(bits, gemm_paths, softmax_maths=("default",)):
+    """(variant name, bits label, GEMM path, softmax math) of each engine row: the default engine, then one row
+    per alternative (the fused GEMM path only where weights are packed; softmax math only where A < 16)."""
+    rows = []
+    for label in bits:
+        w_bits, a_bits = ENGINE_BITS[label]
+        rows.append((f"dfqvit {label}", label, "default", "default"))
+        rows += [(f"dfqvit {label}{GEMM_PATHS[p]}", label, p, "default") for p in gemm_paths
+                 if p != "default" and w_bits <= 4]
+        rows += [(f"dfqvit {label}{SOFTMAX_MATHS[m]}", label, "default", m) for m in softmax_maths
+                 if m != "default" and a_bits < 16]
+    return rows
 
 
-def bench_model(name: str, batches, bits, baselines, warmup: int, iters: int, on_row, gemm_paths=("default",)):
+def bench_model(name: str, batches, bits, baselines, warmup: int, iters: int, on_row, gemm_paths=("default",),
+                softmax_maths=("default",)):
     """Time each variant at each batch; ``on_row`` gets every row as soon as it is measured (the JSON is
     rewritten then, so a run cut short keeps what it measured)."""
     import timm
@@ -146,20 +169,20 @@ def bench_model(name: str, batches, bits, baselines, warmup: int, iters: int, on
             variants.append(("timm fp16 eager", lambda: (lambda x: fp16(x)), x16, fp16_bytes))
         if "graphs" in baselines:
             variants.append(("fp16 CUDA graphs", lambda: cuda_graph_fp16(fp16, x16), x16, fp16_bytes))
-        for variant, label, path in engine_variants(bits, gemm_paths):
-            variants.append((variant, lambda v=variant, p=path: engine_runner(engines[v], p), x32, None))
+        engine_info = {v[0]: v[1:] for v in engine_variants(bits, gemm_paths, softmax_maths)}
+        for variant, (label, path, softmax) in engine_info.items():
+            variants.append((variant, lambda v=variant, p=path, m=softmax: engine_runner(engines[v], p, m), x32, None))
         if compiled is not None:
             variants.append(("torch.compile fp16", lambda: (lambda x: compiled(x)), x16, fp16_bytes))
-        engine_info = {v: (label, path) for v, label, path in engine_variants(bits, gemm_paths)}
         for variant, make, x, nbytes in variants:
             if variant in engine_info and variant not in engines:
-                label, path = engine_info[variant]
+                label, path, softmax = engine_info[variant]
                 calibrate_s = 0.0
                 if label not in qmodels:
                     start = time.perf_counter()
                     qmodels[label] = calibrate_for(float_model, label)
                     calibrate_s = time.perf_counter() - start
-                engines[variant], checks[variant] = build_engine_for(qmodels[label], path)
+                engines[variant], checks[variant] = build_engine_for(qmodels[label], path, softmax)
                 checks[variant]["build_s"] += calibrate_s
                 print(f"{name:32s} built {variant}: {checks[variant]}", flush=True)
             fn = make()
@@ -221,6 +244,9 @@ def main(argv=None) -> int:
                         help="GEMM tiles tried per shape: quick = 3 (minutes saved on a lent GPU), full = all")
     parser.add_argument("--gemm-paths", nargs="+", default=["default"], choices=list(GEMM_PATHS),
                         help="'fused' adds engine rows whose int4/int3 GEMMs unpack inside the K loop at every batch")
+    parser.add_argument("--softmax-maths", nargs="+", default=["default"], choices=list(SOFTMAX_MATHS),
+                        help="'exact' adds engine rows whose attention runs the reference's softmax math (the "
+                             "default on CUDA is the log-domain 'fast' one)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -251,7 +277,7 @@ def main(argv=None) -> int:
 
     for name in args.models:
         bench_model(name, args.batches, args.bits, args.baselines, args.warmup, args.iters, on_row,
-                    args.gemm_paths)
+                    args.gemm_paths, args.softmax_maths)
     write_json(complete=True)
     Path(f"{stem}.md").write_text(markdown(rows, meta))
     print(markdown(rows, meta))

@@ -21,17 +21,29 @@ def latency():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the script runs the whole sweep")
 def test_without_cuda_it_says_so_and_exits_0(latency, capsys, tmp_path):
-    assert latency.main(["--gemm-paths", "default", "fused", "--out-dir", str(tmp_path)]) == 0
+    assert latency.main(["--gemm-paths", "default", "fused", "--softmax-maths", "default", "exact", "--out-dir",
+                         str(tmp_path)]) == 0
     assert "no CUDA device; nothing measured" in capsys.readouterr().out
     assert not list(tmp_path.iterdir())
 
 
 def test_fused_gemm_rows_only_for_packed_weights(latency):
     rows = latency.engine_variants(["W4A8", "W8A8", "W3A16"], ["default", "fused"])
-    assert rows == [("dfqvit W4A8", "W4A8", "default"), ("dfqvit W4A8 fused-GEMM", "W4A8", "fused"),
-                    ("dfqvit W8A8", "W8A8", "default"),
-                    ("dfqvit W3A16", "W3A16", "default"), ("dfqvit W3A16 fused-GEMM", "W3A16", "fused")]
-    assert latency.engine_variants(["W4A4"], ["default"]) == [("dfqvit W4A4", "W4A4", "default")]
+    assert rows == [("dfqvit W4A8", "W4A8", "default", "default"),
+                    ("dfqvit W4A8 fused-GEMM", "W4A8", "fused", "default"),
+                    ("dfqvit W8A8", "W8A8", "default", "default"),
+                    ("dfqvit W3A16", "W3A16", "default", "default"),
+                    ("dfqvit W3A16 fused-GEMM", "W3A16", "fused", "default")]
+    assert latency.engine_variants(["W4A4"], ["default"]) == [("dfqvit W4A4", "W4A4", "default", "default")]
+
+
+def test_exact_softmax_rows_only_where_attention_is_quantized(latency):
+    rows = latency.engine_variants(["W4A8", "W3A16"], ["default", "fused"], ["default", "exact"])
+    assert rows == [("dfqvit W4A8", "W4A8", "default", "default"),
+                    ("dfqvit W4A8 fused-GEMM", "W4A8", "fused", "default"),
+                    ("dfqvit W4A8 exact-softmax", "W4A8", "default", "exact"),
+                    ("dfqvit W3A16", "W3A16", "default", "default"),
+                    ("dfqvit W3A16 fused-GEMM", "W3A16", "fused", "default")]
 
 
 def test_every_engine_row_is_compared_with_the_best_fp16_row_of_its_batch(latency):
@@ -56,3 +68,14 @@ def test_engine_runner_forces_the_fused_path_only_inside_the_call(latency):
     assert use_unpack_first(None, 10 ** 6, 4)
     engine = object()
     assert latency.engine_runner(engine, "default") is engine
+
+
+def test_engine_runner_sets_the_softmax_math_only_inside_the_call(latency, monkeypatch):
+    from dfqvit.kernels.attention import resolve_softmax_math
+
+    monkeypatch.delenv("DFQVIT_SOFTMAX_MATH", raising=False)
+    cuda = torch.device("cuda")
+    seen = []
+    runner = latency.engine_runner(lambda x: seen.append(resolve_softmax_math(cuda)) or x, "default", "exact")
+    assert runner(3) == 3 and seen == ["exact"]
+    assert resolve_softmax_math(cuda) == "fast"
