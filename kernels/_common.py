@@ -63,6 +63,28 @@ def uniform_quantize(x, scale, zero_point, qmin, qmax):
 
 
 @triton.jit
+def divide_rn(x, scale, inv_scale, FMA_DIV: tl.constexpr):
+    """``RN(x / scale)`` given ``inv_scale = RN(1 / scale)``: with fused multiply-adds (a GPU), Markstein's
+    correction ``q = x * inv; r = fma(-q, scale, x); RN(q + r * inv)`` — one multiply and two FMAs where the
+    IEEE division (``div_rn``) is a reciprocal, four FMAs, a range check and a branch per element. The
+    interpreter's ``tl.fma`` rounds twice, so there (FMA_DIV false) it is the division itself."""
+    if FMA_DIV:
+        q = x * inv_scale
+        r = tl.fma(-q, scale, x)
+        return tl.fma(r, inv_scale, q)
+    else:
+        return tl.math.div_rn(x, scale)
+
+
+@triton.jit
+def uniform_quantize_int(x, scale, inv_scale, zero_point, qmin, qmax, FMA_DIV: tl.constexpr):
+    """:func:`uniform_quantize` as int32 codes, through :func:`divide_rn` and the magic constant (the clamped
+    value is an integer in [qmin, qmax]: its bits after the magic add hold it, no float-to-int conversion)."""
+    q = tl.minimum(tl.maximum(rint(divide_rn(x, scale, inv_scale, FMA_DIV)) + zero_point, qmin), qmax)
+    return (q + ROUND_MAGIC).to(tl.int32, bitcast=True) - ROUND_MAGIC_BITS
+
+
+@triton.jit
 def _horner_erf_num(x2):
     p = x2 * -2.72614225801306e-10 + 2.77068142495902e-08
     p = p * x2 + -2.10102402082508e-06
@@ -221,6 +243,12 @@ def check_requant_grid(entry: str, out_scale: float, out_zero: int, out_qmin: in
     check_int_range(entry, "out_qmin", out_qmin, -128, 127)
     check_int_range(entry, "out_qmax", out_qmax, out_qmin, 127)
     check_int_range(entry, "out_zero", out_zero, -128, 127)
+
+
+def reciprocal_fp32(scale: float) -> float:
+    """``RN(1 / fp32(scale))`` in fp32 (IEEE division), the ``inv_scale`` of :func:`divide_rn`."""
+    one = torch.tensor(1.0, dtype=torch.float32)
+    return float(one / torch.tensor(float(scale), dtype=torch.float32))
 
 
 def torch_dtype_to_triton(dtype: torch.dtype):

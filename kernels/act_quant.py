@@ -19,7 +19,8 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._common import check_requant_grid, check_tensor, next_power_of_2, require_triton_device, uniform_quantize
+from ._common import (check_requant_grid, check_tensor, next_power_of_2, reciprocal_fp32, require_triton_device,
+                      uniform_quantize_int)
 from .errors import KernelInputError
 
 MAX_CHANNELS = 16384
@@ -27,8 +28,8 @@ MAX_CHANNELS = 16384
 
 @triton.jit
 def _layernorm_quant_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, C, C_FLOAT, stride_xm, stride_om,
-                            eps, out_scale, out_zero, out_qmin, out_qmax,
-                            BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+                            eps, out_scale, out_inv_scale, out_zero, out_qmin, out_qmax,
+                            BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, FMA_DIV: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_C)
     row_ok = rows[:, None] < M
@@ -42,7 +43,7 @@ def _layernorm_quant_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, C, C_FLOAT, stride_
     weight = tl.load(w_ptr + cols, mask=cols < C, other=0.0).to(tl.float32)
     bias = tl.load(b_ptr + cols, mask=cols < C, other=0.0).to(tl.float32)
     y = centered * rstd[:, None] * weight[None, :] + bias[None, :]
-    q = uniform_quantize(y, out_scale, out_zero, out_qmin, out_qmax)
+    q = uniform_quantize_int(y, out_scale, out_inv_scale, out_zero, out_qmin, out_qmax, FMA_DIV)
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], q.to(tl.int8), mask=ok)
 
 
@@ -70,7 +71,7 @@ def layernorm_quant_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     """Run the Triton LayerNorm+quantize (CUDA, or CPU under ``TRITON_INTERPRET=1``) on x (..., C)."""
     entry = "layernorm_quant_triton"
     c = check_layernorm_quant_args(entry, x, weight, bias, eps, out_scale, out_zero, out_qmin, out_qmax)
-    require_triton_device(entry, _layernorm_quant_kernel, [x, weight, bias])
+    device = require_triton_device(entry, _layernorm_quant_kernel, [x, weight, bias])
     x2 = x.reshape(-1, c)
     m = x2.shape[0]
     out = torch.empty((m, c), dtype=torch.int8, device=x.device)
@@ -80,8 +81,8 @@ def layernorm_quant_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         block_m = block_m or max(1, min(16, 4096 // block_c))
         _layernorm_quant_kernel[(triton.cdiv(m, block_m),)](
             x2, weight, bias, out, m, c, float(c), x2.stride(0), out.stride(0), float(eps), float(out_scale),
-            float(out_zero), float(out_qmin), float(out_qmax), BLOCK_M=block_m, BLOCK_C=block_c,
-            num_warps=4 if block_c >= 512 else 2)
+            reciprocal_fp32(out_scale), float(out_zero), float(out_qmin), float(out_qmax), BLOCK_M=block_m,
+            BLOCK_C=block_c, FMA_DIV=device.type == "cuda", num_warps=4 if block_c >= 512 else 2)
     return out.reshape(x.shape)
 
 

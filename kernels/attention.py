@@ -52,8 +52,9 @@ import triton.language as tl
 
 from . import reference
 from ._common import (LOG2E, ROUND_MAGIC, ROUND_MAGIC_BITS, check_int_range, check_requant_grid, check_tensor,
-                      exp2_nonpositive, exp2_of_negative_int, next_power_of_2, require_triton_device, round_neg_log2,
-                      small_int_to_float, torch_dtype_to_triton, uniform_quantize)
+                      exp2_nonpositive, exp2_of_negative_int, next_power_of_2, reciprocal_fp32, require_triton_device,
+                      round_neg_log2, small_int_to_float, torch_dtype_to_triton, uniform_quantize,
+                      uniform_quantize_int)
 from .errors import KernelInputError
 
 MAX_SEQ = 256  # one tile per row: longest key sequence the single-pass kernel accepts
@@ -117,11 +118,11 @@ def _attention_kernel(
     SEQ, HEAD_DIM, HEADS, NUM_WINDOWS,
     sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d, so_b, so_h, so_n, so_d,
     sb_b, sb_h, sb_i, sb_j, sm_w, sm_i, sm_j, sc_b, sc_h, sc_i, sc_j,
-    q_zero, k_zero, v_zero, qk_scale_log2, p_param, inv_p_param, log2_p_param, p_zero, pv_scale, out_scale, out_zero,
-    out_qmin, out_qmax,
+    q_zero, k_zero, v_zero, qk_scale_log2, p_param, inv_p_param, log2_p_param, p_zero, pv_scale, out_scale,
+    out_inv_scale, out_zero, out_qmin, out_qmax,
     P_MODE: tl.constexpr, P_BITS: tl.constexpr, P_RATIO_FLOOR: tl.constexpr, FAST_RATIO: tl.constexpr,
     FAST_SOFTMAX: tl.constexpr,
-    NEAR_ULPS: tl.constexpr, PV_FP16: tl.constexpr,
+    NEAR_ULPS: tl.constexpr, PV_FP16: tl.constexpr, FMA_DIV: tl.constexpr,
     PV_BF16: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, STORE_CODES: tl.constexpr, OUT_QUANT: tl.constexpr,
     ROUND_DTYPE: tl.constexpr,
@@ -210,7 +211,7 @@ def _attention_kernel(
     out_ptrs = out_ptr + b * so_b + h * so_h + rows[:, None] * so_n + dims[None, :] * so_d
     if OUT_QUANT:  # the next GEMM's int8 input: codes of the ROUND_DTYPE output, as quantizing it unfused
         y = out.to(ROUND_DTYPE).to(tl.float32)
-        q = uniform_quantize(y, out_scale, out_zero, out_qmin, out_qmax)
+        q = uniform_quantize_int(y, out_scale, out_inv_scale, out_zero, out_qmin, out_qmax, FMA_DIV)
         tl.store(out_ptrs, q.to(tl.int8), mask=row_ok[:, None] & dim_ok[None, :])
     else:
         tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
@@ -363,12 +364,14 @@ def _launch(entry, q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale, v_zero, s
             seq, head_dim, heads, 1 if mask is None else mask.shape[0],
             *q.stride(), *k.stride(), *v.stride(), *out_view.stride(), *bias_strides, *mask_strides, *codes.stride(),
             int(q_zero), int(k_zero), int(v_zero), qk_scale_log2, float(p_param), inv_p_param, math.log2(p_param_fp32),
-            float(p_zero), pv_scale, float(out_scale), float(out_zero), float(out_qmin), float(out_qmax))
+            float(p_zero), pv_scale, float(out_scale), reciprocal_fp32(out_scale), float(out_zero), float(out_qmin),
+            float(out_qmax))
     # The reference clamps p / delta at 2**-(levels + 2) (a Python float, rounded to fp32 by torch).
     ratio_floor = float(torch.tensor(2.0 ** -(2 ** int(p_bits) + 2), dtype=torch.float32))
     # Padded to powers of two and at least 32: the int8 QK^T tl.dot needs K = BLOCK_D >= 32 on tensor cores.
     meta = dict(P_MODE=p_mode, P_BITS=int(p_bits), P_RATIO_FLOOR=ratio_floor, FAST_RATIO=fast_ratio,
                 FAST_SOFTMAX=fast_softmax, NEAR_ULPS=FAST_RATIO_NEAR_ULPS, PV_FP16=pv_fp16,
+                FMA_DIV=device.type == "cuda",
                 PV_BF16=not pv_fp16 and device.type == "cuda",
                 HAS_BIAS=bias is not None, HAS_MASK=mask is not None, STORE_CODES=return_codes,
                 OUT_QUANT=out_grid is not None, ROUND_DTYPE=torch_dtype_to_triton(out_dtype),

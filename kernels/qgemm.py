@@ -48,8 +48,8 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._common import (check_int_range, check_requant_grid, check_tensor, gelu_erf, m_bucket,
-                      require_triton_device, torch_dtype_to_triton, uniform_quantize)
+from ._common import (check_int_range, check_requant_grid, check_tensor, gelu_erf, m_bucket, reciprocal_fp32,
+                      require_triton_device, torch_dtype_to_triton, uniform_quantize_int)
 from .errors import KernelInputError
 from .packing import PackedWeight, unpack_centered_triton
 
@@ -119,10 +119,10 @@ def _qgemm_kernel(
     a_ptr, w_ptr, w_scale_ptr, w_zero_ptr, w_col_sums_ptr, bias_ptr, residual_ptr, out_ptr, out_grid_ptr,
     M, N, K, ROW_BYTES, M_BUCKET,
     stride_am, stride_ak, stride_wn, stride_rm, stride_rn, stride_om, stride_on,
-    a_scale, a_zero, out_scale, out_zero, out_qmin, out_qmax,
+    a_scale, a_zero, out_scale, out_inv_scale, out_zero, out_qmin, out_qmax,
     STORAGE_BITS: tl.constexpr, GROUP_K: tl.constexpr, FLOAT_A: tl.constexpr,
     HAS_BIAS: tl.constexpr, APPLY_GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr, EPILOGUE: tl.constexpr,
-    ROUND_DTYPE: tl.constexpr, W_DENSE: tl.constexpr,
+    ROUND_DTYPE: tl.constexpr, W_DENSE: tl.constexpr, FMA_DIV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Grouped program order (Triton matmul tutorial): GROUP_M row-tiles share W tiles in L2.
@@ -218,17 +218,19 @@ def _qgemm_kernel(
             res = tl.load(residual_ptr + rm[:, None] * stride_rm + rn[None, :] * stride_rn, mask=out_ok, other=0.0)
             y = y + res.to(tl.float32)
         if EPILOGUE == 1:
-            q = uniform_quantize(y, out_scale, out_zero, out_qmin, out_qmax)
+            q = uniform_quantize_int(y, out_scale, out_inv_scale, out_zero, out_qmin, out_qmax, FMA_DIV)
             tl.store(out_ptrs, q.to(tl.int8), mask=out_ok)
         elif EPILOGUE == 3:
-            # out_grid (4, N): scale, zero, qmin, qmax per column. Rounding to ROUND_DTYPE first gives the codes
-            # of quantizing the GEMM's ROUND_DTYPE output (what the unfused path does).
+            # out_grid (5, N): scale, zero, qmin, qmax, RN(1 / scale) per column. Rounding to ROUND_DTYPE first
+            # gives the codes of quantizing the GEMM's ROUND_DTYPE output (what the unfused path does).
             g_scale = tl.load(out_grid_ptr + rn, mask=n_ok, other=1.0)
             g_zero = tl.load(out_grid_ptr + N + rn, mask=n_ok, other=0.0)
             g_min = tl.load(out_grid_ptr + 2 * N + rn, mask=n_ok, other=0.0)
             g_max = tl.load(out_grid_ptr + 3 * N + rn, mask=n_ok, other=0.0)
+            g_inv = tl.load(out_grid_ptr + 4 * N + rn, mask=n_ok, other=1.0)
             y = y.to(ROUND_DTYPE).to(tl.float32)
-            q = uniform_quantize(y, g_scale[None, :], g_zero[None, :], g_min[None, :], g_max[None, :])
+            q = uniform_quantize_int(y, g_scale[None, :], g_inv[None, :], g_zero[None, :], g_min[None, :],
+                                     g_max[None, :], FMA_DIV)
             tl.store(out_ptrs, q.to(tl.int8), mask=out_ok)
         else:
             tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=out_ok)
@@ -456,10 +458,12 @@ def _launch(entry, a, a_scale, a_zero, w_packed, w_scale, w_zero, w_col_sums, bi
             a.stride(0), a.stride(1), w_packed.stride(0),
             0 if residual is None else residual.stride(0), 0 if residual is None else residual.stride(1),
             out.stride(0), out.stride(1),
-            float(a_scale), int(a_zero), float(out_scale or 1.0), float(out_zero), float(out_qmin), float(out_qmax))
+            float(a_scale), int(a_zero), float(out_scale or 1.0), reciprocal_fp32(out_scale or 1.0), float(out_zero),
+            float(out_qmin), float(out_qmax))
     meta = dict(STORAGE_BITS=storage_bits, GROUP_K=group_k if storage_bits != 8 else 1, FLOAT_A=float_a,
                 HAS_BIAS=bias is not None, APPLY_GELU=bool(gelu), HAS_RESIDUAL=residual is not None,
-                EPILOGUE=epilogue, ROUND_DTYPE=torch_dtype_to_triton(round_dtype), W_DENSE=w_dense)
+                EPILOGUE=epilogue, ROUND_DTYPE=torch_dtype_to_triton(round_dtype), W_DENSE=w_dense,
+                FMA_DIV=device.type == "cuda")
     if config is None:
         grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]) * triton.cdiv(n, META["BLOCK_N"]),)  # noqa: E731
         _qgemm_kernel_autotuned[grid](*args, **meta)
@@ -492,17 +496,28 @@ def qgemm_columns_triton(a: torch.Tensor, a_scale: float, a_zero: int, w_packed:
                          out_grid: torch.Tensor, round_dtype: torch.dtype = torch.float32,
                          config: Optional[GemmConfig] = None) -> torch.Tensor:
     """The W{3,4,8}A8 GEMM re-quantized to int8 with one grid per output column: ``out_grid`` (4, N) fp32 rows
-    scale, zero, qmin, qmax (the qkv GEMM, whose q, k and v columns have grids of their own). The float
+    scale, zero, qmin, qmax (the qkv GEMM, whose q, k and v columns have grids of their own), or (5, N) with
+    row 4 = ``1 / scale`` in fp32 (:func:`column_grid_with_inverse`; else it is computed per call). The float
     result is rounded to ``round_dtype`` first, so the codes equal quantizing the ``round_dtype`` output of
     :func:`qgemm_triton` with ``reference.uniform_quantize``."""
     entry = "qgemm_columns_triton"
     m, n = check_qgemm_args(entry, a, a_zero, w_packed, w_scale, w_zero, w_col_sums, bias, None, storage_bits, k,
                             group_k, None, 0, 0, 0, round_dtype)
-    check_tensor(entry, "out_grid", out_grid, dtypes=(torch.float32,), shape=(4, n), contiguous=True)
+    rows = out_grid.shape[0] if isinstance(out_grid, torch.Tensor) and out_grid.dim() == 2 else 4
+    check_tensor(entry, "out_grid", out_grid, dtypes=(torch.float32,), shape=(5 if rows == 5 else 4, n),
+                 contiguous=True)
+    if rows == 4:
+        out_grid = column_grid_with_inverse(out_grid)
     out = torch.empty((m, n), dtype=torch.int8, device=a.device)
     return _launch(entry, a, a_scale, a_zero, w_packed, w_scale, w_zero, w_col_sums, bias, None, storage_bits, k,
                    group_k, False, None, 0, 0, 0, out, EPILOGUE_REQUANT_COLUMNS, False, config, out_grid,
                    round_dtype)
+
+
+def column_grid_with_inverse(grid: torch.Tensor) -> torch.Tensor:
+    """(4, N) per-column grid -> (5, N) with row 4 = ``1 / scale`` in fp32 (IEEE division, so RN(1 / scale)): what
+    the epilogue's division by the scale needs (``_common.divide_rn``). Compute it once for a fixed grid."""
+    return torch.cat([grid, torch.reciprocal(grid[:1])]).contiguous()
 
 
 def qgemm_accumulator_triton(a: torch.Tensor, a_zero: int, w_packed: torch.Tensor, w_zero: torch.Tensor,
@@ -633,5 +648,5 @@ def linear_w16(x: torch.Tensor, weight: PackedWeight, bias: Optional[torch.Tenso
     return y.reshape(*lead, weight.n)
 
 
-__all__ = ["GemmConfig", "INTERPRETER_CONFIG", "gemm_path", "use_unpack_first", "linear_a8", "linear_w16",
-           "qgemm_triton", "qgemm_columns_triton", "qgemm_w16_triton", "qgemm_accumulator_triton"]
+__all__ = ["GemmConfig", "INTERPRETER_CONFIG", "column_grid_with_inverse", "gemm_path", "use_unpack_first",
+           "linear_a8", "linear_w16", "qgemm_triton", "qgemm_columns_triton", "qgemm_w16_triton", "qgemm_accumulator_triton"]

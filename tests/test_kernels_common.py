@@ -1,7 +1,9 @@
 """The Triton math helpers of ``kernels/_common.py`` against their PyTorch definitions, value by value.
 
 Tolerances: none — rint equals ``torch.round`` (and after a clamp to an int8 grid, for any input), exp2 equals
-``portable_math.exp2`` bit for bit, and the int -> float conversion is exact. Run under the interpreter (numpy
+``portable_math.exp2`` bit for bit, the int -> float conversion is exact, and the re-quantization of the fused
+epilogues (``uniform_quantize_int``: Markstein's division on a GPU, ``div_rn`` under the interpreter) equals
+``reference.uniform_quantize`` code for code. Run under the interpreter (numpy
 fp32 arithmetic, IEEE round-to-nearest like the GPU) and, on a CUDA machine, compiled (``gpu_session.sh`` runs
 this file): there the compiler may contract exp2's polynomial into FMAs, so exp2 may differ by 2**-22 relative;
 rint and the conversion have no multiply-add and stay exact.
@@ -13,18 +15,23 @@ import torch
 import triton
 import triton.language as tl
 
-from dfqvit.kernels import portable_math
-from dfqvit.kernels._common import exp2_nonpositive, rint, small_int_to_float
+import numpy as np
+
+from dfqvit.kernels import portable_math, reference
+from dfqvit.kernels._common import (exp2_nonpositive, reciprocal_fp32, rint, small_int_to_float,
+                                    uniform_quantize_int)
 from kernel_utils import TRITON_DEVICE, requires_triton
 
 BLOCK = 1024
 
 
 @triton.jit
-def _apply(x_ptr, y_ptr, n, OP: tl.constexpr, BLOCK: tl.constexpr):
+def _apply(x_ptr, y_ptr, n, scale, inv_scale, OP: tl.constexpr, BLOCK: tl.constexpr, FMA_DIV: tl.constexpr):
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     x = tl.load(x_ptr + i, mask=i < n)
-    if OP == 0:
+    if OP == 4:
+        y = uniform_quantize_int(x, scale, inv_scale, 3.0, -128.0, 127.0, FMA_DIV)
+    elif OP == 0:
         y = rint(x)
     elif OP == 1:
         y = tl.minimum(tl.maximum(rint(x), -128.0), 127.0)
@@ -35,10 +42,11 @@ def _apply(x_ptr, y_ptr, n, OP: tl.constexpr, BLOCK: tl.constexpr):
     tl.store(y_ptr + i, y, mask=i < n)
 
 
-def _run(op, x, out_dtype=torch.float32):
+def _run(op, x, out_dtype=torch.float32, scale=1.0):
     x_d = x.to(TRITON_DEVICE)
     y = torch.empty(x.shape, dtype=out_dtype, device=TRITON_DEVICE)
-    _apply[(triton.cdiv(x.numel(), BLOCK),)](x_d, y, x.numel(), OP=op, BLOCK=BLOCK)
+    _apply[(triton.cdiv(x.numel(), BLOCK),)](x_d, y, x.numel(), scale, reciprocal_fp32(scale), OP=op, BLOCK=BLOCK,
+                                             FMA_DIV=TRITON_DEVICE == "cuda")
     return y.cpu()
 
 
@@ -78,3 +86,46 @@ def test_small_int_to_float_is_exact():
     i = torch.cat([torch.arange(-1000, 1000), torch.tensor([limit, -limit, 4161600, -4161600]),
                    torch.randint(-limit, limit + 1, (10_000,), generator=torch.Generator().manual_seed(5))])
     assert torch.equal(_run(3, i.to(torch.int32)), i.float())
+
+
+def _near_ties(scale: float, gen, n: int) -> torch.Tensor:
+    """Values whose x / scale is at or within a few ulps of a half-integer (where a wrong quotient shows)."""
+    k = torch.randint(-200, 200, (n,), generator=gen).double() + 0.5
+    x = (k * scale).float()
+    steps = torch.randint(-3, 4, (n,), generator=gen).to(torch.int32)
+    return (x.view(torch.int32) + steps).view(torch.float32)
+
+
+def test_markstein_division_is_correctly_rounded():
+    """The claim behind _common.divide_rn on a GPU: with inv = RN(1/s), q = RN(x * inv), r = fma(-q, s, x) and
+    RN(q + r * inv) (true FMAs, emulated in 64-bit long double) equal the IEEE quotient RN(x / s) on every sample:
+    5 M random pairs over 12 decades and 400 k values at or next to rounding ties (q alone differs on ~26%)."""
+    rng = np.random.default_rng(0)
+    n = 5_000_000
+    x = (rng.standard_normal(n) * 10.0 ** rng.uniform(-3, 3, n)).astype(np.float32)
+    s = (10.0 ** rng.uniform(-4, 1, n)).astype(np.float32)
+    gen = torch.Generator().manual_seed(9)
+    for scale in (0.0123, 0.05, 0.3, 1.7e-3):
+        ties = _near_ties(scale, gen, 100_000).numpy()
+        x = np.concatenate([x, ties])
+        s = np.concatenate([s, np.full(ties.shape, scale, dtype=np.float32)])
+    inv = np.float32(1) / s
+    q = x * inv
+    wide = np.longdouble
+    r = (wide(x) - wide(q) * wide(s)).astype(np.float32)  # one rounding, as fma.rn
+    corrected = (wide(q) + wide(r) * wide(inv)).astype(np.float32)
+    assert np.array_equal(corrected, x / s)
+    assert np.mean(q != x / s) > 0.1  # the correction is doing the work
+
+
+@requires_triton
+@pytest.mark.parametrize("scale", [0.0123, 0.05, 1.7e-3])
+def test_uniform_quantize_int_equals_the_reference(scale):
+    """The fused epilogues' int8 re-quantization (compiled: Markstein's division and the magic-constant int) against
+    reference.uniform_quantize, including values on and next to rounding ties and far outside the grid."""
+    gen = torch.Generator().manual_seed(10)
+    spread = torch.randn(50_000, generator=gen) * scale * 80
+    far = torch.tensor([1e30, -1e30, 3e38, -3e38, 1e6, -1e6]) * scale
+    x = torch.cat([spread, _near_ties(scale, gen, 50_000), far]).float()
+    got = _run(4, x, torch.int32, scale)
+    assert torch.equal(got, reference.uniform_quantize(x, scale, 3.0, -128, 127).to(torch.int32))

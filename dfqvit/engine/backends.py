@@ -38,8 +38,8 @@ class TorchKernels:
         return reference.uniform_quantize(x.float(), grid.scale, grid.zero, grid.qmin, grid.qmax).to(torch.int8)
 
     def gemm_codes_per_column(self, a, layer: PackedLinear, grid: torch.Tensor, out_dtype) -> torch.Tensor:
-        """``layer`` on int8 ``a``, output re-quantized with one grid per column (``grid`` (4, N): scale, zero,
-        qmin, qmax): the qkv GEMM, whose q, k and v parts have grids of their own."""
+        """``layer`` on int8 ``a``, output re-quantized with one grid per column (``grid`` (5, N): scale, zero,
+        qmin, qmax, 1 / scale): the qkv GEMM, whose q, k and v parts have grids of their own."""
         y = self.gemm(a, layer, None, False, None, out_dtype)
         return reference.uniform_quantize(y.float(), grid[0], grid[1], grid[2], grid[3]).to(torch.int8)
 
@@ -112,7 +112,8 @@ class NativeKernels(_FusedAttentionTokens, TorchKernels):
             return super().gemm_codes_per_column(a, layer, grid, out_dtype)
         g = layer.act
         return native.qgemm_prepacked_columns(a, g.scale, g.zero, layer.panels, layer.n, layer.w_scale, layer.w_zero,
-                                              layer.w_col_sums, layer.bias, layer.layout.storage_bits, layer.k, grid)
+                                              layer.w_col_sums, layer.bias, layer.layout.storage_bits, layer.k,
+                                              grid[:4])  # rows 0-3: scale, zero, qmin, qmax
 
     def gemm(self, a, layer: PackedLinear, residual, gelu: bool, out: Optional[ActGrid], out_dtype):
         g = layer.act

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dfqvit.errors import UnsupportedModelError
+from dfqvit.kernels.qgemm import column_grid_with_inverse
 
 from .pack import ActGrid, PackedLinear, act_grid, float_copy, softmax_grid
 
@@ -127,12 +128,13 @@ class Attention(nn.Module):
                            (("q_quantizer", attn.q_quantizer), ("k_quantizer", attn.k_quantizer),
                             ("v_quantizer", attn.v_quantizer)))
         self.softmax = softmax_grid(attn.attn_quantizer, f"{where}.attn_quantizer")
-        # Per-column grids of the qkv output (4, 3*H*d): scale, zero, qmin, qmax of q, k and v in turn, so the
-        # three are quantized in one pass (or in the GEMM epilogue).
+        # Per-column grids of the qkv output (5, 3*H*d): scale, zero, qmin, qmax of q, k and v in turn, so the
+        # three are quantized in one pass (or in the GEMM epilogue), and 1 / scale for the Triton epilogue.
         width = self.num_heads * self.head_dim
-        rows = [[0.0 if g is None else float((g.scale, g.zero, g.qmin, g.qmax)[i]) for g in self.grids]
+        rows = [[float(i == 0) if g is None else float((g.scale, g.zero, g.qmin, g.qmax)[i]) for g in self.grids]
                 for i in range(4)]
-        self.register_buffer("qkv_grid", torch.tensor(rows, dtype=torch.float32).repeat_interleave(width, dim=1))
+        grid = torch.tensor(rows, dtype=torch.float32).repeat_interleave(width, dim=1)
+        self.register_buffer("qkv_grid", column_grid_with_inverse(grid))
         quantized = [g is not None for g in (*self.grids, self.softmax, self.qkv.act, self.proj.act)]
         if any(quantized) and not all(quantized):
             raise UnsupportedModelError(
