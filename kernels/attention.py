@@ -33,9 +33,10 @@ Why it is shaped like this:
   IEEE fp32 dot at BLOCK_N = 256 took minutes to compile and ran on the FMA units).
 * The zero points enter QK^T through row sums of Q and K (q - q_zero does not fit int8).
 
-Exactness: the P codes equal the reference bit for bit under the interpreter (same fp32 operations, no libm
-call; see ``portable_math``); on a GPU the compiler may contract multiply-adds into FMAs, so a code can move
-by one level where a probability sits on a rounding boundary (the GPU test states the allowed fraction).
+Exactness: with softmax math "exact" the P codes equal the reference bit for bit under the interpreter (same
+fp32 operations, no libm call; see ``portable_math``); on a GPU the compiler may contract multiply-adds into
+FMAs, so a code can move by one level where a probability sits on a rounding boundary (the GPU test states the
+allowed fraction, which also covers "fast").
 The output's P.V runs on tensor cores in fp32 accumulation (the reference sums exactly in integers), so it
 agrees within fp32 rounding. ``benchmarks/kernels.py`` compares the speed with SDPA fp16.
 """

@@ -649,4 +649,5 @@ def linear_w16(x: torch.Tensor, weight: PackedWeight, bias: Optional[torch.Tenso
 
 
 __all__ = ["GemmConfig", "INTERPRETER_CONFIG", "column_grid_with_inverse", "gemm_path", "use_unpack_first",
-           "linear_a8", "linear_w16", "qgemm_triton", "qgemm_columns_triton", "qgemm_w16_triton", "qgemm_accumulator_triton"]
+           "linear_a8", "linear_w16", "qgemm_triton", "qgemm_columns_triton", "qgemm_w16_triton",
+           "qgemm_accumulator_triton"]
