@@ -4,7 +4,7 @@
 #   OUT=/path/for/results bash benchmarks/gpu_session.sh
 # Everything (one log, the latency JSON/markdown) lands in $OUT: at most 8 files come back from the device.
 # Kernels that fail to compile for the GPU are caught without one: python -m dfqvit.kernels.compile_check.
-# The host's CPU may have AVX-512 VNNI, which the native CPU backend's VNNI kernel has never run on: with time
+# The host's CPU may have AVX-512 VNNI (the native VNNI kernel has run on one AVX-512 VM so far): with time
 # left, OUT=$OUT bash benchmarks/native_isa_check.sh (a separate command, ~2 min) builds it and runs its tests.
 set -uo pipefail
 cd "$(dirname "$0")/.."
