@@ -139,8 +139,11 @@ def test_triton_engine_with_fast_softmax_matches_fake_quant(name):
 
     model, qmodel = calibrated(name, (4, 8))
     x = images(2, model.patch_embed.img_size[0])
+    engine = build_engine(qmodel, backend="triton")
+    assert "softmax_math=exact" in repr(engine)  # the interpreter's default
     with softmax_math_override("fast"):
-        real = logits(build_engine(qmodel, backend="triton"), x)
+        assert "softmax_math=fast" in repr(engine)
+        real = logits(engine, x)
     fake = logits(qmodel, x)
     assert cosine(fake, real) >= 0.999
     assert agreement(fake, real) >= 0.99

@@ -214,6 +214,13 @@ class QuantizedViT(nn.Module):
         c = self.config
         a = "16" if not c.quantize_activations else str(c.a_bits)
         graphs = "on" if self.graphs is not None else "off"
-        return (f"family={self.family}, W{c.w_bits}A{a}, backend={self.backend}, device={self.device}, "
+        softmax = ""
+        if c.quantize_activations:  # the Triton log2 attention's default math here; the rest always runs exact
+            from dfqvit.config import SoftmaxQuantizer
+            from dfqvit.kernels.attention import resolve_softmax_math
+            log2_on_triton = self.backend == "triton" and c.softmax_quantizer == SoftmaxQuantizer.LOG2
+            math = resolve_softmax_math(torch.device(self.device)) if log2_on_triton else "exact"
+            softmax = f", softmax_math={math}"
+        return (f"family={self.family}, W{c.w_bits}A{a}{softmax}, backend={self.backend}, device={self.device}, "
                 f"dtype={self.dtype}, cuda_graphs={graphs}, weight_bytes={self.weight_nbytes()}, "
                 f"float_layers={list(self.float_layers)}")
