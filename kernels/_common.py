@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -246,9 +247,9 @@ def check_requant_grid(entry: str, out_scale: float, out_zero: int, out_qmin: in
 
 
 def reciprocal_fp32(scale: float) -> float:
-    """``RN(1 / fp32(scale))`` in fp32 (IEEE division), the ``inv_scale`` of :func:`divide_rn`."""
-    one = torch.tensor(1.0, dtype=torch.float32)
-    return float(one / torch.tensor(float(scale), dtype=torch.float32))
+    """``RN(1 / fp32(scale))`` in fp32 (IEEE division), the ``inv_scale`` of :func:`divide_rn`. numpy scalars, not
+    torch tensors: it runs on every kernel launch."""
+    return float(np.float32(1.0) / np.float32(scale))
 
 
 def torch_dtype_to_triton(dtype: torch.dtype):

@@ -356,7 +356,7 @@ def _launch(entry, q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale, v_zero, s
     pv_scale = float(p_param) * float(v_scale)
     # RN(1 / delta) of the fp32 delta the kernel sees. The fast ratio needs every level in the normal fp32 range
     # (2**-(2**p_bits) >= 2**-64) and 1 / delta finite and normal.
-    inv_p_param = float(torch.tensor(1.0) / torch.tensor(float(p_param), dtype=torch.float32))
+    inv_p_param = reciprocal_fp32(p_param)
     fast_ratio = (p_mode == P_MODE_LOG2 and int(p_bits) <= FAST_RATIO_MAX_BITS
                   and 2.0 ** -60 <= float(p_param) <= 2.0 ** 60)
     fast_softmax = p_mode == P_MODE_LOG2 and resolve_softmax_math(device, softmax_math) == "fast"

@@ -503,10 +503,10 @@ def qgemm_columns_triton(a: torch.Tensor, a_scale: float, a_zero: int, w_packed:
     entry = "qgemm_columns_triton"
     m, n = check_qgemm_args(entry, a, a_zero, w_packed, w_scale, w_zero, w_col_sums, bias, None, storage_bits, k,
                             group_k, None, 0, 0, 0, round_dtype)
-    rows = out_grid.shape[0] if isinstance(out_grid, torch.Tensor) and out_grid.dim() == 2 else 4
-    check_tensor(entry, "out_grid", out_grid, dtypes=(torch.float32,), shape=(5 if rows == 5 else 4, n),
-                 contiguous=True)
-    if rows == 4:
+    if isinstance(out_grid, torch.Tensor) and out_grid.dim() == 2 and out_grid.shape[0] == 5:
+        check_tensor(entry, "out_grid", out_grid, dtypes=(torch.float32,), shape=(5, n), contiguous=True)
+    else:
+        check_tensor(entry, "out_grid", out_grid, dtypes=(torch.float32,), shape=(4, n), contiguous=True)
         out_grid = column_grid_with_inverse(out_grid)
     out = torch.empty((m, n), dtype=torch.int8, device=a.device)
     return _launch(entry, a, a_scale, a_zero, w_packed, w_scale, w_zero, w_col_sums, bias, None, storage_bits, k,

@@ -32,12 +32,13 @@ def _scales(d):
     return dict(q_scale=0.03, q_zero=3, k_scale=0.025, k_zero=-5, v_scale=0.05, v_zero=1, sm_scale=d ** -0.5)
 
 
-def _run_log2(q, k, v, s, bias, mask, p_bits, out_dtype, block_m=None):
+def _run_log2(q, k, v, s, bias, mask, p_bits, out_dtype, block_m=None, softmax_math=None):
     args = (q, k, v, s["q_scale"], s["q_zero"], s["k_scale"], s["k_zero"], s["v_scale"], s["v_zero"], s["sm_scale"],
             bias, mask)
     dev = [None if t is None else t.to(TRITON_DEVICE) for t in (q, k, v, bias, mask)]
     dargs = (*dev[:3], *args[3:10], dev[3], dev[4])
-    out, codes = attention_log2_triton(*dargs, 1.0, p_bits, out_dtype, return_codes=True, block_m=block_m)
+    out, codes = attention_log2_triton(*dargs, 1.0, p_bits, out_dtype, return_codes=True, block_m=block_m,
+                                       softmax_math=softmax_math)
     ref_codes = reference.attention_log2_codes_reference(q, k, s["q_scale"], s["q_zero"], s["k_scale"], s["k_zero"],
                                                          s["sm_scale"], bias, mask, 1.0, p_bits)
     ref_out = reference.attention_log2_reference(*args, 1.0, p_bits, out_dtype)
@@ -160,20 +161,15 @@ def test_fast_softmax_kernel_codes_within_one_level(b, h, n, d, p_bits):
     """softmax_math="fast" in the kernel: codes within one level of the reference on at most 1e-4 of entries (0
     under the interpreter, whose numpy exp2/log2 are accurate), and the output close to the reference's."""
     q, k, v = _qkv(b, h, n, d)
-    s = _scales(d)
-    args = (s["q_scale"], s["q_zero"], s["k_scale"], s["k_zero"], s["v_scale"], s["v_zero"], s["sm_scale"])
-    dev = [t.to(TRITON_DEVICE) for t in (q, k, v)]
-    out, codes = attention_log2_triton(*dev, *args, None, None, 1.0, p_bits, torch.float32, return_codes=True,
-                                       block_m=16, softmax_math="fast")
-    ref_codes = reference.attention_log2_codes_reference(q, k, *args[:4], args[6], None, None, 1.0, p_bits)
-    got, want = _weighing(codes.cpu(), p_bits), _weighing(ref_codes, p_bits)
+    out, codes, ref, ref_codes = _run_log2(q, k, v, _scales(d), None, None, p_bits, torch.float32, block_m=16,
+                                           softmax_math="fast")
+    got, want = _weighing(codes, p_bits), _weighing(ref_codes, p_bits)
     diff = (got - want).abs()
     assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) <= 1e-4
     assert len(ref_codes.unique()) >= 6 and (p_bits > 4 or bool((ref_codes == 2 ** p_bits).any()))
-    ref = reference.attention_log2_reference(q, k, v, *args, None, None, 1.0, p_bits, torch.float32)
     if torch.equal(got, want):
-        _assert_out_close(out.cpu(), ref)
-    assert sqnr_db(ref, out.cpu()) >= 40
+        _assert_out_close(out, ref)
+    assert sqnr_db(ref, out) >= 40
 
 
 @requires_triton
@@ -181,15 +177,11 @@ def test_fast_softmax_with_swin_bias_and_mask():
     """Relative-position bias and a shifted-window mask (-100 entries) go through the log-domain codes too."""
     nw, h, n, d = 4, 2, 49, 32
     q, k, v = _qkv(2 * nw, h, n, d)
-    s = _scales(d)
     bias = torch.randn(h, n, n, generator=GEN)
     mask = torch.where(torch.rand(nw, n, n, generator=GEN) < 0.3, -100.0, 0.0)
-    args = (s["q_scale"], s["q_zero"], s["k_scale"], s["k_zero"], s["v_scale"], s["v_zero"], s["sm_scale"])
-    dev = [t.to(TRITON_DEVICE) for t in (q, k, v, bias, mask)]
-    _, codes = attention_log2_triton(*dev[:3], *args, dev[3], dev[4], 1.0, 4, torch.float16, return_codes=True,
-                                     block_m=16, softmax_math="fast")
-    ref_codes = reference.attention_log2_codes_reference(q, k, *args[:4], args[6], bias, mask, 1.0, 4)
-    diff = (codes.cpu().int() - ref_codes.int()).abs()
+    _, codes, _, ref_codes = _run_log2(q, k, v, _scales(d), bias, mask, 4, torch.float16, block_m=16,
+                                       softmax_math="fast")
+    diff = (codes.int() - ref_codes.int()).abs()
     assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) <= 1e-4
     assert bool((ref_codes[mask.repeat(2, 1, 1)[:, None].expand_as(ref_codes) < 0] == 16).all())  # masked: zero
 
@@ -213,12 +205,8 @@ def test_softmax_math_choice(monkeypatch):
     with pytest.raises(KernelInputError, match="DFQVIT_SOFTMAX_MATH='quick'.*'exact'.*'fast'"):
         resolve_softmax_math(cpu)
     monkeypatch.delenv("DFQVIT_SOFTMAX_MATH")
-    q, k, v = _qkv(1, 2, 21, 16)
-    s = _scales(16)
-    args = (s["q_scale"], s["q_zero"], s["k_scale"], s["k_zero"], s["v_scale"], s["v_zero"], s["sm_scale"])
     with pytest.raises(KernelInputError, match="softmax_math='approx'"):
-        attention_log2_triton(*[t.to(TRITON_DEVICE) for t in (q, k, v)], *args, None, None, 1.0, 4, torch.float32,
-                              softmax_math="approx")
+        _run_log2(*_qkv(1, 2, 21, 16), _scales(16), None, None, 4, torch.float32, softmax_math="approx")
 
 
 @requires_triton
