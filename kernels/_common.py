@@ -104,12 +104,20 @@ def _horner_erf_den(x2):
 
 
 @triton.jit
-def gelu_erf(x):
+def gelu_erf(x, HW_DIV: tl.constexpr = False):
     """GELU ``x * 0.5 * (1 + erf(x / sqrt(2)))`` with ``portable_math.erf`` (same constants and order;
-    bit-identical under the interpreter, an FMA contraction away on a GPU)."""
+    bit-identical under the interpreter, an FMA contraction away on a GPU).
+
+    ``HW_DIV`` (set on CUDA) divides P by Q with the hardware reciprocal (``div.full.f32``: MUFU.RCP and a
+    multiply, within 2 ulp) instead of the IEEE ``div_rn`` (reciprocal, four FMAs, a range check and a branch
+    per element): erf moves by at most ~3e-7, below the rational approximation's own 4.5e-7, and fc1's
+    GELU + re-quantize epilogue goes from 3,728 to 3,120 SASS instructions per thread (128 x 128 tile)."""
     z = tl.minimum(tl.maximum(x * 0.7071067811865476, -4.0), 4.0)
     z2 = z * z
-    erf = tl.math.div_rn(z * _horner_erf_num(z2), _horner_erf_den(z2))
+    if HW_DIV:
+        erf = tl.math.fdiv(z * _horner_erf_num(z2), _horner_erf_den(z2))
+    else:
+        erf = tl.math.div_rn(z * _horner_erf_num(z2), _horner_erf_den(z2))
     return x * 0.5 * (1.0 + erf)
 
 

@@ -213,7 +213,7 @@ def _qgemm_kernel(
         if HAS_BIAS:
             y = y + tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         if APPLY_GELU:
-            y = gelu_erf(y)
+            y = gelu_erf(y, HW_DIV=FMA_DIV)
         if HAS_RESIDUAL:
             res = tl.load(residual_ptr + rm[:, None] * stride_rm + rn[None, :] * stride_rn, mask=out_ok, other=0.0)
             y = y + res.to(tl.float32)

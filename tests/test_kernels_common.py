@@ -6,7 +6,8 @@ epilogues (``uniform_quantize_int``: Markstein's division on a GPU, ``div_rn`` u
 ``reference.uniform_quantize`` code for code. Run under the interpreter (numpy
 fp32 arithmetic, IEEE round-to-nearest like the GPU) and, on a CUDA machine, compiled (``gpu_session.sh`` runs
 this file): there the compiler may contract exp2's polynomial into FMAs, so exp2 may differ by 2**-22 relative;
-rint and the conversion have no multiply-add and stay exact.
+rint and the conversion have no multiply-add and stay exact. GELU's hardware division on a GPU is checked by
+emulation (bounded, not exact).
 """
 from __future__ import annotations
 
@@ -116,6 +117,39 @@ def test_markstein_division_is_correctly_rounded():
     corrected = (wide(q) + wide(r) * wide(inv)).astype(np.float32)
     assert np.array_equal(corrected, x / s)
     assert np.mean(q != x / s) > 0.1  # the correction is doing the work
+
+
+def _nudge(x: torch.Tensor, ulps: int) -> torch.Tensor:
+    """x moved by ``ulps`` units in the last place (toward +inf for ulps > 0)."""
+    target = torch.full_like(x, float("inf") if ulps > 0 else float("-inf"))
+    for _ in range(abs(ulps)):
+        x = torch.nextafter(x, target)
+    return x
+
+
+@pytest.mark.parametrize("ulps", [-2, -1, 1, 2])
+def test_gelu_with_the_hardware_division_stays_within_its_bound(ulps):
+    """The claim behind ``gelu_erf(HW_DIV=True)`` on a GPU: ``div.full.f32`` returns P/Q within 2 ulp, so GELU moves
+    by at most 3e-7 * max(|x|, 1), and re-quantized codes (fc2's int8 grid) change on at most 2e-5 of the inputs
+    — only those within ~1e-7 relative of a rounding tie. Emulated here by moving erf's quotient by 1-2 ulp
+    (worst case, every element the same way) over 2 M points of [-8, 8]; an 8-ulp error breaks the bound."""
+    x = torch.linspace(-8, 8, 2_000_001, dtype=torch.float32)
+    reference_gelu = portable_math.gelu(x)
+    z = torch.clamp(x * portable_math.SQRT1_2, -portable_math.ERF_CLAMP, portable_math.ERF_CLAMP)
+    quotient = (z * portable_math._horner(z * z, portable_math.ERF_NUM)) / portable_math._horner(
+        z * z, portable_math.ERF_DEN)
+    assert torch.equal(x * 0.5 * (1.0 + quotient), reference_gelu)  # the emulation starts from the reference
+
+    def gelu_moved(by: int) -> torch.Tensor:
+        return x * 0.5 * (1.0 + _nudge(quotient, by))
+
+    relative = lambda g: ((g - reference_gelu).abs() / x.abs().clamp(min=1.0)).max().item()  # noqa: E731
+    assert relative(gelu_moved(ulps)) <= 3e-7
+    assert relative(gelu_moved(8 * ulps)) > 3e-7  # the bound is tight enough to notice a worse division
+    for scale in (0.0123, 0.05):
+        moved = reference.uniform_quantize(gelu_moved(ulps), scale, 0, -128, 127)
+        codes = reference.uniform_quantize(reference_gelu, scale, 0, -128, 127)
+        assert (moved != codes).float().mean().item() <= 2e-5
 
 
 @requires_triton
