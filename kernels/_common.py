@@ -154,14 +154,6 @@ def round_neg_log2(ratio):
 
 
 @triton.jit
-def exp2_of_negative_int(k):
-    """``2**-k`` for int32 ``k`` in [0, 126], built from the exponent bits (always exact; ``exp2`` on the GPU
-    is an approximation)."""
-    bits = (127 - k) << 23
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def small_int_to_float(i):
     """int32 -> fp32 for |i| < 2**22 through the magic constant (exact; no conversion instruction)."""
     return (i + ROUND_MAGIC_BITS).to(tl.float32, bitcast=True) - ROUND_MAGIC

@@ -26,11 +26,17 @@ Why it is shaped like this:
 * ViT rows have 197 keys (Swin windows 49, 16, 4): a whole row fits one tile, so the softmax is single pass
   (the Triton fused-softmax tutorial), padded to a power of two and masked with -inf. No online softmax.
 * log2(e) is folded into the QK scale so the softmax uses ``exp2``, the natural base of the log2 quantizer.
-* Log2 levels ``2**-k`` are built from exponent bits (exact) and, for ``p_bits <= 4`` (k <= 16), are exact
-  in fp16, so P.V runs on fp16 tensor cores with no rounding in P; ``v - v_zero`` (|.| <= 255) is exact in
-  fp16 too. Linear codes minus their zero point are small integers, also exact in fp16. Wider log2 codes
-  (levels up to 2**-32, as in the reference) are exact in bf16, so they run on bf16 tensor cores (an
+* P.V's weight of log2 code k is ``2**-k`` times a fixed power of two, built as an exponent field that runs
+  out (the bits of +0.0) at the first code past the last level P.V uses (``_log2_level_weights``): exact, and
+  no select for the levels that weigh nothing; the output multiplies the power of two back. For ``p_bits <= 4``
+  the weights are fp16, so P.V runs on fp16 tensor cores with no rounding in P; ``v - v_zero`` (|.| <= 255) is
+  exact in fp16 too. Linear codes minus their zero point are small integers, also exact in fp16. Wider log2
+  codes (levels up to 2**-32, as in the reference) are exact in bf16, so they run on bf16 tensor cores (an
   IEEE fp32 dot at BLOCK_N = 256 took minutes to compile and ran on the FMA units).
+* A padded key's weight is 0 either way, so the P.V operands need no mask; with ``softmax_math="fast"`` the
+  -inf of a padded key comes from the accumulator's column term, and for ViT rows (no bias or mask) t - max t
+  is one FFMA per element from the magic-constant bits of the accumulator (``_fast_logits_on_gpu`` in the
+  tests emulates it).
 * The zero points enter QK^T through row sums of Q and K (q - q_zero does not fit int8).
 
 Exactness: with softmax math "exact" the P codes equal the reference bit for bit under the interpreter (same
@@ -53,7 +59,7 @@ import triton.language as tl
 
 from . import reference
 from ._common import (LOG2E, ROUND_MAGIC, ROUND_MAGIC_BITS, check_int_range, check_requant_grid, check_tensor,
-                      exp2_nonpositive, exp2_of_negative_int, next_power_of_2, reciprocal_fp32, require_triton_device,
+                      exp2_nonpositive, next_power_of_2, reciprocal_fp32, require_triton_device,
                       round_neg_log2, small_int_to_float, torch_dtype_to_triton, uniform_quantize,
                       uniform_quantize_int)
 from .errors import KernelInputError
@@ -69,6 +75,7 @@ P_MODE_LINEAR = 1
 
 # The rounding boundary of round(-log2 r) inside a binade: mantissa bits of sqrt(2) (see round_neg_log2).
 SQRT2_MANTISSA = tl.constexpr(0x3504F4)
+NEG_INF_BITS = tl.constexpr(-8388608)  # 0xFF800000: fp32 -inf as an int32
 
 
 @triton.jit
@@ -99,18 +106,39 @@ def _log2_ratio_fast(e, e_sum, p_param, inv_p_param, P_RATIO_FLOOR: tl.constexpr
 
 
 @triton.jit
-def _log2_codes_fast(t, log2_p_param, LEVELS: tl.constexpr):
-    """Log2 codes ``clamp(round(-log2(p / delta)), 0, LEVELS)`` of the softmax of ``t`` (base 2, -inf = masked)
-    without computing p: ``-log2(p / delta) = log2(sum_j 2**d_j) + log2(delta) - d`` with d = t - max t.
+def _log2_codes_fast(d, log2_p_param, CAP: tl.constexpr):
+    """Log2 codes ``clamp(round(-log2(p / delta)), 0, CAP)`` of the softmax of a row of logits (base 2) given as
+    ``d`` = t - max t (-inf = masked), without computing p: ``-log2(p / delta) = log2(sum_j 2**d_j) + log2(delta)
+    - d``. (Any constant added to a row of d cancels in it.)
 
     Per element: one exp2 (the hardware's on a GPU) for the row sum, one subtraction, a clamp and the magic
     rounding, whose sum carries the integer in its low bits (no conversion). The reference rounds the same
     quantity computed another way (polynomial exp2, two divisions), so a code can differ by one level where
-    -log2(p / delta) is within a few 1e-6 of a half-integer."""
-    d = t - tl.max(t, axis=1)[:, None]
+    -log2(p / delta) is within a few 1e-6 of a half-integer. Returns the magic sum's bits (code + magic bits)."""
     c = tl.math.log2(tl.sum(tl.math.exp2(d), axis=1)) + log2_p_param
-    x = tl.minimum(tl.maximum(c[:, None] - d, 0.0), LEVELS)  # masked columns: d = -inf -> x = LEVELS
-    return (x + ROUND_MAGIC).to(tl.int32, bitcast=True) - ROUND_MAGIC_BITS
+    x = tl.minimum(tl.maximum(c[:, None] - d, 0.0), CAP)  # masked columns: d = -inf -> x = CAP
+    return (x + ROUND_MAGIC).to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def _log2_level_weights(code, CODE_OFFSET: tl.constexpr, LAST: tl.constexpr, DOT_FP16: tl.constexpr):
+    """P.V's weights of log2 codes 0..LAST + 1: ``2**-code`` times the constant 2**_weight_exponent(..), and 0 for
+    code LAST + 1 (the levels past reference.log2_pv_shift add nothing). The weight is built in the exponent
+    field, which reaches 0 (the bits of +0.0) exactly at code LAST + 1, so there is no select: fp16 bits
+    ``(LAST + 1 - code) << 10`` (2**-code * 2**(LAST - 14); LAST <= 15 here) or fp32 bits ``(LAST + 1 - code)
+    << 23`` (2**-code * 2**(LAST - 126), normal for LAST <= 32, and exact in bf16 too). The int32 ``code`` is
+    given plus CODE_OFFSET (ROUND_MAGIC_BITS for a magic-constant sum's bits: no subtraction of its own)."""
+    field = (LAST + 1 + CODE_OFFSET) - code
+    if DOT_FP16:
+        return (field << 10).to(tl.int16).to(tl.float16, bitcast=True)
+    else:
+        return (field << 23).to(tl.float32, bitcast=True)
+
+
+def _weight_exponent(p_bits: int, dot_fp16: bool) -> int:
+    """log2 of the factor :func:`_log2_level_weights` puts on every weight (the kernel's P.V undoes it)."""
+    last = reference.log2_pv_shift(p_bits)
+    return last - 14 if dot_fp16 else last - 126
 
 
 @triton.jit
@@ -119,11 +147,11 @@ def _attention_kernel(
     SEQ, HEAD_DIM, HEADS, NUM_WINDOWS,
     sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d, so_b, so_h, so_n, so_d,
     sb_b, sb_h, sb_i, sb_j, sm_w, sm_i, sm_j, sc_b, sc_h, sc_i, sc_j,
-    q_zero, k_zero, v_zero, qk_scale_log2, p_param, inv_p_param, log2_p_param, p_zero, pv_scale, out_scale,
+    q_zero, k_zero, v_zero, qk_scale_log2, neg_magic_scaled, p_param, inv_p_param, log2_p_param, p_zero, pv_scale, out_scale,
     out_inv_scale, out_zero, out_qmin, out_qmax,
     P_MODE: tl.constexpr, P_BITS: tl.constexpr, P_RATIO_FLOOR: tl.constexpr, FAST_RATIO: tl.constexpr,
     FAST_SOFTMAX: tl.constexpr,
-    NEAR_ULPS: tl.constexpr, PV_FP16: tl.constexpr, FMA_DIV: tl.constexpr,
+    NEAR_ULPS: tl.constexpr, PV_FP16: tl.constexpr, HW_FMA: tl.constexpr, WEIGHT_UNSCALE: tl.constexpr,
     PV_BF16: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, STORE_CODES: tl.constexpr, OUT_QUANT: tl.constexpr,
     ROUND_DTYPE: tl.constexpr,
@@ -145,17 +173,41 @@ def _attention_kernel(
     k = tl.load(k_ptr + b * sk_b + h * sk_h + cols[:, None] * sk_n + dims[None, :] * sk_d,
                 mask=col_ok[:, None] & dim_ok[None, :], other=0)
     qk = tl.dot(q, tl.trans(k), out_dtype=tl.int32)
-    # sum (q - zq)(k - zk) = qk - zk*rowsum(q) - zq*rowsum(k) + d*zq*zk; padded dims load as 0. The constant
-    # goes into the per-row term, so each element takes two adds.
-    q_sum = tl.sum(q.to(tl.int32), axis=1)
+    # sum (q - zq)(k - zk) = qk - zk*rowsum(q) - zq*rowsum(k) + d*zq*zk; padded dims and keys load as 0.
     k_sum = tl.sum(k.to(tl.int32), axis=1)
-    row_term = HEAD_DIM * q_zero * k_zero - k_zero * q_sum
-    acc = qk + row_term[:, None] - q_zero * k_sum[None, :]
-
-    if BLOCK_D <= 64:  # |acc| <= 64 * 255 * 255 < 2**22: exact without a conversion instruction
-        t = small_int_to_float(acc) * qk_scale_log2
+    MASK_IN_ACC: tl.constexpr = FAST_SOFTMAX and BLOCK_D <= 64
+    if MASK_IN_ACC:
+        # The softmax ignores a per-row constant, so the row-sum terms are left out. The column term carries
+        # the magic constant's bits (|sum (q - zq) k| <= 64 * 255 * 128 < 2**22), and a padded key's (whose k
+        # and qk are 0) the bits of -inf: f = magic + acc exactly, or -inf, with no select and no conversion.
+        col_term = tl.where(col_ok, ROUND_MAGIC_BITS - q_zero * k_sum, NEG_INF_BITS)
+        f_bits = qk + col_term[None, :]
+        f = f_bits.to(tl.float32, bitcast=True)
+        if HAS_BIAS or HAS_MASK:
+            if HW_FMA:  # one FFMA: f * s is exact inside it; RN(magic * s) is one constant for the whole tile
+                t = tl.fma(f, qk_scale_log2, neg_magic_scaled)
+            else:  # the interpreter's fma rounds twice
+                t = (f - ROUND_MAGIC) * qk_scale_log2
+        else:
+            # t - max t straight from f: the row maximum is taken on the bits (those of a positive float grow
+            # with it; -inf's are negative), and d = f * s - RN(max f * s) is one FFMA per element.
+            f_max = tl.max(f_bits, axis=1).to(tl.float32, bitcast=True)
+            if HW_FMA:
+                # s as a per-row register (a condition true for every row that the compiler cannot fold): as a
+                # kernel argument, ptxas reloads it into a uniform register before every FFMA.
+                s_row = tl.where(rows < SEQ + BLOCK_M, qk_scale_log2, 1.0)
+                d = tl.fma(f, s_row[:, None], -(f_max * s_row)[:, None])
+            else:  # f - max f is exact (integers below 2**24)
+                d = (f - f_max[:, None]) * qk_scale_log2
     else:
-        t = acc.to(tl.float32) * qk_scale_log2
+        # The constant goes into the per-row term, so each element takes two adds.
+        q_sum = tl.sum(q.to(tl.int32), axis=1)
+        row_term = HEAD_DIM * q_zero * k_zero - k_zero * q_sum
+        acc = qk + row_term[:, None] - q_zero * k_sum[None, :]
+        if BLOCK_D <= 64:  # |acc| <= 64 * 255 * 255 < 2**22: exact without a conversion instruction
+            t = small_int_to_float(acc) * qk_scale_log2
+        else:
+            t = acc.to(tl.float32) * qk_scale_log2
     tile_ok = row_ok[:, None] & col_ok[None, :]
     if HAS_BIAS:
         bias = tl.load(bias_ptr + b * sb_b + h * sb_h + rows[:, None] * sb_i + cols[None, :] * sb_j,
@@ -166,10 +218,20 @@ def _attention_kernel(
         mask = tl.load(mask_ptr + window * sm_w + rows[:, None] * sm_i + cols[None, :] * sm_j,
                        mask=tile_ok, other=0.0)
         t = t + mask * 1.4426950408889634
-    t = tl.where(col_ok[None, :], t, float("-inf"))
+    if not MASK_IN_ACC:
+        t = tl.where(col_ok[None, :], t, float("-inf"))
     LEVELS: tl.constexpr = 2 ** P_BITS
+    PV_LAST: tl.constexpr = min(LEVELS - 1, 32)  # reference.log2_pv_shift: codes past it weigh 0
     if FAST_SOFTMAX:  # log2 codes straight from the log domain (softmax_math "fast")
-        code = _log2_codes_fast(t, log2_p_param, LEVELS)
+        CAP: tl.constexpr = LEVELS if STORE_CODES else PV_LAST + 1
+        if HAS_BIAS or HAS_MASK or not MASK_IN_ACC:
+            d = t - tl.max(t, axis=1)[:, None]
+        code_bits = _log2_codes_fast(d, log2_p_param, CAP)
+        if STORE_CODES:
+            code = code_bits - ROUND_MAGIC_BITS
+        if CAP > PV_LAST + 1:
+            code_bits = tl.minimum(code_bits, ROUND_MAGIC_BITS + PV_LAST + 1)
+        p_hat = _log2_level_weights(code_bits, ROUND_MAGIC_BITS, PV_LAST, PV_FP16)
     else:
         # portable_math: exp2 from a polynomial and exponent bits, row sum in 53-bit fixed point (exact in any
         # order); padded columns sit below -126 and give 0.
@@ -182,16 +244,13 @@ def _attention_kernel(
             else:
                 ratio = _log2_ratio_exact(e, e_sum, p_param, P_RATIO_FLOOR)
             code = tl.minimum(tl.maximum(round_neg_log2(ratio), 0), LEVELS)  # int32 throughout: no conversions
+            p_hat = _log2_level_weights(tl.minimum(code, PV_LAST + 1), 0, PV_LAST, PV_FP16)
         else:
             p = tl.math.div_rn(e, e_sum[:, None])
             code = uniform_quantize(p, p_param, p_zero, 0.0, LEVELS - 1.0)
-    if P_MODE == 0:
-        # Levels past reference.log2_pv_shift (min(LEVELS - 1, 32)) add nothing, as in the reference.
-        PV_LAST: tl.constexpr = min(LEVELS - 1, 32)
-        p_hat = tl.where(code > PV_LAST, 0.0, exp2_of_negative_int(tl.minimum(code, PV_LAST)))
-    else:
-        p_hat = code - p_zero
-    p_hat = tl.where(col_ok[None, :], p_hat, 0.0)
+            p_hat = code - p_zero
+    # A padded key's weight is exactly 0 (log2: its code is past PV_LAST; linear: p = 0 gives code = p_zero),
+    # so neither P nor V needs a mask for it: v - v_zero is finite.
 
     if STORE_CODES:
         tl.store(codes_ptr + b * sc_b + h * sc_h + rows[:, None] * sc_i + cols[None, :] * sc_j,
@@ -200,19 +259,20 @@ def _attention_kernel(
     v = tl.load(v_ptr + b * sv_b + h * sv_h + cols[:, None] * sv_n + dims[None, :] * sv_d,
                 mask=col_ok[:, None] & dim_ok[None, :], other=0)
     # |v - v_zero| <= 255: to fp32 through the magic constant (ALU adds, not the conversion unit), exact.
-    v_centered = small_int_to_float(tl.where(col_ok[:, None], v.to(tl.int32) - v_zero, 0))
+    v_centered = small_int_to_float(v.to(tl.int32) - v_zero)
     if PV_FP16:
         out = tl.dot(p_hat.to(tl.float16), v_centered.to(tl.float16))
     else:
-        if PV_BF16:  # 2**-k (k <= 32) and |v - v_zero| <= 255 are exact in bf16: tensor cores, exact products
+        if PV_BF16:  # the weights (powers of two) and |v - v_zero| <= 255 are exact in bf16: exact products
             out = tl.dot(p_hat.to(tl.bfloat16), v_centered.to(tl.bfloat16))
         else:  # the interpreter (numpy has no bf16): an fp32 dot, also exact per product
             out = tl.dot(p_hat, v_centered, input_precision="ieee")
+    out = out * WEIGHT_UNSCALE  # a power of two: exact
     out = out * pv_scale
     out_ptrs = out_ptr + b * so_b + h * so_h + rows[:, None] * so_n + dims[None, :] * so_d
     if OUT_QUANT:  # the next GEMM's int8 input: codes of the ROUND_DTYPE output, as quantizing it unfused
         y = out.to(ROUND_DTYPE).to(tl.float32)
-        q = uniform_quantize_int(y, out_scale, out_inv_scale, out_zero, out_qmin, out_qmax, FMA_DIV)
+        q = uniform_quantize_int(y, out_scale, out_inv_scale, out_zero, out_qmin, out_qmax, HW_FMA)
         tl.store(out_ptrs, q.to(tl.int8), mask=row_ok[:, None] & dim_ok[None, :])
     else:
         tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
@@ -353,6 +413,8 @@ def _launch(entry, q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale, v_zero, s
     # Linear codes minus zero point are exact in fp16; log2 levels 2**-k are exact in fp16 for k <= 16.
     pv_fp16 = p_mode == P_MODE_LINEAR or p_bits <= 4
     qk_scale_log2 = float(torch.tensor(sm_scale * q_scale * k_scale * LOG2E, dtype=torch.float32))
+    # The fast softmax's t = fma(magic + acc, s, -RN(magic * s)): any constant near magic * s cancels in t - max t.
+    neg_magic_scaled = -float(torch.tensor(12582912.0 * qk_scale_log2, dtype=torch.float32))
     pv_scale = float(p_param) * float(v_scale)
     # RN(1 / delta) of the fp32 delta the kernel sees. The fast ratio needs every level in the normal fp32 range
     # (2**-(2**p_bits) >= 2**-64) and 1 / delta finite and normal.
@@ -364,15 +426,16 @@ def _launch(entry, q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale, v_zero, s
     args = (q, k, v, dummy if bias is None else bias, dummy if mask is None else mask, out, codes,
             seq, head_dim, heads, 1 if mask is None else mask.shape[0],
             *q.stride(), *k.stride(), *v.stride(), *out_view.stride(), *bias_strides, *mask_strides, *codes.stride(),
-            int(q_zero), int(k_zero), int(v_zero), qk_scale_log2, float(p_param), inv_p_param, math.log2(p_param_fp32),
-            float(p_zero), pv_scale, float(out_scale), reciprocal_fp32(out_scale), float(out_zero), float(out_qmin),
-            float(out_qmax))
+            int(q_zero), int(k_zero), int(v_zero), qk_scale_log2, neg_magic_scaled, float(p_param), inv_p_param,
+            math.log2(p_param_fp32), float(p_zero), pv_scale, float(out_scale), reciprocal_fp32(out_scale),
+            float(out_zero), float(out_qmin), float(out_qmax))
     # The reference clamps p / delta at 2**-(levels + 2) (a Python float, rounded to fp32 by torch).
     ratio_floor = float(torch.tensor(2.0 ** -(2 ** int(p_bits) + 2), dtype=torch.float32))
     # Padded to powers of two and at least 32: the int8 QK^T tl.dot needs K = BLOCK_D >= 32 on tensor cores.
     meta = dict(P_MODE=p_mode, P_BITS=int(p_bits), P_RATIO_FLOOR=ratio_floor, FAST_RATIO=fast_ratio,
                 FAST_SOFTMAX=fast_softmax, NEAR_ULPS=FAST_RATIO_NEAR_ULPS, PV_FP16=pv_fp16,
-                FMA_DIV=device.type == "cuda",
+                HW_FMA=device.type == "cuda",
+                WEIGHT_UNSCALE=2.0 ** -_weight_exponent(int(p_bits), pv_fp16) if p_mode == P_MODE_LOG2 else 1.0,
                 PV_BF16=not pv_fp16 and device.type == "cuda",
                 HAS_BIAS=bias is not None, HAS_MASK=mask is not None, STORE_CODES=return_codes,
                 OUT_QUANT=out_grid is not None, ROUND_DTYPE=torch_dtype_to_triton(out_dtype),

@@ -139,7 +139,7 @@ def variants(full: bool) -> List[Tuple[str, Callable[[], object]]]:
     # The autotuner's (BLOCK_M, num_warps) tiles: all with --full, else (32, 8) with mma.sync and (64, 4) with wgmma.
     for block_m, warps in (attention.TUNE_BLOCK_M_WARPS if full else attention.TUNE_BLOCK_M_WARPS[2:4]):
         tag = f"block_m={block_m}/w{warps}"
-        for p_bits, math in ((4, "fast"), (4, "exact"), (8, "exact")):  # 8-bit codes always run exact
+        for p_bits, math in ((4, "fast"), (4, "exact"), (8, "fast"), (8, "exact")):
             out.append((f"attention log2 P{p_bits} {math} {tag}", lambda b=block_m, w=warps, p=p_bits, m=math:
                         attention.attention_log2_triton(q, q, q, 0.1, 0, 0.1, 0, 0.1, 0, 0.125, None, None, 1.0, p,
                                                         torch.float16, block_m=b, num_warps=w, softmax_math=m)))

@@ -119,12 +119,21 @@ def test_log2_codes_exact_at_the_largest_accumulator():
     _assert_out_close(out, ref_out)
 
 
-def _fast_codes_emulated(t, delta, p_bits, gen, rel_err):
-    """_log2_codes_fast in fp32 PyTorch, each exp2 off by up to ``rel_err`` (relative) and the row's log2 by up to
-    ``rel_err`` (absolute), at random: the GPU's ex2.approx is within 2**-22 relative."""
-    d = t - t.amax(-1, keepdim=True)
+def _fast_logits_on_gpu(acc, s):
+    """d = t - max t as the CUDA kernel computes it for ViT rows (no bias or mask): f = magic + acc in fp32 (exact),
+    the row maximum of f, then one FFMA per element, fma(f, s, -RN(max f * s)), emulated in float64 (f * s has 48
+    significant bits, and its difference from the fp32 constant is exact there too), rounded once to fp32."""
+    f = acc.to(torch.float32) + 12582912.0
+    s32 = torch.tensor(s, dtype=torch.float32)
+    m = (f.amax(-1, keepdim=True) * s32).double()  # RN(max f * s) in fp32
+    return (f.double() * s32.double() - m).float()
+
+
+def _fast_codes_emulated(d, delta, p_bits, gen, rel_err):
+    """_log2_codes_fast in fp32 PyTorch from d = t - max t, each exp2 off by up to ``rel_err`` (relative) and the
+    row's log2 by up to ``rel_err`` (absolute), at random: the GPU's ex2.approx is within 2**-22 relative."""
     e = torch.exp2(d) * (1 + (torch.rand(d.shape, generator=gen) * 2 - 1) * rel_err)
-    c = torch.log2(e.sum(-1, keepdim=True)) + (torch.rand(t.shape[0], 1, generator=gen) * 2 - 1) * rel_err
+    c = torch.log2(e.sum(-1, keepdim=True)) + (torch.rand(d.shape[0], 1, generator=gen) * 2 - 1) * rel_err
     return torch.round(torch.clamp(c + math.log2(delta) - d, 0, 2 ** p_bits))
 
 
@@ -135,23 +144,45 @@ def _weighing(codes, p_bits):
 
 @pytest.mark.parametrize("p_bits", [3, 4, 6, 8])
 def test_fast_softmax_claim_one_level_on_few_entries(p_bits):
-    """The claim behind softmax_math="fast", in fp32 PyTorch with hardware-sized exp2/log2 errors (2**-21, twice
-    ex2.approx's bound): against the reference's codes (polynomial exp2, fixed-point sum, two divisions, exact
-    round(-log2)), codes differ by at most one level on at most 1e-5 of entries (measured: ~1e-6)."""
+    """The claim behind softmax_math="fast", in fp32 PyTorch with the GPU's arithmetic (the FFMA of
+    _fast_logits_on_gpu) and hardware-sized exp2/log2 errors (2**-21, twice ex2.approx's bound): against the
+    reference's codes (t = RN(acc * s), polynomial exp2, fixed-point sum, two divisions, exact round(-log2)),
+    codes differ by at most one level on at most 1e-5 of entries (measured: ~1e-6)."""
     from dfqvit.kernels import portable_math
 
     gen = torch.Generator().manual_seed(6)
     rows, n = 6000, 197
-    for spread in (2.0, 6.0, 15.0):  # flat to peaked rows
-        t = torch.randn(rows, n, generator=gen) * spread
+    for spread, s in ((2.0, 3e-3), (6.0, 1e-4), (15.0, 7.7e-5)):  # flat to peaked rows; |acc| < 2**21
+        acc = torch.round(torch.randn(rows, n, generator=gen) * spread / s).to(torch.int32)
+        t = acc.to(torch.float32) * torch.tensor(s, dtype=torch.float32)
         delta = float(torch.tensor(2.0 ** -(torch.rand(1, generator=gen).item() * 3), dtype=torch.float32))
         e = portable_math.exp2(t - t.amax(-1, keepdim=True))
         want = reference.log2_quantize(e / portable_math.row_sum(e), delta, p_bits)
-        got = _fast_codes_emulated(t, delta, p_bits, gen, 2.0 ** -21)
+        got = _fast_codes_emulated(_fast_logits_on_gpu(acc, s), delta, p_bits, gen, 2.0 ** -21)
         diff = (_weighing(got, p_bits) - _weighing(want, p_bits)).abs()
         assert int(diff.max()) <= 1
         assert float((diff > 0).float().mean()) <= 1e-5
         assert len(want.unique()) >= min(2 ** p_bits, 8)  # rows spread over many levels
+
+
+def test_fast_logits_differ_from_the_references_by_a_row_constant_and_rounding():
+    """The FFMA form of t - max t equals RN(acc * s) - max RN(acc * s) up to a constant per row (RN(max f * s)'s
+    error, which the softmax ignores) and two roundings of the logits' size: measured against float64."""
+    gen = torch.Generator().manual_seed(3)
+    for s in (3e-3, 1e-4, 2e-5):  # logits of a few units, as in a calibrated ViT; |acc| < 2**21
+        acc = torch.clamp(torch.randn(64, 197, generator=gen) * 3 / s, -2 ** 21 + 1, 2 ** 21 - 1).round().int()
+        d = _fast_logits_on_gpu(acc, s).double()
+        exact = (acc.double() - acc.double().amax(-1, keepdim=True)) * float(torch.tensor(s, dtype=torch.float32))
+        offset = (d - exact)[:, :1]  # the row's constant
+        err = (d - exact - offset).abs()
+        assert float(err.max()) <= 2 * 2.0 ** -24 * float(exact.abs().max()) + 1e-300
+        assert float(offset.abs().max()) <= 2.0 ** -24 * 2 ** 24 * s  # half an ulp of max f * s ~ 2**23 * s
+        # Without the fused multiply-add (f * s rounded first, as the interpreter's tl.fma does) it fails.
+        f = acc.to(torch.float32) + 12582912.0
+        s32 = torch.tensor(s, dtype=torch.float32)
+        unfused = (f * s32 - (f.amax(-1, keepdim=True) * s32)).double()
+        unfused_err = (unfused - exact - (unfused - exact)[:, :1]).abs()
+        assert float(unfused_err.max()) > 4 * 2.0 ** -24 * float(exact.abs().max())
 
 
 @requires_triton
