@@ -28,11 +28,11 @@ Why it is shaped like this:
 * log2(e) is folded into the QK scale so the softmax uses ``exp2``, the natural base of the log2 quantizer.
 * P.V's weight of log2 code k is ``2**-k`` times a fixed power of two, built as an exponent field that runs
   out (the bits of +0.0) at the first code past the last level P.V uses (``_log2_level_weights``): exact, and
-  no select for the levels that weigh nothing; the output multiplies the power of two back. For ``p_bits <= 4``
-  the weights are fp16, so P.V runs on fp16 tensor cores with no rounding in P; ``v - v_zero`` (|.| <= 255) is
-  exact in fp16 too. Linear codes minus their zero point are small integers, also exact in fp16. Wider log2
-  codes (levels up to 2**-32, as in the reference) are exact in bf16, so they run on bf16 tensor cores (an
-  IEEE fp32 dot at BLOCK_N = 256 took minutes to compile and ran on the FMA units).
+  no select for the levels that weigh nothing; the output multiplies the power of two back. The weights
+  (down to 2**-126) and ``v - v_zero`` (|.| <= 255) are exact in bf16, so P.V runs on bf16 tensor cores with
+  no rounding in its products (an IEEE fp32 dot at BLOCK_N = 256 took minutes to compile and ran on the FMA
+  units; fp16 weights built from 16-bit fields cost 4.5 instructions per element to the bf16 path's 1.5).
+  Linear codes minus their zero point are small integers, exact in fp16.
 * A padded key's weight is 0 either way, so the P.V operands need no mask; with ``softmax_math="fast"`` the
   -inf of a padded key comes from the accumulator's column term, and for ViT rows (no bias or mask) t - max t
   is one FFMA per element from the magic-constant bits of the accumulator (``_fast_logits_on_gpu`` in the
@@ -121,24 +121,20 @@ def _log2_codes_fast(d, log2_p_param, CAP: tl.constexpr):
 
 
 @triton.jit
-def _log2_level_weights(code, CODE_OFFSET: tl.constexpr, LAST: tl.constexpr, DOT_FP16: tl.constexpr):
-    """P.V's weights of log2 codes 0..LAST + 1: ``2**-code`` times the constant 2**_weight_exponent(..), and 0 for
-    code LAST + 1 (the levels past reference.log2_pv_shift add nothing). The weight is built in the exponent
-    field, which reaches 0 (the bits of +0.0) exactly at code LAST + 1, so there is no select: fp16 bits
-    ``(LAST + 1 - code) << 10`` (2**-code * 2**(LAST - 14); LAST <= 15 here) or fp32 bits ``(LAST + 1 - code)
-    << 23`` (2**-code * 2**(LAST - 126), normal for LAST <= 32, and exact in bf16 too). The int32 ``code`` is
-    given plus CODE_OFFSET (ROUND_MAGIC_BITS for a magic-constant sum's bits: no subtraction of its own)."""
+def _log2_level_weights(code, CODE_OFFSET: tl.constexpr, LAST: tl.constexpr):
+    """P.V's weights of log2 codes 0..LAST + 1: ``2**-code * 2**(LAST - 126)`` (the kernel multiplies the power of
+    two back after P.V), and 0 for code LAST + 1 (the levels past reference.log2_pv_shift add nothing). The
+    weight is the fp32 exponent field ``LAST + 1 - code``, which reaches 0 (the bits of +0.0) exactly at code
+    LAST + 1, so there is no select; every weight is normal for LAST <= 32, and exact in bf16 too. The int32
+    ``code`` is given plus CODE_OFFSET (ROUND_MAGIC_BITS for a magic-constant sum's bits: no subtraction of
+    its own)."""
     field = (LAST + 1 + CODE_OFFSET) - code
-    if DOT_FP16:
-        return (field << 10).to(tl.int16).to(tl.float16, bitcast=True)
-    else:
-        return (field << 23).to(tl.float32, bitcast=True)
+    return (field << 23).to(tl.float32, bitcast=True)
 
 
-def _weight_exponent(p_bits: int, dot_fp16: bool) -> int:
-    """log2 of the factor :func:`_log2_level_weights` puts on every weight (the kernel's P.V undoes it)."""
-    last = reference.log2_pv_shift(p_bits)
-    return last - 14 if dot_fp16 else last - 126
+def _weight_exponent(p_bits: int) -> int:
+    """log2 of the factor :func:`_log2_level_weights` puts on every weight."""
+    return reference.log2_pv_shift(p_bits) - 126
 
 
 @triton.jit
@@ -231,7 +227,7 @@ def _attention_kernel(
             code = code_bits - ROUND_MAGIC_BITS
         if CAP > PV_LAST + 1:
             code_bits = tl.minimum(code_bits, ROUND_MAGIC_BITS + PV_LAST + 1)
-        p_hat = _log2_level_weights(code_bits, ROUND_MAGIC_BITS, PV_LAST, PV_FP16)
+        p_hat = _log2_level_weights(code_bits, ROUND_MAGIC_BITS, PV_LAST)
     else:
         # portable_math: exp2 from a polynomial and exponent bits, row sum in 53-bit fixed point (exact in any
         # order); padded columns sit below -126 and give 0.
@@ -244,7 +240,7 @@ def _attention_kernel(
             else:
                 ratio = _log2_ratio_exact(e, e_sum, p_param, P_RATIO_FLOOR)
             code = tl.minimum(tl.maximum(round_neg_log2(ratio), 0), LEVELS)  # int32 throughout: no conversions
-            p_hat = _log2_level_weights(tl.minimum(code, PV_LAST + 1), 0, PV_LAST, PV_FP16)
+            p_hat = _log2_level_weights(tl.minimum(code, PV_LAST + 1), 0, PV_LAST)
         else:
             p = tl.math.div_rn(e, e_sum[:, None])
             code = uniform_quantize(p, p_param, p_zero, 0.0, LEVELS - 1.0)
@@ -410,8 +406,8 @@ def _launch(entry, q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale, v_zero, s
     bias_strides = _bias_strides(entry, bias, batch, heads, seq)
     mask_strides = mask.stride() if mask is not None else (0, 0, 0)
     dummy = out
-    # Linear codes minus zero point are exact in fp16; log2 levels 2**-k are exact in fp16 for k <= 16.
-    pv_fp16 = p_mode == P_MODE_LINEAR or p_bits <= 4
+    # Linear codes minus zero point are exact in fp16; log2 weights (powers of two down to 2**-126) in bf16.
+    pv_fp16 = p_mode == P_MODE_LINEAR
     qk_scale_log2 = float(torch.tensor(sm_scale * q_scale * k_scale * LOG2E, dtype=torch.float32))
     # The fast softmax's t = fma(magic + acc, s, -RN(magic * s)): any constant near magic * s cancels in t - max t.
     neg_magic_scaled = -float(torch.tensor(12582912.0 * qk_scale_log2, dtype=torch.float32))
@@ -435,7 +431,7 @@ def _launch(entry, q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale, v_zero, s
     meta = dict(P_MODE=p_mode, P_BITS=int(p_bits), P_RATIO_FLOOR=ratio_floor, FAST_RATIO=fast_ratio,
                 FAST_SOFTMAX=fast_softmax, NEAR_ULPS=FAST_RATIO_NEAR_ULPS, PV_FP16=pv_fp16,
                 HW_FMA=device.type == "cuda",
-                WEIGHT_UNSCALE=2.0 ** -_weight_exponent(int(p_bits), pv_fp16) if p_mode == P_MODE_LOG2 else 1.0,
+                WEIGHT_UNSCALE=2.0 ** -_weight_exponent(int(p_bits)) if p_mode == P_MODE_LOG2 else 1.0,
                 PV_BF16=not pv_fp16 and device.type == "cuda",
                 HAS_BIAS=bias is not None, HAS_MASK=mask is not None, STORE_CODES=return_codes,
                 OUT_QUANT=out_grid is not None, ROUND_DTYPE=torch_dtype_to_triton(out_dtype),
