@@ -123,18 +123,13 @@ def _log2_codes_fast(d, log2_p_param, CAP: tl.constexpr):
 @triton.jit
 def _log2_level_weights(code, CODE_OFFSET: tl.constexpr, LAST: tl.constexpr):
     """P.V's weights of log2 codes 0..LAST + 1: ``2**-code * 2**(LAST - 126)`` (the kernel multiplies the power of
-    two back after P.V), and 0 for code LAST + 1 (the levels past reference.log2_pv_shift add nothing). The
+    two back after P.V: WEIGHT_UNSCALE), and 0 for code LAST + 1 (the levels past reference.log2_pv_shift add nothing). The
     weight is the fp32 exponent field ``LAST + 1 - code``, which reaches 0 (the bits of +0.0) exactly at code
     LAST + 1, so there is no select; every weight is normal for LAST <= 32, and exact in bf16 too. The int32
     ``code`` is given plus CODE_OFFSET (ROUND_MAGIC_BITS for a magic-constant sum's bits: no subtraction of
     its own)."""
     field = (LAST + 1 + CODE_OFFSET) - code
     return (field << 23).to(tl.float32, bitcast=True)
-
-
-def _weight_exponent(p_bits: int) -> int:
-    """log2 of the factor :func:`_log2_level_weights` puts on every weight."""
-    return reference.log2_pv_shift(p_bits) - 126
 
 
 @triton.jit
@@ -147,7 +142,7 @@ def _attention_kernel(
     out_scale, out_inv_scale, out_zero, out_qmin, out_qmax,
     P_MODE: tl.constexpr, P_BITS: tl.constexpr, P_RATIO_FLOOR: tl.constexpr, FAST_RATIO: tl.constexpr,
     FAST_SOFTMAX: tl.constexpr,
-    NEAR_ULPS: tl.constexpr, PV_FP16: tl.constexpr, HW_FMA: tl.constexpr, WEIGHT_UNSCALE: tl.constexpr,
+    NEAR_ULPS: tl.constexpr, PV_FP16: tl.constexpr, HW_FMA: tl.constexpr,
     PV_BF16: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, STORE_CODES: tl.constexpr, OUT_QUANT: tl.constexpr,
     ROUND_DTYPE: tl.constexpr,
@@ -172,6 +167,7 @@ def _attention_kernel(
     # sum (q - zq)(k - zk) = qk - zk*rowsum(q) - zq*rowsum(k) + d*zq*zk; padded dims and keys load as 0.
     k_sum = tl.sum(k.to(tl.int32), axis=1)
     MASK_IN_ACC: tl.constexpr = FAST_SOFTMAX and BLOCK_D <= 64
+    D_FROM_BITS: tl.constexpr = MASK_IN_ACC and not (HAS_BIAS or HAS_MASK)  # t - max t straight from the bits
     if MASK_IN_ACC:
         # The softmax ignores a per-row constant, so the row-sum terms are left out. The column term carries
         # the magic constant's bits (|sum (q - zq) k| <= 64 * 255 * 128 < 2**22), and a padded key's (whose k
@@ -179,12 +175,7 @@ def _attention_kernel(
         col_term = tl.where(col_ok, ROUND_MAGIC_BITS - q_zero * k_sum, NEG_INF_BITS)
         f_bits = qk + col_term[None, :]
         f = f_bits.to(tl.float32, bitcast=True)
-        if HAS_BIAS or HAS_MASK:
-            if HW_FMA:  # one FFMA: f * s is exact inside it; RN(magic * s) is one constant for the whole tile
-                t = tl.fma(f, qk_scale_log2, neg_magic_scaled)
-            else:  # the interpreter's fma rounds twice
-                t = (f - ROUND_MAGIC) * qk_scale_log2
-        else:
+        if D_FROM_BITS:
             # t - max t straight from f: the row maximum is taken on the bits (those of a positive float grow
             # with it; -inf's are negative), and d = f * s - RN(max f * s) is one FFMA per element.
             f_max = tl.max(f_bits, axis=1).to(tl.float32, bitcast=True)
@@ -195,6 +186,11 @@ def _attention_kernel(
                 d = tl.fma(f, s_row[:, None], -(f_max * s_row)[:, None])
             else:  # f - max f is exact (integers below 2**24)
                 d = (f - f_max[:, None]) * qk_scale_log2
+        else:
+            if HW_FMA:  # one FFMA: f * s is exact inside it; RN(magic * s) is one constant for the whole tile
+                t = tl.fma(f, qk_scale_log2, neg_magic_scaled)
+            else:  # the interpreter's fma rounds twice
+                t = (f - ROUND_MAGIC) * qk_scale_log2
     else:
         # The constant goes into the per-row term, so each element takes two adds.
         q_sum = tl.sum(q.to(tl.int32), axis=1)
@@ -220,7 +216,7 @@ def _attention_kernel(
     PV_LAST: tl.constexpr = min(LEVELS - 1, 32)  # reference.log2_pv_shift: codes past it weigh 0
     if FAST_SOFTMAX:  # log2 codes straight from the log domain (softmax_math "fast")
         CAP: tl.constexpr = LEVELS if STORE_CODES else PV_LAST + 1
-        if HAS_BIAS or HAS_MASK or not MASK_IN_ACC:
+        if not D_FROM_BITS:
             d = t - tl.max(t, axis=1)[:, None]
         code_bits = _log2_codes_fast(d, log2_p_param, CAP)
         if STORE_CODES:
@@ -263,7 +259,9 @@ def _attention_kernel(
             out = tl.dot(p_hat.to(tl.bfloat16), v_centered.to(tl.bfloat16))
         else:  # the interpreter (numpy has no bf16): an fp32 dot, also exact per product
             out = tl.dot(p_hat, v_centered, input_precision="ieee")
-    out = out * WEIGHT_UNSCALE  # a power of two: exact
+    if P_MODE == 0:
+        WEIGHT_UNSCALE: tl.constexpr = 2.0 ** (126 - PV_LAST)  # undoes _log2_level_weights' factor, exactly
+        out = out * WEIGHT_UNSCALE
     out = out * pv_scale
     out_ptrs = out_ptr + b * so_b + h * so_h + rows[:, None] * so_n + dims[None, :] * so_d
     if OUT_QUANT:  # the next GEMM's int8 input: codes of the ROUND_DTYPE output, as quantizing it unfused
@@ -410,7 +408,7 @@ def _launch(entry, q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale, v_zero, s
     pv_fp16 = p_mode == P_MODE_LINEAR
     qk_scale_log2 = float(torch.tensor(sm_scale * q_scale * k_scale * LOG2E, dtype=torch.float32))
     # The fast softmax's t = fma(magic + acc, s, -RN(magic * s)): any constant near magic * s cancels in t - max t.
-    neg_magic_scaled = -float(torch.tensor(12582912.0 * qk_scale_log2, dtype=torch.float32))
+    neg_magic_scaled = -float(torch.tensor(ROUND_MAGIC.value * qk_scale_log2, dtype=torch.float32))
     pv_scale = float(p_param) * float(v_scale)
     # RN(1 / delta) of the fp32 delta the kernel sees. The fast ratio needs every level in the normal fp32 range
     # (2**-(2**p_bits) >= 2**-64) and 1 / delta finite and normal.
@@ -431,7 +429,6 @@ def _launch(entry, q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale, v_zero, s
     meta = dict(P_MODE=p_mode, P_BITS=int(p_bits), P_RATIO_FLOOR=ratio_floor, FAST_RATIO=fast_ratio,
                 FAST_SOFTMAX=fast_softmax, NEAR_ULPS=FAST_RATIO_NEAR_ULPS, PV_FP16=pv_fp16,
                 HW_FMA=device.type == "cuda",
-                WEIGHT_UNSCALE=2.0 ** -_weight_exponent(int(p_bits)) if p_mode == P_MODE_LOG2 else 1.0,
                 PV_BF16=not pv_fp16 and device.type == "cuda",
                 HAS_BIAS=bias is not None, HAS_MASK=mask is not None, STORE_CODES=return_codes,
                 OUT_QUANT=out_grid is not None, ROUND_DTYPE=torch_dtype_to_triton(out_dtype),
