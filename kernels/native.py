@@ -63,7 +63,7 @@ def _ext():
 
 
 def isa() -> str:
-    """The instruction set the native kernels use now: ``avx512_vnni``, ``avx2`` or ``scalar``."""
+    """The instruction set the native kernels use now: ``amx_int8``, ``avx512_vnni``, ``avx2`` or ``scalar``."""
     require()
     return torch.ops.dfqvit.native_isa()
 
@@ -74,7 +74,7 @@ def detected_isa() -> str:
 
 
 def set_isa(name: str) -> str:
-    """Force ``scalar``/``avx2``/``avx512_vnni`` (or ``auto``); returns the previous one. For tests and
+    """Force ``scalar``/``avx2``/``avx512_vnni``/``amx_int8`` (or ``auto``); returns the previous one. For tests and
     benchmarks; ``DFQVIT_NATIVE_ISA`` sets the start value."""
     require()
     return torch.ops.dfqvit.native_set_isa(name)

@@ -42,15 +42,18 @@ GEN = torch.Generator().manual_seed(5)
 GEMM_SHAPES = [(1, 3, 5), (7, 19, 17), (33, 48, 100), (66, 37, 129), (130, 16, 64), (5, 100, 3)]
 
 
+ISAS = ["scalar", "avx2", "avx512_vnni", "amx_int8"]  # each rung runs everything below it
+
+
 def _isas():
     from dfqvit.kernels import native
     if not native.available():
         return ["scalar"]
-    ladder = ["scalar", "avx2", "avx512_vnni"]
+    ladder = ISAS
     return ladder[: ladder.index(native.detected_isa()) + 1]
 
 
-@pytest.fixture(params=["scalar", "avx2", "avx512_vnni"])
+@pytest.fixture(params=ISAS)
 def isa(request):
     """Run the test with the native kernels forced to one ISA (skipped where the CPU lacks it)."""
     _native()

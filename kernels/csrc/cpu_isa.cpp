@@ -6,6 +6,14 @@
 #include <atomic>
 #include <cstdlib>
 
+#if defined(__x86_64__) || defined(_M_X64)
+#include <cpuid.h>
+#endif
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 namespace dfqvit {
 namespace {
 
@@ -13,7 +21,8 @@ Isa parse_isa(const std::string& name) {
   if (name == "scalar") return Isa::kScalar;
   if (name == "avx2") return Isa::kAvx2;
   if (name == "avx512_vnni") return Isa::kAvx512Vnni;
-  TORCH_CHECK(false, "dfqvit native: unknown ISA '", name, "'; allowed: auto, scalar, avx2, avx512_vnni.");
+  if (name == "amx_int8") return Isa::kAmxInt8;
+  TORCH_CHECK(false, "dfqvit native: unknown ISA '", name, "'; allowed: auto, scalar, avx2, avx512_vnni, amx_int8.");
 }
 
 Isa checked(Isa wanted) {
@@ -34,6 +43,21 @@ std::atomic<int>& active() {
   return isa;
 }
 
+// AMX tiles and their int8 dot products (CPUID.7.0:EDX bits 24, 25), and the kernel's leave to use them: on Linux a
+// process must ask for the 8 KB tile-data state once (arch_prctl ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA = 18)
+// before its first tile instruction, or that instruction faults. The request covers every thread of the process.
+bool amx_int8_usable() {
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__linux__)
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+  const bool tile = edx & (1u << 24), int8 = edx & (1u << 25);
+  constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return tile && int8 && syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
+}
+
 }  // namespace
 
 Isa detected_isa() {
@@ -42,7 +66,7 @@ Isa detected_isa() {
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vnni"))
-      return Isa::kAvx512Vnni;
+      return amx_int8_usable() ? Isa::kAmxInt8 : Isa::kAvx512Vnni;
     if (__builtin_cpu_supports("avx2")) return Isa::kAvx2;
     return Isa::kScalar;
   }();
@@ -62,6 +86,7 @@ std::string set_isa(const std::string& name) {
 
 const char* isa_name(Isa isa) {
   switch (isa) {
+    case Isa::kAmxInt8: return "amx_int8";
     case Isa::kAvx512Vnni: return "avx512_vnni";
     case Isa::kAvx2: return "avx2";
     default: return "scalar";

@@ -48,6 +48,8 @@ constexpr int kNR = 16;          // outputs per panel
 constexpr int kMR = 4;           // rows per micro-kernel call
 constexpr int kStepBytes = 32;   // bytes per panel step (a quad of K for nibbles, a pair for int8)
 constexpr int64_t kTileRows = 48;
+// AMX tiles: 16 rows of 64 bytes (16 quads of K per B tile).
+constexpr int kAmxRows = 16, kAmxBytes = 64, kAmxChunkQuads = kAmxBytes / 4;
 // Unpacked weights up to this size are unpacked once per GEMM call instead of once per row tile. A/B on the 2-core
 // Zen 3 VM: the CIFAR layer shapes (planes 37-147 KB) 4-17% faster (M 520 and 4160, every epilogue), the DeiT-S ones
 // (147-590 KB, read back from L2/L3 by each tile) ~4% on average. Larger weights keep the per-tile unpack: their
@@ -56,6 +58,7 @@ constexpr int64_t kPlanesOnceBytes = int64_t(1) << 20;
 // Largest per-thread staging block of a residual GEMM's fp32 output tile (run_tiles): N up to 1365.
 constexpr int64_t kStagingBytes = int64_t(256) << 10;
 
+int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
 int64_t lane_k(int64_t storage_bits) { return storage_bits == 8 ? 2 : 4; }
 int64_t panel_steps(int64_t k, int64_t storage_bits) { return (k + lane_k(storage_bits) - 1) / lane_k(storage_bits); }
 
@@ -340,6 +343,72 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void micro_nibble_vnni(co
   }
   for (int r = 0; r < MR; ++r) _mm512_storeu_si512(acc + r * kNR, sum[r]);
 }
+
+// AMX-INT8 nibble path (Sapphire Rapids and later). Every tile is 16 rows x 64 bytes: C tiles 0..2 (int32 sums of
+// 16 rows x 16 outputs), A tiles 3..5 (16 activation rows x 64 K positions, s8 as they are), B tile 6 (16 quads of
+// one panel's u8 planes: unpack_panel_avx2 already writes them in the VNNI layout a B tile wants, 4 consecutive K
+// positions per output). One call covers a whole row tile (up to kTileRows = 48 rows: G row groups of 16) of one
+// panel; per 64 K positions one B load feeds G TDPBSUD (s8 x u8, 16 x 16 x 64 products each). The activations are
+// copied with K padded to a multiple of 64 and rows to 16 (zeros), the planes padded to 16 quads (zeros), so every
+// tile load is whole; rows past M give sums nobody reads. Same sums as micro_codes_avx2, so the same epilogue.
+struct alignas(64) TileConfig {
+  uint8_t palette_id = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+TileConfig amx_tile_config() {
+  TileConfig cfg;
+  for (int t = 0; t < 7; ++t) {
+    cfg.colsb[t] = kAmxBytes;
+    cfg.rows[t] = kAmxRows;
+  }
+  return cfg;
+}
+// In static storage: GCC 12 models ldtilecfg as reading only part of its operand and dropped the stores of a stack
+// copy's shapes (the instruction then faulted).
+const TileConfig kAmxTileConfig = amx_tile_config();
+
+// Tile shapes are per thread: loaded at the start of each row tile by the thread that runs it (another library,
+// e.g. oneDNN inside torch, may have configured its own between our calls).
+__attribute__((target("amx-tile"))) void amx_configure() { _tile_loadconfig(&kAmxTileConfig); }
+
+template <int G>
+__attribute__((target("amx-tile,amx-int8"))) void micro_codes_amx(const int8_t* a, int64_t lda,
+                                                                  const uint8_t* planes, int64_t chunks,
+                                                                  int32_t* acc) {
+  static_assert(G >= 1 && G * kAmxRows <= kTileRows, "three row groups at most");
+  _tile_zero(0);
+  if constexpr (G > 1) _tile_zero(1);
+  if constexpr (G > 2) _tile_zero(2);
+  for (int64_t c = 0; c < chunks; ++c) {
+    _tile_loadd(6, planes + c * kAmxChunkQuads * 64, 64);
+    _tile_loadd(3, a + c * kAmxBytes, lda);
+    _tile_dpbsud(0, 3, 6);
+    if constexpr (G > 1) {
+      _tile_loadd(4, a + kAmxRows * lda + c * kAmxBytes, lda);
+      _tile_dpbsud(1, 4, 6);
+    }
+    if constexpr (G > 2) {
+      _tile_loadd(5, a + 2 * kAmxRows * lda + c * kAmxBytes, lda);
+      _tile_dpbsud(2, 5, 6);
+    }
+  }
+  constexpr int64_t stride = kNR * sizeof(int32_t);
+  _tile_stored(0, acc, stride);
+  if constexpr (G > 1) _tile_stored(1, acc + kAmxRows * kNR, stride);
+  if constexpr (G > 2) _tile_stored(2, acc + 2 * kAmxRows * kNR, stride);
+}
+
+// rows (<= kTileRows) activation rows from a, in row groups of 16.
+void micro_codes_amx_rows(const int8_t* a, int64_t lda, int rows, const uint8_t* planes, int64_t chunks,
+                          int32_t* acc) {
+  switch ((rows + kAmxRows - 1) / kAmxRows) {
+    case 1: return micro_codes_amx<1>(a, lda, planes, chunks, acc);
+    case 2: return micro_codes_amx<2>(a, lda, planes, chunks, acc);
+    default: return micro_codes_amx<3>(a, lda, planes, chunks, acc);
+  }
+}
 #endif
 
 // ---------------------------------------------------------------------------------------------------
@@ -470,14 +539,15 @@ inline void prefetch_rows_for_write(const char* first, int64_t stride, int rows,
 // engine 1-3%. (Staging the fp32 outputs without a residual was 6% slower at M 520: one more copy.)
 // prep(panel, scratch) returns the weight bytes the micro-kernel reads for that panel (the panel itself, or
 // its unpacked form written to the thread's scratch of scratch_bytes). tile_start(m0, m1) runs first in each row
-// tile (the row sums of activations read in place).
+// tile (the row sums of activations read in place; AMX's tile configuration). micro(row, rows, w, acc) covers up to
+// micro_rows rows (kMR, or a whole row tile for AMX).
 struct NoTileStart {
   void operator()(int64_t, int64_t) const {}
 };
 
 template <typename Micro, typename Prep, typename TileStart = NoTileStart>
 void run_tiles(int64_t m, int64_t panels, const Epilogue& ep, Isa isa, Micro micro, Prep prep,
-               int64_t scratch_bytes, TileStart tile_start = {}) {
+               int64_t scratch_bytes, TileStart tile_start = {}, int64_t micro_rows = kMR) {
   const int64_t row_tiles = (m + kTileRows - 1) / kTileRows;
   const bool residual_after = ep.residual && !ep.requant;
   const bool use_stage = residual_after && kTileRows * ep.n * int64_t(sizeof(float)) <= kStagingBytes;
@@ -511,8 +581,8 @@ void run_tiles(int64_t m, int64_t panels, const Epilogue& ep, Isa isa, Micro mic
         if (tile_ep.out_f32 && !use_stage)  // fp32 out only: int8 out was 1-4% slower (A/B); staging stays cached
           prefetch_rows_for_write(reinterpret_cast<const char*>(tile_ep.out_f32 + em * ep.n + col0),
                                   ep.n * int64_t(sizeof(float)), rows, width * int64_t(sizeof(float)), panel == 0);
-        for (int64_t row = m0; row < m1; row += kMR)
-          micro(row, static_cast<int>(std::min<int64_t>(kMR, m1 - row)), w, acc + (row - m0) * kNR);
+        for (int64_t row = m0; row < m1; row += micro_rows)
+          micro(row, static_cast<int>(std::min<int64_t>(micro_rows, m1 - row)), w, acc + (row - m0) * kNR);
 #if DFQVIT_X86
         if (isa != Isa::kScalar) {
           epilogue_avx2(tile_ep, acc, em, rows, col0, width);
@@ -564,16 +634,19 @@ at::Tensor qgemm_prepacked_impl(const at::Tensor& a_in, double a_scale, int64_t 
               ") for n=", n, ", k=", k, " (native_prepack_weight), got ", panels_in.sizes());
   const Isa isa = active_isa();
   const at::Tensor a = a_in.contiguous(), wp = panels_in.contiguous();
-  const int64_t m = a.size(0), np = panels * kNR, lane = lane_k(storage_bits), ld = steps * lane;
-  const bool nibbles = storage_bits != 8;
+  const bool nibbles = storage_bits != 8, amx = nibbles && isa == Isa::kAmxInt8;
+  // Activation rows as the micro-kernels read them: K padded to the lane, or for AMX to whole 64-byte tile rows
+  // (and the row count to whole 16-row tiles).
+  const int64_t m = a.size(0), np = panels * kNR, lane = lane_k(storage_bits);
+  const int64_t ld = amx ? round_up(k, kAmxBytes) : steps * lane, m_rows = amx ? round_up(m, kAmxRows) : m;
 
   std::vector<float> row_scale = padded<float>(w_scale, np);
   for (float& x : row_scale) x = static_cast<float>(a_scale) * x;  // reference: fp32(a_scale) * w_scale
   const std::vector<float> bias_f = bias.has_value() ? padded<float>(*bias, np) : std::vector<float>();
   const std::vector<int32_t> zero = padded<int32_t>(w_zero, np);
-  // AVX2 nibbles read the activations as they are (s8), in place when the rows need no padding; the other
-  // nibble kernels read a + 128 (u8).
-  const bool signed_acts = nibbles && isa == Isa::kAvx2, direct = signed_acts && ld == k;
+  // AVX2 and AMX nibbles read the activations as they are (s8; AVX2 in place when the rows need no padding); the
+  // other nibble kernels read a + 128 (u8).
+  const bool signed_acts = nibbles && (isa == Isa::kAvx2 || amx), direct = signed_acts && !amx && ld == k;
   std::vector<int32_t> col_term(np, 0);
   if (nibbles) {
     const std::vector<int32_t> sums = padded<int32_t>(w_col_sums, np);
@@ -609,7 +682,7 @@ at::Tensor qgemm_prepacked_impl(const at::Tensor& a_in, double a_scale, int64_t 
   // of the lane), a + 128 as u8 (other nibble kernels) or a - a_zero as s16 (int8). Buffers without the zero fill
   // of std::vector (a memset of M x K bytes was ~2% of the engine's time); only the padding of each row is zeroed.
   const int8_t* a8 = a.data_ptr<int8_t>();
-  std::unique_ptr<uint8_t[]> au(nibbles && !direct ? new uint8_t[m * ld] : nullptr);
+  std::unique_ptr<uint8_t[]> au(nibbles && !direct ? new uint8_t[m_rows * ld] : nullptr);
   std::unique_ptr<int16_t[]> as(nibbles ? nullptr : new int16_t[m * ld]);
   std::vector<int32_t> row_sums(m);
   // Read in place, the rows are summed by the thread that runs their tile, just before the tile's first panel
@@ -631,6 +704,7 @@ at::Tensor qgemm_prepacked_impl(const at::Tensor& a_in, double a_scale, int64_t 
       }
     }
   });
+  if (m_rows > m) std::fill(au.get() + m * ld, au.get() + m_rows * ld, uint8_t(0));
 
   Epilogue ep{row_scale.data(), col_term.data(), zero.data(), row_sums.data(),
               bias.has_value() ? bias_f.data() : nullptr, gelu,
@@ -658,28 +732,40 @@ at::Tensor qgemm_prepacked_impl(const at::Tensor& a_in, double a_scale, int64_t 
       }), panel_at(wbytes), 0);
     } else if (signed_acts) {
       const int8_t* sp = direct ? a8 : reinterpret_cast<const int8_t*>(au.get());
-      auto micro = blocks(sp, [&](auto mr, const int8_t* a8r, const uint8_t* w, int32_t* acc) {
-        micro_codes_avx2<decltype(mr)::value>(a8r, ld, w, steps, acc);
-      });
+      // u8 planes of the codes, 64 bytes per quad; AMX reads them 16 quads at a time, so they are padded to that.
+      const int64_t plane_quads = amx ? round_up(steps, kAmxChunkQuads) : steps, plane_bytes = plane_quads * 64;
+      auto unpack = [&](int64_t panel, uint8_t* dst) {
+        unpack_panel_avx2(wbytes + panel * panel_bytes, steps, dst);
+        std::memset(dst + steps * 64, 0, (plane_quads - steps) * 64);
+      };
       // All panels unpacked once per call (a temporary of N x K bytes) when that is at most kPlanesOnceBytes and
       // there are several row tiles; otherwise each tile unpacks each panel into its L1 scratch.
-      const int64_t plane_bytes = steps * 64;
-      if (panels * plane_bytes <= kPlanesOnceBytes && m > kTileRows) {
-        at::Tensor planes = at::empty({panels * plane_bytes}, at::kByte);
-        uint8_t* pp = planes.data_ptr<uint8_t>();
-        at::parallel_for(0, panels, 1, [&](int64_t b, int64_t e) {
-          for (int64_t p = b; p < e; ++p)
-            unpack_panel_avx2(wbytes + p * panel_bytes, steps, pp + p * plane_bytes);
-        });
-        run_tiles(m, panels, ep, isa, micro, [&](int64_t panel, uint8_t*) -> const uint8_t* {
-          return pp + panel * plane_bytes;
-        }, 0, tile_row_sums);
+      auto run_planes = [&](auto micro, auto tile_start, int64_t micro_rows) {
+        if (panels * plane_bytes <= kPlanesOnceBytes && m > kTileRows) {
+          at::Tensor planes = at::empty({panels * plane_bytes}, at::kByte);
+          uint8_t* pp = planes.data_ptr<uint8_t>();
+          at::parallel_for(0, panels, 1, [&](int64_t b, int64_t e) {
+            for (int64_t p = b; p < e; ++p) unpack(p, pp + p * plane_bytes);
+          });
+          run_tiles(m, panels, ep, isa, micro, [&](int64_t panel, uint8_t*) -> const uint8_t* {
+            return pp + panel * plane_bytes;
+          }, 0, tile_start, micro_rows);
+        } else {
+          run_tiles(m, panels, ep, isa, micro, [&](int64_t panel, uint8_t* scratch) -> const uint8_t* {
+            unpack(panel, scratch);
+            return scratch;
+          }, plane_bytes, tile_start, micro_rows);
+        }
+      };
+      if (amx) {
+        const int64_t chunks = plane_quads / kAmxChunkQuads;
+        run_planes([&](int64_t row, int rows, const uint8_t* w, int32_t* acc) {
+          micro_codes_amx_rows(sp + row * ld, ld, rows, w, chunks, acc);
+        }, [](int64_t, int64_t) { amx_configure(); }, kTileRows);
       } else {
-        auto unpack = [&](int64_t panel, uint8_t* scratch) -> const uint8_t* {
-          unpack_panel_avx2(wbytes + panel * panel_bytes, steps, scratch);
-          return scratch;
-        };
-        run_tiles(m, panels, ep, isa, micro, unpack, plane_bytes, tile_row_sums);
+        run_planes(blocks(sp, [&](auto mr, const int8_t* a8r, const uint8_t* w, int32_t* acc) {
+          micro_codes_avx2<decltype(mr)::value>(a8r, ld, w, steps, acc);
+        }), tile_row_sums, kMR);
       }
     } else
 #endif
