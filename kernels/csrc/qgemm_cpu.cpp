@@ -377,7 +377,18 @@ const TileConfig kAmxTileConfig = amx_tile_config();
 // e.g. oneDNN inside torch, may have configured its own between our calls).
 __attribute__((target("amx-tile"))) void amx_configure() { _tile_loadconfig(&kAmxTileConfig); }
 
-template <int G>
+// C tile += A tile (s8) . B tile 6 (u8 codes, or s8 int8 weights). A macro: GCC's tile intrinsics paste the tile
+// numbers into the assembly text, so they must be literals.
+#define DFQVIT_AMX_DOT(c_tile, a_tile) \
+  do {                                 \
+    if constexpr (kSigned)             \
+      _tile_dpbssd(c_tile, a_tile, 6); \
+    else                               \
+      _tile_dpbsud(c_tile, a_tile, 6); \
+  } while (0)
+
+// kSigned: int8 weights (s8 x s8, TDPBSSD) instead of nibble codes (s8 x u8, TDPBSUD).
+template <int G, bool kSigned>
 __attribute__((target("amx-tile,amx-int8"))) void micro_codes_amx(const int8_t* a, int64_t lda,
                                                                   const uint8_t* planes, int64_t chunks,
                                                                   int32_t* acc) {
@@ -388,14 +399,14 @@ __attribute__((target("amx-tile,amx-int8"))) void micro_codes_amx(const int8_t* 
   for (int64_t c = 0; c < chunks; ++c) {
     _tile_loadd(6, planes + c * kAmxChunkQuads * 64, 64);
     _tile_loadd(3, a + c * kAmxBytes, lda);
-    _tile_dpbsud(0, 3, 6);
+    DFQVIT_AMX_DOT(0, 3);
     if constexpr (G > 1) {
       _tile_loadd(4, a + kAmxRows * lda + c * kAmxBytes, lda);
-      _tile_dpbsud(1, 4, 6);
+      DFQVIT_AMX_DOT(1, 4);
     }
     if constexpr (G > 2) {
       _tile_loadd(5, a + 2 * kAmxRows * lda + c * kAmxBytes, lda);
-      _tile_dpbsud(2, 5, 6);
+      DFQVIT_AMX_DOT(2, 5);
     }
   }
   constexpr int64_t stride = kNR * sizeof(int32_t);
@@ -405,12 +416,27 @@ __attribute__((target("amx-tile,amx-int8"))) void micro_codes_amx(const int8_t* 
 }
 
 // rows (<= kTileRows) activation rows from a, in row groups of 16.
+template <bool kSigned>
 void micro_codes_amx_rows(const int8_t* a, int64_t lda, int rows, const uint8_t* planes, int64_t chunks,
                           int32_t* acc) {
   switch ((rows + kAmxRows - 1) / kAmxRows) {
-    case 1: return micro_codes_amx<1>(a, lda, planes, chunks, acc);
-    case 2: return micro_codes_amx<2>(a, lda, planes, chunks, acc);
-    default: return micro_codes_amx<3>(a, lda, planes, chunks, acc);
+    case 1: return micro_codes_amx<1, kSigned>(a, lda, planes, chunks, acc);
+    case 2: return micro_codes_amx<2, kSigned>(a, lda, planes, chunks, acc);
+    default: return micro_codes_amx<3, kSigned>(a, lda, planes, chunks, acc);
+  }
+}
+
+// An int8 panel (pairs of K: byte c*2 + t = W[c, 2p + t]) as AMX planes (quads: byte c*4 + t = W[c, 4q + t]):
+// the 16-bit pairs of steps 2q and 2q + 1 interleaved, then the 128-bit halves put in output order.
+__attribute__((target("avx2"))) void interleave_int8_panel_avx2(const uint8_t* panel, int64_t pairs, uint8_t* out) {
+  for (int64_t q = 0; 2 * q < pairs; ++q) {
+    const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + 2 * q * kStepBytes));
+    const __m256i x1 = 2 * q + 1 < pairs
+        ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + (2 * q + 1) * kStepBytes))
+        : _mm256_setzero_si256();
+    const __m256i lo = _mm256_unpacklo_epi16(x0, x1), hi = _mm256_unpackhi_epi16(x0, x1);  // outputs 0-3|8-11, 4-7|12-15
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + q * 64), _mm256_permute2x128_si256(lo, hi, 0x20));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + q * 64 + 32), _mm256_permute2x128_si256(lo, hi, 0x31));
   }
 }
 #endif
@@ -638,7 +664,7 @@ at::Tensor qgemm_prepacked_impl(const at::Tensor& a_in, double a_scale, int64_t 
               ") for n=", n, ", k=", k, " (native_prepack_weight), got ", panels_in.sizes());
   const Isa isa = active_isa();
   const at::Tensor a = a_in.contiguous(), wp = panels_in.contiguous();
-  const bool nibbles = storage_bits != 8, amx = nibbles && isa == Isa::kAmxInt8;
+  const bool nibbles = storage_bits != 8, amx = isa == Isa::kAmxInt8;
   // Activation rows as the micro-kernels read them: K padded to the lane, or for AMX to whole 64-byte tile rows
   // (and the row count to whole 16-row tiles).
   const int64_t m = a.size(0), np = panels * kNR, lane = lane_k(storage_bits);
@@ -648,11 +674,12 @@ at::Tensor qgemm_prepacked_impl(const at::Tensor& a_in, double a_scale, int64_t 
   for (float& x : row_scale) x = static_cast<float>(a_scale) * x;  // reference: fp32(a_scale) * w_scale
   const std::vector<float> bias_f = bias.has_value() ? padded<float>(*bias, np) : std::vector<float>();
   const std::vector<int32_t> zero = padded<int32_t>(w_zero, np);
-  // AVX2 and AMX nibbles read the activations as they are (s8; AVX2 in place when the rows need no padding); the
-  // other nibble kernels read a + 128 (u8).
-  const bool signed_acts = nibbles && (isa == Isa::kAvx2 || amx), direct = signed_acts && !amx && ld == k;
+  // AMX and AVX2 nibbles read the activations as they are (s8; AVX2 in place when the rows need no padding); the
+  // other nibble kernels read a + 128 (u8), the other int8 ones a - a_zero (s16).
+  const bool signed_acts = (nibbles && isa == Isa::kAvx2) || amx, direct = signed_acts && !amx && ld == k;
+  const bool acts8 = nibbles || amx;  // the activations as bytes (else s16)
   std::vector<int32_t> col_term(np, 0);
-  if (nibbles) {
+  if (acts8) {
     const std::vector<int32_t> sums = padded<int32_t>(w_col_sums, np);
     const int32_t a_offset = static_cast<int32_t>(a_zero) + (signed_acts ? 0 : 128);
     for (int64_t c = 0; c < np; ++c) col_term[c] = a_offset * sums[c];
@@ -686,8 +713,8 @@ at::Tensor qgemm_prepacked_impl(const at::Tensor& a_in, double a_scale, int64_t 
   // of the lane), a + 128 as u8 (other nibble kernels) or a - a_zero as s16 (int8). Buffers without the zero fill
   // of std::vector (a memset of M x K bytes was ~2% of the engine's time); only the padding of each row is zeroed.
   const int8_t* a8 = a.data_ptr<int8_t>();
-  std::unique_ptr<uint8_t[]> au(nibbles && !direct ? new uint8_t[m_rows * ld] : nullptr);
-  std::unique_ptr<int16_t[]> as(nibbles ? nullptr : new int16_t[m * ld]);
+  std::unique_ptr<uint8_t[]> au(acts8 && !direct ? new uint8_t[m_rows * ld] : nullptr);
+  std::unique_ptr<int16_t[]> as(acts8 ? nullptr : new int16_t[m * ld]);
   std::vector<int32_t> row_sums(m);
   // Read in place, the rows are summed by the thread that runs their tile, just before the tile's first panel
   // (the rows come into L1 for the micro-kernel anyway): fc2 (K 768, M 4160) 9-11% faster than a separate pass
@@ -698,7 +725,7 @@ at::Tensor qgemm_prepacked_impl(const at::Tensor& a_in, double a_scale, int64_t 
   };
   if (!direct) at::parallel_for(0, m, 64, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
-      if (nibbles) {
+      if (acts8) {
         uint8_t* dst = au.get() + i * ld;
         row_sums[i] = signed_acts ? copy_row<false>(a8 + i * k, k, dst, isa) : copy_row<true>(a8 + i * k, k, dst, isa);
         std::fill(dst + k, dst + ld, uint8_t(0));
@@ -727,68 +754,68 @@ at::Tensor qgemm_prepacked_impl(const at::Tensor& a_in, double a_scale, int64_t 
   auto panel_at = [&](const auto* base) {  // the identity prep: micro-kernels read the packed panel
     return [=](int64_t panel, uint8_t*) { return base + panel * panel_bytes; };
   };
-  if (nibbles) {
-    const uint8_t* ap = au.get();
 #if DFQVIT_X86
-    if (isa == Isa::kAvx512Vnni) {
-      run_tiles(m, panels, ep, isa, blocks(ap, [&](auto mr, const uint8_t* a8r, const uint8_t* w, int32_t* acc) {
-        micro_nibble_vnni<decltype(mr)::value>(a8r, ld, w, steps, acc);
-      }), panel_at(wbytes), 0);
-    } else if (signed_acts) {
-      const int8_t* sp = direct ? a8 : reinterpret_cast<const int8_t*>(au.get());
-      // u8 planes of the codes, 64 bytes per quad; AMX reads them 16 quads at a time, so they are padded to that.
-      const int64_t plane_quads = amx ? round_up(steps, kAmxChunkQuads) : steps, plane_bytes = plane_quads * 64;
-      auto unpack = [&](int64_t panel, uint8_t* dst) {
+  if (signed_acts) {
+    const int8_t* sp = direct ? a8 : reinterpret_cast<const int8_t*>(au.get());
+    // Planes: the weights as these kernels read them, 64 bytes per quad of K (16 outputs x 4 positions): nibble
+    // codes as u8, or int8 weights regrouped from pairs. AMX reads them 16 quads at a time: padded to that (zeros).
+    const int64_t quads = (k + 3) / 4, plane_quads = amx ? round_up(quads, kAmxChunkQuads) : quads;
+    const int64_t plane_bytes = plane_quads * 64;
+    auto unpack = [&](int64_t panel, uint8_t* dst) {
+      if (nibbles)
         unpack_panel_avx2(wbytes + panel * panel_bytes, steps, dst);
-        std::memset(dst + steps * 64, 0, (plane_quads - steps) * 64);
-      };
-      // All panels unpacked once per call (a temporary of N x K bytes) when that is at most kPlanesOnceBytes(Amx)
-      // and there are several row tiles; otherwise each tile unpacks each panel into its L1 scratch.
-      auto run_planes = [&](auto micro, auto tile_start, int64_t micro_rows) {
-        if (panels * plane_bytes <= (amx ? kPlanesOnceBytesAmx : kPlanesOnceBytes) && m > kTileRows) {
-          at::Tensor planes = at::empty({panels * plane_bytes}, at::kByte);
-          uint8_t* pp = planes.data_ptr<uint8_t>();
-          at::parallel_for(0, panels, 1, [&](int64_t b, int64_t e) {
-            for (int64_t p = b; p < e; ++p) unpack(p, pp + p * plane_bytes);
-          });
-          run_tiles(m, panels, ep, isa, micro, [&](int64_t panel, uint8_t*) -> const uint8_t* {
-            return pp + panel * plane_bytes;
-          }, 0, tile_start, micro_rows);
-        } else {
-          run_tiles(m, panels, ep, isa, micro, [&](int64_t panel, uint8_t* scratch) -> const uint8_t* {
-            unpack(panel, scratch);
-            return scratch;
-          }, plane_bytes, tile_start, micro_rows);
-        }
-      };
-      if (amx) {
-        const int64_t chunks = plane_quads / kAmxChunkQuads;
-        run_planes([&](int64_t row, int rows, const uint8_t* w, int32_t* acc) {
-          micro_codes_amx_rows(sp + row * ld, ld, rows, w, chunks, acc);
-        }, [](int64_t, int64_t) { amx_configure(); }, kTileRows);
+      else
+        interleave_int8_panel_avx2(wbytes + panel * panel_bytes, steps, dst);
+      std::memset(dst + quads * 64, 0, (plane_quads - quads) * 64);
+    };
+    // All panels unpacked once per call (a temporary of N x K bytes) when that is at most kPlanesOnceBytes(Amx)
+    // and there are several row tiles; otherwise each tile unpacks each panel into its L1 scratch.
+    auto run_planes = [&](auto micro, auto tile_start, int64_t micro_rows) {
+      if (panels * plane_bytes <= (amx ? kPlanesOnceBytesAmx : kPlanesOnceBytes) && m > kTileRows) {
+        at::Tensor planes = at::empty({panels * plane_bytes}, at::kByte);
+        uint8_t* pp = planes.data_ptr<uint8_t>();
+        at::parallel_for(0, panels, 1, [&](int64_t b, int64_t e) {
+          for (int64_t p = b; p < e; ++p) unpack(p, pp + p * plane_bytes);
+        });
+        run_tiles(m, panels, ep, isa, micro, [&](int64_t panel, uint8_t*) -> const uint8_t* {
+          return pp + panel * plane_bytes;
+        }, 0, tile_start, micro_rows);
       } else {
-        run_planes(blocks(sp, [&](auto mr, const int8_t* a8r, const uint8_t* w, int32_t* acc) {
-          micro_codes_avx2<decltype(mr)::value>(a8r, ld, w, steps, acc);
-        }), tile_row_sums, kMR);
+        run_tiles(m, panels, ep, isa, micro, [&](int64_t panel, uint8_t* scratch) -> const uint8_t* {
+          unpack(panel, scratch);
+          return scratch;
+        }, plane_bytes, tile_start, micro_rows);
       }
-    } else
+    };
+    if (amx) {
+      const int64_t chunks = plane_quads / kAmxChunkQuads;
+      const auto micro_amx = nibbles ? &micro_codes_amx_rows<false> : &micro_codes_amx_rows<true>;
+      run_planes([&](int64_t row, int rows, const uint8_t* w, int32_t* acc) {
+        micro_amx(sp + row * ld, ld, rows, w, chunks, acc);
+      }, [](int64_t, int64_t) { amx_configure(); }, kTileRows);
+    } else {
+      run_planes(blocks(sp, [&](auto mr, const int8_t* a8r, const uint8_t* w, int32_t* acc) {
+        micro_codes_avx2<decltype(mr)::value>(a8r, ld, w, steps, acc);
+      }), tile_row_sums, kMR);
+    }
+  } else if (nibbles && isa == Isa::kAvx512Vnni) {
+    run_tiles(m, panels, ep, isa, blocks(au.get(), [&](auto mr, const uint8_t* a8r, const uint8_t* w, int32_t* acc) {
+      micro_nibble_vnni<decltype(mr)::value>(a8r, ld, w, steps, acc);
+    }), panel_at(wbytes), 0);
+  } else if (!nibbles && isa != Isa::kScalar) {
+    run_tiles(m, panels, ep, isa, blocks(as.get(), [&](auto mr, const int16_t* a16r, const int8_t* w, int32_t* acc) {
+      micro_int8_avx2<decltype(mr)::value>(a16r, ld, w, steps, acc);
+    }), panel_at(reinterpret_cast<const int8_t*>(wbytes)), 0);
+  } else
 #endif
-      run_tiles(m, panels, ep, isa, blocks(ap, [&](auto mr, const uint8_t* a8r, const uint8_t* w, int32_t* acc) {
-        micro_nibble_scalar(a8r, ld, decltype(mr)::value, w, steps, acc);
-      }), panel_at(wbytes), 0);
+  if (nibbles) {
+    run_tiles(m, panels, ep, isa, blocks(au.get(), [&](auto mr, const uint8_t* a8r, const uint8_t* w, int32_t* acc) {
+      micro_nibble_scalar(a8r, ld, decltype(mr)::value, w, steps, acc);
+    }), panel_at(wbytes), 0);
   } else {
-    const int16_t* ap = as.get();
-    const int8_t* w8 = reinterpret_cast<const int8_t*>(wbytes);
-#if DFQVIT_X86
-    if (isa != Isa::kScalar) {
-      run_tiles(m, panels, ep, isa, blocks(ap, [&](auto mr, const int16_t* a16r, const int8_t* w, int32_t* acc) {
-        micro_int8_avx2<decltype(mr)::value>(a16r, ld, w, steps, acc);
-      }), panel_at(w8), 0);
-    } else
-#endif
-      run_tiles(m, panels, ep, isa, blocks(ap, [&](auto mr, const int16_t* a16r, const int8_t* w, int32_t* acc) {
-        micro_int8_scalar(a16r, ld, decltype(mr)::value, w, steps, acc);
-      }), panel_at(w8), 0);
+    run_tiles(m, panels, ep, isa, blocks(as.get(), [&](auto mr, const int16_t* a16r, const int8_t* w, int32_t* acc) {
+      micro_int8_scalar(a16r, ld, decltype(mr)::value, w, steps, acc);
+    }), panel_at(reinterpret_cast<const int8_t*>(wbytes)), 0);
   }
   if (requant || out_dtype == at::kFloat) return out;
   return out.to(out_dtype);  // fp16 / bf16: the reference's y.to(out_dtype), round to nearest even
