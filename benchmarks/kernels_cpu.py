@@ -8,6 +8,9 @@
 3. The whole model at batch 64 on the CIFAR reference ViT: fp32 timm, PyTorch dynamic int8 quantization
    (``torch.ao.quantization.quantize_dynamic``), the dfqvit engine at W4A8 with the native backend and with
    the PyTorch reference backend; images/s and weight bytes of the Linear layers.
+4. The instruction sets side by side: the same native GEMMs (W4A8, W8A8; DeiT-S shapes at batch 8) and the whole
+   CIFAR engine (W4A8, W8A8) under every ISA this CPU runs (avx2, avx512_vnni, amx_int8; forced per call),
+   interleaved in one set of rounds.
 
 Timings are medians of interleaved repetitions (each provider once per round, so load changes hit all
 alike) after two warm-up calls, on ``torch.get_num_threads()`` threads. From the command line, glibc's malloc
@@ -129,6 +132,73 @@ def attention_row(rounds: int) -> dict:
     return row
 
 
+def isa_ladder() -> list[str]:
+    """The vector ISAs this CPU runs, lowest first (the scalar kernels are left out: they exist for correctness)."""
+    ladder = ["avx2", "avx512_vnni", "amx_int8"]
+    detected = native.detected_isa()
+    return ladder[: ladder.index(detected) + 1] if detected in ladder else []
+
+
+def _under(isa: str, fn):
+    """fn run with the native kernels forced to isa (the ISA is restored after the call)."""
+    def call():
+        previous = native.set_isa(isa)
+        try:
+            return fn()
+        finally:
+            native.set_isa(previous)
+    return call
+
+
+def isa_rows(engine_batch: int, gemm_rounds: int, engine_rounds: int) -> dict:
+    """Per case, the median ms under each ISA of isa_ladder() (interleaved rounds) and the speed-up over avx2."""
+    import dfqvit
+    from dfqvit.engine import build_engine
+    from dfqvit.models.loading import load_model
+
+    isas = isa_ladder()
+    if len(isas) < 2:
+        return {"isas": isas, "skipped": "this CPU runs one vector ISA: nothing to compare"}
+    gen = torch.Generator().manual_seed(3)
+    cases = []  # (name, {isa: fn}, rounds)
+    dim, mlp, tokens = SHAPES["deit_s"]
+    m = 8 * tokens
+    for bits in (4, 8):
+        for layer, (n, k) in linear_layers(dim, mlp).items():
+            a = torch.randint(-128, 128, (m, k), generator=gen).to(torch.int8)
+            low = -128 if bits == 8 else 0  # int8 storage holds signed codes
+            codes = torch.randint(low, low + 2 ** bits, (n, k), generator=gen)
+            w = pack_weight(codes.to(torch.int8 if bits == 8 else torch.uint8), torch.rand(n, generator=gen),
+                            torch.randint(low, low + 2 ** bits, (n,), generator=gen).int(), bits)
+            panels = native.prepack(w.data, bits, k, w.group_k)
+            fn = (lambda a=a, w=w, panels=panels, n=n, k=k, bits=bits: native.qgemm_prepacked(
+                a, 0.02, 3, panels, n, w.w_scale, w.w_zero, w.w_col_sums, None, None, bits, k, False, None, 0, 0, 0,
+                torch.float32))
+            cases.append((f"gemm W{bits}A8 deit_s b8 {layer} (M {m}, N {n}, K {k})", fn, gemm_rounds))
+    if CIFAR_MODEL.exists():
+        model, _ = load_model(str(CIFAR_MODEL))
+        model.eval()
+        calib = torch.randn(32, 3, 32, 32, generator=gen)
+        x = torch.randn(engine_batch, 3, 32, 32, generator=gen)
+        for bits in ((4, 8), (8, 8)):
+            qmodel = dfqvit.compile(model, bits=bits, calib=calib, recon=None, correction=None, progress=False)
+            engine = build_engine(qmodel, backend="native")
+            cases.append((f"engine W{bits[0]}A{bits[1]} cifar_vit b{engine_batch}", lambda e=engine: e(x),
+                          engine_rounds))
+    rows = []
+    with torch.no_grad():
+        for name, fn, rounds in cases:
+            results = {isa: _under(isa, fn)() for isa in isas}
+            same = all(torch.equal(results[isa], results[isas[0]]) for isa in isas)
+            med = interleaved_medians({isa: _under(isa, fn) for isa in isas}, rounds)
+            row = {"case": name, "rounds": rounds, "ms": {i: v * 1e3 for i, v in med.items()},
+                   "speedup_vs_avx2": {i: med["avx2"] / v for i, v in med.items()}, "bit_identical": same}
+            rows.append(row)
+            print(f"  {name:48s} " + "  ".join(f"{i} {row['ms'][i]:8.2f} ms ({row['speedup_vs_avx2'][i]:.2f}x)"
+                                               for i in isas) + ("" if same else "  OUTPUTS DIFFER"))
+    return {"isas": isas, "rows": rows}
+
+
 def linear_weight_bytes(module: torch.nn.Module) -> int:
     return sum(m.weight.numel() * m.weight.element_size() for m in module.modules() if isinstance(m, torch.nn.Linear))
 
@@ -211,6 +281,14 @@ def markdown(report: dict) -> str:
         wb = e["linear_weight_bytes"]
         lines += ["", f"Linear weight bytes: fp32 {wb['fp32']}, W4A8 panels {wb['dfqvit_w4a8_native']} "
                       f"({wb['ratio_vs_fp32']:.3f}x)."]
+    comparison = report.get("isa_comparison", {})
+    if comparison.get("rows"):
+        isas = comparison["isas"]
+        lines += ["", "Instruction sets, same calls interleaved (ms, x = speed-up over avx2):", "",
+                  "| case | " + " | ".join(isas) + " | outputs identical |", "|---|" + "---|" * (len(isas) + 1)]
+        for r in comparison["rows"]:
+            lines.append(f"| {r['case']} | " + " | ".join(f"{r['ms'][i]:.2f} ({r['speedup_vs_avx2'][i]:.2f}x)"
+                                                         for i in isas) + f" | {r['bit_identical']} |")
     a = report["attention"]
     lines += ["", "Attention (B 64, 3 heads, N 65, d 64): " + ", ".join(f"{p} {ms:.2f} ms" for p, ms in a["ms"].items())]
     lines += ["", "Targets: " + json.dumps(report["targets"])]
@@ -235,6 +313,8 @@ def run(out_dir: str, engine_batch: int = 64, quick: bool = False, steady_malloc
     report["attention"] = attention_row(rounds=3 if quick else 20)
     print(f"whole model (CIFAR reference ViT, batch {engine_batch}):")
     report["engine"] = engine_rows(engine_batch, rounds=2 if quick else 15)
+    print("instruction sets side by side:")
+    report["isa_comparison"] = isa_rows(engine_batch, gemm_rounds=3 if quick else 30, engine_rounds=2 if quick else 10)
     report["targets"] = targets(report["gemm"], report["engine"])
     print("targets:", json.dumps(report["targets"], indent=1))
     out = Path(out_dir)

@@ -17,6 +17,7 @@ def test_cpu_benchmark_writes_json_and_markdown(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(BENCH))
     import kernels_cpu
     monkeypatch.setattr(kernels_cpu, "GEMM_CASES", [("cifar_vit", 1)])
+    monkeypatch.setitem(kernels_cpu.SHAPES, "deit_s", (64, 128, 9))  # the ISA comparison's GEMMs, made small
     assert kernels_cpu.run(str(tmp_path), engine_batch=2, quick=True) == 0
     (report_path,) = tmp_path.glob("kernels_cpu_*.json")
     report = json.loads(report_path.read_text())
@@ -27,5 +28,12 @@ def test_cpu_benchmark_writes_json_and_markdown(tmp_path, monkeypatch):
     if "ms" in report["engine"]:  # the CIFAR reference model is present
         assert report["engine"]["linear_weight_bytes"]["ratio_vs_fp32"] < 0.25
         assert "engine_meets_target" in report["targets"]
+    comparison = report["isa_comparison"]
+    assert comparison["isas"] == kernels_cpu.isa_ladder()
+    if len(comparison["isas"]) > 1:  # the same calls under every ISA: same outputs, a time for each
+        assert len(comparison["rows"]) >= 8
+        for row in comparison["rows"]:
+            assert row["bit_identical"] and set(row["ms"]) == set(comparison["isas"])
+            assert row["speedup_vs_avx2"]["avx2"] == 1.0
     assert (tmp_path / (report_path.stem + ".md")).read_text().startswith("# Native CPU backend")
     sys.modules.pop("kernels_cpu", None)
