@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Build the native CPU backend (dfqvit._C) on this host and run its bit-exactness tests for every ISA the CPU
-# has: on an AVX2-only host the 71 AVX-512 VNNI tests skip. The VNNI GEMM kernel (micro_nibble_vnni) first ran on
-# hardware on 2026-12-01 (an AMD EPYC VM with avx512_vnni: 252 passed, results/native_isa_check_20261201_vnni/).
+# has: on an AVX2-only host the 71 AVX-512 VNNI and 71 AMX-INT8 tests skip. The VNNI GEMM kernel
+# (micro_nibble_vnni) first ran on hardware on 2026-12-01 (an AMD EPYC VM with avx512_vnni: 252 passed,
+# results/native_isa_check_20261201_vnni/), the AMX one (micro_codes_amx) on 2026-12-02 (a Xeon VM with amx_int8:
+# 323 passed, results/native_isa_check_20261202_amx/).
 #   OUT=/path/for/results bash benchmarks/native_isa_check.sh        (about 2 min; the log lands in $OUT)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +13,7 @@ LOG="$OUT/native_isa_check.log"
 {
   echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-)  cores: $(nproc)"
   echo "avx512_vnni: $(grep -q -w avx512_vnni /proc/cpuinfo && echo yes || echo no)"
+  echo "amx_int8: $(grep -q -w amx_int8 /proc/cpuinfo && echo yes || echo no)"
   if ! python3 -c "import cmake, ninja" 2>/dev/null && ! { command -v cmake && command -v ninja; } >/dev/null; then
     echo "cmake / ninja missing: pip install cmake ninja, then run this again"; exit 1
   fi
