@@ -307,7 +307,8 @@ def test_engine_native_backend_equals_torch_backend(name, bits):
                             progress=False)
     x = torch.randn(6, 3, 32, 32, generator=GEN)
     native_engine, torch_engine = build_engine(qmodel, backend="native"), build_engine(qmodel, backend="torch")
-    assert native_engine.backend == "native" and "backend=native" in repr(native_engine)
+    from dfqvit.kernels import native
+    assert native_engine.backend == "native" and f"backend=native (isa={native.isa()})" in repr(native_engine)
     with torch.no_grad():
         assert torch.equal(native_engine(x), torch_engine(x))
     if bits[1] != 16 and bits[0] <= 4:

@@ -221,6 +221,10 @@ class QuantizedViT(nn.Module):
             log2_on_triton = self.backend == "triton" and c.softmax_quantizer == SoftmaxQuantizer.LOG2
             math = resolve_softmax_math(torch.device(self.device)) if log2_on_triton else "exact"
             softmax = f", softmax_math={math}"
-        return (f"family={self.family}, W{c.w_bits}A{a}{softmax}, backend={self.backend}, device={self.device}, "
+        backend = self.backend
+        if backend == "native":  # which vector ISA its kernels run (DFQVIT_NATIVE_ISA / native.set_isa change it)
+            from dfqvit.kernels import native
+            backend = f"native (isa={native.isa()})"
+        return (f"family={self.family}, W{c.w_bits}A{a}{softmax}, backend={backend}, device={self.device}, "
                 f"dtype={self.dtype}, cuda_graphs={graphs}, weight_bytes={self.weight_nbytes()}, "
                 f"float_layers={list(self.float_layers)}")
