@@ -239,9 +239,11 @@ def test_direct_entry_points_without_the_extension(monkeypatch):
 # --- attention ------------------------------------------------------------------------------------------
 
 ATTN_SHAPES = [(2, 3, 65, 16), (1, 2, 17, 24), (1, 1, 197, 64), (3, 1, 1, 8), (2, 1, 16, 32), (1, 2, 9, 13),
-               (1, 1, 77, 8), (1, 1, 90, 8), (1, 1, 100, 8)]
+               (1, 1, 77, 8), (1, 1, 90, 8), (1, 1, 100, 8), (1, 2, 128, 64), (2, 1, 130, 80), (1, 1, 65, 64)]
 # 16 keys: no padding keys; d 13: the 4-column and scalar P.V tails; 65, 77, 90 keys: QK^T in one block of 9, 10,
-# 12 vectors; 100 and 197: blocks of 8 vectors, then 5 and 9
+# 12 vectors; 100 and 197: blocks of 8 vectors, then 5 and 9. AMX P.V (d >= 64; 128+ keys, or 65 keys at 3-4 bits):
+# 128 keys in two whole 64-key chunks, 130 and 197 with a short last chunk, d 80 in column groups of 4 and 1 tiles,
+# 197 = 12 blocks of 16 query rows and one of 5.
 
 
 @pytest.mark.parametrize("b,h,n,d", ATTN_SHAPES)
@@ -255,6 +257,21 @@ def test_native_log2_attention_is_bit_exact(isa, b, h, n, d, p_bits):
     expected = reference.attention_log2_reference(*args, 0.8, p_bits, out_dtype)
     assert torch.equal(native.attention(*args, native.P_MODE_LOG2, 0.8, 0, p_bits, out_dtype), expected)
     assert torch.equal(torch.ops.dfqvit.attention_log2(*args, 0.8, p_bits, out_dtype), expected)
+
+
+def test_native_attention_bias_mask_and_v_zero_on_the_amx_pv_shapes(isa):
+    """The AMX P.V adds v_zero * sum_j W_j apart from the raw-V planes: a large V zero point, with Swin's bias and
+    mask, at shapes that take it (d 64, 130 keys; 65 keys at 4 bits) and, on other ISAs, the float64 path."""
+    from kernel_utils import random_int8
+    from dfqvit.kernels import native
+    for n, p_bits in [(130, 8), (65, 4)]:
+        h, d = 2, 64
+        q, k, v = (random_int8((2, h, n, d), GEN) for _ in range(3))
+        bias = torch.randn(h, n, n, generator=GEN)
+        mask = torch.where(torch.rand(2, n, n, generator=GEN) < 0.3, -100.0, 0.0)
+        args = (q, k, v, 0.03, 3, 0.025, -5, 0.05, -100, d ** -0.5, bias, mask)
+        expected = reference.attention_log2_reference(*args, 0.9, p_bits, torch.float32)
+        assert torch.equal(native.attention(*args, native.P_MODE_LOG2, 0.9, 0, p_bits, torch.float32), expected)
 
 
 @pytest.mark.parametrize("layout", ["tokens", "d_strided"])

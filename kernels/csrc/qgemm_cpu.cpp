@@ -34,6 +34,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "amx.h"
 #include "cpu_isa.h"
 #include "layernorm.h"
 #include "packing.h"
@@ -48,8 +49,8 @@ constexpr int kNR = 16;          // outputs per panel
 constexpr int kMR = 4;           // rows per micro-kernel call
 constexpr int kStepBytes = 32;   // bytes per panel step (a quad of K for nibbles, a pair for int8)
 constexpr int64_t kTileRows = 48;
-// AMX tiles: 16 rows of 64 bytes (16 quads of K per B tile).
-constexpr int kAmxRows = 16, kAmxBytes = 64, kAmxChunkQuads = kAmxBytes / 4;
+// AMX tiles (amx.h): 16 rows of 64 bytes, 16 quads of K per B tile.
+constexpr int kAmxChunkQuads = kAmxBytes / 4;
 // Unpacked weights up to this size are unpacked once per GEMM call instead of once per row tile. A/B on the 2-core
 // Zen 3 VM: the CIFAR layer shapes (planes 37-147 KB) 4-17% faster (M 520 and 4160, every epilogue), the DeiT-S ones
 // (147-590 KB, read back from L2/L3 by each tile) ~4% on average. Larger weights keep the per-tile unpack: their
@@ -355,28 +356,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void micro_nibble_vnni(co
 // panel; per 64 K positions one B load feeds G TDPBSUD (s8 x u8, 16 x 16 x 64 products each). The activations are
 // copied with K padded to a multiple of 64 and rows to 16 (zeros), the planes padded to 16 quads (zeros), so every
 // tile load is whole; rows past M give sums nobody reads. Same sums as micro_codes_avx2, so the same epilogue.
-struct alignas(64) TileConfig {
-  uint8_t palette_id = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-TileConfig amx_tile_config() {
-  TileConfig cfg;
-  for (int t = 0; t < 7; ++t) {
-    cfg.colsb[t] = kAmxBytes;
-    cfg.rows[t] = kAmxRows;
-  }
-  return cfg;
-}
-// In static storage: GCC 12 models ldtilecfg as reading only part of its operand and dropped the stores of a stack
-// copy's shapes (the instruction then faulted).
-const TileConfig kAmxTileConfig = amx_tile_config();
-
-// Tile shapes are per thread: loaded at the start of each row tile by the thread that runs it (another library,
-// e.g. oneDNN inside torch, may have configured its own between our calls).
-__attribute__((target("amx-tile"))) void amx_configure() { _tile_loadconfig(&kAmxTileConfig); }
-
+// (Tile numbers: C 0-2, A 3-5, B 6.)
 // C tile += A tile (s8) . B tile 6 (u8 codes, or s8 int8 weights). A macro: GCC's tile intrinsics paste the tile
 // numbers into the assembly text, so they must be literals.
 #define DFQVIT_AMX_DOT(c_tile, a_tile) \
