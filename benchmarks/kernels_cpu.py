@@ -11,6 +11,8 @@
 4. The instruction sets side by side: the same native GEMMs (W4A8, W8A8; DeiT-S shapes at batch 8) and the whole
    CIFAR engine (W4A8, W8A8) under every ISA this CPU runs (avx2, avx512_vnni, amx_int8; forced per call),
    interleaved in one set of rounds.
+5. (Not with ``--quick``.) A whole DeiT-S at 224 px, batch 8, random weights (timm ``pretrained=False``; speed does
+   not depend on them): fp32 timm against the W4A8 engine under each ISA.
 
 Timings are medians of interleaved repetitions (each provider once per round, so load changes hit all
 alike) after two warm-up calls, on ``torch.get_num_threads()`` threads. From the command line, glibc's malloc
@@ -199,6 +201,34 @@ def isa_rows(engine_batch: int, gemm_rounds: int, engine_rounds: int) -> dict:
     return {"isas": isas, "rows": rows}
 
 
+def deit_engine_row(batch: int, rounds: int) -> dict:
+    """fp32 timm DeiT-S (random weights) and the native W4A8 engine of it under each ISA, interleaved."""
+    import timm
+    import dfqvit
+    from dfqvit.engine import build_engine
+
+    torch.manual_seed(0)
+    model = timm.create_model("deit_small_patch16_224", pretrained=False).eval()
+    gen = torch.Generator().manual_seed(4)
+    calib, x = torch.randn(4, 3, 224, 224, generator=gen), torch.randn(batch, 3, 224, 224, generator=gen)
+    qmodel = dfqvit.compile(model, bits=(4, 8), calib=calib, recon=None, correction=None, progress=False)
+    engine = build_engine(qmodel, backend="native")
+    fns = {"fp32_timm": lambda: model(x), **{f"dfqvit_w4a8_{isa}": _under(isa, lambda: engine(x))
+                                             for isa in isa_ladder()}}
+    with torch.no_grad():
+        outs = [fn() for name, fn in fns.items() if name != "fp32_timm"]
+        same = all(torch.equal(o, outs[0]) for o in outs)
+        med = interleaved_medians(fns, rounds)
+    row = {"model": "deit_small_patch16_224 (random weights)", "batch": batch, "rounds": rounds,
+           "ms": {p: v * 1e3 for p, v in med.items()}, "images_per_s": {p: batch / v for p, v in med.items()},
+           "speedup_vs_fp32": {p: med["fp32_timm"] / v for p, v in med.items() if p != "fp32_timm"},
+           "engine_outputs_identical_across_isas": same}
+    for p in fns:
+        print(f"  {p:24s} {row['ms'][p]:8.1f} ms  {row['images_per_s'][p]:6.1f} img/s"
+              + (f"  ({row['speedup_vs_fp32'][p]:.2f}x fp32)" if p != "fp32_timm" else ""))
+    return row
+
+
 def linear_weight_bytes(module: torch.nn.Module) -> int:
     return sum(m.weight.numel() * m.weight.element_size() for m in module.modules() if isinstance(m, torch.nn.Linear))
 
@@ -289,6 +319,13 @@ def markdown(report: dict) -> str:
         for r in comparison["rows"]:
             lines.append(f"| {r['case']} | " + " | ".join(f"{r['ms'][i]:.2f} ({r['speedup_vs_avx2'][i]:.2f}x)"
                                                          for i in isas) + f" | {r['bit_identical']} |")
+    deit = report.get("deit_engine")
+    if deit:
+        lines += ["", f"Whole DeiT-S, 224 px, batch {deit['batch']}, random weights ({deit['rounds']} rounds; engine "
+                      f"outputs identical across ISAs: {deit['engine_outputs_identical_across_isas']}):", "",
+                  "| provider | ms | images/s | x fp32 |", "|---|---|---|---|"]
+        for p, ms in deit["ms"].items():
+            lines.append(f"| {p} | {ms:.1f} | {deit['images_per_s'][p]:.1f} | {deit['speedup_vs_fp32'].get(p, 1.0):.2f} |")
     a = report["attention"]
     lines += ["", "Attention (B 64, 3 heads, N 65, d 64): " + ", ".join(f"{p} {ms:.2f} ms" for p, ms in a["ms"].items())]
     lines += ["", "Targets: " + json.dumps(report["targets"])]
@@ -315,6 +352,9 @@ def run(out_dir: str, engine_batch: int = 64, quick: bool = False, steady_malloc
     report["engine"] = engine_rows(engine_batch, rounds=2 if quick else 15)
     print("instruction sets side by side:")
     report["isa_comparison"] = isa_rows(engine_batch, gemm_rounds=3 if quick else 30, engine_rounds=2 if quick else 10)
+    if not quick:
+        print("whole DeiT-S (random weights, 224 px, batch 8):")
+        report["deit_engine"] = deit_engine_row(batch=8, rounds=7)
     report["targets"] = targets(report["gemm"], report["engine"])
     print("targets:", json.dumps(report["targets"], indent=1))
     out = Path(out_dir)
