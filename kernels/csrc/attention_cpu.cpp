@@ -26,7 +26,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <type_traits>
 #include <vector>
 
 #include "amx.h"
@@ -304,8 +303,8 @@ void exact_pv_rows(const double* w, int64_t ldw, int rows, const int32_t* v, int
 }
 
 // One (batch, head) into the row buffers: Q rows centred in int16 (q16 + i * 2 * pairs), V rows centred in
-// int32 (vd + i * d), K transposed into int16 pairs (kpairs[(x / 2) * ld * 2 + i * 2 + x % 2]). Strides in
-// elements; padding entries are left as they are (zero).
+// int32 (vd + i * d; skipped when vd is null: the AMX P.V reads V itself, pack_v_amx), K transposed into int16
+// pairs (kpairs[(x / 2) * ld * 2 + i * 2 + x % 2]). Strides in elements; padding entries are left as they are (zero).
 struct HeadView {
   const int8_t *q, *k, *v;
   int64_t q_row, q_col, k_row, k_col, v_row, v_col;  // strides between tokens and along d
@@ -317,7 +316,8 @@ void load_head_scalar(const HeadView& h, int64_t n, int64_t d, int64_t pairs, in
   for (int64_t i = 0; i < n; ++i) {
     const int8_t *qi = h.q + i * h.q_row, *vi = h.v + i * h.v_row, *ki = h.k + i * h.k_row;
     for (int64_t x = 0; x < d; ++x) q16[i * 2 * pairs + x] = static_cast<int16_t>(qi[x * h.q_col] - h.q_zero);
-    for (int64_t x = 0; x < d; ++x) vd[i * d + x] = vi[x * h.v_col] - h.v_zero;
+    if (vd)
+      for (int64_t x = 0; x < d; ++x) vd[i * d + x] = vi[x * h.v_col] - h.v_zero;
     for (int64_t x = 0; x < d; ++x)
       kpairs[(x / 2) * ld * 2 + i * 2 + x % 2] = static_cast<int16_t>(ki[x * h.k_col] - h.k_zero);
   }
@@ -354,13 +354,14 @@ __attribute__((target("avx2"))) void load_head_avx2(const HeadView& h, int64_t n
   for (int64_t i = 0; i < n; ++i) {
     const int8_t *qi = h.q + i * h.q_row, *vi = h.v + i * h.v_row;
     int16_t* qr = q16 + i * 2 * pairs;
-    int32_t* vr = vd + i * d;
     int64_t x = 0;
     for (; x < d16; x += 16) {
       const __m256i q = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qi + x)));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(qr + x), _mm256_sub_epi16(q, qz));
     }
     for (; x < d; ++x) qr[x] = static_cast<int16_t>(qi[x] - h.q_zero);
+    if (!vd) continue;
+    int32_t* vr = vd + i * d;
     for (x = 0; x < d8; x += 8) {
       const __m256i v = _mm256_sub_epi32(
           _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(vi + x))), vz);
@@ -616,6 +617,10 @@ __attribute__((target("avx2,avx512f"))) void pv_rows_amx(AmxPvScratch& x, int ro
                                                           float* result) {
   const int64_t quads = n_keys / 4, chunks = n_keys / kAmxBytes, groups = d / 16;
   const bool tail = n_keys % kAmxBytes != 0;
+  using PlaneFn = void (*)(const uint8_t*, int64_t, const int8_t*, int64_t, int64_t, int32_t*, int64_t);
+  static constexpr PlaneFn pv_plane[2][4] = {  // [short last chunk][column groups - 1]
+      {&pv_plane_amx<1, false>, &pv_plane_amx<2, false>, &pv_plane_amx<3, false>, &pv_plane_amx<4, false>},
+      {&pv_plane_amx<1, true>, &pv_plane_amx<2, true>, &pv_plane_amx<3, true>, &pv_plane_amx<4, true>}};
   int64_t weight_sum[kMaxRows] = {};  // sum_j W_j per row, from the planes' byte sums
   for (int p = 0; p < planes; ++p) {
     weight_plane_avx2(x.ecode.data(), kMaxRows * n_keys, p, x.plane.data());
@@ -623,15 +628,7 @@ __attribute__((target("avx2,avx512f"))) void pv_rows_amx(AmxPvScratch& x, int ro
     for (int64_t g0 = 0; g0 < groups; g0 += 4) {
       const int8_t* vb = x.vb.data() + g0 * quads * 64;
       int32_t* acc = x.acc.data() + p * kMaxRows * d + g0 * 16;
-      const auto plane_fn = [&](auto group_count) {
-        constexpr int G = decltype(group_count)::value;
-        return tail ? &pv_plane_amx<G, true> : &pv_plane_amx<G, false>;
-      };
-      const auto fn = std::min<int64_t>(4, groups - g0) == 4 ? plane_fn(std::integral_constant<int, 4>{})
-                    : groups - g0 == 3 ? plane_fn(std::integral_constant<int, 3>{})
-                    : groups - g0 == 2 ? plane_fn(std::integral_constant<int, 2>{})
-                                       : plane_fn(std::integral_constant<int, 1>{});
-      fn(x.plane.data(), n_keys, vb, quads * 64, chunks, acc, d);
+      pv_plane[tail][std::min<int64_t>(4, groups - g0) - 1](x.plane.data(), n_keys, vb, quads * 64, chunks, acc, d);
     }
   }
   const __m256 va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b);
@@ -710,7 +707,7 @@ at::Tensor native_attention(const at::Tensor& q, const at::Tensor& k, const at::
     std::vector<int16_t> q16(n * 2 * pairs, 0), kpairs(pairs * ld * 2, 0);
     std::vector<int32_t> s32(kMaxRows * ld);
     std::vector<float> t(kMaxRows * ld), e(kMaxRows * ld), result(kMaxRows * d);
-    std::vector<int32_t> vd(n * d);
+    std::vector<int32_t> vd(amx_pv ? 0 : n * d);  // centred V for the float64 P.V
     std::vector<double> w(kPvRows * ld), partial(kPvRows * d);
     std::vector<int64_t> totals(kPvRows * d);
 #if DFQVIT_X86
@@ -727,7 +724,7 @@ at::Tensor native_attention(const at::Tensor& q, const at::Tensor& k, const at::
       const HeadView view{qp + b * qs[0] + h * qs[1], kp + b * ks[0] + h * ks[1], vp + b * vs[0] + h * vs[1],
                           qs[2], qs[3], ks[2], ks[3], vs[2], vs[3], static_cast<int32_t>(q_zero),
                           static_cast<int32_t>(k_zero), static_cast<int32_t>(v_zero)};
-      load_head(view, n, d, pairs, ld, q16.data(), kpairs.data(), vd.data(), isa);
+      load_head(view, n, d, pairs, ld, q16.data(), kpairs.data(), amx_pv ? nullptr : vd.data(), isa);
 #if DFQVIT_X86
       if (amx_pv) {
         pack_v_amx(view, n, d, n_keys, amx.vb.data());

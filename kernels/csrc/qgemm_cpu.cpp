@@ -660,10 +660,10 @@ at::Tensor qgemm_prepacked_impl(const at::Tensor& a_in, double a_scale, int64_t 
   for (float& x : row_scale) x = static_cast<float>(a_scale) * x;  // reference: fp32(a_scale) * w_scale
   const std::vector<float> bias_f = bias.has_value() ? padded<float>(*bias, np) : std::vector<float>();
   const std::vector<int32_t> zero = padded<int32_t>(w_zero, np);
-  // AMX and AVX2 nibbles read the activations as they are (s8); the other nibble kernels read a + 128 (u8), the
-  // other int8 ones a - a_zero (s16).
-  // In place when the rows need no padding (AMX: K a multiple of 64). AMX in place against the padded copy (in-process
-  // A/B, 2-core Xeon): GEMMs 1.02-1.30x, the CIFAR engine 1.05-1.06x.
+  // AMX (nibbles and int8 weights) and AVX2 nibbles read the activations as they are (s8), in place when the rows
+  // need no padding (AMX: K a multiple of 64; in-process A/B against a padded copy on the 2-core Xeon: GEMMs
+  // 1.02-1.30x, the CIFAR engine 1.05-1.06x). The VNNI and scalar nibble kernels read a + 128 (u8), the other int8
+  // ones a - a_zero (s16).
   const bool signed_acts = (nibbles && isa == Isa::kAvx2) || amx, direct = signed_acts && ld == k;
   const bool acts8 = nibbles || amx;  // the activations as bytes (else s16)
   std::vector<int32_t> col_term(np, 0);
