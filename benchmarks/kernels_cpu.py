@@ -86,6 +86,15 @@ def gemm_rounds(m: int, n: int, k: int, shape_seconds: float, min_rounds: int, m
     return max(min_rounds, min(max_rounds, int(shape_seconds / (m * n * k / 5e10))))
 
 
+def random_prepacked(bits: int, n: int, k: int, gen: torch.Generator):
+    """A random (n, k) weight packed at ``bits`` and its CPU panels (speed does not depend on the values)."""
+    low = -128 if bits == 8 else 0  # int8 storage holds signed codes
+    codes = torch.randint(low, low + 2 ** bits, (n, k), generator=gen)
+    packed = pack_weight(codes.to(torch.int8 if bits == 8 else torch.uint8), torch.rand(n, generator=gen),
+                         torch.randint(low, low + 2 ** bits, (n,), generator=gen).int(), bits)
+    return packed, native.prepack(packed.data, bits, k, packed.group_k)
+
+
 def gemm_rows(shape_seconds: float, min_rounds: int, max_rounds: int) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
     rows = []
@@ -97,9 +106,7 @@ def gemm_rows(shape_seconds: float, min_rounds: int, max_rounds: int) -> list[di
             a = torch.randint(-128, 128, (m, k), generator=gen).to(torch.int8)
             fns = {"fp32_linear": lambda: F.linear(x, w, bias)}
             for bits in (4, 3):
-                packed = pack_weight(torch.randint(0, 2 ** bits, (n, k), generator=gen), torch.rand(n, generator=gen),
-                                     torch.randint(0, 2 ** bits, (n,), generator=gen).int(), bits)
-                panels = native.prepack(packed.data, bits, k, packed.group_k)
+                packed, panels = random_prepacked(bits, n, k, gen)
                 args = (a, 0.02, 3, panels, n, packed.w_scale, packed.w_zero, packed.w_col_sums, bias, None, bits, k,
                         False)
                 fns[f"w{bits}a8_f32out"] = lambda args=args: native.qgemm_prepacked(*args, None, 0, 0, 0, torch.float32)
@@ -168,11 +175,7 @@ def isa_rows(engine_batch: int, gemm_rounds: int, engine_rounds: int) -> dict:
     for bits in (4, 8):
         for layer, (n, k) in linear_layers(dim, mlp).items():
             a = torch.randint(-128, 128, (m, k), generator=gen).to(torch.int8)
-            low = -128 if bits == 8 else 0  # int8 storage holds signed codes
-            codes = torch.randint(low, low + 2 ** bits, (n, k), generator=gen)
-            w = pack_weight(codes.to(torch.int8 if bits == 8 else torch.uint8), torch.rand(n, generator=gen),
-                            torch.randint(low, low + 2 ** bits, (n,), generator=gen).int(), bits)
-            panels = native.prepack(w.data, bits, k, w.group_k)
+            w, panels = random_prepacked(bits, n, k, gen)
             fn = (lambda a=a, w=w, panels=panels, n=n, k=k, bits=bits: native.qgemm_prepacked(
                 a, 0.02, 3, panels, n, w.w_scale, w.w_zero, w.w_col_sums, None, None, bits, k, False, None, 0, 0, 0,
                 torch.float32))
