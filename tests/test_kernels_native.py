@@ -39,7 +39,8 @@ def test_native_packing_rejects_bad_arguments():
 # portable_math), so every comparison below is torch.equal, for every ISA this CPU runs.
 
 GEN = torch.Generator().manual_seed(5)
-GEMM_SHAPES = [(1, 3, 5), (7, 19, 17), (33, 48, 100), (66, 37, 129), (130, 16, 64), (5, 100, 3), (96, 20, 128)]
+GEMM_SHAPES = [(1, 3, 5), (7, 19, 17), (33, 48, 100), (66, 37, 129), (130, 16, 64), (5, 100, 3), (96, 20, 128),
+               (9, 21, 18)]
 # AMX reads the activations in place for K 64 and 128: 130 rows end inside a 16-row group (last tile from a padded
 # copy), 96 rows do not.
 

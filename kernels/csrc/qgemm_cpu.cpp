@@ -10,15 +10,19 @@
 //       int3 codes are stored in nibbles too (0.5 byte per weight on the CPU).
 //   int8: 16 outputs per panel, 32 bytes per pair of K positions: byte c*2 + t = W[16p + c, 2q + t].
 // Codes are stored raw (not minus the zero point); the zero points enter through sums:
-//   nibble, VNNI / scalar: sum (a - az)(W - wz) = sum (a + 128) W - wz[n] * sum_k (a + 128) - (128 + az) * colsum[n]
-//   nibble, AVX2:          sum (a - az)(W - wz) = sum a W         - wz[n] * sum_k a         - az * colsum[n]
-//   int8:                  sum (a - az)(W - wz) = sum (a - az) W  - wz[n] * sum_k (a - az)
-// (colsum[n] = sum_k (W - wz).) Micro-kernels compute 4 rows x 16 outputs of int32 sums:
-//   AVX-512 VNNI: vpdpbusd (u8 a + 128 x s8 codes, 4 products per lane) on 16 outputs;
-//   AVX2: the panels unpacked to u8 planes of the codes (once per call, or per row tile for large weights),
-//         vpmaddubsw of codes (u8) x activations (s8, read in place when K is a multiple of 4) -> s16 pairs;
-//         eight of them stay within 2**15, then vpmaddwd with ones -> s32. int8 weights: sign-extend to s16,
-//         vpmaddwd;
+//   nibble, scalar:          sum (a - az)(W - wz) = sum (a + 128) W - wz[n] * sum_k (a + 128) - (128 + az) * colsum[n]
+//   nibble, AVX2 / VNNI / AMX: sum (a - az)(W - wz) = sum a W       - wz[n] * sum_k a         - az * colsum[n]
+//   int8, VNNI:              sum (a - az)(W - wz) = sum a (W + 128) - (wz[n] + 128) * sum_k a - az * colsum[n]
+//   int8, AMX:               as the AVX2 nibbles (s8 x s8)
+//   int8, AVX2 / scalar:     sum (a - az)(W - wz) = sum (a - az) W  - wz[n] * sum_k (a - az)
+// (colsum[n] = sum_k (W - wz).) Micro-kernels compute rows x 16 outputs of int32 sums:
+//   AVX2 (4 rows): the panels unpacked to u8 planes of the codes (once per call, or per row tile for large
+//         weights), vpmaddubsw of codes (u8) x activations (s8, read in place when K is a multiple of 4) -> s16
+//         pairs; eight of them stay within 2**15, then vpmaddwd with ones -> s32. int8 weights: sign-extend to
+//         s16, vpmaddwd;
+//   AVX-512 VNNI: the same u8 planes (int8 weights: regrouped to quads, + 128), vpdpbusd of planes (u8)
+//         x activations (s8, broadcast from memory by the instruction) -> s32, 12 rows per call;
+//   AMX-INT8 (a 48-row tile): the same planes (int8 weights regrouped, s8) as B tiles, TDPBSUD / TDPBSSD;
 //   scalar: the same sums in plain C++.
 // Output tiles run in parallel on torch's OpenMP pool (at::parallel_for, torch.set_num_threads); the epilogue
 // runs on the accumulators right after each micro-kernel, in the reference's fp32 order.
@@ -60,6 +64,10 @@ constexpr int64_t kPlanesOnceBytes = int64_t(1) << 20;
 // to this size. A/B in one process on the Xeon with AMX (planes above 1 MB: ViT-B shapes): fc1 / fc2 at M 1576
 // 1.17x / 1.16x, qkv at M 197 1.27x, fc1 at M 12608 1.31x; fc2 at M 197 0.92x.
 constexpr int64_t kPlanesOnceBytesAmx = int64_t(64) << 20;
+// VNNI unpacks larger weights once per call too when there are at least this many rows. In-process A/B on the
+// 2-core Zen 5 VM, ViT-B shapes (planes 1.8-2.4 MB), once per call against once per row tile: M 1576 and 12608
+// 1.03-1.13x; M 788 0.98-1.12x; M 394 0.92-1.02x; M 197 0.77-1.08x.
+constexpr int64_t kPlanesOnceRowsVnni = 1024;
 // Largest per-thread staging block of a residual GEMM's fp32 output tile (run_tiles): N up to 1365.
 constexpr int64_t kStagingBytes = int64_t(256) << 10;
 
@@ -337,21 +345,52 @@ __attribute__((target("avx2"))) void micro_codes_avx2(const int8_t* a, int64_t l
   }
 }
 
+// acc += vpdpbusd(w, the 4 bytes at a broadcast to every lane). Written out: around the intrinsic GCC 12 copied
+// every accumulator twice per iteration (16 register moves per 8 vpdpbusd) and did not fold the broadcast.
+__attribute__((target("avx512f,avx512vnni"))) inline __m512i dpbusd_broadcast(__m512i acc, __m512i w,
+                                                                               const int8_t* a) {
+  asm("vpdpbusd %1%{1to16%}, %2, %0" : "+v"(acc) : "m"(*reinterpret_cast<const int32_t*>(a)), "v"(w));
+  return acc;
+}
+
+// Row r's accumulator s<r>, when the kernel has that many rows. Named variables, not an array: the asm's memory
+// operand may alias an array of __m512i (a may_alias type), so GCC stored the whole array before every vpdpbusd.
+#define DFQVIT_VNNI_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11) X(12) X(13) X(14) X(15)
+#define DFQVIT_VNNI_ZERO(r) __m512i s##r = _mm512_setzero_si512();
+#define DFQVIT_VNNI_DOT(r) if constexpr (MR > r) s##r = dpbusd_broadcast(s##r, w, a + r * lda + 4 * q);
+#define DFQVIT_VNNI_STORE(r) if constexpr (MR > r) _mm512_storeu_si512(acc + r * kNR, s##r);
+
+// AVX-512 VNNI: the planes as the unsigned operand of vpdpbusd (nibble codes, or int8 weights + 128: u8), each
+// row's quad of activations (s8, as they are, read in place like AVX2's) as the signed one, broadcast from memory
+// by the instruction itself ({1to16}). Per quad: one 64-byte plane load, then one vpdpbusd per row (4 products
+// per lane, exact in int32: |sum| <= 255 * 128 * K). MR (<= 16) rows share each plane load.
 template <int MR>
-__attribute__((target("avx512f,avx512bw,avx512vnni"))) void micro_nibble_vnni(const uint8_t* a, int64_t lda,
-                                                                              const uint8_t* panel, int64_t quads,
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void micro_planes_vnni(const int8_t* a, int64_t lda,
+                                                                              const uint8_t* planes, int64_t quads,
                                                                               int32_t* acc) {
-  __m512i sum[MR];
-  for (int r = 0; r < MR; ++r) sum[r] = _mm512_setzero_si512();
-  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  static_assert(MR >= 1 && MR <= 16, "16 accumulators at most");
+  DFQVIT_VNNI_ROWS(DFQVIT_VNNI_ZERO)
   for (int64_t q = 0; q < quads; ++q) {
-    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + q * kStepBytes));
-    const __m256i lo = _mm256_and_si256(x, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), nibble);
-    const __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);  // outputs 0..7 | 8..15
-    for (int r = 0; r < MR; ++r)
-      sum[r] = _mm512_dpbusd_epi32(sum[r], _mm512_set1_epi32(load_i32(a + r * lda + 4 * q)), w);
+    const __m512i w = _mm512_loadu_si512(planes + q * 64);
+    DFQVIT_VNNI_ROWS(DFQVIT_VNNI_DOT)
   }
-  for (int r = 0; r < MR; ++r) _mm512_storeu_si512(acc + r * kNR, sum[r]);
+  DFQVIT_VNNI_ROWS(DFQVIT_VNNI_STORE)
+}
+#undef DFQVIT_VNNI_ROWS
+#undef DFQVIT_VNNI_ZERO
+#undef DFQVIT_VNNI_DOT
+#undef DFQVIT_VNNI_STORE
+
+// Rows per VNNI micro-kernel call. In-process A/B on the 2-core Zen 5 VM (DeiT-S b8 and CIFAR shapes, W4A8 and
+// W8A8): 12 rows 0.98-1.04x of 8, 4 rows 0.66-0.89x, 16 rows 0.87-0.92x.
+constexpr int kVnniMR = 12;
+
+// rows (<= MR) rows of a at once.
+template <int MR = kVnniMR>
+void micro_planes_vnni_rows(const int8_t* a, int64_t lda, int rows, const uint8_t* planes, int64_t quads,
+                            int32_t* acc) {
+  if (rows == MR) return micro_planes_vnni<MR>(a, lda, planes, quads, acc);
+  if constexpr (MR > 1) micro_planes_vnni_rows<MR - 1>(a, lda, rows, planes, quads, acc);
 }
 
 // AMX-INT8 nibble path (Sapphire Rapids and later). Every tile is 16 rows x 64 bytes: C tiles 0..2 (int32 sums of
@@ -412,17 +451,22 @@ void micro_codes_amx_rows(const int8_t* a, int64_t lda, int rows, const uint8_t*
   }
 }
 
-// An int8 panel (pairs of K: byte c*2 + t = W[c, 2p + t]) as AMX planes (quads: byte c*4 + t = W[c, 4q + t]):
-// the 16-bit pairs of steps 2q and 2q + 1 interleaved, then the 128-bit halves put in output order.
+// An int8 panel (pairs of K: byte c*2 + t = W[c, 2p + t]) as planes (quads: byte c*4 + t = W[c, 4q + t]): the
+// 16-bit pairs of steps 2q and 2q + 1 interleaved, then the 128-bit halves put in output order. kPlus128: the
+// weights + 128 as u8 (VNNI's unsigned operand; the epilogue's zero point is then w_zero + 128), else s8 (AMX).
+template <bool kPlus128>
 __attribute__((target("avx2"))) void interleave_int8_panel_avx2(const uint8_t* panel, int64_t pairs, uint8_t* out) {
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(kPlus128 ? 0x80 : 0));
   for (int64_t q = 0; 2 * q < pairs; ++q) {
     const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + 2 * q * kStepBytes));
     const __m256i x1 = 2 * q + 1 < pairs
         ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + (2 * q + 1) * kStepBytes))
         : _mm256_setzero_si256();
     const __m256i lo = _mm256_unpacklo_epi16(x0, x1), hi = _mm256_unpackhi_epi16(x0, x1);  // outputs 0-3|8-11, 4-7|12-15
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + q * 64), _mm256_permute2x128_si256(lo, hi, 0x20));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + q * 64 + 32), _mm256_permute2x128_si256(lo, hi, 0x31));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + q * 64),
+                        _mm256_xor_si256(_mm256_permute2x128_si256(lo, hi, 0x20), flip));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + q * 64 + 32),
+                        _mm256_xor_si256(_mm256_permute2x128_si256(lo, hi, 0x31), flip));
   }
 }
 #endif
@@ -465,8 +509,8 @@ at::Tensor native_prepack_weight(const at::Tensor& w_in, int64_t storage_bits, i
 // Activation rows
 // ---------------------------------------------------------------------------------------------------
 
-// The activation rows as the nibble kernels read them, with their sums: a + 128 as u8 (kPlus128: VNNI and scalar
-// kernels) or a as it is (AVX2). dst[j] for j < k (no copy when dst is null); returns sum_j dst[j].
+// The activation rows as the nibble kernels read them, with their sums: a + 128 as u8 (kPlus128: the scalar nibble
+// kernel) or a as it is (the plane kernels). dst[j] for j < k (no copy when dst is null); returns sum_j dst[j].
 #if DFQVIT_X86
 template <bool kPlus128>
 __attribute__((target("avx2"))) int64_t copy_row_avx2(const int8_t* src, int64_t k, uint8_t* dst, int64_t* total) {
@@ -650,22 +694,27 @@ at::Tensor qgemm_prepacked_impl(const at::Tensor& a_in, double a_scale, int64_t 
               ") for n=", n, ", k=", k, " (native_prepack_weight), got ", panels_in.sizes());
   const Isa isa = active_isa();
   const at::Tensor a = a_in.contiguous(), wp = panels_in.contiguous();
-  const bool nibbles = storage_bits != 8, amx = isa == Isa::kAmxInt8;
-  // Activation rows as the micro-kernels read them: K padded to the lane, or for AMX to whole 64-byte tile rows
-  // (and the row count to whole 16-row tiles).
-  const int64_t m = a.size(0), np = panels * kNR, lane = lane_k(storage_bits);
-  const int64_t ld = amx ? round_up(k, kAmxBytes) : steps * lane, m_rows = amx ? round_up(m, kAmxRows) : m;
+  const bool nibbles = storage_bits != 8, amx = isa == Isa::kAmxInt8, vnni = isa == Isa::kAvx512Vnni;
+  // AMX, VNNI and AVX2 nibbles read the activations as they are (s8) against planes of the weights (plane kernels);
+  // in place when the rows need no padding (AMX: K a multiple of 64; in-process A/B against a padded copy on the
+  // 2-core Xeon: GEMMs 1.02-1.30x, the CIFAR engine 1.05-1.06x). The scalar nibble kernel reads a + 128 (u8), the
+  // other int8 ones a - a_zero (s16).
+  const bool signed_acts = (nibbles && isa == Isa::kAvx2) || vnni || amx;
+  const bool acts8 = nibbles || signed_acts;  // the activations as bytes (else s16)
+  // Activation rows as the micro-kernels read them: K padded to whole quads (bytes) or pairs (s16), or for AMX to
+  // whole 64-byte tile rows (and the row count to whole 16-row tiles).
+  const int64_t m = a.size(0), np = panels * kNR;
+  const int64_t ld = amx ? round_up(k, kAmxBytes) : acts8 ? round_up(k, 4) : steps * lane_k(storage_bits);
+  const int64_t m_rows = amx ? round_up(m, kAmxRows) : m;
+  const bool direct = signed_acts && ld == k;
 
   std::vector<float> row_scale = padded<float>(w_scale, np);
   for (float& x : row_scale) x = static_cast<float>(a_scale) * x;  // reference: fp32(a_scale) * w_scale
   const std::vector<float> bias_f = bias.has_value() ? padded<float>(*bias, np) : std::vector<float>();
-  const std::vector<int32_t> zero = padded<int32_t>(w_zero, np);
-  // AMX (nibbles and int8 weights) and AVX2 nibbles read the activations as they are (s8), in place when the rows
-  // need no padding (AMX: K a multiple of 64; in-process A/B against a padded copy on the 2-core Xeon: GEMMs
-  // 1.02-1.30x, the CIFAR engine 1.05-1.06x). The VNNI and scalar nibble kernels read a + 128 (u8), the other int8
-  // ones a - a_zero (s16).
-  const bool signed_acts = (nibbles && isa == Isa::kAvx2) || amx, direct = signed_acts && ld == k;
-  const bool acts8 = nibbles || amx;  // the activations as bytes (else s16)
+  // VNNI's int8 planes hold W + 128: sum a (W + 128) - (w_zero + 128) sum a = sum a (W - w_zero).
+  std::vector<int32_t> zero = padded<int32_t>(w_zero, np);
+  if (vnni && !nibbles)
+    for (int32_t& z : zero) z += 128;
   std::vector<int32_t> col_term(np, 0);
   if (acts8) {
     const std::vector<int32_t> sums = padded<int32_t>(w_col_sums, np);
@@ -758,14 +807,19 @@ at::Tensor qgemm_prepacked_impl(const at::Tensor& a_in, double a_scale, int64_t 
     auto unpack = [&](int64_t panel, uint8_t* dst) {
       if (nibbles)
         unpack_panel_avx2(wbytes + panel * panel_bytes, steps, dst);
+      else if (vnni)
+        interleave_int8_panel_avx2<true>(wbytes + panel * panel_bytes, steps, dst);
       else
-        interleave_int8_panel_avx2(wbytes + panel * panel_bytes, steps, dst);
+        interleave_int8_panel_avx2<false>(wbytes + panel * panel_bytes, steps, dst);
       std::memset(dst + quads * 64, 0, (plane_quads - quads) * 64);
     };
-    // All panels unpacked once per call (a temporary of N x K bytes) when that is at most kPlanesOnceBytes(Amx)
-    // and there are several row tiles; otherwise each tile unpacks each panel into its L1 scratch.
+    // All panels unpacked once per call (a temporary of N x K bytes) when that is at most kPlanesOnceBytes (AMX,
+    // and VNNI with at least kPlanesOnceRowsVnni rows: up to kPlanesOnceBytesAmx) and there are several row tiles;
+    // otherwise each tile unpacks each panel into its L1 scratch.
     auto run_planes = [&](auto micro, auto tile_start, int64_t micro_rows) {
-      if (panels * plane_bytes <= (amx ? kPlanesOnceBytesAmx : kPlanesOnceBytes) && m > kTileRows) {
+      const bool once = panels * plane_bytes <= (amx ? kPlanesOnceBytesAmx : kPlanesOnceBytes) ||
+                        (vnni && m >= kPlanesOnceRowsVnni && panels * plane_bytes <= kPlanesOnceBytesAmx);
+      if (once && m > kTileRows) {
         at::Tensor planes = at::empty({panels * plane_bytes}, at::kByte);
         uint8_t* pp = planes.data_ptr<uint8_t>();
         at::parallel_for(0, panels, 1, [&](int64_t b, int64_t e) {
@@ -791,15 +845,15 @@ at::Tensor qgemm_prepacked_impl(const at::Tensor& a_in, double a_scale, int64_t 
         amx_configure();
         tile_row_sums(m0, m1);
       }, kTileRows);
+    } else if (vnni) {
+      run_planes([&](int64_t row, int rows, const uint8_t* w, int32_t* acc) {
+        micro_planes_vnni_rows(sp + row * ld, ld, rows, w, quads, acc);
+      }, tile_row_sums, kVnniMR);
     } else {
       run_planes(blocks(sp, [&](auto mr, const int8_t* a8r, const uint8_t* w, int32_t* acc) {
         micro_codes_avx2<decltype(mr)::value>(a8r, ld, w, steps, acc);
       }), tile_row_sums, kMR);
     }
-  } else if (nibbles && isa == Isa::kAvx512Vnni) {
-    run_tiles(m, panels, ep, isa, blocks(au.get(), [&](auto mr, const uint8_t* a8r, const uint8_t* w, int32_t* acc) {
-      micro_nibble_vnni<decltype(mr)::value>(a8r, ld, w, steps, acc);
-    }), panel_at(wbytes), 0);
   } else if (!nibbles && isa != Isa::kScalar) {
     run_tiles(m, panels, ep, isa, blocks(as.get(), [&](auto mr, const int16_t* a16r, const int8_t* w, int32_t* acc) {
       micro_int8_avx2<decltype(mr)::value>(a16r, ld, w, steps, acc);
