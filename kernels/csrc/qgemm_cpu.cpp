@@ -105,9 +105,11 @@ struct Epilogue {
   // With norm: each finished row tile of the fp32 output (residual added) is also LayerNorm-quantized while it
   // is in cache (native_qgemm_prepacked_norm).
   const NormOutput* norm = nullptr;
-  // GELU on 16 lanes (pm::gelu_inplace_avx512) where the ISA has AVX-512. In-process A/B on the 2-core Xeon (fc1,
-  // bias + GELU + int8 out): AMX 1.15-1.23x the GEMM, VNNI 1.03-1.04x; the CIFAR engine on AMX 1.07x (W4A8).
-  bool gelu_avx512 = false;
+  // The ISA has AVX-512 (the VNNI and AMX rungs): the epilogue on 16 lanes (epilogue_avx512_impl; in-process A/B
+  // on the 2-core Zen 5 VM, CIFAR and DeiT-S layer shapes: the GEMM 1.01-1.07x with fp32 out, 1.06-1.19x with int8
+  // out, GELU included), GELU too (pm::gelu_inplace_avx512; A/B on the 2-core Xeon, fc1 with bias + GELU + int8
+  // out: AMX 1.15-1.23x the GEMM, VNNI 1.03-1.04x).
+  bool avx512 = false;
 };
 
 inline void store_scalar(const Epilogue& ep, int32_t acc, int64_t m, int64_t col) {
@@ -131,10 +133,55 @@ void epilogue_scalar(const Epilogue& ep, const int32_t* acc, int64_t m, int rows
 }
 
 #if DFQVIT_X86
-// The epilogue of one block (rows x 8 columns at a time) without its GELU: the pre-activation from the
+// The epilogue's vector operations at two widths: 8 lanes (AVX2) and 16 (AVX-512: one panel row per vector). The
+// same operations per lane, so the same bits. Plain inline, not always_inline: GCC would check always_inline
+// against the target of the generic epilogue_block (none) and refuse; it inlines them once epilogue_block sits in
+// a function with the target (no calls remain in the binary). The AVX2 instantiation has no AVX-512 code.
+struct Lanes8 {
+  using F = __m256;
+  using I = __m256i;
+  static constexpr int kLanes = 8;
+#define DFQVIT_L8 __attribute__((target("avx2"))) static inline
+  DFQVIT_L8 I load_i(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  DFQVIT_L8 F load(const float* p) { return _mm256_loadu_ps(p); }
+  DFQVIT_L8 void store(float* p, F y) { _mm256_storeu_ps(p, y); }
+  DFQVIT_L8 F pre_activation(I acc, I w_zero, int32_t row_sum, I col_term, F scale) {
+    const I exact = _mm256_sub_epi32(_mm256_sub_epi32(acc, _mm256_mullo_epi32(w_zero, _mm256_set1_epi32(row_sum))),
+                                     col_term);
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(exact), scale);
+  }
+  DFQVIT_L8 F add(F a, F b) { return _mm256_add_ps(a, b); }
+  DFQVIT_L8 void quantize(F y, F scale, F zero, F qmin, F qmax, int8_t* q) { quantize8_avx2(y, scale, zero, qmin, qmax, q); }
+#undef DFQVIT_L8
+};
+
+struct Lanes16 {
+  using F = __m512;
+  using I = __m512i;
+  static constexpr int kLanes = 16;
+#define DFQVIT_L16 __attribute__((target("avx512f"))) static inline
+  DFQVIT_L16 I load_i(const int32_t* p) { return _mm512_loadu_si512(p); }
+  DFQVIT_L16 F load(const float* p) { return _mm512_loadu_ps(p); }
+  DFQVIT_L16 void store(float* p, F y) { _mm512_storeu_ps(p, y); }
+  DFQVIT_L16 F pre_activation(I acc, I w_zero, int32_t row_sum, I col_term, F scale) {
+    const I exact = _mm512_sub_epi32(_mm512_sub_epi32(acc, _mm512_mullo_epi32(w_zero, _mm512_set1_epi32(row_sum))),
+                                     col_term);
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(exact), scale);
+  }
+  DFQVIT_L16 F add(F a, F b) { return _mm512_add_ps(a, b); }
+  // quantize8_avx2 on 16 lanes: vrndscaleps to nearest even, then vpmovsdb (values already within [-128, 127]).
+  DFQVIT_L16 void quantize(F y, F scale, F zero, F qmin, F qmax, int8_t* q) {
+    F v = _mm512_roundscale_ps(_mm512_div_ps(y, scale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    v = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(v, zero), qmin), qmax);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v)));
+  }
+#undef DFQVIT_L16
+};
+
+// The epilogue of one block (rows x L::kLanes columns at a time) without its GELU: the pre-activation from the
 // accumulators, and the residual + output step. Locals, not ep.*: the int8 stores may alias anything, which
 // would force a reload of every field.
-template <bool kBias, bool kResidual, bool kRequant>
+template <class L, bool kBias, bool kResidual, bool kRequant>
 struct BlockEpilogue {
   const float* __restrict row_scale;
   const int32_t* __restrict col_term;
@@ -159,71 +206,91 @@ struct BlockEpilogue {
         out_zero(kRequant ? ep.out_zero + col0 : nullptr), qmin(kRequant ? ep.out_qmin + col0 : nullptr),
         qmax(kRequant ? ep.out_qmax + col0 : nullptr) {}
 
-  __attribute__((target("avx2"), always_inline)) __m256 pre_activation(const int32_t* acc, int r, int c) const {
-    __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + r * kNR + c));
-    a = _mm256_sub_epi32(a, _mm256_mullo_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w_zero + c)),
-                                               _mm256_set1_epi32(row_sums[r])));
-    a = _mm256_sub_epi32(a, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(col_term + c)));
-    const __m256 y = _mm256_mul_ps(_mm256_cvtepi32_ps(a), _mm256_loadu_ps(row_scale + c));
-    return kBias ? _mm256_add_ps(y, _mm256_loadu_ps(bias + c)) : y;
+  __attribute__((always_inline)) typename L::F pre_activation(const int32_t* acc, int r, int c) const {
+    const typename L::F y = L::pre_activation(L::load_i(acc + r * kNR + c), L::load_i(w_zero + c), row_sums[r],
+                                              L::load_i(col_term + c), L::load(row_scale + c));
+    return kBias ? L::add(y, L::load(bias + c)) : y;
   }
 
-  __attribute__((target("avx2"), always_inline)) void store(__m256 y, int r, int c) const {
-    if (kResidual) y = _mm256_add_ps(y, _mm256_loadu_ps(residual + r * ld_residual + c));
-    if (!kRequant) return _mm256_storeu_ps(out_f32 + r * n + c, y);
-    quantize8_avx2(y, _mm256_loadu_ps(out_scale + c), _mm256_loadu_ps(out_zero + c), _mm256_loadu_ps(qmin + c),
-                   _mm256_loadu_ps(qmax + c), out_i8 + r * n + c);
+  __attribute__((always_inline)) void store(typename L::F y, int r, int c) const {
+    if (kResidual) y = L::add(y, L::load(residual + r * ld_residual + c));
+    if (!kRequant) return L::store(out_f32 + r * n + c, y);
+    L::quantize(y, L::load(out_scale + c), L::load(out_zero + c), L::load(qmin + c), L::load(qmax + c),
+                out_i8 + r * n + c);
   }
 };
 
 // One instantiation per epilogue shape: no run-time branches and few live registers in the loop. With GELU: the
-// block's pre-activations first, GELU over all of them (pm::gelu_inplace_avx2, in short passes), then residual and
-// output. A/B on the fc1 shape (M 4160, N 768, K 192, int8 out) against GELU per vector inside the loop: GELU's
-// cost in the GEMM roughly halved.
-template <bool kBias, bool kGelu, bool kResidual, bool kRequant>
-__attribute__((target("avx2"))) void epilogue_avx2_impl(const Epilogue& ep, const int32_t* acc, int64_t m, int rows,
-                                                        int64_t col0, int width) {
-  const BlockEpilogue<kBias, kResidual, kRequant> block(ep, m, col0);
-  const int full = width / 8 * 8;
+// block's pre-activations first, GELU over all of them (pm::gelu_inplace_avx2 / _avx512, in short passes), then
+// residual and output. A/B on the fc1 shape (M 4160, N 768, K 192, int8 out) against GELU per vector inside the
+// loop: GELU's cost in the GEMM roughly halved. Columns past the last whole vector: the scalar form.
+template <class L, bool kBias, bool kGelu, bool kResidual, bool kRequant>
+__attribute__((always_inline)) inline void epilogue_block(const Epilogue& ep, const int32_t* acc, int64_t m, int rows,
+                                                          int64_t col0, int width) {
+  constexpr int kL = L::kLanes;
+  const BlockEpilogue<L, kBias, kResidual, kRequant> block(ep, m, col0);
+  const int full = width / kL * kL;
   if (kGelu) {
-    alignas(32) float y[kTileRows * kNR];
+    alignas(64) float y[kTileRows * kNR];
     for (int r = 0; r < rows; ++r)
-      for (int c = 0; c < full; c += 8) _mm256_store_ps(y + r * full + c, block.pre_activation(acc, r, c));
-    const int64_t count = int64_t(rows) * full, wide = ep.gelu_avx512 ? count / 16 * 16 : 0;
+      for (int c = 0; c < full; c += kL) L::store(y + r * full + c, block.pre_activation(acc, r, c));
+    const int64_t count = int64_t(rows) * full, wide = ep.avx512 ? count / 16 * 16 : 0;
     if (wide) pm::gelu_inplace_avx512(y, wide);
     if (wide < count) pm::gelu_inplace_avx2(y + wide, count - wide);
     for (int r = 0; r < rows; ++r)
-      for (int c = 0; c < full; c += 8) block.store(_mm256_load_ps(y + r * full + c), r, c);
+      for (int c = 0; c < full; c += kL) block.store(L::load(y + r * full + c), r, c);
   } else {
     for (int r = 0; r < rows; ++r)
-      for (int c = 0; c < full; c += 8) block.store(block.pre_activation(acc, r, c), r, c);
+      for (int c = 0; c < full; c += kL) block.store(block.pre_activation(acc, r, c), r, c);
   }
   if (full < width)
     for (int r = 0; r < rows; ++r)
       for (int c = full; c < width; ++c) store_scalar(ep, acc[r * kNR + c], m + r, col0 + c);
 }
 
+template <bool kBias, bool kGelu, bool kResidual, bool kRequant>
+__attribute__((target("avx2"))) void epilogue_avx2_impl(const Epilogue& ep, const int32_t* acc, int64_t m, int rows,
+                                                        int64_t col0, int width) {
+  epilogue_block<Lanes8, kBias, kGelu, kResidual, kRequant>(ep, acc, m, rows, col0, width);
+}
+
+// AVX-512 CPUs (the VNNI and AMX rungs): a whole panel row per vector; a narrower last panel on 8 lanes.
+template <bool kBias, bool kGelu, bool kResidual, bool kRequant>
+__attribute__((target("avx2,avx512f,avx512bw"))) void epilogue_avx512_impl(const Epilogue& ep, const int32_t* acc,
+                                                                           int64_t m, int rows, int64_t col0,
+                                                                           int width) {
+  if (width == kNR) return epilogue_block<Lanes16, kBias, kGelu, kResidual, kRequant>(ep, acc, m, rows, col0, width);
+  epilogue_block<Lanes8, kBias, kGelu, kResidual, kRequant>(ep, acc, m, rows, col0, width);
+}
+
 using EpilogueFn = void (*)(const Epilogue&, const int32_t*, int64_t, int, int64_t, int);
 
 template <bool kBias, bool kGelu, bool kResidual>
-EpilogueFn pick_requant(bool requant) {
+EpilogueFn pick_requant(bool requant, bool wide) {
+  if (wide)
+    return requant ? &epilogue_avx512_impl<kBias, kGelu, kResidual, true>
+                   : &epilogue_avx512_impl<kBias, kGelu, kResidual, false>;
   return requant ? &epilogue_avx2_impl<kBias, kGelu, kResidual, true>
                  : &epilogue_avx2_impl<kBias, kGelu, kResidual, false>;
 }
 
 template <bool kBias, bool kGelu>
-EpilogueFn pick_residual(bool residual, bool requant) {
-  return residual ? pick_requant<kBias, kGelu, true>(requant) : pick_requant<kBias, kGelu, false>(requant);
+EpilogueFn pick_residual(bool residual, bool requant, bool wide) {
+  return residual ? pick_requant<kBias, kGelu, true>(requant, wide)
+                  : pick_requant<kBias, kGelu, false>(requant, wide);
 }
 
 template <bool kBias>
-EpilogueFn pick_gelu(bool gelu, bool residual, bool requant) {
-  return gelu ? pick_residual<kBias, true>(residual, requant) : pick_residual<kBias, false>(residual, requant);
+EpilogueFn pick_gelu(bool gelu, bool residual, bool requant, bool wide) {
+  return gelu ? pick_residual<kBias, true>(residual, requant, wide)
+              : pick_residual<kBias, false>(residual, requant, wide);
 }
 
-EpilogueFn epilogue_avx2_for(const Epilogue& ep) {
+// The vector epilogue for ep: 16 lanes where the CPU has AVX-512 (ep.avx512), else 8.
+EpilogueFn epilogue_vector_for(const Epilogue& ep) {
   const bool residual = ep.residual != nullptr;
-  return ep.bias ? pick_gelu<true>(ep.gelu, residual, ep.requant) : pick_gelu<false>(ep.gelu, residual, ep.requant);
+  return ep.bias ? pick_gelu<true>(ep.gelu, residual, ep.requant, ep.avx512)
+                 : pick_gelu<false>(ep.gelu, residual, ep.requant, ep.avx512);
 }
 #endif
 
@@ -614,7 +681,7 @@ void run_tiles(int64_t m, int64_t panels, const Epilogue& ep, Isa isa, Micro mic
   Epilogue panel_ep = ep;
   if (residual_after) panel_ep.residual = nullptr;
 #if DFQVIT_X86
-  const EpilogueFn epilogue_avx2 = epilogue_avx2_for(panel_ep);
+  const EpilogueFn epilogue_vector = epilogue_vector_for(panel_ep);
 #endif
   // A row tile per claim. A/B against at::parallel_for's fixed halves over the four CIFAR layer shapes: sum of
   // medians 23.45 vs 23.53 and 28.67 vs 30.15 ms at M 4160, 2.56 vs 2.56 at M 520.
@@ -645,7 +712,7 @@ void run_tiles(int64_t m, int64_t panels, const Epilogue& ep, Isa isa, Micro mic
           micro(row, static_cast<int>(std::min<int64_t>(micro_rows, m1 - row)), w, acc + (row - m0) * kNR);
 #if DFQVIT_X86
         if (isa != Isa::kScalar) {
-          epilogue_avx2(tile_ep, acc, em, rows, col0, width);
+          epilogue_vector(tile_ep, acc, em, rows, col0, width);
           continue;
         }
 #endif
