@@ -148,6 +148,19 @@ __attribute__((target("avx2"))) inline __m256 exp2_avx2(__m256 d) {
   const __m256 underflow = _mm256_cmp_ps(d, _mm256_set1_ps(-126.0f), _CMP_LT_OQ);
   return _mm256_andnot_ps(underflow, e);
 }
+
+// exp2_avx2 on 16 lanes (AVX-512 CPUs): the same operations per lane, so the same bits.
+__attribute__((target("avx512f"))) inline __m512 exp2_avx512(__m512 d) {
+  const __m512 n = _mm512_roundscale_ps(d, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(d, n);
+  __m512 p = _mm512_set1_ps(kExp2Poly[0]);
+  for (int i = 1; i < 8; ++i) p = _mm512_add_ps(_mm512_mul_ps(p, f), _mm512_set1_ps(kExp2Poly[i]));
+  const __m512i n_int = _mm512_cvtps_epi32(_mm512_max_ps(n, _mm512_set1_ps(-126.0f)));  // integral: exact
+  const __m512 two_n = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(n_int, _mm512_set1_epi32(127)), 23));
+  const __m512 e = _mm512_mul_ps(p, two_n);
+  const __mmask16 underflow = _mm512_cmp_ps_mask(d, _mm512_set1_ps(-126.0f), _CMP_LT_OQ);
+  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~underflow), e);
+}
 #endif
 
 }  // namespace pm
