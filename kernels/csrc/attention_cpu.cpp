@@ -653,7 +653,7 @@ void weights_rows(const SoftmaxParams& sp, const int32_t* s, const RowTerms& ter
 
 #if DFQVIT_X86
 // ---------------------------------------------------------------------------------------------------
-// AMX log2 P.V (Isa::kAmxInt8, head dim a multiple of 16)
+// Integer log2 P.V: AMX (Isa::kAmxInt8) and AVX-512 VNNI (one or two planes), head dim a multiple of 16
 // ---------------------------------------------------------------------------------------------------
 // A weight is a power of two, W_j = 2**x_j with x_j = shift - k_j in [0, shift], shift <= 32. Split by byte, plane p
 // holds 2**(x_j - 8p) (1..128, u8) where x_j >> 3 == p and 0 elsewhere, so that
@@ -663,6 +663,7 @@ void weights_rows(const SoftmaxParams& sp, const int32_t* s, const RowTerms& ter
 // reference's exact integer, rounded once to fp32 like the float64 path's. Query rows go 16 at a time (one A tile);
 // the keys, padded to 8 with no weight (n_keys = ld), in chunks of 64 and a shorter last one (tiles 6 and 7:
 // amx_configure_with_tail). Padded to 64 instead, the CIFAR shape (65 keys: 128) was slower than the float64 path.
+// On VNNI the same planes and the same packed V go through vpdpbusd (pv_plane_vnni), the rest is shared.
 constexpr int64_t kAmxMaxKeys = kExactKeys;
 
 // V of one head as B tiles: vb[(g * quads + q) * 64 + c * 4 + t] = v[4q + t, 16g + c] (zeros past n), quads =
@@ -742,8 +743,78 @@ __attribute__((target("amx-tile,amx-int8"))) void pv_plane_amx(const uint8_t* pl
 }
 #undef DFQVIT_PV_GROUP
 
-// Scratch of one thread for pv_rows_amx.
-struct AmxPvScratch {
+// acc += vpdpbusd(u8 operand w, s8 operand v), registers only.
+__attribute__((target("avx512f,avx512vnni"))) inline __m512i dpbusd_regs(__m512i acc, __m512i w, __m512i v) {
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(w), "v"(v));
+  return acc;
+}
+
+// Accumulator s<r><g> of row r, column group g; named variables: GCC 12 kept a 2-D array of them on the stack
+// (a store and a load around every vpdpbusd), with the intrinsic as with inline asm.
+#define DFQVIT_PV_ACCS(X) \
+  X(0, 0) X(0, 1) X(0, 2) X(0, 3) X(1, 0) X(1, 1) X(1, 2) X(1, 3) X(2, 0) X(2, 1) X(2, 2) X(2, 3) X(3, 0) X(3, 1) X(3, 2) X(3, 3)
+#define DFQVIT_PV_ZERO(r, g) __m512i s##r##g = _mm512_setzero_si512();
+#define DFQVIT_PV_DOT(r, g) if constexpr (R > r && G > g) s##r##g = dpbusd_regs(s##r##g, w##r, v##g);
+#define DFQVIT_PV_STORE(r, g) if constexpr (R > r && G > g) _mm512_storeu_si512(acc + r * ld_acc + 16 * g, s##r##g);
+#define DFQVIT_PV_V(g) const __m512i v##g = G > g ? _mm512_loadu_si512(vb + (g * quads + q) * 64) : _mm512_setzero_si512();
+#define DFQVIT_PV_W(r) const __m512i w##r = R > r ? _mm512_set1_epi32(load_weights4(plane + r * ld_plane + 4 * q)) \
+                                                 : _mm512_setzero_si512();
+
+inline int32_t load_weights4(const uint8_t* p) {
+  int32_t w4;
+  std::memcpy(&w4, p, 4);
+  return w4;
+}
+
+// The VNNI form of pv_plane_amx: acc[r, 16g + c] = sum_j plane[r, j] v[j, 16g + c] for R (<= 4) rows and G (<= 4)
+// column groups, from the same B-tile layout of V (one quad of keys x 16 columns per 64 bytes, s8) and the same u8
+// plane; per quad, each row's four weight bytes broadcast (vpdpbusd's unsigned operand) x the G vectors of V,
+// loaded once for the R rows.
+template <int R, int G>
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void pv_plane_block_vnni(const uint8_t* plane, int64_t ld_plane,
+                                                                                 const int8_t* vb, int64_t quads,
+                                                                                 int32_t* acc, int64_t ld_acc) {
+  static_assert(R >= 1 && R <= 4 && G >= 1 && G <= 4, "4 x 4 accumulators at most");
+  DFQVIT_PV_ACCS(DFQVIT_PV_ZERO)
+  for (int64_t q = 0; q < quads; ++q) {
+    DFQVIT_PV_V(0) DFQVIT_PV_V(1) DFQVIT_PV_V(2) DFQVIT_PV_V(3)
+    DFQVIT_PV_W(0) DFQVIT_PV_W(1) DFQVIT_PV_W(2) DFQVIT_PV_W(3)
+    DFQVIT_PV_ACCS(DFQVIT_PV_DOT)
+  }
+  DFQVIT_PV_ACCS(DFQVIT_PV_STORE)
+}
+#undef DFQVIT_PV_ACCS
+#undef DFQVIT_PV_ZERO
+#undef DFQVIT_PV_DOT
+#undef DFQVIT_PV_STORE
+#undef DFQVIT_PV_V
+#undef DFQVIT_PV_W
+
+template <int R>
+void pv_plane_rows_vnni(const uint8_t* plane, int64_t ld_plane, const int8_t* vb, int64_t quads, int64_t groups,
+                        int32_t* acc, int64_t ld_acc) {
+  int64_t g0 = 0;
+  for (; g0 + 4 <= groups; g0 += 4) pv_plane_block_vnni<R, 4>(plane, ld_plane, vb + g0 * quads * 64, quads, acc + 16 * g0, ld_acc);
+  switch (groups - g0) {
+    case 1: return pv_plane_block_vnni<R, 1>(plane, ld_plane, vb + g0 * quads * 64, quads, acc + 16 * g0, ld_acc);
+    case 2: return pv_plane_block_vnni<R, 2>(plane, ld_plane, vb + g0 * quads * 64, quads, acc + 16 * g0, ld_acc);
+    case 3: return pv_plane_block_vnni<R, 3>(plane, ld_plane, vb + g0 * quads * 64, quads, acc + 16 * g0, ld_acc);
+    default: return;
+  }
+}
+
+// pv_plane_block_vnni over `rows` rows (4 at a time) and d / 16 = groups column groups (4 at a time).
+void pv_plane_vnni(const uint8_t* plane, int64_t ld_plane, int rows, const int8_t* vb, int64_t quads, int64_t groups,
+                   int32_t* acc, int64_t ld_acc) {
+  using RowsFn = void (*)(const uint8_t*, int64_t, const int8_t*, int64_t, int64_t, int32_t*, int64_t);
+  static constexpr RowsFn by_rows[4] = {&pv_plane_rows_vnni<1>, &pv_plane_rows_vnni<2>, &pv_plane_rows_vnni<3>,
+                                        &pv_plane_rows_vnni<4>};
+  for (int r = 0; r < rows; r += 4)
+    by_rows[std::min(4, rows - r) - 1](plane + r * ld_plane, ld_plane, vb, quads, groups, acc + r * ld_acc, ld_acc);
+}
+
+// Scratch of one thread for pv_rows_planes.
+struct PlanePvScratch {
   std::vector<uint8_t> ecode, plane;  // kMaxRows x n_keys
   std::vector<int8_t> vb;             // d x n_keys (pack_v_amx)
   std::vector<int32_t> acc;           // planes x kMaxRows x d
@@ -768,10 +839,11 @@ __attribute__((target("avx2"))) inline int64_t byte_sum_avx2(const uint8_t* byte
 // result[r, t] = (fp32(sum_j W_j (v_j - v_zero)) * a) * b for `rows` query rows from their exponent codes (rows
 // past `rows`, and keys past n, must hold code 0). The planes' sums and the zero-point term are added in float64:
 // every product by 2**(8p) and every partial sum is an integer below 2**53 (n <= kAmxMaxKeys), so exact; the
-// rounding to fp32 is the only one, as on the float64 path. AVX-512 (every AMX CPU has it): 8 outputs a step.
-__attribute__((target("avx2,avx512f"))) void pv_rows_amx(AmxPvScratch& x, int rows, int64_t n_keys, int64_t d,
-                                                          int planes, int32_t v_zero, float a, float b,
-                                                          float* result) {
+// rounding to fp32 is the only one, as on the float64 path. AVX-512 (every AMX or VNNI CPU has it): 8 outputs a
+// step. amx: each plane through the tiles (pv_plane_amx), else through vpdpbusd (pv_plane_vnni).
+__attribute__((target("avx2,avx512f"))) void pv_rows_planes(PlanePvScratch& x, int rows, int64_t n_keys, int64_t d,
+                                                             int planes, int32_t v_zero, float a, float b,
+                                                             float* result, bool amx) {
   const int64_t quads = n_keys / 4, chunks = n_keys / kAmxBytes, groups = d / 16;
   const bool tail = n_keys % kAmxBytes != 0;
   using PlaneFn = void (*)(const uint8_t*, int64_t, const int8_t*, int64_t, int64_t, int32_t*, int64_t);
@@ -782,6 +854,10 @@ __attribute__((target("avx2,avx512f"))) void pv_rows_amx(AmxPvScratch& x, int ro
   for (int p = 0; p < planes; ++p) {
     weight_plane_avx2(x.ecode.data(), kMaxRows * n_keys, p, x.plane.data());
     for (int r = 0; r < rows; ++r) weight_sum[r] += byte_sum_avx2(x.plane.data() + r * n_keys, n_keys) << (8 * p);
+    if (!amx) {
+      pv_plane_vnni(x.plane.data(), n_keys, rows, x.vb.data(), quads, groups, x.acc.data() + p * kMaxRows * d, d);
+      continue;
+    }
     for (int64_t g0 = 0; g0 < groups; g0 += 4) {
       const int8_t* vb = x.vb.data() + g0 * quads * 64;
       int32_t* acc = x.acc.data() + p * kMaxRows * d + g0 * 16;
@@ -840,14 +916,20 @@ at::Tensor native_attention(const at::Tensor& q, const at::Tensor& k, const at::
   const float inv_two_s = p_mode == kModeLog2 ? std::ldexp(1.0f, -static_cast<int>(shift)) : 1.0f;
   const float out_scale = static_cast<float>(p_param * v_scale);
   const int64_t ld = (n + 7) / 8 * 8, pairs = (d + 1) / 2;
-  // AMX P.V for log2 codes (see pv_rows_amx): 16 query rows per block instead of kPvRows. Where it pays (in-process
+  // AMX P.V for log2 codes (see pv_rows_planes): 16 query rows per block instead of kPvRows. Where it pays (in-process
   // A/B against the float64 path, B x H heads, 2-core Xeon): d 64 with 128+ keys 1.26-1.47x (n 128, 197, 577; P4
   // and P8), n 65 with two planes (P4) 1.10x; with five planes (P8) at n 65 0.94x, and d 32 0.96-1.04x (n 49, 197).
   const int planes = static_cast<int>(shift / 8 + 1);
   const bool amx_pv = isa == Isa::kAmxInt8 && p_mode == kModeLog2 && d % 16 == 0 && d >= 64 &&
                       (n >= 128 || planes <= 2) && n <= kAmxMaxKeys;
-  const int block_rows = amx_pv ? kAmxRows : kPvRows;
-  const int64_t n_keys = amx_pv ? ld : 0;
+  // The same planes on AVX-512 VNNI (pv_plane_vnni) where they pay, in-process A/B against the float64 P.V on the
+  // 2-core Zen 5 VM: one or two planes (3- and 4-bit codes), d 64 and 80: 1.13-1.37x (n 49-577), 1.03x at n 17,
+  // 0.98x at n 9; d 32 0.97-1.01x; five planes (8-bit codes) 1.00x.
+  const bool vnni_pv = isa == Isa::kAvx512Vnni && p_mode == kModeLog2 && d % 16 == 0 && d >= 64 && planes <= 2 &&
+                       n >= 16 && n <= kAmxMaxKeys;
+  const bool plane_pv = amx_pv || vnni_pv;
+  const int block_rows = plane_pv ? kAmxRows : kPvRows;
+  const int64_t n_keys = plane_pv ? ld : 0;
 
   // (B, H, N, d), or token-major (B, N, H, d): the projection's input layout, no transpose copy after.
   at::Tensor out = token_major ? at::empty({batch, n, heads, d}, requant ? at::kChar : at::kFloat)
@@ -864,12 +946,12 @@ at::Tensor native_attention(const at::Tensor& q, const at::Tensor& k, const at::
     std::vector<int16_t> q16(n * 2 * pairs, 0), kpairs(pairs * ld * 2, 0);
     std::vector<int32_t> s32(kMaxRows * ld);
     std::vector<float> t(kMaxRows * ld), e(kMaxRows * ld), result(kMaxRows * d);
-    std::vector<int32_t> vd(amx_pv ? 0 : n * d);  // centred V for the float64 P.V
+    std::vector<int32_t> vd(plane_pv ? 0 : n * d);  // centred V for the float64 P.V
     std::vector<double> w(kPvRows * ld), partial(kPvRows * d);
     std::vector<int64_t> totals(kPvRows * d);
 #if DFQVIT_X86
-    AmxPvScratch amx;
-    if (amx_pv) {
+    PlanePvScratch amx;
+    if (plane_pv) {
       amx.ecode.assign(kMaxRows * n_keys, 0);
       amx.plane.resize(kMaxRows * n_keys);
       amx.vb.resize(d * n_keys);
@@ -881,10 +963,10 @@ at::Tensor native_attention(const at::Tensor& q, const at::Tensor& k, const at::
       const HeadView view{qp + b * qs[0] + h * qs[1], kp + b * ks[0] + h * ks[1], vp + b * vs[0] + h * vs[1],
                           qs[2], qs[3], ks[2], ks[3], vs[2], vs[3], static_cast<int32_t>(q_zero),
                           static_cast<int32_t>(k_zero), static_cast<int32_t>(v_zero)};
-      load_head(view, n, d, pairs, ld, q16.data(), kpairs.data(), amx_pv ? nullptr : vd.data(), isa);
+      load_head(view, n, d, pairs, ld, q16.data(), kpairs.data(), plane_pv ? nullptr : vd.data(), isa);
 #if DFQVIT_X86
+      if (plane_pv) pack_v_amx(view, n, d, n_keys, amx.vb.data());
       if (amx_pv) {
-        pack_v_amx(view, n, d, n_keys, amx.vb.data());
         if (n_keys % kAmxBytes)
           amx_configure_with_tail(static_cast<int>(n_keys % kAmxBytes));
         else
@@ -902,11 +984,12 @@ at::Tensor native_attention(const at::Tensor& q, const at::Tensor& k, const at::
           terms.mask[r] = mp ? mp + ((b % windows) * n + i) * n : nullptr;
         }
 #if DFQVIT_X86
-        if (amx_pv) {
+        if (plane_pv) {
           if (rows < kMaxRows)  // the A tiles read 16 rows: those past the block weigh nothing
             std::fill(amx.ecode.begin() + rows * n_keys, amx.ecode.end(), uint8_t(0));
           weights_rows(sp, s32.data(), terms, rows, n, ld, t.data(), e.data(), nullptr, isa, amx.ecode.data(), n_keys);
-          pv_rows_amx(amx, rows, n_keys, d, planes, static_cast<int32_t>(v_zero), inv_two_s, out_scale, result.data());
+          pv_rows_planes(amx, rows, n_keys, d, planes, static_cast<int32_t>(v_zero), inv_two_s, out_scale, result.data(),
+                         amx_pv);
         } else
 #endif
         {
