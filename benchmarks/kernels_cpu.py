@@ -9,7 +9,7 @@
    (``torch.ao.quantization.quantize_dynamic``), the dfqvit engine at W4A8 with the native backend and with
    the PyTorch reference backend; images/s and weight bytes of the Linear layers.
 4. The instruction sets side by side: the same native GEMMs (W4A8, W8A8; DeiT-S shapes at batch 8) and the whole
-   CIFAR engine (W4A8, W8A8) under every ISA this CPU runs (avx2, avx512_vnni, amx_int8; forced per call),
+   CIFAR engine (W4A8, W8A8, W4A4) under every ISA this CPU runs (avx2, avx512_vnni, amx_int8; forced per call),
    interleaved in one set of rounds.
 5. (Not with ``--quick``.) A whole DeiT-S at 224 px, batch 8, random weights (timm ``pretrained=False``; speed does
    not depend on them): fp32 timm against the W4A8 engine under each ISA.
@@ -185,7 +185,7 @@ def isa_rows(engine_batch: int, gemm_rounds: int, engine_rounds: int) -> dict:
         model.eval()
         calib = torch.randn(32, 3, 32, 32, generator=gen)
         x = torch.randn(engine_batch, 3, 32, 32, generator=gen)
-        for bits in ((4, 8), (8, 8)):
+        for bits in ((4, 8), (8, 8), (4, 4)):  # W4A4: the default, 4-bit softmax codes
             qmodel = dfqvit.compile(model, bits=bits, calib=calib, recon=None, correction=None, progress=False)
             engine = build_engine(qmodel, backend="native")
             cases.append((f"engine W{bits[0]}A{bits[1]} cifar_vit b{engine_batch}", lambda e=engine: e(x),
