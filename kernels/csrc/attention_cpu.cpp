@@ -344,7 +344,7 @@ __attribute__((target("avx2,fma"))) void pv_rows_avx2(const double* w, int64_t l
 
 // pv_rows_avx2 on 512-bit vectors (AVX-512 CPUs: the VNNI and AMX rungs): R rows x C vectors of 8 float64
 // columns share each load of V (8 int32 converted per vcvtdq2pd). Returns the first column not done. In-process
-// A/B against pv_rows_avx2 on the 2-core Zen 5 VM: the attention 1.09-1.24x (n 49-197, d 32 and 64, log2 and
+// A/B against pv_rows_avx2 on the 2-core Zen 5 VM: the attention 1.09-1.22x (n 49-197, d 32 and 64, log2 and
 // linear codes); C = 3 or 4 vectors per pass were no faster than 2.
 template <int R, int C>
 __attribute__((target("avx2,fma,avx512f"))) int64_t pv_block_avx512(const double* w, int64_t ldw, const int32_t* v,

@@ -449,7 +449,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void micro_planes_vnni(co
 #undef DFQVIT_VNNI_STORE
 
 // Rows per VNNI micro-kernel call. In-process A/B on the 2-core Zen 5 VM (DeiT-S b8 and CIFAR shapes, W4A8 and
-// W8A8): 12 rows 0.98-1.04x of 8, 4 rows 0.66-0.89x, 16 rows 0.87-0.92x.
+// W8A8), speed relative to 12 rows: 8 rows 0.96-1.01x, 4 rows 0.65-0.86x, 16 rows 0.86-0.93x.
 constexpr int kVnniMR = 12;
 
 // rows (<= MR) rows of a at once.
