@@ -190,7 +190,8 @@ __attribute__((target("avx2,avx512f,avx512bw"))) void log2_weights_avx512(const 
     const __m512i biased = _mm512_maskz_sub_epi32(static_cast<__mmask16>(~drop), one_exp, k);  // 0 bits = +0.0
     _mm512_storeu_si512(w + j, _mm512_slli_epi64(_mm512_cvtepu32_epi64(_mm512_castsi512_si256(biased)), 52));
     if (whole_vector)
-      _mm512_storeu_si512(w + j + 8, _mm512_slli_epi64(_mm512_cvtepu32_epi64(_mm512_extracti64x4_epi64(biased, 1)), 52));
+      _mm512_storeu_si512(w + j + 8,
+                          _mm512_slli_epi64(_mm512_cvtepu32_epi64(_mm512_extracti64x4_epi64(biased, 1)), 52));
   }
 }
 
@@ -378,7 +379,7 @@ __attribute__((target("avx2,fma,avx512f"))) void pv_rows_avx512(const double* w,
 
 void scores_row(const int16_t* q, const int16_t* kp, int64_t ld, int64_t n, int64_t pairs, int32_t* scores, Isa isa) {
 #if DFQVIT_X86
-  if (isa == Isa::kAvx512Vnni || isa == Isa::kAmxInt8) return scores_row_avx512(q, kp, ld, n, pairs, scores);
+  if (has_avx512(isa)) return scores_row_avx512(q, kp, ld, n, pairs, scores);
   if (isa != Isa::kScalar) return scores_row_avx2(q, kp, ld, n, pairs, scores);
 #endif
   for (int64_t j = 0; j < n; ++j) {
@@ -388,27 +389,26 @@ void scores_row(const int16_t* q, const int16_t* kp, int64_t ld, int64_t n, int6
   }
 }
 
+#if DFQVIT_X86
+// pv_rows for R rows on the widest vectors the ISA has.
+template <int R>
+void pv_rows_vector(const double* w, int64_t ldw, const int32_t* v, int64_t n, int64_t d, double* out, Isa isa) {
+  if (has_avx512(isa)) return pv_rows_avx512<R>(w, ldw, v, n, d, out);
+  pv_rows_avx2<R>(w, ldw, v, n, d, out);
+}
+#endif
+
 // out[r, t] = sum_j w[r * ldw + j] * v[j * d + t] for rows <= kPvRows rows, in float64.
 void pv_rows(const double* w, int64_t ldw, int rows, const int32_t* v, int64_t n, int64_t d, double* out, Isa isa) {
 #if DFQVIT_X86
-  if (isa == Isa::kAvx512Vnni || isa == Isa::kAmxInt8) {
-    switch (rows) {  // the last block of a head has fewer rows
-      case 1: return pv_rows_avx512<1>(w, ldw, v, n, d, out);
-      case 2: return pv_rows_avx512<2>(w, ldw, v, n, d, out);
-      case 3: return pv_rows_avx512<3>(w, ldw, v, n, d, out);
-      case 4: return pv_rows_avx512<4>(w, ldw, v, n, d, out);
-      case 5: return pv_rows_avx512<5>(w, ldw, v, n, d, out);
-      default: return pv_rows_avx512<kPvRows>(w, ldw, v, n, d, out);
-    }
-  }
   if (isa != Isa::kScalar) {
     switch (rows) {  // the last block of a head has fewer rows
-      case 1: return pv_rows_avx2<1>(w, ldw, v, n, d, out);
-      case 2: return pv_rows_avx2<2>(w, ldw, v, n, d, out);
-      case 3: return pv_rows_avx2<3>(w, ldw, v, n, d, out);
-      case 4: return pv_rows_avx2<4>(w, ldw, v, n, d, out);
-      case 5: return pv_rows_avx2<5>(w, ldw, v, n, d, out);
-      default: return pv_rows_avx2<kPvRows>(w, ldw, v, n, d, out);
+      case 1: return pv_rows_vector<1>(w, ldw, v, n, d, out, isa);
+      case 2: return pv_rows_vector<2>(w, ldw, v, n, d, out, isa);
+      case 3: return pv_rows_vector<3>(w, ldw, v, n, d, out, isa);
+      case 4: return pv_rows_vector<4>(w, ldw, v, n, d, out, isa);
+      case 5: return pv_rows_vector<5>(w, ldw, v, n, d, out, isa);
+      default: return pv_rows_vector<kPvRows>(w, ldw, v, n, d, out, isa);
     }
   }
 #endif
@@ -646,7 +646,7 @@ void weights_rows(const SoftmaxParams& sp, const int32_t* s, const RowTerms& ter
 #if DFQVIT_X86
   if (isa != Isa::kScalar)
     return weights_rows_avx2(sp, s, terms, rows, n, ld, t, e, w, ecode, ld_ecode,
-                             isa == Isa::kAvx512Vnni || isa == Isa::kAmxInt8);
+                             has_avx512(isa));
 #endif
   for (int r = 0; r < rows; ++r) weights_row_scalar(sp, s + r * ld, terms, r, n, t + r * ld, e + r * ld, w + r * ld);
 }
@@ -751,12 +751,14 @@ __attribute__((target("avx512f,avx512vnni"))) inline __m512i dpbusd_regs(__m512i
 
 // Accumulator s<r><g> of row r, column group g; named variables: GCC 12 kept a 2-D array of them on the stack
 // (a store and a load around every vpdpbusd), with the intrinsic as with inline asm.
-#define DFQVIT_PV_ACCS(X) \
-  X(0, 0) X(0, 1) X(0, 2) X(0, 3) X(1, 0) X(1, 1) X(1, 2) X(1, 3) X(2, 0) X(2, 1) X(2, 2) X(2, 3) X(3, 0) X(3, 1) X(3, 2) X(3, 3)
+#define DFQVIT_PV_ACCS(X)                                                                     \
+  X(0, 0) X(0, 1) X(0, 2) X(0, 3) X(1, 0) X(1, 1) X(1, 2) X(1, 3) X(2, 0) X(2, 1) X(2, 2) X(2, 3) \
+  X(3, 0) X(3, 1) X(3, 2) X(3, 3)
 #define DFQVIT_PV_ZERO(r, g) __m512i s##r##g = _mm512_setzero_si512();
 #define DFQVIT_PV_DOT(r, g) if constexpr (R > r && G > g) s##r##g = dpbusd_regs(s##r##g, w##r, v##g);
 #define DFQVIT_PV_STORE(r, g) if constexpr (R > r && G > g) _mm512_storeu_si512(acc + r * ld_acc + 16 * g, s##r##g);
-#define DFQVIT_PV_V(g) const __m512i v##g = G > g ? _mm512_loadu_si512(vb + (g * quads + q) * 64) : _mm512_setzero_si512();
+#define DFQVIT_PV_V(g) \
+  const __m512i v##g = G > g ? _mm512_loadu_si512(vb + (g * quads + q) * 64) : _mm512_setzero_si512();
 #define DFQVIT_PV_W(r) const __m512i w##r = R > r ? _mm512_set1_epi32(load_weights4(plane + r * ld_plane + 4 * q)) \
                                                  : _mm512_setzero_si512();
 
@@ -793,14 +795,12 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void pv_plane_block_vnni(
 template <int R>
 void pv_plane_rows_vnni(const uint8_t* plane, int64_t ld_plane, const int8_t* vb, int64_t quads, int64_t groups,
                         int32_t* acc, int64_t ld_acc) {
-  int64_t g0 = 0;
-  for (; g0 + 4 <= groups; g0 += 4) pv_plane_block_vnni<R, 4>(plane, ld_plane, vb + g0 * quads * 64, quads, acc + 16 * g0, ld_acc);
-  switch (groups - g0) {
-    case 1: return pv_plane_block_vnni<R, 1>(plane, ld_plane, vb + g0 * quads * 64, quads, acc + 16 * g0, ld_acc);
-    case 2: return pv_plane_block_vnni<R, 2>(plane, ld_plane, vb + g0 * quads * 64, quads, acc + 16 * g0, ld_acc);
-    case 3: return pv_plane_block_vnni<R, 3>(plane, ld_plane, vb + g0 * quads * 64, quads, acc + 16 * g0, ld_acc);
-    default: return;
-  }
+  using BlockFn = void (*)(const uint8_t*, int64_t, const int8_t*, int64_t, int32_t*, int64_t);
+  static constexpr BlockFn by_groups[4] = {&pv_plane_block_vnni<R, 1>, &pv_plane_block_vnni<R, 2>,
+                                           &pv_plane_block_vnni<R, 3>, &pv_plane_block_vnni<R, 4>};
+  for (int64_t g0 = 0; g0 < groups; g0 += 4)
+    by_groups[std::min<int64_t>(4, groups - g0) - 1](plane, ld_plane, vb + g0 * quads * 64, quads, acc + 16 * g0,
+                                                     ld_acc);
 }
 
 // pv_plane_block_vnni over `rows` rows (4 at a time) and d / 16 = groups column groups (4 at a time).
@@ -950,12 +950,12 @@ at::Tensor native_attention(const at::Tensor& q, const at::Tensor& k, const at::
     std::vector<double> w(kPvRows * ld), partial(kPvRows * d);
     std::vector<int64_t> totals(kPvRows * d);
 #if DFQVIT_X86
-    PlanePvScratch amx;
+    PlanePvScratch plane_scratch;
     if (plane_pv) {
-      amx.ecode.assign(kMaxRows * n_keys, 0);
-      amx.plane.resize(kMaxRows * n_keys);
-      amx.vb.resize(d * n_keys);
-      amx.acc.resize(planes * kMaxRows * d);
+      plane_scratch.ecode.assign(kMaxRows * n_keys, 0);
+      plane_scratch.plane.resize(kMaxRows * n_keys);
+      plane_scratch.vb.resize(d * n_keys);
+      plane_scratch.acc.resize(planes * kMaxRows * d);
     }
 #endif
     for (int64_t bh, last; claim(&bh, &last);) {
@@ -965,7 +965,7 @@ at::Tensor native_attention(const at::Tensor& q, const at::Tensor& k, const at::
                           static_cast<int32_t>(k_zero), static_cast<int32_t>(v_zero)};
       load_head(view, n, d, pairs, ld, q16.data(), kpairs.data(), plane_pv ? nullptr : vd.data(), isa);
 #if DFQVIT_X86
-      if (plane_pv) pack_v_amx(view, n, d, n_keys, amx.vb.data());
+      if (plane_pv) pack_v_amx(view, n, d, n_keys, plane_scratch.vb.data());
       if (amx_pv) {
         if (n_keys % kAmxBytes)
           amx_configure_with_tail(static_cast<int>(n_keys % kAmxBytes));
@@ -986,10 +986,11 @@ at::Tensor native_attention(const at::Tensor& q, const at::Tensor& k, const at::
 #if DFQVIT_X86
         if (plane_pv) {
           if (rows < kMaxRows)  // the A tiles read 16 rows: those past the block weigh nothing
-            std::fill(amx.ecode.begin() + rows * n_keys, amx.ecode.end(), uint8_t(0));
-          weights_rows(sp, s32.data(), terms, rows, n, ld, t.data(), e.data(), nullptr, isa, amx.ecode.data(), n_keys);
-          pv_rows_planes(amx, rows, n_keys, d, planes, static_cast<int32_t>(v_zero), inv_two_s, out_scale, result.data(),
-                         amx_pv);
+            std::fill(plane_scratch.ecode.begin() + rows * n_keys, plane_scratch.ecode.end(), uint8_t(0));
+          weights_rows(sp, s32.data(), terms, rows, n, ld, t.data(), e.data(), nullptr, isa,
+                       plane_scratch.ecode.data(), n_keys);
+          pv_rows_planes(plane_scratch, rows, n_keys, d, planes, static_cast<int32_t>(v_zero), inv_two_s, out_scale,
+                         result.data(), amx_pv);
         } else
 #endif
         {

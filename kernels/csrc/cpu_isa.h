@@ -16,5 +16,7 @@ Isa active_isa();
 // Force an ISA ("scalar", "avx2", "avx512_vnni", "amx_int8", or "auto"); throws if the CPU lacks it. Returns the old one.
 std::string set_isa(const std::string& name);
 const char* isa_name(Isa isa);
+// The rung's kernels may use AVX-512 (F, BW, VNNI): VNNI and AMX-INT8.
+inline bool has_avx512(Isa isa) { return isa >= Isa::kAvx512Vnni; }
 
 }  // namespace dfqvit

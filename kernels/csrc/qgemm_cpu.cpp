@@ -151,7 +151,9 @@ struct Lanes8 {
     return _mm256_mul_ps(_mm256_cvtepi32_ps(exact), scale);
   }
   DFQVIT_L8 F add(F a, F b) { return _mm256_add_ps(a, b); }
-  DFQVIT_L8 void quantize(F y, F scale, F zero, F qmin, F qmax, int8_t* q) { quantize8_avx2(y, scale, zero, qmin, qmax, q); }
+  DFQVIT_L8 void quantize(F y, F scale, F zero, F qmin, F qmax, int8_t* q) {
+    quantize8_avx2(y, scale, zero, qmin, qmax, q);
+  }
 #undef DFQVIT_L8
 };
 
@@ -851,7 +853,7 @@ at::Tensor qgemm_prepacked_impl(const at::Tensor& a_in, double a_scale, int64_t 
               res.defined() ? res.data_ptr<float>() : nullptr, res.defined() ? res.stride(0) : 0, requant,
               gp, gp + np, gp + 2 * np, gp + 3 * np, requant ? nullptr : out.data_ptr<float>(),
               requant ? out.data_ptr<int8_t>() : nullptr, n, norm,
-              isa == Isa::kAvx512Vnni || isa == Isa::kAmxInt8};
+              has_avx512(isa)};
   const uint8_t* wbytes = wp.data_ptr<uint8_t>();
   const int64_t panel_bytes = steps * kStepBytes;
   // micro(rows, a, w, acc) for a block of rows: kMR at once when the block is full, else one row at a time.
@@ -884,9 +886,8 @@ at::Tensor qgemm_prepacked_impl(const at::Tensor& a_in, double a_scale, int64_t 
     // and VNNI with at least kPlanesOnceRowsVnni rows: up to kPlanesOnceBytesAmx) and there are several row tiles;
     // otherwise each tile unpacks each panel into its L1 scratch.
     auto run_planes = [&](auto micro, auto tile_start, int64_t micro_rows) {
-      const bool once = panels * plane_bytes <= (amx ? kPlanesOnceBytesAmx : kPlanesOnceBytes) ||
-                        (vnni && m >= kPlanesOnceRowsVnni && panels * plane_bytes <= kPlanesOnceBytesAmx);
-      if (once && m > kTileRows) {
+      const bool large_once = amx || (vnni && m >= kPlanesOnceRowsVnni);
+      if (panels * plane_bytes <= (large_once ? kPlanesOnceBytesAmx : kPlanesOnceBytes) && m > kTileRows) {
         at::Tensor planes = at::empty({panels * plane_bytes}, at::kByte);
         uint8_t* pp = planes.data_ptr<uint8_t>();
         at::parallel_for(0, panels, 1, [&](int64_t b, int64_t e) {
