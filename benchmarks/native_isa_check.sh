@@ -6,6 +6,7 @@
 # 323 passed, results/native_isa_check_20261202_amx/). Its successor micro_planes_vnni and the AVX-512 attention
 # passed the suite on a Zen 5 VM later that day (300 native tests, the 87 AMX ones skipped).
 #   OUT=/path/for/results bash benchmarks/native_isa_check.sh        (about 2 min; the log lands in $OUT)
+# CXX=clang++ builds with Clang instead (needs the OpenMP runtime: Debian's libomp-dev); the log names the compiler.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/native_isa_check}
@@ -15,6 +16,7 @@ LOG="$OUT/native_isa_check.log"
   echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-)  cores: $(nproc)"
   echo "avx512_vnni: $(grep -q -w avx512_vnni /proc/cpuinfo && echo yes || echo no)"
   echo "amx_int8: $(grep -q -w amx_int8 /proc/cpuinfo && echo yes || echo no)"
+  echo "compiler: $(${CXX:-c++} --version | head -1)"
   if ! python3 -c "import cmake, ninja" 2>/dev/null && ! { command -v cmake && command -v ninja; } >/dev/null; then
     echo "cmake / ninja missing: pip install cmake ninja, then run this again"; exit 1
   fi

@@ -743,8 +743,10 @@ __attribute__((target("amx-tile,amx-int8"))) void pv_plane_amx(const uint8_t* pl
 }
 #undef DFQVIT_PV_GROUP
 
-// acc += vpdpbusd(u8 operand w, s8 operand v), registers only.
-__attribute__((target("avx512f,avx512vnni"))) inline __m512i dpbusd_regs(__m512i acc, __m512i w, __m512i v) {
+// acc += vpdpbusd(u8 operand w, s8 operand v), registers only. always_inline: Clang 14 called it (an asm
+// statement counts as expensive to its inliner).
+__attribute__((target("avx512f,avx512vnni"), always_inline)) inline __m512i dpbusd_regs(__m512i acc, __m512i w,
+                                                                                         __m512i v) {
   asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(w), "v"(v));
   return acc;
 }

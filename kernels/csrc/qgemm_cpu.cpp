@@ -134,9 +134,9 @@ void epilogue_scalar(const Epilogue& ep, const int32_t* acc, int64_t m, int rows
 
 #if DFQVIT_X86
 // The epilogue's vector operations at two widths: 8 lanes (AVX2) and 16 (AVX-512: one panel row per vector). The
-// same operations per lane, so the same bits. Plain inline, not always_inline: GCC would check always_inline
-// against the target of the generic epilogue_block (none) and refuse; it inlines them once epilogue_block sits in
-// a function with the target (no calls remain in the binary). The AVX2 instantiation has no AVX-512 code.
+// same operations per lane, so the same bits. The body that uses them is written once (epilogue_block.inc) and
+// compiled once per width with that width's target; they are inlined there (no calls remain in the binary). The
+// AVX2 instantiation has no AVX-512 code.
 struct Lanes8 {
   using F = __m256;
   using I = __m256i;
@@ -180,80 +180,24 @@ struct Lanes16 {
 #undef DFQVIT_L16
 };
 
-// The epilogue of one block (rows x L::kLanes columns at a time) without its GELU: the pre-activation from the
-// accumulators, and the residual + output step. Locals, not ep.*: the int8 stores may alias anything, which
-// would force a reload of every field.
-template <class L, bool kBias, bool kResidual, bool kRequant>
-struct BlockEpilogue {
-  const float* __restrict row_scale;
-  const int32_t* __restrict col_term;
-  const int32_t* __restrict w_zero;
-  const int32_t* __restrict row_sums;
-  const float* __restrict bias;
-  const float* __restrict residual;
-  int64_t ld_residual, n;
-  int8_t* __restrict out_i8;
-  float* __restrict out_f32;
-  const float* __restrict out_scale;
-  const float* __restrict out_zero;
-  const float* __restrict qmin;
-  const float* __restrict qmax;
+namespace epilogue8 {
+using L = Lanes8;
+#define DFQVIT_EPILOGUE_TARGET __attribute__((target("avx2")))
+#include "epilogue_block.inc"
+#undef DFQVIT_EPILOGUE_TARGET
+}  // namespace epilogue8
 
-  BlockEpilogue(const Epilogue& ep, int64_t m, int64_t col0)
-      : row_scale(ep.row_scale + col0), col_term(ep.col_term + col0), w_zero(ep.w_zero + col0),
-        row_sums(ep.row_sums + m), bias(kBias ? ep.bias + col0 : nullptr),
-        residual(kResidual ? ep.residual + m * ep.ld_residual + col0 : nullptr), ld_residual(ep.ld_residual),
-        n(ep.n), out_i8(kRequant ? ep.out_i8 + m * n + col0 : nullptr),
-        out_f32(kRequant ? nullptr : ep.out_f32 + m * n + col0), out_scale(kRequant ? ep.out_scale + col0 : nullptr),
-        out_zero(kRequant ? ep.out_zero + col0 : nullptr), qmin(kRequant ? ep.out_qmin + col0 : nullptr),
-        qmax(kRequant ? ep.out_qmax + col0 : nullptr) {}
-
-  __attribute__((always_inline)) typename L::F pre_activation(const int32_t* acc, int r, int c) const {
-    const typename L::F y = L::pre_activation(L::load_i(acc + r * kNR + c), L::load_i(w_zero + c), row_sums[r],
-                                              L::load_i(col_term + c), L::load(row_scale + c));
-    return kBias ? L::add(y, L::load(bias + c)) : y;
-  }
-
-  __attribute__((always_inline)) void store(typename L::F y, int r, int c) const {
-    if (kResidual) y = L::add(y, L::load(residual + r * ld_residual + c));
-    if (!kRequant) return L::store(out_f32 + r * n + c, y);
-    L::quantize(y, L::load(out_scale + c), L::load(out_zero + c), L::load(qmin + c), L::load(qmax + c),
-                out_i8 + r * n + c);
-  }
-};
-
-// One instantiation per epilogue shape: no run-time branches and few live registers in the loop. With GELU: the
-// block's pre-activations first, GELU over all of them (pm::gelu_inplace_avx2 / _avx512, in short passes), then
-// residual and output. A/B on the fc1 shape (M 4160, N 768, K 192, int8 out) against GELU per vector inside the
-// loop: GELU's cost in the GEMM roughly halved. Columns past the last whole vector: the scalar form.
-template <class L, bool kBias, bool kGelu, bool kResidual, bool kRequant>
-__attribute__((always_inline)) inline void epilogue_block(const Epilogue& ep, const int32_t* acc, int64_t m, int rows,
-                                                          int64_t col0, int width) {
-  constexpr int kL = L::kLanes;
-  const BlockEpilogue<L, kBias, kResidual, kRequant> block(ep, m, col0);
-  const int full = width / kL * kL;
-  if (kGelu) {
-    alignas(64) float y[kTileRows * kNR];
-    for (int r = 0; r < rows; ++r)
-      for (int c = 0; c < full; c += kL) L::store(y + r * full + c, block.pre_activation(acc, r, c));
-    const int64_t count = int64_t(rows) * full, wide = ep.avx512 ? count / 16 * 16 : 0;
-    if (wide) pm::gelu_inplace_avx512(y, wide);
-    if (wide < count) pm::gelu_inplace_avx2(y + wide, count - wide);
-    for (int r = 0; r < rows; ++r)
-      for (int c = 0; c < full; c += kL) block.store(L::load(y + r * full + c), r, c);
-  } else {
-    for (int r = 0; r < rows; ++r)
-      for (int c = 0; c < full; c += kL) block.store(block.pre_activation(acc, r, c), r, c);
-  }
-  if (full < width)
-    for (int r = 0; r < rows; ++r)
-      for (int c = full; c < width; ++c) store_scalar(ep, acc[r * kNR + c], m + r, col0 + c);
-}
+namespace epilogue16 {
+using L = Lanes16;
+#define DFQVIT_EPILOGUE_TARGET __attribute__((target("avx2,avx512f,avx512bw")))
+#include "epilogue_block.inc"
+#undef DFQVIT_EPILOGUE_TARGET
+}  // namespace epilogue16
 
 template <bool kBias, bool kGelu, bool kResidual, bool kRequant>
 __attribute__((target("avx2"))) void epilogue_avx2_impl(const Epilogue& ep, const int32_t* acc, int64_t m, int rows,
                                                         int64_t col0, int width) {
-  epilogue_block<Lanes8, kBias, kGelu, kResidual, kRequant>(ep, acc, m, rows, col0, width);
+  epilogue8::epilogue_block<kBias, kGelu, kResidual, kRequant>(ep, acc, m, rows, col0, width);
 }
 
 // AVX-512 CPUs (the VNNI and AMX rungs): a whole panel row per vector; a narrower last panel on 8 lanes.
@@ -261,8 +205,9 @@ template <bool kBias, bool kGelu, bool kResidual, bool kRequant>
 __attribute__((target("avx2,avx512f,avx512bw"))) void epilogue_avx512_impl(const Epilogue& ep, const int32_t* acc,
                                                                            int64_t m, int rows, int64_t col0,
                                                                            int width) {
-  if (width == kNR) return epilogue_block<Lanes16, kBias, kGelu, kResidual, kRequant>(ep, acc, m, rows, col0, width);
-  epilogue_block<Lanes8, kBias, kGelu, kResidual, kRequant>(ep, acc, m, rows, col0, width);
+  if (width == kNR)
+    return epilogue16::epilogue_block<kBias, kGelu, kResidual, kRequant>(ep, acc, m, rows, col0, width);
+  epilogue8::epilogue_block<kBias, kGelu, kResidual, kRequant>(ep, acc, m, rows, col0, width);
 }
 
 using EpilogueFn = void (*)(const Epilogue&, const int32_t*, int64_t, int, int64_t, int);
@@ -416,8 +361,9 @@ __attribute__((target("avx2"))) void micro_codes_avx2(const int8_t* a, int64_t l
 
 // acc += vpdpbusd(w, the 4 bytes at a broadcast to every lane). Written out: around the intrinsic GCC 12 copied
 // every accumulator twice per iteration (16 register moves per 8 vpdpbusd) and did not fold the broadcast.
-__attribute__((target("avx512f,avx512vnni"))) inline __m512i dpbusd_broadcast(__m512i acc, __m512i w,
-                                                                               const int8_t* a) {
+// always_inline: Clang 14 called it (an asm statement counts as expensive to its inliner).
+__attribute__((target("avx512f,avx512vnni"), always_inline)) inline __m512i dpbusd_broadcast(__m512i acc, __m512i w,
+                                                                                              const int8_t* a) {
   asm("vpdpbusd %1%{1to16%}, %2, %0" : "+v"(acc) : "m"(*reinterpret_cast<const int32_t*>(a)), "v"(w));
   return acc;
 }
