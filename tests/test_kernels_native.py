@@ -381,6 +381,33 @@ def test_native_layernorm_quant_and_quantize_are_bit_exact(isa, c):
                        reference.uniform_quantize(y, 0.25, 3, -128, 127).to(torch.int8))
 
 
+@pytest.mark.parametrize("p_bits", [3, 4])
+def test_native_attention_int16_pv_at_the_int32_bound(isa, p_bits):
+    """AVX2's int16 P.V sums up to 256 keys per int32 chunk at 4 bits (256 * 2**15 * 255 < 2**31): with every weight
+    at its largest (a tiny delta puts every key at code 0: W = 2**S) and every |v - v_zero| at 255, 600 keys make two
+    chunks at the bound and a short third; a chunk of 264 keys would overflow. Exact against the reference."""
+    from dfqvit.kernels import native
+    b, h, n, d = 1, 1, 600, 24
+    q, k = (torch.randint(-128, 128, (b, h, n, d), generator=GEN).to(torch.int8) for _ in range(2))
+    v = torch.full((b, h, n, d), -128, dtype=torch.int8)
+    v[..., 0, :3] = 127  # one key and a few columns of the other sign
+    args = (q, k, v, 0.03, 3, 0.025, -5, 0.05, 127, d ** -0.5, None, None)
+    expected = reference.attention_log2_reference(*args, 1e-30, p_bits, torch.float32)
+    assert expected.abs().max() > 0
+    assert torch.equal(native.attention(*args, native.P_MODE_LOG2, 1e-30, 0, p_bits, torch.float32), expected)
+
+
+@pytest.mark.parametrize("p_zero", [200, -3, 40000])
+def test_native_linear_attention_weights_that_do_or_do_not_fit_int16(isa, p_zero):
+    """Linear codes take the int16 P.V when p_zero - code fits int16 (200, -3), the float64 one when not (40000)."""
+    from kernel_utils import random_int8
+    from dfqvit.kernels import native
+    q, k, v = (random_int8((2, 2, 70, 40), GEN) for _ in range(3))
+    args = (q, k, v, 0.03, 3, 0.025, -5, 0.05, -2, 40 ** -0.5, None, None)
+    expected = reference.attention_linear_reference(*args, 1 / 250, p_zero, 8, torch.float32)
+    assert torch.equal(native.attention(*args, native.P_MODE_LINEAR, 1 / 250, p_zero, 8, torch.float32), expected)
+
+
 def test_native_attention_longer_than_one_exact_chunk():
     """Rows of more than 8192 keys sum P.V in float64 chunks added in int64 (one chunk would not stay below
     2**53 in the worst case): still the reference's exact integers."""
