@@ -7,7 +7,7 @@
 2. Attention at the CIFAR shape (B = 64, 3 heads, N = 65, d = 64): fp32 SDPA against the native log2 attention.
 3. The whole model at batch 64 on the CIFAR reference ViT: fp32 timm, PyTorch dynamic int8 quantization
    (``torch.ao.quantization.quantize_dynamic``), the dfqvit engine at W4A8 with the native backend and with
-   the PyTorch reference backend; images/s and weight bytes of the Linear layers.
+   the PyTorch reference backend, and at W4A4 (the default) native; images/s and weight bytes of the Linear layers.
 4. The instruction sets side by side: the same native GEMMs (W4A8, W8A8; DeiT-S shapes at batch 8) and the whole
    CIFAR engine (W4A8, W8A8, W4A4) under every ISA this CPU runs (avx2, avx512_vnni, amx_int8; forced per call),
    interleaved in one set of rounds.
@@ -251,11 +251,15 @@ def engine_rows(batch: int, rounds: int) -> dict:
     # Speed does not depend on the calibration: Gaussian images, no reconstruction, no correction.
     qmodel = dfqvit.compile(model, bits=(4, 8), calib=calib, recon=None, correction=None, progress=False)
     engine_native, engine_torch = build_engine(qmodel, backend="native"), build_engine(qmodel, backend="torch")
+    # W4A4, the default: 4-bit softmax codes, whose P.V takes the integer paths (int16 on AVX2, planes on AVX-512).
+    qmodel_w4a4 = dfqvit.compile(model, bits=(4, 4), calib=calib, recon=None, correction=None, progress=False)
+    engine_w4a4 = build_engine(qmodel_w4a4, backend="native")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization deprecation notices
         dynamic = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
     fns = {"fp32_timm": lambda: model(x), "quantize_dynamic_int8": lambda: dynamic(x),
-           "dfqvit_w4a8_native": lambda: engine_native(x), "dfqvit_w4a8_torch": lambda: engine_torch(x)}
+           "dfqvit_w4a8_native": lambda: engine_native(x), "dfqvit_w4a4_native": lambda: engine_w4a4(x),
+           "dfqvit_w4a8_torch": lambda: engine_torch(x)}
     with torch.no_grad():
         med = interleaved_medians(fns, rounds)
         agree = float((engine_native(x).argmax(-1) == model(x).argmax(-1)).float().mean())
