@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the native CPU backend (dfqvit._C) on this host and run its bit-exactness tests for every ISA the CPU
-# has: on an AVX2-only host the 87 AVX-512 VNNI and 87 AMX-INT8 tests skip (counts of 2026-12-02). The first VNNI
+# has: on an AVX2-only host the 92 AVX-512 VNNI and 92 AMX-INT8 tests skip (counts of 2026-12-02). The first VNNI
 # GEMM kernel (micro_nibble_vnni) ran on hardware on 2026-12-01 (an AMD EPYC VM with avx512_vnni: 252 passed,
 # results/native_isa_check_20261201_vnni/), the AMX one (micro_codes_amx) on 2026-12-02 (a Xeon VM with amx_int8:
 # 323 passed, results/native_isa_check_20261202_amx/). Its successor micro_planes_vnni and the AVX-512 attention
