@@ -47,6 +47,7 @@ constexpr int64_t kModeLog2 = 0;
 // Keys per exact float64 P.V chunk: |weight| <= 2**32 (log2, S <= 32) or 255 (linear), |v - v_zero| <= 255,
 // so 8192 terms stay below 2**53.
 constexpr int64_t kExactKeys = 8192;
+constexpr int64_t kAmxMaxKeys = kExactKeys;  // keys per row at most for the byte-plane P.V (pv_rows_planes)
 constexpr int kPvRows = 6;  // query rows per P.V block (float64)
 constexpr int kMaxRows = kAmxRows;  // query rows per block at most (AMX: one tile of 16)
 
@@ -707,10 +708,12 @@ void linear_weights(const SoftmaxParams& sp, const float* e, int64_t n, float su
     w[j] = static_cast<double>(linear_code(sp, e[j], sum)) - static_cast<double>(sp.p_zero);
 }
 
+#if DFQVIT_X86
 // The same weights negated, for the int16 P.V: w16[j] = p_zero - code (used where that fits int16).
 void linear_weights16(const SoftmaxParams& sp, const float* e, int64_t n, float sum, int16_t* w16) {
   for (int64_t j = 0; j < n; ++j) w16[j] = static_cast<int16_t>(sp.p_zero - linear_code(sp, e[j], sum));
 }
+#endif
 
 // The bias and mask terms of a block of query rows (nullptr where absent): t[j] += bias[j * stride] * log2 e, then
 // t[j] += mask[j] * log2 e.
@@ -812,7 +815,6 @@ void weights_rows(const SoftmaxParams& sp, const int32_t* s, const RowTerms& ter
 // the keys, padded to 8 with no weight (n_keys = ld), in chunks of 64 and a shorter last one (tiles 6 and 7:
 // amx_configure_with_tail). Padded to 64 instead, the CIFAR shape (65 keys: 128) was slower than the float64 path.
 // On VNNI the same planes and the same packed V go through vpdpbusd (pv_plane_vnni), the rest is shared.
-constexpr int64_t kAmxMaxKeys = kExactKeys;
 
 // V of one head as B tiles: vb[(g * quads + q) * 64 + c * 4 + t] = v[4q + t, 16g + c] (zeros past n), quads =
 // n_keys / 4. Unit stride along d: four key rows' 16 bytes interleaved per step; otherwise one byte at a time.
@@ -1087,7 +1089,7 @@ at::Tensor native_attention(const at::Tensor& q, const at::Tensor& k, const at::
   const int64_t pv16_keys = pv16_chunk_keys(max_weight, std::max(std::abs(-128 - v_zero), std::abs(127 - v_zero)));
   const bool pv16 = isa == Isa::kAvx2 && pv16_keys >= 8;
   const int block_rows = plane_pv ? kAmxRows : kPvRows;
-  const int64_t n_keys = plane_pv ? ld : 0;
+  [[maybe_unused]] const int64_t n_keys = plane_pv ? ld : 0;  // x86 only
 
   // (B, H, N, d), or token-major (B, N, H, d): the projection's input layout, no transpose copy after.
   at::Tensor out = token_major ? at::empty({batch, n, heads, d}, requant ? at::kChar : at::kFloat)

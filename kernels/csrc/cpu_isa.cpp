@@ -1,12 +1,13 @@
 // Run-time ISA dispatch for the native CPU kernels (see cpu_isa.h).
 #include "cpu_isa.h"
+#include "portable_math.h"  // DFQVIT_X86
 
 #include <c10/util/Exception.h>
 
 #include <atomic>
 #include <cstdlib>
 
-#if defined(__x86_64__) || defined(_M_X64)
+#if DFQVIT_X86
 #include <cpuid.h>
 #endif
 #if defined(__linux__)
@@ -46,8 +47,8 @@ std::atomic<int>& active() {
 // AMX tiles and their int8 dot products (CPUID.7.0:EDX bits 24, 25), and the kernel's leave to use them: on Linux a
 // process must ask for the 8 KB tile-data state once (arch_prctl ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA = 18)
 // before its first tile instruction, or that instruction faults. The request covers every thread of the process.
-bool amx_int8_usable() {
-#if (defined(__x86_64__) || defined(_M_X64)) && defined(__linux__)
+[[maybe_unused]] bool amx_int8_usable() {  // called on x86-64 only
+#if DFQVIT_X86 && defined(__linux__)
   unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
   if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
   const bool tile = edx & (1u << 24), int8 = edx & (1u << 25);
@@ -61,7 +62,7 @@ bool amx_int8_usable() {
 }  // namespace
 
 Isa detected_isa() {
-#if defined(__x86_64__) || defined(_M_X64)
+#if DFQVIT_X86
   static const Isa isa = [] {
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&

@@ -11,9 +11,15 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__x86_64__) || defined(_M_X64)
+// DFQVIT_NO_X86 builds the portable code alone on an x86-64 host too (scalar kernels only): how the tests check the
+// code paths of other CPUs (tests/test_native_portability.py).
+#if (defined(__x86_64__) || defined(_M_X64)) && !defined(DFQVIT_NO_X86)
 #include <immintrin.h>
 #define DFQVIT_X86 1
+// A plain loop compiled twice, for AVX2 and the x86-64 baseline, the copy chosen when the library loads.
+#define DFQVIT_AVX2_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define DFQVIT_AVX2_CLONES
 #endif
 
 namespace dfqvit {

@@ -559,8 +559,7 @@ int32_t copy_row(const int8_t* src, int64_t k, uint8_t* dst, Isa isa) {
 }
 
 // dst[j] = a[j] - a_zero (as s16) for j < k; returns sum_j dst[j].
-__attribute__((target_clones("avx2", "default"))) int32_t pack_row_s16(const int8_t* src, int64_t k, int16_t zero,
-                                                                       int16_t* dst) {
+DFQVIT_AVX2_CLONES int32_t pack_row_s16(const int8_t* src, int64_t k, int16_t zero, int16_t* dst) {
   int32_t total = 0;
   for (int64_t j = 0; j < k; ++j) {
     dst[j] = static_cast<int16_t>(src[j] - zero);
@@ -574,8 +573,7 @@ __attribute__((target_clones("avx2", "default"))) int32_t pack_row_s16(const int
 // ---------------------------------------------------------------------------------------------------
 
 // out[j] = y[j] + x[j] for j < n (fp32, the epilogue's y + residual; out may be y).
-__attribute__((target_clones("avx2", "default"))) void add_row(float* out, const float* y, const float* x,
-                                                                int64_t n) {
+DFQVIT_AVX2_CLONES void add_row(float* out, const float* y, const float* x, int64_t n) {
   for (int64_t j = 0; j < n; ++j) out[j] = y[j] + x[j];
 }
 
@@ -771,7 +769,7 @@ at::Tensor qgemm_prepacked_impl(const at::Tensor& a_in, double a_scale, int64_t 
   // Read in place, the rows are summed by the thread that runs their tile, just before the tile's first panel
   // (the rows come into L1 for the micro-kernel anyway): fc2 (K 768, M 4160) 9-11% faster than a separate pass
   // over the activations, the other CIFAR shapes unchanged (A/B).
-  auto tile_row_sums = [&](int64_t m0, int64_t m1) {
+  [[maybe_unused]] auto tile_row_sums = [&](int64_t m0, int64_t m1) {  // x86 kernels only
     if (direct)
       for (int64_t i = m0; i < m1; ++i) row_sums[i] = copy_row<false>(a8 + i * k, k, nullptr, isa);
   };
