@@ -31,6 +31,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "amx.h"
@@ -403,6 +404,21 @@ void scores_row(const int16_t* q, const int16_t* kp, int64_t ld, int64_t n, int6
 }
 
 #if DFQVIT_X86
+// f(std::integral_constant<int, R>{}) with R = rows (1 <= rows <= kPvRows): the P.V kernels take their row count
+// as a template argument, and the last block of a head has fewer rows.
+template <class F>
+void with_pv_rows(int rows, F&& f) {
+  static_assert(kPvRows == 6, "one case per row count");
+  switch (rows) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    default: return f(std::integral_constant<int, kPvRows>{});
+  }
+}
+
 // pv_rows for R rows on the widest vectors the ISA has.
 template <int R>
 void pv_rows_vector(const double* w, int64_t ldw, const int32_t* v, int64_t n, int64_t d, double* out, Isa isa) {
@@ -414,16 +430,8 @@ void pv_rows_vector(const double* w, int64_t ldw, const int32_t* v, int64_t n, i
 // out[r, t] = sum_j w[r * ldw + j] * v[j * d + t] for rows <= kPvRows rows, in float64.
 void pv_rows(const double* w, int64_t ldw, int rows, const int32_t* v, int64_t n, int64_t d, double* out, Isa isa) {
 #if DFQVIT_X86
-  if (isa != Isa::kScalar) {
-    switch (rows) {  // the last block of a head has fewer rows
-      case 1: return pv_rows_vector<1>(w, ldw, v, n, d, out, isa);
-      case 2: return pv_rows_vector<2>(w, ldw, v, n, d, out, isa);
-      case 3: return pv_rows_vector<3>(w, ldw, v, n, d, out, isa);
-      case 4: return pv_rows_vector<4>(w, ldw, v, n, d, out, isa);
-      case 5: return pv_rows_vector<5>(w, ldw, v, n, d, out, isa);
-      default: return pv_rows_vector<kPvRows>(w, ldw, v, n, d, out, isa);
-    }
-  }
+  if (isa != Isa::kScalar)
+    return with_pv_rows(rows, [&](auto r) { pv_rows_vector<decltype(r)::value>(w, ldw, v, n, d, out, isa); });
 #endif
   pv_columns_scalar(w, ldw, rows, v, n, d, 0, out);
 }
@@ -559,14 +567,7 @@ __attribute__((target("avx2"))) void exact_pv16_rows(const int16_t* w16, int64_t
     const int16_t* w = w16 + j0;
     const int16_t* v = vp + j0 * d;
     const int64_t pairs = (keys + 1) / 2;
-    switch (rows) {  // the last block of a head has fewer rows
-      case 1: return pv16_rows_avx2<1>(w, ldw, v, pairs, d, sums);
-      case 2: return pv16_rows_avx2<2>(w, ldw, v, pairs, d, sums);
-      case 3: return pv16_rows_avx2<3>(w, ldw, v, pairs, d, sums);
-      case 4: return pv16_rows_avx2<4>(w, ldw, v, pairs, d, sums);
-      case 5: return pv16_rows_avx2<5>(w, ldw, v, pairs, d, sums);
-      default: return pv16_rows_avx2<kPvRows>(w, ldw, v, pairs, d, sums);
-    }
+    with_pv_rows(rows, [&](auto r) { pv16_rows_avx2<decltype(r)::value>(w, ldw, v, pairs, d, sums); });
   };
   if (n <= chunk_keys) {
     pv16(0, n);
