@@ -272,7 +272,8 @@ class GridRunner:
             self.model, None, images, config=cell.setting.quant_config(grid.calib_images),
             normalization=self.normalization, seed=cell.seed, device=self.device, progress=False,
             recon=ReconConfig(iterations=grid.recon_iters) if grid.recon_iters else None,
-            correction=CorrectionConfig(form=grid.correction) if grid.correction else None)
+            correction=CorrectionConfig(form=grid.correction) if grid.correction else None,
+            backend="fake")  # the paper's tables score the fake-quant model
 
     @torch.no_grad()
     def predict(self, model) -> torch.Tensor:

@@ -186,7 +186,8 @@ def isa_rows(engine_batch: int, gemm_rounds: int, engine_rounds: int) -> dict:
         calib = torch.randn(32, 3, 32, 32, generator=gen)
         x = torch.randn(engine_batch, 3, 32, 32, generator=gen)
         for bits in ((4, 8), (8, 8), (4, 4)):  # W4A4: the default, 4-bit softmax codes
-            qmodel = dfqvit.compile(model, bits=bits, calib=calib, recon=None, correction=None, progress=False)
+            qmodel = dfqvit.compile(model, bits=bits, calib=calib, recon=None, correction=None, progress=False,
+                                    backend="fake")
             engine = build_engine(qmodel, backend="native")
             cases.append((f"engine W{bits[0]}A{bits[1]} cifar_vit b{engine_batch}", lambda e=engine: e(x),
                           engine_rounds))
@@ -214,7 +215,8 @@ def deit_engine_row(batch: int, rounds: int) -> dict:
     model = timm.create_model("deit_small_patch16_224", pretrained=False).eval()
     gen = torch.Generator().manual_seed(4)
     calib, x = torch.randn(4, 3, 224, 224, generator=gen), torch.randn(batch, 3, 224, 224, generator=gen)
-    qmodel = dfqvit.compile(model, bits=(4, 8), calib=calib, recon=None, correction=None, progress=False)
+    qmodel = dfqvit.compile(model, bits=(4, 8), calib=calib, recon=None, correction=None, progress=False,
+                            backend="fake")
     engine = build_engine(qmodel, backend="native")
     fns = {"fp32_timm": lambda: model(x), **{f"dfqvit_w4a8_{isa}": _under(isa, lambda: engine(x))
                                              for isa in isa_ladder()}}
@@ -249,10 +251,12 @@ def engine_rows(batch: int, rounds: int) -> dict:
     gen = torch.Generator().manual_seed(2)
     calib, x = torch.randn(32, 3, 32, 32, generator=gen), torch.randn(batch, 3, 32, 32, generator=gen)
     # Speed does not depend on the calibration: Gaussian images, no reconstruction, no correction.
-    qmodel = dfqvit.compile(model, bits=(4, 8), calib=calib, recon=None, correction=None, progress=False)
+    qmodel = dfqvit.compile(model, bits=(4, 8), calib=calib, recon=None, correction=None, progress=False,
+                            backend="fake")
     engine_native, engine_torch = build_engine(qmodel, backend="native"), build_engine(qmodel, backend="torch")
     # W4A4, the default: 4-bit softmax codes, whose P.V takes the integer paths (int16 on AVX2, planes on AVX-512).
-    qmodel_w4a4 = dfqvit.compile(model, bits=(4, 4), calib=calib, recon=None, correction=None, progress=False)
+    qmodel_w4a4 = dfqvit.compile(model, bits=(4, 4), calib=calib, recon=None, correction=None, progress=False,
+                                 backend="fake")
     engine_w4a4 = build_engine(qmodel_w4a4, backend="native")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization deprecation notices

@@ -90,7 +90,7 @@ def calibrate_for(float_model, label: str):
     import dfqvit
 
     return dfqvit.compile(float_model, bits=ENGINE_BITS[label], calib=calibration_images(), recon=None,
-                          correction=None, device="cuda", progress=False)
+                          correction=None, device="cuda", progress=False, backend="fake")
 
 
 def engine_runner(engine, path: str = "default", softmax: str = "default"):

@@ -1,6 +1,7 @@
 """dfqvit: data-free low-bit quantization of Vision Transformers.
 
-    qmodel = dfqvit.compile(model, bits=4)          # W4A4: SPDFQ images, calibration, reconstruction, correction
+    qmodel = dfqvit.compile(model, bits=4)          # W4A4: SPDFQ images, calibration, reconstruction, correction;
+    logits = qmodel(images)                         # runs on the integer engine (backend="fake": fake-quant model)
     dfqvit.save(qmodel, "model.safetensors"); qmodel = dfqvit.load("model.safetensors")
     qmodel = dfqvit.compile(model, bits=(4, 8), calib=images)
 """

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -9,7 +10,7 @@ from torch import nn
 
 from .calib.pipeline import run_pipeline
 from .config import CalibConfig, CorrectionConfig, QuantConfig, ReconConfig, parse_bits
-from .errors import DFQViTError, MissingGPUError
+from .errors import DFQViTError, MissingGPUError, UnsupportedModelError
 from .models import QuantizedModel
 
 Bits = Union[int, Tuple[int, int]]
@@ -64,9 +65,9 @@ def compile(
     recon: Optional[ReconConfig] = ReconConfig(),
     correction: Optional[CorrectionConfig] = CorrectionConfig(),
     stages_dir: Optional[str] = None,
-    backend: str = "fake",
+    backend: str = "auto",
 ):
-    """Quantize a trained timm ViT / DeiT / Swin and return the calibrated fake-quant model.
+    """Quantize a trained timm ViT / DeiT / Swin and return it running on the integer engine.
 
     With no other argument than ``bits`` this runs the whole data-free pipeline: SPDFQ synthesis of 32
     images → block-wise percentile calibration → two-stage block reconstruction → activation correction.
@@ -90,9 +91,11 @@ def compile(
         correction: ``CorrectionConfig`` of the activation correction, or None to skip it.
         stages_dir: folder where each stage's result is saved; a later call with the same folder resumes
             after the last stage whose saved result was made with the same settings.
-        backend: "fake" (default) returns the fake-quant ``QuantizedModel`` (float math on quantized
-            values; trainable, inspectable); "auto" returns the integer engine ``QuantizedViT`` for the
-            device (Triton kernels on CUDA, the PyTorch reference ops on CPU); "triton" / "torch" force one.
+        backend: "auto" (default) returns the integer engine ``QuantizedViT`` for the device: Triton kernels
+            on CUDA, on a CPU the native C++ kernels where ``dfqvit._C`` is built, else the PyTorch reference
+            ops; "triton" / "native" / "torch" force one. "fake" returns the fake-quant ``QuantizedModel``
+            (float math on quantized values; trainable, inspectable). See ``as_backend`` for what "auto" does
+            with a model the engine cannot run, and for what the engine keeps so that ``dfqvit.save`` works.
     """
     config = _resolve_config(bits, config)
     device = _resolve_device(device)
@@ -103,11 +106,11 @@ def compile(
     result = run_pipeline(model, config, calib, normalization=normalization, seed=seed, device=device,
                           progress=progress, synth=synth, calibration=calibration, recon=recon,
                           correction=correction, stages_dir=stages_dir)
-    return _on_backend(result.qmodel, backend)
+    return as_backend(result.qmodel, backend)
 
 
 def _check_backend(backend: str) -> None:
-    if backend == "fake":  # the default: no need to import the engine, its kernels and triton
+    if backend == "fake":  # no need to import the engine, its kernels and triton
         return
     from .engine.backends import BACKENDS
 
@@ -116,38 +119,69 @@ def _check_backend(backend: str) -> None:
                           f"('fake' = fake-quant model, 'auto' = integer engine for the device)")
 
 
-def _on_backend(qmodel: QuantizedModel, backend: str):
+def as_backend(qmodel: QuantizedModel, backend: str = "auto", artifact=None):
+    """``qmodel`` on ``backend``: itself for "fake", else its integer engine ``QuantizedViT``.
+
+    The engine keeps the model's ``QuantArtifact`` (``engine.artifact``: integer codes, one byte per weight,
+    and the float parameters, on the CPU; ``artifact`` when given, else made from ``qmodel``) so that
+    ``dfqvit.save(engine, path)`` writes the same file as saving the fake-quant model, and
+    ``engine.artifact.to_model()`` gives that model back. ``engine.artifact = None`` frees it.
+
+    With "auto", a model the engine cannot run (``UnsupportedModelError``: e.g. a tanh GELU, per-channel
+    activation grids, ``dynamic_img_size``) comes back as the fake-quant model with a warning that says why,
+    so a finished calibration is not lost; a named engine backend raises instead.
+    """
     if backend == "fake":
         return qmodel
-    from .engine import build_engine
+    from .artifact import QuantArtifact
+    from .engine import QuantizedViT
 
-    return build_engine(qmodel, backend)
+    try:
+        engine = QuantizedViT(qmodel, backend)
+    except UnsupportedModelError as exc:
+        if backend != "auto":
+            raise
+        warnings.warn(f"dfqvit: the integer engine cannot run this model ({exc}); returning the fake-quant "
+                      "QuantizedModel instead (backend='fake' asks for it without this warning)", stacklevel=3)
+        return qmodel
+    engine.artifact = artifact if artifact is not None else QuantArtifact.from_model(qmodel)
+    return engine
 
 
-def save(qmodel: QuantizedModel, path: str) -> None:
-    """Write ``qmodel`` as a ``QuantArtifact`` (one safetensors file: integer weights, scales, zero points,
-    float parameters and a JSON config with versions and how to rebuild the model)."""
+def save(qmodel, path: str) -> None:
+    """Write a quantized model as a ``QuantArtifact`` (one safetensors file: integer weights, scales, zero
+    points, float parameters and a JSON config with versions and how to rebuild the model). ``qmodel``: what
+    ``dfqvit.compile`` / ``dfqvit.load`` returned, the integer engine or the fake-quant model."""
     from .artifact import save as save_artifact
 
-    if not isinstance(qmodel, QuantizedModel):
-        raise DFQViTError(f"dfqvit.save expects the QuantizedModel returned by dfqvit.compile, got "
-                          f"{type(qmodel).__name__}")
-    save_artifact(qmodel, path)
+    if isinstance(qmodel, QuantizedModel):
+        save_artifact(qmodel, path)
+        return
+    from .engine import QuantizedViT
+
+    if not isinstance(qmodel, QuantizedViT):
+        raise DFQViTError(f"dfqvit.save expects the model returned by dfqvit.compile or dfqvit.load (a QuantizedViT "
+                          f"engine or a QuantizedModel), got {type(qmodel).__name__}")
+    if qmodel.artifact is None:
+        raise DFQViTError("this engine keeps no QuantArtifact (it was built from a QuantizedModel directly, or its "
+                          "artifact was set to None): save the QuantizedModel it was built from instead")
+    qmodel.artifact.save(path)
 
 
-def load(path: str, model: Optional[nn.Module] = None, device=None, backend: str = "fake"):
-    """Read a ``QuantArtifact`` back into a QuantizedModel with bit-identical outputs.
+def load(path: str, model: Optional[nn.Module] = None, device=None, backend: str = "auto"):
+    """Read a ``QuantArtifact`` back: the integer engine (``backend`` as in ``compile``, default "auto") or,
+    with ``backend="fake"``, the fake-quant QuantizedModel; both with the saved model's exact behaviour.
 
     ``model``: a float model of the same architecture to use as the skeleton, needed only when the
     artifact does not record the model's constructor arguments. A truncated, corrupted or
-    version-mismatched file raises ``dfqvit.ArtifactError``. ``backend``: as in ``compile`` ("auto" gives
-    the integer engine).
+    version-mismatched file raises ``dfqvit.ArtifactError``.
     """
-    from .artifact import load as load_artifact
+    from .artifact import QuantArtifact
 
     _check_backend(backend)
-    qmodel = load_artifact(path, model=model, device=_resolve_device(device) if device is not None else None)
-    return _on_backend(qmodel, backend)
+    artifact = QuantArtifact.load(path)
+    qmodel = artifact.to_model(model, device=_resolve_device(device) if device is not None else None)
+    return as_backend(qmodel, backend, artifact=artifact)
 
 
 def with_config(qconfig: QuantConfig, **changes) -> QuantConfig:

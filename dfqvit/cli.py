@@ -92,7 +92,20 @@ def _pipeline_configs(args) -> dict:
     return configs
 
 
+def _runs_on(model) -> str:
+    """What runs a quantized model, for the printed results: the engine's backend (with the native ISA) or
+    the fake-quant model."""
+    backend = getattr(model, "backend", None)
+    if backend is None:
+        return "fake-quant"
+    if backend == "native":
+        from .kernels import native
+        return f"native (isa={native.isa()})"
+    return backend
+
+
 def cmd_quantize(args) -> int:
+    from .api import as_backend
     from .evaluate import evaluate
     from .models.loading import load_model
 
@@ -113,12 +126,13 @@ def cmd_quantize(args) -> int:
         print(f"wrote {args.out} ({os.path.getsize(args.out) / 2**20:.2f} MiB)")
     if args.eval:
         data = _images_for(args.eval, qmodel.input_spec, args.limit)
+        runner = as_backend(qmodel, args.backend)  # the integer engine by default
         fp = evaluate(model.to(args.device), data, args.batch_size, device=args.device, desc="eval fp32")
-        q = evaluate(qmodel, data, args.batch_size, reference=model, device=args.device, desc="eval quantized")
-        report.update(eval_data=args.eval, eval_images=q.images, fp32_top1=round(fp.top1, 2),
-                      quant_top1=round(q.top1, 2), top1_agreement=round(q.agreement, 2))
+        q = evaluate(runner, data, args.batch_size, reference=model, device=args.device, desc="eval quantized")
+        report.update(eval_data=args.eval, eval_images=q.images, eval_backend=_runs_on(runner),
+                      fp32_top1=round(fp.top1, 2), quant_top1=round(q.top1, 2), top1_agreement=round(q.agreement, 2))
         print(f"top-1 on {q.images} images: fp32 {fp.top1:.2f}%  W{qmodel.config.w_bits}A{qmodel.config.a_bits} "
-              f"{q.top1:.2f}%  (agreement with fp32 {q.agreement:.2f}%)")
+              f"{q.top1:.2f}% on {_runs_on(runner)}  (agreement with fp32 {q.agreement:.2f}%)")
     if args.report:
         with open(args.report, "w") as f:
             json.dump(report, f, indent=1)
@@ -137,7 +151,7 @@ def cmd_eval(args) -> int:
         if args.model:
             raise DFQViTError("dfqvit eval takes --model (quantized here when --bits is given) or --artifact (a saved "
                               "model), not both")
-        qmodel = load(args.artifact, device=args.device, backend=args.backend)
+        qmodel = load(args.artifact, device=args.device, backend=args.backend or "auto")
         saved = (qmodel.config.w_bits, qmodel.config.a_bits)
         if args.bits is not None and parse_bits(args.bits) != saved:
             raise DFQViTError(f"--bits {args.bits} does not match the artifact, which is W{saved[0]}A{saved[1]}: a saved "
@@ -145,7 +159,7 @@ def cmd_eval(args) -> int:
                               "W,A --out FILE`.")
         data = _images_for(args.data, qmodel.input_spec, args.limit)
         result = evaluate(qmodel, data, args.batch_size, device=args.device)
-        print(f"W{qmodel.config.w_bits}A{qmodel.config.a_bits} ({args.artifact}, backend {args.backend}) top-1: "
+        print(f"W{qmodel.config.w_bits}A{qmodel.config.a_bits} ({args.artifact}, {_runs_on(qmodel)}) top-1: "
               f"{result.top1:.2f}% on {result.images} images")
         return 0
     if not args.model:
@@ -153,17 +167,20 @@ def cmd_eval(args) -> int:
     model, norm = load_model(args.model, args.checkpoint)
     data = _images_for(args.data, adapt(model, normalization=norm).input_spec, args.limit)
     if args.bits is None:
-        if args.backend != "fake":
+        if args.backend is not None:
             raise DFQViTError(f"--backend {args.backend} runs a quantized model: add --bits (quantize here) or use "
                               "--artifact (a saved model)")
         result = evaluate(model.to(args.device), data, args.batch_size, device=args.device)
         print(f"fp32 top-1: {result.top1:.2f}% on {result.images} images")
     else:
-        qmodel = _quantize(model, norm, args, backend=args.backend)
+        qmodel = _quantize(model, norm, args, backend=args.backend or "auto")
         result = evaluate(qmodel, data, args.batch_size, device=args.device)
-        print(f"W{qmodel.config.w_bits}A{qmodel.config.a_bits} (backend {args.backend}) top-1: {result.top1:.2f}% "
+        print(f"W{qmodel.config.w_bits}A{qmodel.config.a_bits} ({_runs_on(qmodel)}) top-1: {result.top1:.2f}% "
               f"on {result.images} images")
     return 0
+
+
+BACKEND_CHOICES = ["auto", "native", "torch", "triton", "fake"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,15 +196,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--batch-size", type=int, default=128)
     q.add_argument("--report", help="write the results as JSON here")
     q.add_argument("--out", help="save the quantized model as a QuantArtifact (.safetensors) here")
+    q.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
+                   help="what --eval runs: the integer engine (auto = Triton on CUDA, native C++ kernels on a CPU "
+                        "where they are built, else PyTorch; or native / torch / triton) or the fake-quant model (fake)")
     q.set_defaults(func=cmd_quantize)
 
     e = sub.add_parser("eval", help="top-1 accuracy of a model (quantized when --bits is given)")
     _add_model_args(e, required=False)
     _add_quant_args(e, required=False)
     e.add_argument("--artifact", help="evaluate a model saved by `dfqvit quantize --out` instead of --model")
-    e.add_argument("--backend", default="fake", choices=["fake", "auto", "native", "torch", "triton"],
-                   help="fake-quant model (fake) or the integer engine (auto / native / torch / triton), for --artifact "
-                        "and for --model with --bits")
+    e.add_argument("--backend", choices=BACKEND_CHOICES,
+                   help="for --artifact and for --model with --bits: the integer engine (auto, the default; native / "
+                        "torch / triton) or the fake-quant model (fake)")
     e.add_argument("--data", required=True, help="evaluation images (.npz or image folder)")
     e.add_argument("--limit", type=int)
     e.add_argument("--batch-size", type=int, default=128)

@@ -15,7 +15,9 @@ from dfqvit.errors import (
     UnsupportedModelError,
 )
 
-# Floors (fp32 logits vs fake-quant logits on 16 held-out Gaussian inputs, Gaussian calibration):
+# Floors (fp32 logits vs the quantized model's on 16 held-out Gaussian inputs, Gaussian calibration). The
+# quantized model is what dfqvit.compile returns by default: the integer engine (native C++ kernels where
+# dfqvit._C is built, else the PyTorch reference ops); backend="fake" where a test inspects the fake-quant model.
 W8A8_MIN_COSINE = 0.99
 # These tests are about the quantized model, not the data-free pipeline (tested in test_calib_*/test_synth_*):
 # Gaussian calibration without reconstruction keeps them to seconds.
@@ -42,9 +44,8 @@ def test_w8a8_close_to_fp32_and_w4a4_worse(name):
 
 def test_weight_only_and_mixed_bits():
     model = TINY_MODELS["vit"]()
-    qmodel = dfqvit.compile(model, bits=(4, 16), **FAST)
-    assert list(qmodel.activation_quantizers()) == []
-    ref, w4a16 = _outputs(model, qmodel)
+    assert list(dfqvit.compile(model, bits=(4, 16), backend="fake", **FAST).activation_quantizers()) == []
+    ref, w4a16 = _outputs(model, dfqvit.compile(model, bits=(4, 16), **FAST))
     _, w4a8 = _outputs(model, dfqvit.compile(model, bits=(4, 8), **FAST))
     assert sqnr_db(ref, w4a16) > 10 and sqnr_db(ref, w4a8) > 10
 
@@ -168,18 +169,56 @@ def test_missing_checkpoint_and_gpu(tmp_path):
 
 def test_backend_choice_returns_engine_or_fake_model(tmp_path):
     from dfqvit.engine import QuantizedViT
+    from dfqvit.kernels import native
 
     model = TINY_MODELS["vit"]()
-    fake = dfqvit.compile(model, bits=8, **FAST)
-    engine = dfqvit.compile(model, bits=8, backend="torch", **FAST)
-    assert isinstance(fake, dfqvit.QuantizedModel) and isinstance(engine, QuantizedViT)
-    ref, out_fake = _outputs(model, fake)
+    engine = dfqvit.compile(model, bits=8, **FAST)  # the default: the integer engine for the device
+    fake = dfqvit.compile(model, bits=8, backend="fake", **FAST)
+    torch_engine = dfqvit.compile(model, bits=8, backend="torch", **FAST)
+    assert isinstance(engine, QuantizedViT) and isinstance(fake, dfqvit.QuantizedModel)
+    assert engine.backend == ("native" if native.available() else "torch") and torch_engine.backend == "torch"
     _, out_engine = _outputs(model, engine)
+    _, out_fake = _outputs(model, fake)
+    assert torch.equal(out_engine, _outputs(model, torch_engine)[1]), "the engine's backends agree bit for bit"
     assert cosine(out_fake, out_engine) >= 0.999, "integer engine and fake-quant model of one calibration agree"
-    path = tmp_path / "w8a8.safetensors"
-    dfqvit.save(fake, str(path))
-    assert isinstance(dfqvit.load(str(path), model=model, backend="auto"), QuantizedViT)
-    assert torch.equal(_outputs(model, dfqvit.load(str(path), model=model))[1], out_fake)
+    # The engine keeps its artifact: saving it writes what saving the fake-quant model writes, and loading
+    # either file gives the same engine and the same fake-quant model back.
+    for name, qmodel in (("engine", engine), ("fake", fake)):
+        path = str(tmp_path / f"{name}.safetensors")
+        dfqvit.save(qmodel, path)
+        loaded = dfqvit.load(path, model=model)
+        assert isinstance(loaded, QuantizedViT) and loaded.artifact is not None
+        assert torch.equal(_outputs(model, loaded)[1], out_engine)
+        assert torch.equal(_outputs(model, dfqvit.load(path, model=model, backend="fake"))[1], out_fake)
+        dfqvit.save(loaded, str(tmp_path / f"{name}_again.safetensors"))  # a loaded engine saves again
+        again = dfqvit.load(str(tmp_path / f"{name}_again.safetensors"), model=model)
+        assert torch.equal(_outputs(model, again)[1], out_engine)
+    assert torch.equal(_outputs(model, engine.artifact.to_model(model))[1], out_fake)
+
+
+def test_auto_backend_falls_back_to_the_fake_model_with_a_warning():
+    """A model the engine cannot run (here: tanh GELU; the engine fuses the exact one) still comes back from a
+    finished calibration under "auto", with a warning that says why; a named engine backend refuses it."""
+    from functools import partial
+
+    model = TINY_MODELS["vit"](act_layer=partial(torch.nn.GELU, approximate="tanh"))
+    with pytest.warns(UserWarning, match="engine cannot run this model.*exact \\(erf\\) GELU.*backend='fake'"):
+        qmodel = dfqvit.compile(model, bits=8, **FAST)
+    assert isinstance(qmodel, dfqvit.QuantizedModel)
+    ref, out = _outputs(model, qmodel)
+    assert cosine(ref, out) >= W8A8_MIN_COSINE
+    with pytest.raises(UnsupportedModelError, match="GELU"):
+        dfqvit.compile(model, bits=8, backend="torch", **FAST)
+
+
+def test_saving_an_engine_without_its_artifact_says_what_to_save(tmp_path):
+    from dfqvit.engine import QuantizedViT
+
+    fake = dfqvit.compile(TINY_MODELS["vit"](), bits=8, backend="fake", **FAST)
+    with pytest.raises(DFQViTError, match="save the QuantizedModel"):
+        dfqvit.save(QuantizedViT(fake, "torch"), str(tmp_path / "a.safetensors"))
+    with pytest.raises(DFQViTError, match="QuantizedViT engine or a QuantizedModel.*Linear"):
+        dfqvit.save(torch.nn.Linear(3, 3), str(tmp_path / "b.safetensors"))
 
 
 def test_bad_backend():

@@ -15,7 +15,9 @@ from dfqvit.config import CorrectionConfig, ReconConfig
 from dfqvit.errors import ArtifactError, CheckpointNotFoundError
 
 TINY_KWARGS = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10)
-FAST = dict(calib="gaussian", recon=ReconConfig(iterations=2), progress=False)
+# The fake-quant model: these tests check that every tensor it needs survives the round trip
+# (tests/test_api.py saves and loads the integer engine that dfqvit.compile returns by default).
+FAST = dict(calib="gaussian", recon=ReconConfig(iterations=2), progress=False, backend="fake")
 
 
 def _x(n=8):
@@ -34,7 +36,7 @@ def saved(tmp_path_factory):
 
 def test_round_trip_is_bit_exact_and_rebuilds_the_model(saved):
     qmodel, path = saved
-    loaded = dfqvit.load(path)
+    loaded = dfqvit.load(path, backend="fake")
     with torch.no_grad():
         assert torch.equal(qmodel(_x()), loaded(_x()))
 
@@ -43,9 +45,9 @@ def test_round_trip_is_bit_exact_and_rebuilds_the_model(saved):
 @pytest.mark.parametrize("form", ["diag", "full"])
 def test_round_trip_every_family_with_a_skeleton(tmp_path, name, form):
     qmodel = dfqvit.compile(TINY_MODELS[name](), bits=(4, 8), calib="gaussian", recon=None,
-                            correction=CorrectionConfig(form=form), progress=False)
+                            correction=CorrectionConfig(form=form), progress=False, backend="fake")
     dfqvit.save(qmodel, str(tmp_path / "a.safetensors"))
-    loaded = dfqvit.load(str(tmp_path / "a.safetensors"), model=TINY_MODELS[name]())
+    loaded = dfqvit.load(str(tmp_path / "a.safetensors"), model=TINY_MODELS[name](), backend="fake")
     with torch.no_grad():
         assert torch.equal(qmodel(_x()), loaded(_x()))
 

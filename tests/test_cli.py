@@ -3,6 +3,7 @@ import json
 
 from conftest import CIFAR_MODEL_JSON, CIFAR_TEST, load_cifar_model
 from dfqvit.cli import main
+from dfqvit.kernels import native
 
 
 def test_quantize_and_eval_on_reference_model(tmp_path, capsys):
@@ -16,14 +17,21 @@ def test_quantize_and_eval_on_reference_model(tmp_path, capsys):
     data = json.loads(report.read_text())
     assert data["bits"] == [4, 8] and data["eval_images"] == 100 and data["recon_iters"] == 0
     assert 0 <= data["quant_top1"] <= 100 and data["top1_agreement"] >= 50
+    engine = "native (isa=" if native.available() else "torch"  # --eval runs the integer engine by default
+    assert data["eval_backend"].startswith(engine)
     assert "top-1 on 100 images" in capsys.readouterr().out
     rc = main(["eval", "--model", str(CIFAR_MODEL_JSON), "--data", str(CIFAR_TEST), "--limit", "50"])
     assert rc == 0 and "fp32 top-1" in capsys.readouterr().out
-    # the saved artifact rebuilds the JSON-described model by itself and scores what quantize reported
+    # the saved artifact rebuilds the JSON-described model by itself and scores what quantize reported (the
+    # engine's backends give the same logits bit for bit)
     rc = main(["eval", "--artifact", str(artifact), "--data", str(CIFAR_TEST), "--limit", "100"])
-    assert rc == 0 and f"top-1: {data['quant_top1']:.2f}%" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert rc == 0 and f"top-1: {data['quant_top1']:.2f}%" in out and engine in out
     rc = main(["eval", "--artifact", str(artifact), "--backend", "torch", "--data", str(CIFAR_TEST), "--limit", "100"])
-    assert rc == 0 and "backend torch" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert rc == 0 and "w4a8.safetensors, torch) top-1" in out and f"top-1: {data['quant_top1']:.2f}%" in out
+    rc = main(["eval", "--artifact", str(artifact), "--backend", "fake", "--data", str(CIFAR_TEST), "--limit", "100"])
+    assert rc == 0 and "fake-quant) top-1" in capsys.readouterr().out
     # options that cannot apply to a saved model are refused, not ignored
     assert main(["eval", "--artifact", str(artifact), "--bits", "4", "--data", str(CIFAR_TEST)]) == 2
     assert "W4A8" in capsys.readouterr().err

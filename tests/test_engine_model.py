@@ -29,7 +29,7 @@ def calibrated(name: str, bits):
         torch.manual_seed(1)
         size = model.patch_embed.img_size
         qmodel = dfqvit.compile(model, bits=bits, calib=torch.randn(4, 3, *size), recon=None, correction=None,
-                                progress=False)
+                                progress=False, backend="fake")
         _CACHE[key] = (model, qmodel)
     return _CACHE[key]
 
@@ -88,7 +88,8 @@ def test_torch_engine_w4a4_matches_fake_quant_on_the_trained_cifar_model():
 
     model, norm = load_cifar_model()
     calib, _, x = load_cifar_images(norm)
-    qmodel = dfqvit.compile(model, bits=4, calib=calib, normalization=norm, recon=None, progress=False)
+    qmodel = dfqvit.compile(model, bits=4, calib=calib, normalization=norm, recon=None, progress=False,
+                            backend="fake")
     fake, real = logits(qmodel, x), logits(build_engine(qmodel, backend="torch"), x)
     print(f"W4A4 CIFAR ViT engine vs fake: cosine {cosine(fake, real):.5f}, agreement {agreement(fake, real):.3f}")
     assert cosine(fake, real) >= 0.999
@@ -184,7 +185,7 @@ def test_triton_engine_on_cuda_matches_fake_quant_on_the_trained_cifar_model():
     calib, _, x = load_cifar_images(norm)
     for bits in ((4, 8), 4):
         qmodel = dfqvit.compile(model, bits=bits, calib=calib, normalization=norm, recon=None, device="cuda",
-                                progress=False)
+                                progress=False, backend="fake")
         fake, real = logits(qmodel, x.cuda()).cpu(), logits(build_engine(qmodel), x.cuda()).cpu()
         print(f"{bits} CIFAR ViT CUDA engine vs fake: cosine {cosine(fake, real):.5f}, "
               f"agreement {agreement(fake, real):.3f}")
@@ -231,7 +232,7 @@ def test_full_correction_and_layer_scale_are_applied():
     model = TINY_MODELS["vit"](init_values=0.5)
     torch.manual_seed(1)
     qmodel = dfqvit.compile(model, bits=(8, 8), calib=torch.randn(8, 3, 32, 32), recon=None,
-                            correction=dfqvit.CorrectionConfig(form="full"), progress=False)
+                            correction=dfqvit.CorrectionConfig(form="full"), progress=False, backend="fake")
     engine = build_engine(qmodel, backend="torch")
     assert engine.trunk.blocks[0].attn_end.matrix is not None and engine.trunk.blocks[0].attn_end.gamma is not None
     assert cosine(logits(qmodel, images()), logits(engine, images())) >= 0.999

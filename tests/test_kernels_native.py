@@ -324,7 +324,7 @@ def test_engine_native_backend_equals_torch_backend(name, bits):
     model = TINY_MODELS[name]()
     torch.manual_seed(1)
     qmodel = dfqvit.compile(model, bits=bits, calib=torch.randn(4, 3, 32, 32), recon=None, correction=None,
-                            progress=False)
+                            progress=False, backend="fake")
     x = torch.randn(6, 3, 32, 32, generator=GEN)
     native_engine, torch_engine = build_engine(qmodel, backend="native"), build_engine(qmodel, backend="torch")
     from dfqvit.kernels import native
@@ -343,7 +343,8 @@ def test_engine_native_backend_on_the_trained_cifar_model():
     from conftest import load_cifar_images, load_cifar_model
     model, norm = load_cifar_model()
     calib, _, x = load_cifar_images(norm, test_images=64)
-    qmodel = dfqvit.compile(model, bits=(4, 8), calib=calib, normalization=norm, recon=None, progress=False)
+    qmodel = dfqvit.compile(model, bits=(4, 8), calib=calib, normalization=norm, recon=None, progress=False,
+                            backend="fake")
     with torch.no_grad():
         assert torch.equal(build_engine(qmodel, backend="native")(x), build_engine(qmodel, backend="torch")(x))
 

@@ -38,17 +38,20 @@ def build_engine(source, backend: str = "auto", *, model: Optional[nn.Module] = 
     if isinstance(source, (str, os.PathLike)):
         from dfqvit.artifact import QuantArtifact
         source = QuantArtifact.load(os.fspath(source))
+    artifact = None
     if not isinstance(source, QuantizedModel):
         from dfqvit.artifact import QuantArtifact
         if not isinstance(source, QuantArtifact):
             raise DFQViTError(f"build_engine expects a QuantizedModel (dfqvit.compile), a QuantArtifact or a path, "
                               f"got {type(source).__name__}")
-        source = source.to_model(model, device=device)
+        artifact, source = source, source.to_model(model, device=device)
     elif device is not None:
         source = source.to(device)
     if backend == "fake":
         return source
-    return QuantizedViT(source, backend, **kwargs)
+    engine = QuantizedViT(source, backend, **kwargs)
+    engine.artifact = artifact  # an engine of an artifact can be saved again (dfqvit.save)
+    return engine
 
 
 __all__ = ["build_engine", "QuantizedViT", "CUDAGraphRunner", "BATCH_BUCKETS", "BACKENDS"]

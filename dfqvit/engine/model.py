@@ -132,6 +132,10 @@ class QuantizedViT(nn.Module):
 
     ``dtype`` is the residual stream's dtype (default fp16 on CUDA, fp32 on CPU). On CUDA with the Triton
     backend, calls replay a CUDA graph per batch-size bucket (``cuda_graphs=False`` runs eagerly).
+
+    ``artifact``: the ``QuantArtifact`` this engine was built from, kept on the CPU so ``dfqvit.save`` can
+    write it (set by ``dfqvit.compile`` / ``dfqvit.load`` / ``from_artifact``; None when built from a
+    ``QuantizedModel`` directly — save that model instead).
     """
 
     def __init__(self, qmodel: QuantizedModel, backend: str = "auto", *, dtype: Optional[torch.dtype] = None,
@@ -145,6 +149,7 @@ class QuantizedViT(nn.Module):
         device = next(qmodel.model.parameters()).device
         self.kernels = select_kernels(backend, device)
         self.family, self.config, self.input_spec = qmodel.family, qmodel.config, qmodel.input_spec
+        self.artifact = None
         self.float_layers = tuple(qmodel.skipped)
         self.check_inputs = qmodel.config.check_inputs
         self.dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
@@ -169,7 +174,9 @@ class QuantizedViT(nn.Module):
 
         if not isinstance(artifact, QuantArtifact):
             artifact = QuantArtifact.load(str(artifact))
-        return cls(artifact.to_model(model, device=device), backend, **kwargs)
+        engine = cls(artifact.to_model(model, device=device), backend, **kwargs)
+        engine.artifact = artifact
+        return engine
 
     @property
     def backend(self) -> str:
