@@ -227,6 +227,22 @@ def test_engine_rejects_bad_inputs():
         engine(torch.randn(2, 3, 32, 32, device="meta"))
 
 
+def test_engine_refuses_moves_and_casts_that_would_change_it():
+    """The kernels and layouts are chosen for one device at build time, and a cast of the scales would change
+    the results: .half() / .to(other device) say how to build an engine there; no-op moves pass."""
+    _, qmodel = calibrated("vit", (8, 8))
+    engine = build_engine(qmodel, backend="torch")
+    x = images(2)
+    before = logits(engine, x)
+    assert engine.cpu() is engine and engine.to("cpu", torch.float32) is engine and engine.float() is engine
+    for move in (lambda e: e.half(), lambda e: e.to(torch.float64), lambda e: e.to("meta")):
+        with pytest.raises(DFQViTError, match="build_engine\\(engine.artifact, device="):
+            move(engine)
+    assert all(b.device.type == "cpu" for b in engine.buffers())
+    assert engine.trunk.blocks[0].mlp.fc1.w_scale.dtype == torch.float32
+    assert torch.equal(logits(engine, x), before), "a refused move leaves the engine as it was"
+
+
 def test_full_correction_and_layer_scale_are_applied():
     """Branch ends that cannot be fused into the GEMM (a ``full`` activation correction, LayerScale)."""
     model = TINY_MODELS["vit"](init_values=0.5)

@@ -12,7 +12,7 @@ import torch
 from timm.layers import global_pool_nlc
 from torch import nn
 
-from dfqvit.errors import InputShapeError, UnsupportedModelError
+from dfqvit.errors import DFQViTError, InputShapeError, UnsupportedModelError
 from dfqvit.models import QuantizedModel
 from dfqvit.models.quantized import validate_images
 from dfqvit.nn.linear import _QuantWeightLayer
@@ -181,6 +181,20 @@ class QuantizedViT(nn.Module):
     @property
     def backend(self) -> str:
         return self.kernels.name
+
+    def _apply(self, fn, recurse=True):
+        """``.to()``, ``.cuda()``, ``.half()`` and the like pass only when they change nothing: the kernels, the
+        weight layout and the activation dtype were chosen for one device when the engine was built, and a
+        cast of its scales and biases would change its results without a word."""
+        probe = torch.zeros((), dtype=torch.float32, device=self.device)
+        moved = fn(probe)
+        if moved.device != probe.device or moved.dtype != probe.dtype:
+            raise DFQViTError(
+                f"this engine runs on {self.device} with the {self.backend} backend and {self.dtype} activations, "
+                f"fixed when it was built; it cannot become {moved.dtype} on {moved.device}. Build one there: "
+                f"dfqvit.engine.build_engine(engine.artifact, device='{moved.device.type}') (or "
+                f"dfqvit.load(path, device=...)); build_engine(..., dtype=...) picks the activation dtype")
+        return super()._apply(fn, recurse)
 
     @property
     def device(self) -> torch.device:
