@@ -6,6 +6,8 @@ modules in ``dfqvit.quant`` call them, and every Triton kernel must reproduce th
 """
 from __future__ import annotations
 
+from typing import Tuple
+
 import torch
 
 from . import portable_math
@@ -57,15 +59,50 @@ def log2_dequantize(codes: torch.Tensor, delta, bits: int) -> torch.Tensor:
 LOG2E = 1.4426950408889634  # same constant as the kernels (kernels/_common.py)
 
 
+FP32_EXACT_SUM = 2 ** 24   # integers below this are exact in fp32, and so is any sum of them that stays below
+FP64_EXACT_SUM = 2 ** 53
+
+
+def ieee_fp32_matmul(device: torch.device) -> bool:
+    """Whether fp32 matmuls on ``device`` are plain IEEE fp32: on the CPU unless the user allowed a reduced
+    precision (``torch.set_float32_matmul_precision``, oneDNN's bf16 fp32 math); never assumed on CUDA (TF32)."""
+    if device.type != "cpu" or torch.get_float32_matmul_precision() != "highest":
+        return False
+    mkldnn_matmul = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    return getattr(mkldnn_matmul, "fp32_precision", "none") in ("none", "ieee")
+
+
+def exact_matmul_fp32(a: torch.Tensor, b: torch.Tensor, bound: float) -> torch.Tensor:
+    """``a @ b`` of integer-valued tensors as fp32: each entry the exact integer, rounded once to fp32 (what
+    the kernels' epilogues start from). ``bound``: at least ``max|a| * max|b| * K``, which bounds every
+    product and partial sum. PyTorch's integer matmul on the CPU does not use BLAS (~50x slower), so this
+    runs on float BLAS, where any summation order is exact when every partial sum is an integer the format
+    holds: fp32 below 2**24 (~2.3x faster than float64 on the CIFAR layers), else float64 below 2**53, else
+    int64."""
+    if bound < FP32_EXACT_SUM and ieee_fp32_matmul(a.device):
+        return a.to(torch.float32) @ b.to(torch.float32)
+    if bound < FP64_EXACT_SUM:
+        return (a.to(torch.float64) @ b.to(torch.float64)).to(torch.float32)
+    return (a.to(torch.int64) @ b.to(torch.int64)).to(torch.float32)
+
+
 def exact_int_matmul(a: torch.Tensor, b: torch.Tensor, max_abs_a: int = 255, max_abs_b: int = 255) -> torch.Tensor:
-    """``a @ b`` of integer-valued tensors with ``|a| <= max_abs_a``, ``|b| <= max_abs_b``, exact, as int64.
-    PyTorch's integer matmul on the CPU does not use BLAS and is ~50x slower, so this runs in float64:
-    every product and partial sum is an integer below ``max_abs_a * max_abs_b * K < 2**53``, so any
-    summation order is exact (8-bit codes: far below for every real layer)."""
-    k = a.shape[-1]
-    if max_abs_a * max_abs_b * k >= 2 ** 53:  # keep the int64 path as the safe fallback
-        return a.to(torch.int64) @ b.to(torch.int64)
-    return (a.to(torch.float64) @ b.to(torch.float64)).to(torch.int64)
+    """``a @ b`` of integer-valued tensors with ``|a| <= max_abs_a``, ``|b| <= max_abs_b``, exact, as int64
+    (float BLAS as in :func:`exact_matmul_fp32`, without the rounding to fp32)."""
+    bound = max_abs_a * max_abs_b * a.shape[-1]
+    if bound < FP32_EXACT_SUM and ieee_fp32_matmul(a.device):
+        return (a.to(torch.float32) @ b.to(torch.float32)).to(torch.int64)
+    if bound < FP64_EXACT_SUM:
+        return (a.to(torch.float64) @ b.to(torch.float64)).to(torch.int64)
+    return a.to(torch.int64) @ b.to(torch.int64)
+
+
+def centered(codes: torch.Tensor, zero) -> Tuple[torch.Tensor, int]:
+    """(codes - zero as fp32, max |codes - zero|): exact for integer codes of up to 24 bits. ``zero``: an int or
+    a tensor that broadcasts against ``codes``."""
+    c = codes.to(torch.float32)
+    c = c - (zero.to(torch.float32) if isinstance(zero, torch.Tensor) else float(zero))
+    return c, int(c.abs().amax()) if c.numel() else 0
 
 
 # --- packing ---------------------------------------------------------------------------------------
@@ -159,12 +196,20 @@ def unpack_any_reference(w_packed: torch.Tensor, storage_bits: int, k: int, grou
 
 # --- qgemm -----------------------------------------------------------------------------------------
 
+def qgemm_accumulator_fp32(a: torch.Tensor, a_zero: int, w_codes: torch.Tensor,
+                           w_zero: torch.Tensor) -> torch.Tensor:
+    """``sum_k (A[m,k] - a_zero) * (W[n,k] - w_zero[n])`` (M, N): the exact integer rounded once to fp32."""
+    a_c, a_max = centered(a, int(a_zero))
+    w_c, w_max = centered(w_codes, w_zero[:, None])
+    return exact_matmul_fp32(a_c, w_c.T, a_max * w_max * a.shape[-1])
+
+
 def qgemm_accumulator_reference(a: torch.Tensor, a_zero: int, w_codes: torch.Tensor,
                                 w_zero: torch.Tensor) -> torch.Tensor:
     """Exact ``sum_k (A[m,k] - a_zero) * (W[n,k] - w_zero[n])`` as int32 (M, N); W as unpacked codes."""
-    a64 = a.to(torch.int64) - int(a_zero)
-    w64 = w_codes.to(torch.int64) - w_zero.to(torch.int64)[:, None]
-    return exact_int_matmul(a64, w64.T).to(torch.int32)
+    a_c, a_max = centered(a, int(a_zero))
+    w_c, w_max = centered(w_codes, w_zero[:, None])
+    return exact_int_matmul(a_c, w_c.T, a_max, w_max).to(torch.int32)
 
 
 def gemm_epilogue_reference(acc_fp32: torch.Tensor, row_scale: torch.Tensor, bias, gelu: bool, residual,
@@ -196,9 +241,9 @@ def qgemm_reference(a: torch.Tensor, a_scale: float, a_zero: int, w_packed: torc
     kernel uses it for the zero-point correction); it is checked against the codes by the tests.
     """
     codes = unpack_any_reference(w_packed, storage_bits, k, group_k)
-    acc = qgemm_accumulator_reference(a, a_zero, codes, w_zero)
+    acc = qgemm_accumulator_fp32(a, a_zero, codes, w_zero)  # fp32 of the int32 accumulator, as the kernels
     row_scale = torch.tensor(a_scale, dtype=torch.float32) * w_scale.to(torch.float32)
-    return gemm_epilogue_reference(acc.to(torch.float32), row_scale, bias, gelu, residual, out_scale,
+    return gemm_epilogue_reference(acc, row_scale, bias, gelu, residual, out_scale,
                                    out_zero, out_qmin, out_qmax, out_dtype)
 
 
@@ -242,9 +287,11 @@ def attention_probs_reference(q: torch.Tensor, k: torch.Tensor, q_scale: float, 
     ``bias * log2(e)`` and ``mask * log2(e)``, then ``exp2(t - max t) / sum`` with the portable ``exp2``
     and the order-independent fixed-point row sum of ``portable_math``."""
     b, h, n, _ = q.shape
-    acc = exact_int_matmul(q.to(torch.int64) - int(q_zero), (k.to(torch.int64) - int(k_zero)).transpose(-1, -2))
+    q_c, q_max = centered(q, int(q_zero))
+    k_c, k_max = centered(k, int(k_zero))
+    acc = exact_matmul_fp32(q_c, k_c.transpose(-1, -2), q_max * k_max * q.shape[-1])
     qk_scale_log2 = torch.tensor(sm_scale * q_scale * k_scale * LOG2E, dtype=torch.float32)
-    t = acc.to(torch.float32) * qk_scale_log2
+    t = acc * qk_scale_log2
     log2e = torch.tensor(LOG2E, dtype=torch.float32)
     for term in attention_bias_mask_reference(bias, mask, b, h, n):
         t = t + term * log2e
@@ -275,11 +322,11 @@ def log2_pv_shift(p_bits: int) -> int:
 
 def _attention_pv(weights: torch.Tensor, v: torch.Tensor, v_zero: int, scale: float,
                   out_dtype: torch.dtype) -> torch.Tensor:
-    """``(sum_j weights[.., j] * (v_j - v_zero)) * scale`` with integer weights: the sum is exact (float64
-    BLAS on integers < 2**53), rounded once to fp32, then scaled in fp32."""
-    v_centered = v.to(torch.int64) - int(v_zero)
-    max_weight = int(weights.abs().max()) if weights.numel() else 0
-    acc = exact_int_matmul(weights, v_centered, max_weight).to(torch.float32)
+    """``(sum_j weights[.., j] * (v_j - v_zero)) * scale`` with integer weights: the sum is exact (float BLAS on
+    integers, ``exact_matmul_fp32``), rounded once to fp32, then scaled in fp32."""
+    v_c, v_max = centered(v, int(v_zero))
+    max_weight = int(weights.abs().amax()) if weights.numel() else 0
+    acc = exact_matmul_fp32(weights, v_c, max_weight * v_max * weights.shape[-1])
     return (acc * torch.tensor(scale, dtype=torch.float32)).to(out_dtype)
 
 
@@ -293,10 +340,10 @@ def attention_log2_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     with the exact integer sum of :func:`log2_pv_shift` (the underflow code contributes 0).
     """
     codes = attention_log2_codes_reference(q, k, q_scale, q_zero, k_scale, k_zero, sm_scale, bias, mask,
-                                           p_delta, p_bits).to(torch.int64)
+                                           p_delta, p_bits).to(torch.int32)
     shift = log2_pv_shift(p_bits)
-    weights = torch.where(codes <= shift, torch.ones_like(codes) << (shift - codes).clamp(min=0),
-                          torch.zeros_like(codes))
+    # 2**(S - k) as fp32 exponent bits (S <= 32: exact), 0 for the levels past S
+    weights = ((127 + shift - codes) << 23).view(torch.float32).masked_fill_(codes > shift, 0.0)
     out = _attention_pv(weights, v, v_zero, 2.0 ** -shift, torch.float32)
     return (out * torch.tensor(float(p_delta) * float(v_scale), dtype=torch.float32)).to(out_dtype)
 

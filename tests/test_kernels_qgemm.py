@@ -404,3 +404,36 @@ def test_exact_int_matmul_equals_int64_at_extreme_codes(k):
     got = exact_int_matmul(a, b)
     assert got.dtype == torch.int64
     assert torch.equal(got, a @ b)
+
+
+@pytest.mark.parametrize("k", [258, 259])
+def test_exact_matmul_fp32_on_both_sides_of_the_fp32_bound(k):
+    """255 * 255 * 258 < 2**24 <= 255 * 255 * 259: the first runs on fp32 BLAS, the second on float64; both
+    must give the exact integer rounded once to fp32, with every product the largest (or mixed signs)."""
+    from dfqvit.kernels.reference import FP32_EXACT_SUM, exact_matmul_fp32
+
+    gen = torch.Generator().manual_seed(k)
+    a = torch.randint(-255, 256, (6, k), generator=gen).float()
+    b = torch.randint(-255, 256, (k, 5), generator=gen).float()
+    a[0], b[:, 0] = 255, 255
+    a[1], b[:, 1] = -255, 255
+    bound = 255 * 255 * k
+    assert (bound < FP32_EXACT_SUM) == (k == 258)
+    got = exact_matmul_fp32(a, b, bound)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, (a.long() @ b.long()).float())
+
+
+def test_reduced_fp32_matmul_precision_sends_the_reference_to_float64():
+    """A user's torch.set_float32_matmul_precision('medium') may let fp32 matmuls run in bf16 / TF32; the
+    exact reference must then not use fp32 BLAS."""
+    from dfqvit.kernels.reference import ieee_fp32_matmul
+
+    before = torch.get_float32_matmul_precision()
+    assert ieee_fp32_matmul(torch.device("cpu")) == (before == "highest")
+    try:
+        torch.set_float32_matmul_precision("medium")
+        assert not ieee_fp32_matmul(torch.device("cpu"))
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert not ieee_fp32_matmul(torch.device("meta"))
