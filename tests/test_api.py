@@ -169,14 +169,14 @@ def test_missing_checkpoint_and_gpu(tmp_path):
 
 def test_backend_choice_returns_engine_or_fake_model(tmp_path):
     from dfqvit.engine import QuantizedViT
-    from dfqvit.kernels import native
+    from dfqvit.engine.backends import native_is_default
 
     model = TINY_MODELS["vit"]()
     engine = dfqvit.compile(model, bits=8, **FAST)  # the default: the integer engine for the device
     fake = dfqvit.compile(model, bits=8, backend="fake", **FAST)
     torch_engine = dfqvit.compile(model, bits=8, backend="torch", **FAST)
     assert isinstance(engine, QuantizedViT) and isinstance(fake, dfqvit.QuantizedModel)
-    assert engine.backend == ("native" if native.available() else "torch") and torch_engine.backend == "torch"
+    assert engine.backend == ("native" if native_is_default() else "torch") and torch_engine.backend == "torch"
     _, out_engine = _outputs(model, engine)
     _, out_fake = _outputs(model, fake)
     assert torch.equal(out_engine, _outputs(model, torch_engine)[1]), "the engine's backends agree bit for bit"

@@ -3,7 +3,7 @@ import json
 
 from conftest import CIFAR_MODEL_JSON, CIFAR_TEST, load_cifar_model
 from dfqvit.cli import main
-from dfqvit.kernels import native
+from dfqvit.engine.backends import native_is_default
 
 
 def test_quantize_and_eval_on_reference_model(tmp_path, capsys):
@@ -17,7 +17,7 @@ def test_quantize_and_eval_on_reference_model(tmp_path, capsys):
     data = json.loads(report.read_text())
     assert data["bits"] == [4, 8] and data["eval_images"] == 100 and data["recon_iters"] == 0
     assert 0 <= data["quant_top1"] <= 100 and data["top1_agreement"] >= 50
-    engine = "native (isa=" if native.available() else "torch"  # --eval runs the integer engine by default
+    engine = "native (isa=" if native_is_default() else "torch"  # --eval runs the integer engine by default
     assert data["eval_backend"].startswith(engine)
     assert "top-1 on 100 images" in capsys.readouterr().out
     rc = main(["eval", "--model", str(CIFAR_MODEL_JSON), "--data", str(CIFAR_TEST), "--limit", "50"])

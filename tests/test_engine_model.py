@@ -197,9 +197,16 @@ def test_auto_backend_on_cpu_is_native_or_torch_and_fake_returns_the_fake_model(
     from dfqvit.kernels import native
     _, qmodel = calibrated("vit", (8, 8))
     engine = build_engine(qmodel)
-    expected = "native" if native.available() else "torch"
+    expected = "native" if native.available() and native.isa() != "scalar" else "torch"
     assert isinstance(engine, QuantizedViT) and engine.backend == expected
     assert f"backend={expected}" in repr(engine) and "W8A8" in repr(engine)
+    if native.available():  # the native scalar rung is slower than PyTorch: auto takes PyTorch there
+        previous = native.set_isa("scalar")
+        try:
+            assert build_engine(qmodel).backend == "torch"
+            assert build_engine(qmodel, backend="native").backend == "native"
+        finally:
+            native.set_isa(previous)
     assert build_engine(qmodel, backend="fake") is qmodel
     with pytest.raises(DFQViTError, match="backend"):
         build_engine(qmodel, backend="cuda")
