@@ -72,29 +72,28 @@ def ieee_fp32_matmul(device: torch.device) -> bool:
     return getattr(mkldnn_matmul, "fp32_precision", "none") in ("none", "ieee")
 
 
-def exact_matmul_fp32(a: torch.Tensor, b: torch.Tensor, bound: float) -> torch.Tensor:
-    """``a @ b`` of integer-valued tensors as fp32: each entry the exact integer, rounded once to fp32 (what
-    the kernels' epilogues start from). ``bound``: at least ``max|a| * max|b| * K``, which bounds every
-    product and partial sum. PyTorch's integer matmul on the CPU does not use BLAS (~50x slower), so this
-    runs on float BLAS, where any summation order is exact when every partial sum is an integer the format
-    holds: fp32 below 2**24 (~2.3x faster than float64 on the CIFAR layers), else float64 below 2**53, else
-    int64."""
+def _exact_matmul(a: torch.Tensor, b: torch.Tensor, bound: float) -> torch.Tensor:
+    """``a @ b`` of integer-valued tensors, every entry exact: on fp32 BLAS when ``bound`` (at least
+    ``max|a| * max|b| * K``, which bounds every product and partial sum) is below 2**24 and fp32 matmul is IEEE,
+    else float64 below 2**53, else int64. PyTorch's integer matmul on the CPU does not use BLAS (~50x slower);
+    on float BLAS any summation order is exact when every partial sum is an integer the format holds (fp32:
+    ~2.3x faster than float64 on the CIFAR layers)."""
     if bound < FP32_EXACT_SUM and ieee_fp32_matmul(a.device):
         return a.to(torch.float32) @ b.to(torch.float32)
     if bound < FP64_EXACT_SUM:
-        return (a.to(torch.float64) @ b.to(torch.float64)).to(torch.float32)
-    return (a.to(torch.int64) @ b.to(torch.int64)).to(torch.float32)
+        return a.to(torch.float64) @ b.to(torch.float64)
+    return a.to(torch.int64) @ b.to(torch.int64)
+
+
+def exact_matmul_fp32(a: torch.Tensor, b: torch.Tensor, bound: float) -> torch.Tensor:
+    """``a @ b`` of integer-valued tensors as fp32: each entry the exact integer, rounded once to fp32 (what
+    the kernels' epilogues start from). ``bound``: as in :func:`_exact_matmul`."""
+    return _exact_matmul(a, b, bound).to(torch.float32)
 
 
 def exact_int_matmul(a: torch.Tensor, b: torch.Tensor, max_abs_a: int = 255, max_abs_b: int = 255) -> torch.Tensor:
-    """``a @ b`` of integer-valued tensors with ``|a| <= max_abs_a``, ``|b| <= max_abs_b``, exact, as int64
-    (float BLAS as in :func:`exact_matmul_fp32`, without the rounding to fp32)."""
-    bound = max_abs_a * max_abs_b * a.shape[-1]
-    if bound < FP32_EXACT_SUM and ieee_fp32_matmul(a.device):
-        return (a.to(torch.float32) @ b.to(torch.float32)).to(torch.int64)
-    if bound < FP64_EXACT_SUM:
-        return (a.to(torch.float64) @ b.to(torch.float64)).to(torch.int64)
-    return a.to(torch.int64) @ b.to(torch.int64)
+    """``a @ b`` of integer-valued tensors with ``|a| <= max_abs_a``, ``|b| <= max_abs_b``, exact, as int64."""
+    return _exact_matmul(a, b, max_abs_a * max_abs_b * a.shape[-1]).to(torch.int64)
 
 
 def centered(codes: torch.Tensor, zero) -> Tuple[torch.Tensor, int]:
@@ -196,20 +195,23 @@ def unpack_any_reference(w_packed: torch.Tensor, storage_bits: int, k: int, grou
 
 # --- qgemm -----------------------------------------------------------------------------------------
 
+def _qgemm_accumulator(a: torch.Tensor, a_zero: int, w_codes: torch.Tensor, w_zero: torch.Tensor) -> torch.Tensor:
+    """``sum_k (A[m,k] - a_zero) * (W[n,k] - w_zero[n])`` (M, N), every entry exact (fp32, float64 or int64)."""
+    a_c, a_max = centered(a, int(a_zero))
+    w_c, w_max = centered(w_codes, w_zero[:, None])
+    return _exact_matmul(a_c, w_c.T, a_max * w_max * a.shape[-1])
+
+
 def qgemm_accumulator_fp32(a: torch.Tensor, a_zero: int, w_codes: torch.Tensor,
                            w_zero: torch.Tensor) -> torch.Tensor:
     """``sum_k (A[m,k] - a_zero) * (W[n,k] - w_zero[n])`` (M, N): the exact integer rounded once to fp32."""
-    a_c, a_max = centered(a, int(a_zero))
-    w_c, w_max = centered(w_codes, w_zero[:, None])
-    return exact_matmul_fp32(a_c, w_c.T, a_max * w_max * a.shape[-1])
+    return _qgemm_accumulator(a, a_zero, w_codes, w_zero).to(torch.float32)
 
 
 def qgemm_accumulator_reference(a: torch.Tensor, a_zero: int, w_codes: torch.Tensor,
                                 w_zero: torch.Tensor) -> torch.Tensor:
     """Exact ``sum_k (A[m,k] - a_zero) * (W[n,k] - w_zero[n])`` as int32 (M, N); W as unpacked codes."""
-    a_c, a_max = centered(a, int(a_zero))
-    w_c, w_max = centered(w_codes, w_zero[:, None])
-    return exact_int_matmul(a_c, w_c.T, a_max, w_max).to(torch.int32)
+    return _qgemm_accumulator(a, a_zero, w_codes, w_zero).to(torch.int32)
 
 
 def gemm_epilogue_reference(acc_fp32: torch.Tensor, row_scale: torch.Tensor, bias, gelu: bool, residual,
