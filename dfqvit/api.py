@@ -92,8 +92,8 @@ def compile(
         stages_dir: folder where each stage's result is saved; a later call with the same folder resumes
             after the last stage whose saved result was made with the same settings.
         backend: "auto" (default) returns the integer engine ``QuantizedViT`` for the device: Triton kernels
-            on CUDA, on a CPU the native C++ kernels where ``dfqvit._C`` is built, else the PyTorch reference
-            ops; "triton" / "native" / "torch" force one. "fake" returns the fake-quant ``QuantizedModel``
+            on CUDA, on a CPU the native C++ kernels where ``dfqvit._C`` is built for AVX2 or later, else the
+            PyTorch reference ops; "triton" / "native" / "torch" force one. "fake" returns the fake-quant ``QuantizedModel``
             (float math on quantized values; trainable, inspectable). See ``as_backend`` for what "auto" does
             with a model the engine cannot run, and for what the engine keeps so that ``dfqvit.save`` works.
     """

@@ -95,13 +95,7 @@ def _pipeline_configs(args) -> dict:
 def _runs_on(model) -> str:
     """What runs a quantized model, for the printed results: the engine's backend (with the native ISA) or
     the fake-quant model."""
-    backend = getattr(model, "backend", None)
-    if backend is None:
-        return "fake-quant"
-    if backend == "native":
-        from .kernels import native
-        return f"native (isa={native.isa()})"
-    return backend
+    return getattr(model, "backend_label", "fake-quant")
 
 
 def cmd_quantize(args) -> int:
@@ -198,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", help="save the quantized model as a QuantArtifact (.safetensors) here")
     q.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
                    help="what --eval runs: the integer engine (auto = Triton on CUDA, native C++ kernels on a CPU "
-                        "where they are built, else PyTorch; or native / torch / triton) or the fake-quant model (fake)")
+                        "where they are built for AVX2 or later, else PyTorch; or native / torch / triton) or the "
+                        "fake-quant model (fake)")
     q.set_defaults(func=cmd_quantize)
 
     e = sub.add_parser("eval", help="top-1 accuracy of a model (quantized when --bits is given)")

@@ -182,6 +182,15 @@ class QuantizedViT(nn.Module):
     def backend(self) -> str:
         return self.kernels.name
 
+    @property
+    def backend_label(self) -> str:
+        """The backend, with the vector ISA the native kernels run (``DFQVIT_NATIVE_ISA`` / ``native.set_isa``
+        change it): e.g. ``native (isa=avx2)``."""
+        if self.backend != "native":
+            return self.backend
+        from dfqvit.kernels import native
+        return f"native (isa={native.isa()})"
+
     def _apply(self, fn, recurse=True):
         """``.to()``, ``.cuda()``, ``.half()`` and the like pass only when they change nothing: the kernels, the
         weight layout and the activation dtype were chosen for one device when the engine was built, and a
@@ -242,10 +251,6 @@ class QuantizedViT(nn.Module):
             log2_on_triton = self.backend == "triton" and c.softmax_quantizer == SoftmaxQuantizer.LOG2
             math = resolve_softmax_math(torch.device(self.device)) if log2_on_triton else "exact"
             softmax = f", softmax_math={math}"
-        backend = self.backend
-        if backend == "native":  # which vector ISA its kernels run (DFQVIT_NATIVE_ISA / native.set_isa change it)
-            from dfqvit.kernels import native
-            backend = f"native (isa={native.isa()})"
-        return (f"family={self.family}, W{c.w_bits}A{a}{softmax}, backend={backend}, device={self.device}, "
+        return (f"family={self.family}, W{c.w_bits}A{a}{softmax}, backend={self.backend_label}, device={self.device}, "
                 f"dtype={self.dtype}, cuda_graphs={graphs}, weight_bytes={self.weight_nbytes()}, "
                 f"float_layers={list(self.float_layers)}")
