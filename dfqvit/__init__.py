@@ -5,7 +5,7 @@
     dfqvit.save(qmodel, "model.safetensors"); qmodel = dfqvit.load("model.safetensors")
     qmodel = dfqvit.compile(model, bits=(4, 8), calib=images)
 """
-from .api import compile, load, save
+from .api import compile, load, preflight_backend, save
 from .config import CalibConfig, CorrectionConfig, QuantConfig, ReconConfig, SoftmaxQuantizer, parse_bits
 from .errors import (
     ArtifactError,
@@ -24,7 +24,7 @@ from .models import QuantizedModel, adapt
 __version__ = "0.1.0"
 
 __all__ = [
-    "compile", "save", "load", "adapt", "QuantizedModel", "QuantConfig", "SoftmaxQuantizer", "parse_bits",
+    "compile", "save", "load", "preflight_backend", "adapt", "QuantizedModel", "QuantConfig", "SoftmaxQuantizer", "parse_bits",
     "CalibConfig", "ReconConfig", "CorrectionConfig", "ArtifactError",
     "DFQViTError", "UnsupportedBitsError", "UnsupportedModelError", "InputShapeError",
     "NonFiniteInputError", "CheckpointNotFoundError", "CalibrationError", "MissingBackendError", "MissingGPUError",

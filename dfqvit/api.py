@@ -93,16 +93,17 @@ def compile(
             after the last stage whose saved result was made with the same settings.
         backend: "auto" (default) returns the integer engine ``QuantizedViT`` for the device: Triton kernels
             on CUDA, on a CPU the native C++ kernels where ``dfqvit._C`` is built for AVX2 or later, else the
-            PyTorch reference ops; "triton" / "native" / "torch" force one. "fake" returns the fake-quant ``QuantizedModel``
-            (float math on quantized values; trainable, inspectable). See ``as_backend`` for what "auto" does
-            with a model the engine cannot run, and for what the engine keeps so that ``dfqvit.save`` works.
+            PyTorch reference ops; "triton" / "native" / "torch" force one (checked before the calibration: a
+            backend the device lacks, or a model it cannot run, raises at once). "fake" returns the fake-quant
+            ``QuantizedModel`` (float math on quantized values; trainable, inspectable). See ``as_backend`` for
+            what "auto" does with a model the engine cannot run, and what the engine keeps for ``dfqvit.save``.
     """
     config = _resolve_config(bits, config)
     device = _resolve_device(device)
-    _check_backend(backend)
     _check_type("calibration", calibration, CalibConfig, optional=False)
     _check_type("recon", recon, ReconConfig)
     _check_type("correction", correction, CorrectionConfig)
+    backend = preflight_backend(model, backend, config, device)
     result = run_pipeline(model, config, calib, normalization=normalization, seed=seed, device=device,
                           progress=progress, synth=synth, calibration=calibration, recon=recon,
                           correction=correction, stages_dir=stages_dir)
@@ -119,6 +120,38 @@ def _check_backend(backend: str) -> None:
                           f"('fake' = fake-quant model, 'auto' = integer engine for the device)")
 
 
+def preflight_backend(model: nn.Module, backend: str = "auto", config: Optional[QuantConfig] = None,
+                      device=None) -> str:
+    """What ``backend`` will give for ``model`` quantized with ``config`` on ``device``, decided from the
+    model's structure before any calibration: a named engine backend ("triton", "native", "torch") that the
+    device lacks or that cannot run ``model`` raises now rather than after the calibration; under "auto" such
+    a model is announced with a warning and "fake" is returned (the fake-quant model runs it). ``compile``
+    calls this first; call it yourself before a calibration you run another way."""
+    _check_backend(backend)
+    if backend == "fake":
+        return backend
+    from .engine.backends import select_kernels
+    from .engine.support import check_engine_support
+    from .models.base import find_adapter
+
+    select_kernels(backend, _resolve_device(device))  # MissingGPUError / native extension not built
+    find_adapter(model)  # a model dfqvit cannot quantize at all is an error under every backend
+    try:
+        check_engine_support(model, (config or QuantConfig()).quantize_patch_embed)
+    except UnsupportedModelError as exc:
+        if backend != "auto":
+            raise
+        _warn_fake_fallback(exc)
+        return "fake"
+    return backend
+
+
+def _warn_fake_fallback(exc: UnsupportedModelError) -> None:
+    # stacklevel 4: this function, compile / load's helper, compile / load, the user's call.
+    warnings.warn("dfqvit: the integer engine cannot run this model, so the result is the fake-quant QuantizedModel "
+                  f"(backend='fake' asks for it without this warning): {exc}", stacklevel=4)
+
+
 def as_backend(qmodel: QuantizedModel, backend: str = "auto", artifact=None):
     """``qmodel`` on ``backend``: itself for "fake", else its integer engine ``QuantizedViT``.
 
@@ -129,7 +162,8 @@ def as_backend(qmodel: QuantizedModel, backend: str = "auto", artifact=None):
 
     With "auto", a model the engine cannot run (``UnsupportedModelError``: e.g. a tanh GELU, per-channel
     activation grids, ``dynamic_img_size``) comes back as the fake-quant model with a warning that says why,
-    so a finished calibration is not lost; a named engine backend raises instead.
+    so a finished calibration is not lost; a named engine backend raises instead. (``compile`` checks the
+    model's structure before calibrating, so these come at its start; see ``engine.support``.)
     """
     if backend == "fake":
         return qmodel
@@ -141,8 +175,7 @@ def as_backend(qmodel: QuantizedModel, backend: str = "auto", artifact=None):
     except UnsupportedModelError as exc:
         if backend != "auto":
             raise
-        warnings.warn(f"dfqvit: the integer engine cannot run this model ({exc}); returning the fake-quant "
-                      "QuantizedModel instead (backend='fake' asks for it without this warning)", stacklevel=3)
+        _warn_fake_fallback(exc)
         return qmodel
     engine.artifact = artifact if artifact is not None else QuantArtifact.from_model(qmodel)
     return engine

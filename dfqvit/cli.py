@@ -56,14 +56,18 @@ def _calibration_source(args, spec):
     return stack_images(dataset, args.calib_images)
 
 
-def _quantize(model, norm, args, progress=True, backend: str = "fake"):
-    from .api import compile as dfq_compile
+def _quant_config(args):
     from .config import QuantConfig, parse_bits
-    from .models import adapt
 
     w_bits, a_bits = parse_bits(args.bits)
-    config = QuantConfig(w_bits=w_bits, a_bits=a_bits, softmax_quantizer=args.softmax,
-                         calib_images=args.calib_images)
+    return QuantConfig(w_bits=w_bits, a_bits=a_bits, softmax_quantizer=args.softmax, calib_images=args.calib_images)
+
+
+def _quantize(model, norm, args, progress=True, backend: str = "fake"):
+    from .api import compile as dfq_compile
+    from .models import adapt
+
+    config = _quant_config(args)
     calib = _calibration_source(args, adapt(model, config, normalization=norm).input_spec)
     return dfq_compile(model, None, calib, config=config, normalization=norm, seed=args.seed,
                        device=args.device, progress=progress, backend=backend, **_pipeline_configs(args))
@@ -99,11 +103,13 @@ def _runs_on(model) -> str:
 
 
 def cmd_quantize(args) -> int:
-    from .api import as_backend
+    from .api import as_backend, preflight_backend
     from .evaluate import evaluate
     from .models.loading import load_model
 
     model, norm = load_model(args.model, args.checkpoint)
+    # The evaluation's backend is checked before the calibration, not after it.
+    eval_backend = preflight_backend(model, args.backend, _quant_config(args), args.device) if args.eval else None
     start = time.perf_counter()
     qmodel = _quantize(model, norm, args)
     seconds = time.perf_counter() - start
@@ -120,7 +126,7 @@ def cmd_quantize(args) -> int:
         print(f"wrote {args.out} ({os.path.getsize(args.out) / 2**20:.2f} MiB)")
     if args.eval:
         data = _images_for(args.eval, qmodel.input_spec, args.limit)
-        runner = as_backend(qmodel, args.backend)  # the integer engine by default
+        runner = as_backend(qmodel, eval_backend)  # the integer engine by default
         fp = evaluate(model.to(args.device), data, args.batch_size, device=args.device, desc="eval fp32")
         q = evaluate(runner, data, args.batch_size, reference=model, device=args.device, desc="eval quantized")
         report.update(eval_data=args.eval, eval_images=q.images, eval_backend=_runs_on(runner),

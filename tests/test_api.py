@@ -1,4 +1,6 @@
 """dfqvit.compile end to end on tiny timm models: fidelity floors vs fp32 and every boundary error."""
+from functools import partial
+
 import pytest
 import torch
 
@@ -9,6 +11,7 @@ from dfqvit.errors import (
     CheckpointNotFoundError,
     DFQViTError,
     InputShapeError,
+    MissingBackendError,
     MissingGPUError,
     NonFiniteInputError,
     UnsupportedBitsError,
@@ -196,19 +199,86 @@ def test_backend_choice_returns_engine_or_fake_model(tmp_path):
     assert torch.equal(_outputs(model, engine.artifact.to_model(model))[1], out_fake)
 
 
-def test_auto_backend_falls_back_to_the_fake_model_with_a_warning():
-    """A model the engine cannot run (here: tanh GELU; the engine fuses the exact one) still comes back from a
-    finished calibration under "auto", with a warning that says why; a named engine backend refuses it."""
-    from functools import partial
+def _tanh_gelu_vit():
+    return TINY_MODELS["vit"](act_layer=partial(torch.nn.GELU, approximate="tanh"))
 
-    model = TINY_MODELS["vit"](act_layer=partial(torch.nn.GELU, approximate="tanh"))
+
+def _vit_with_padded_patch_conv():
+    model = TINY_MODELS["vit"]()
+    model.patch_embed.proj.padding = (1, 1)  # overlapping patches: not one GEMM over flattened patches
+    return model
+
+
+def _swin_with_dynamic_mask():
+    from timm.models.swin_transformer import SwinTransformer
+    return SwinTransformer(img_size=32, patch_size=2, window_size=4, embed_dim=24, depths=(2, 2), num_heads=(2, 4),
+                           num_classes=10, dynamic_img_size=True).eval()
+
+
+# Models the integer engine does not run: (builder, compile kwargs, what the error names).
+ENGINE_UNSUPPORTED = {
+    "tanh_gelu": (_tanh_gelu_vit, {}, "exact \\(erf\\) GELU.*approximate='tanh'.*at blocks.0.mlp, blocks.1.mlp"),
+    "dynamic_img_size": (lambda: TINY_MODELS["vit"](dynamic_img_size=True), {}, "dynamic_img_size=True"),
+    "swin_dynamic_mask": (_swin_with_dynamic_mask, {}, "dynamic_mask=True.*at layers.0.blocks.0, layers.0.blocks.1"),
+    "padded_patch_conv": (_vit_with_padded_patch_conv,
+                          dict(config=dfqvit.QuantConfig(w_bits=8, a_bits=8, quantize_patch_embed=True), bits=None),
+                          "patch-embedding conv other than stride = kernel.*at patch_embed.proj"),
+}
+
+
+class CalibrationStarted(Exception):
+    pass
+
+
+@pytest.fixture
+def no_calibration(monkeypatch):
+    """dfqvit.compile stops where its calibration would start."""
+    def refuse(*args, **kwargs):
+        raise CalibrationStarted
+    monkeypatch.setattr(dfqvit.api, "run_pipeline", refuse)
+
+
+@pytest.mark.parametrize("name", sorted(ENGINE_UNSUPPORTED))
+def test_named_backend_refuses_an_unsupported_model_before_calibrating(name, no_calibration):
+    build, kwargs, what = ENGINE_UNSUPPORTED[name]
+    kwargs = {"bits": 8, **kwargs}
+    with pytest.raises(UnsupportedModelError, match=f"engine does not implement.*{what}.*backend='fake'"):
+        dfqvit.compile(build(), backend="torch", **kwargs, **FAST)
+    with pytest.warns(UserWarning, match=f"cannot run this model.*{what}"), pytest.raises(CalibrationStarted):
+        dfqvit.compile(build(), **kwargs, **FAST)  # auto: says so at once, then calibrates for the fake model
+    with pytest.raises(CalibrationStarted):  # the fake-quant model runs it: no check
+        dfqvit.compile(build(), backend="fake", **kwargs, **FAST)
+
+
+def test_missing_engine_backend_is_reported_before_calibrating(monkeypatch, no_calibration):
+    from dfqvit.engine import backends
+    from dfqvit.kernels import native
+
+    model = TINY_MODELS["vit"]()
+    monkeypatch.setattr(backends, "triton_runs_on", lambda device: False)
+    with pytest.raises(MissingGPUError, match="backend='triton' on device cpu"):
+        dfqvit.compile(model, bits=8, backend="triton", **FAST)
+    monkeypatch.setattr(native, "available", lambda: False)
+    with pytest.raises(MissingBackendError, match="native CPU backend is unavailable.*backend='torch'"):
+        dfqvit.compile(model, bits=8, backend="native", **FAST)
+    with pytest.raises(CalibrationStarted):  # auto takes what there is (here: the PyTorch backend)
+        dfqvit.compile(model, bits=8, **FAST)
+
+
+def test_auto_backend_falls_back_to_the_fake_model_with_a_warning():
+    """A model the engine cannot run (here: tanh GELU; the engine fuses the exact one) still comes back from the
+    calibration under "auto", with a warning that says why; built from the calibrated model, the engine gives
+    the same answer as the check before the calibration."""
+    model = _tanh_gelu_vit()
     with pytest.warns(UserWarning, match="engine cannot run this model.*exact \\(erf\\) GELU.*backend='fake'"):
         qmodel = dfqvit.compile(model, bits=8, **FAST)
     assert isinstance(qmodel, dfqvit.QuantizedModel)
     ref, out = _outputs(model, qmodel)
     assert cosine(ref, out) >= W8A8_MIN_COSINE
-    with pytest.raises(UnsupportedModelError, match="GELU"):
-        dfqvit.compile(model, bits=8, backend="torch", **FAST)
+    with pytest.raises(UnsupportedModelError, match=ENGINE_UNSUPPORTED["tanh_gelu"][2]):
+        dfqvit.api.as_backend(qmodel, "torch")
+    with pytest.warns(UserWarning, match="exact \\(erf\\) GELU"):
+        assert dfqvit.api.as_backend(qmodel) is qmodel
 
 
 def test_saving_an_engine_without_its_artifact_says_what_to_save(tmp_path):

@@ -55,6 +55,23 @@ def test_pipeline_flags_reach_compile(tmp_path, capsys):
     assert "--recon-iters" in capsys.readouterr().err
 
 
+def test_eval_backend_is_checked_before_quantizing(monkeypatch, capsys):
+    """`quantize --eval --backend native` without the native kernels stops before the calibration."""
+    import dfqvit.cli
+    from dfqvit.kernels import native
+
+    load_cifar_model()
+    monkeypatch.setattr(native, "available", lambda: False)
+
+    def calibrate(*args, **kwargs):
+        raise AssertionError("the calibration started")
+
+    monkeypatch.setattr(dfqvit.cli, "_quantize", calibrate)
+    rc = main(["quantize", "--model", str(CIFAR_MODEL_JSON), "--bits", "4,8", "--eval", str(CIFAR_TEST),
+               "--backend", "native"])
+    assert rc == 2 and "native CPU backend is unavailable" in capsys.readouterr().err
+
+
 def test_errors_are_reported_not_raised(tmp_path, capsys):
     assert main(["eval", "--model", str(tmp_path / "missing.json"), "--data", "x.npz"]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -20,6 +20,7 @@ from dfqvit.nn.linear import _QuantWeightLayer
 from .backends import select_kernels
 from .blocks import PatchEmbedding, PatchMerging, SwinBlock, ViTBlock, layer_norm, linear
 from .pack import PackedLinear, float_copy
+from .support import check_engine_support
 
 
 def head_layer(module: nn.Module, where: str) -> nn.Module:
@@ -39,8 +40,6 @@ class ViTTrunk(nn.Module):
 
     def __init__(self, model: nn.Module):
         super().__init__()
-        if getattr(model, "dynamic_img_size", False):
-            raise UnsupportedModelError("dynamic_img_size=True is not supported by the engine (fixed input size)")
         self.patch_embed = PatchEmbedding(model.patch_embed, "patch_embed")
         tokens = [t for t in (model.cls_token, getattr(model, "dist_token", None), model.reg_token) if t is not None]
         prefix = torch.cat(tokens, dim=1).detach().float() if tokens else None
@@ -108,8 +107,6 @@ class SwinTrunk(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.patch_embed = PatchEmbedding(model.patch_embed, "patch_embed")
-        if getattr(model, "absolute_pos_embed", None) is not None:
-            raise UnsupportedModelError("Swin with an absolute position embedding is not supported by the engine")
         self.stages = nn.ModuleList(SwinStage(s, f"layers.{i}") for i, s in enumerate(model.layers))
         self.norm = float_copy(model.norm)
         self.pool = float_copy(model.head.global_pool)  # timm's own pooling (NHWC, flattened)
@@ -144,8 +141,7 @@ class QuantizedViT(nn.Module):
         if not isinstance(qmodel, QuantizedModel):
             raise UnsupportedModelError(f"QuantizedViT is built from a calibrated dfqvit QuantizedModel, got "
                                         f"{type(qmodel).__name__}")
-        if qmodel.family not in TRUNKS:
-            raise UnsupportedModelError(f"no engine for model family {qmodel.family!r}; supported: {sorted(TRUNKS)}")
+        check_engine_support(qmodel.model, qmodel.config.quantize_patch_embed)
         device = next(qmodel.model.parameters()).device
         self.kernels = select_kernels(backend, device)
         self.family, self.config, self.input_spec = qmodel.family, qmodel.config, qmodel.input_spec

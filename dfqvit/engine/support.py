@@ -1,0 +1,68 @@
+"""Which models the engine runs, decided from their structure alone.
+
+No calibrated value is read, so ``dfqvit.compile`` asks before its calibration (minutes on a GPU, longer on a
+CPU) and a backend that cannot run the model fails at once instead of after it. ``QuantizedViT`` asks the
+same question of the calibrated model, so the two can never disagree. What depends on the calibration
+(per-tensor grids, activation quantizers on or off together) is checked when the engine is built.
+"""
+from __future__ import annotations
+
+from typing import Dict, List
+
+from torch import nn
+
+from dfqvit.errors import UnsupportedModelError
+
+# What the engine does not implement, said once however many blocks have it.
+DYNAMIC_MASK = "dynamic_mask=True (the engine uses each block's precomputed attn_mask)"
+NOT_ERF_GELU = "an MLP activation other than the exact (erf) GELU the engine fuses, or a norm inside the MLP"
+PATCH_CONV = ("a quantized patch-embedding conv other than stride = kernel, no padding, dilation 1, groups 1 "
+              "(keep it float: QuantConfig(quantize_patch_embed=False))")
+
+
+def _patch_conv_is_gemm(proj: nn.Module) -> bool:
+    """A quantized patch embedding runs as one GEMM over flattened, non-overlapping patches."""
+    return (tuple(proj.stride) == tuple(proj.kernel_size) and tuple(proj.padding) == (0, 0)
+            and tuple(proj.dilation) == (1, 1) and proj.groups == 1)
+
+
+def _is_erf_gelu_mlp(mlp: nn.Module) -> bool:
+    act = mlp.act
+    return type(act) is nn.GELU and act.approximate == "none" and isinstance(mlp.norm, nn.Identity)
+
+
+def check_engine_support(model: nn.Module, quantize_patch_embed: bool) -> None:
+    """Raise ``UnsupportedModelError`` naming every part of ``model`` (a timm ViT / DeiT / Swin, float or
+    wrapped by dfqvit) that the integer engine does not implement. ``quantize_patch_embed``: whether the
+    patch-embedding conv is quantized (``QuantConfig.quantize_patch_embed``)."""
+    from dfqvit.models.base import find_adapter
+
+    from .model import TRUNKS  # here: model.py imports this module
+
+    adapter = find_adapter(model)
+    if adapter.name not in TRUNKS:
+        raise UnsupportedModelError(f"no engine for model family {adapter.name!r}; supported: {sorted(TRUNKS)}")
+    found: Dict[str, List[str]] = {}  # what -> where (module names; empty for the model as a whole)
+
+    def flag(what: str, where: str = "") -> None:
+        found.setdefault(what, []).extend([where] if where else [])
+
+    if getattr(model, "dynamic_img_size", False):
+        flag("dynamic_img_size=True (the engine runs a fixed input size)")
+    if getattr(model, "absolute_pos_embed", None) is not None:
+        flag("a Swin absolute position embedding")
+    if getattr(model.patch_embed, "dynamic_img_pad", False):
+        flag("dynamic_img_pad=True", "patch_embed")
+    if quantize_patch_embed and not _patch_conv_is_gemm(model.patch_embed.proj):
+        flag(PATCH_CONV, "patch_embed.proj")
+    names = {id(module): name for name, module in model.named_modules()}
+    for block in adapter.blocks(model):
+        where = names[id(block)]
+        if getattr(block, "dynamic_mask", False):
+            flag(DYNAMIC_MASK, where)
+        if not _is_erf_gelu_mlp(block.mlp):
+            flag(f"{NOT_ERF_GELU} (act={block.mlp.act!r}, norm={block.mlp.norm!r})", f"{where}.mlp")
+    if found:
+        parts = [what + (f" at {', '.join(where)}" if where else "") for what, where in found.items()]
+        raise UnsupportedModelError("the integer engine does not implement " + "; ".join(parts)
+                                    + ". backend='fake' runs it as the fake-quant model")
