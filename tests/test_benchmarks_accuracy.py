@@ -255,6 +255,26 @@ def test_runner_evaluation_matches_dfqvit_evaluate(acc, tiny_files):
     assert runner.evaluate(model).agreement == 100.0
 
 
+def test_runner_scores_the_integer_engine_when_asked(acc, tiny_files):
+    """--backend torch: each cell scores the engine built from the same calibration as the fake-quant cell, and
+    the report says what it scored."""
+    import dfqvit
+    from dfqvit.models.loading import load_model
+
+    model, norm = load_model(str(tiny_files["model"]))
+    spec = dfqvit.adapt(model, normalization=norm).input_spec
+    eval_set = acc.load_eval_set(str(tiny_files["data"]), spec, limit=None)
+    grid = acc.dataclasses.replace(acc.QUICK_GRID, calib_images=4)
+    cell = acc.Cell("gaussian", acc.parse_setting("8"), 0)
+    fake, engine = (acc.GridRunner(model, norm, grid, eval_set, batch_size=7, progress=False, backend=backend)
+                    .run_cell(cell) for backend in ("fake", "torch"))
+    assert (fake.runs_on, engine.runs_on) == ("fake-quant", "torch")
+    assert abs(fake.top1 - engine.top1) <= 100 / 30 + 1e-9, "W8A8 engine and fake-quant model differ on <= 1 image"
+    cells = [acc.dataclasses.asdict(r) for r in (fake, engine)]
+    assert acc._scored({"cells": cells[:1]}) == "fake-quant model"
+    assert acc._scored({"cells": cells}) == "integer engine (torch)"
+
+
 # --------------------------------------------------------------------------------------------------- errors
 
 
@@ -272,8 +292,12 @@ def test_missing_files_fail_with_clear_errors(acc, tiny_files, tmp_path, capsys)
     assert not list(tmp_path.glob("accuracy_*"))
 
 
-def test_bad_arguments_fail_before_any_work(acc, tiny_files, tmp_path, capsys):
-    for extra, message in ((["--bits", "4", "9"], "weight bits 9 not supported"),
+def test_bad_arguments_fail_before_any_work(acc, tiny_files, tmp_path, capsys, monkeypatch):
+    from dfqvit.kernels import native
+
+    monkeypatch.setattr(native, "available", lambda: False)  # as on a machine without the built extension
+    for extra, message in ((["--backend", "native"], "native CPU backend is unavailable"),
+                           (["--bits", "4", "9"], "weight bits 9 not supported"),
                            (["--sources", "spdfq", "imagenet"], "unknown"),
                            (["--ablations", "APA+TV"], "unknown"),
                            (["--seeds", "1", "1"], "distinct"),
