@@ -198,6 +198,39 @@ def _code_dtype(signed: bool) -> torch.dtype:
     return torch.int8 if signed else torch.uint8
 
 
+# In memory, codes of 3 or 4 bits can be held packed in the kernels' reference layouts (group sizes as there).
+PACKED_GROUP_K = {4: 64, 3: 128}
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedCodes:
+    """Weight codes of 3 or 4 bits packed in memory (4 bits: half a byte each, 3 bits: 3/8 of a byte), for an
+    artifact kept beside a running engine. Files always hold the unpacked codes."""
+
+    data: torch.Tensor  # (N, packed row bytes) uint8: the codes as (N, K), made unsigned, K padded to a group
+    shape: Tuple[int, ...]
+    dtype: torch.dtype
+    bits: int
+
+    @classmethod
+    def pack(cls, codes: torch.Tensor, bits: int) -> "PackedCodes":
+        from dfqvit.kernels.reference import pack_weight_reference
+
+        shift = 2 ** (bits - 1) if codes.dtype == torch.int8 else 0  # signed codes -> [0, 2^bits - 1]
+        flat = codes.reshape(codes.shape[0], -1).to(torch.int16) + shift
+        return cls(pack_weight_reference(flat, bits, PACKED_GROUP_K[bits]), tuple(codes.shape), codes.dtype, bits)
+
+    def unpack(self) -> torch.Tensor:
+        from dfqvit.kernels.reference import unpack_weight_reference
+
+        k = 1
+        for size in self.shape[1:]:
+            k *= size
+        codes = unpack_weight_reference(self.data, self.bits, k, PACKED_GROUP_K[self.bits]).to(torch.int16)
+        shift = 2 ** (self.bits - 1) if self.dtype == torch.int8 else 0
+        return (codes - shift).to(self.dtype).reshape(self.shape)
+
+
 # -- the artifact -------------------------------------------------------------------------------------------
 
 
@@ -206,7 +239,7 @@ class QuantArtifact:
     """Integer weights, scales, zero points and every float parameter of a quantized model, plus its
     JSON config (see the module docstring for the layout)."""
 
-    tensors: Dict[str, torch.Tensor]
+    tensors: Dict[str, Any]  # torch.Tensor, or PackedCodes for weight codes in a compact() artifact
     config: Dict[str, Any]
 
     @classmethod
@@ -239,8 +272,27 @@ class QuantArtifact:
         }
         return cls(tensors, config)
 
+    def compact(self) -> "QuantArtifact":
+        """This artifact with its 3- and 4-bit weight codes packed in memory (1/2 or 3/8 of the byte per weight
+        they take otherwise): what an engine keeps for ``dfqvit.save``. Saves the same file, builds the same
+        model; the tensors are shared with this artifact, not copied."""
+        tensors = dict(self.tensors)
+        for name, layer in self.config["layers"].items():
+            codes, bits = tensors[name + CODES_SUFFIX], layer["w_bits"]
+            if isinstance(codes, torch.Tensor) and bits in PACKED_GROUP_K:
+                tensors[name + CODES_SUFFIX] = PackedCodes.pack(codes, bits)
+        return QuantArtifact(tensors, self.config)
+
+    def plain_tensors(self) -> Dict[str, torch.Tensor]:
+        """Every tensor as the file holds it (packed codes unpacked)."""
+        return {k: v.unpack() if isinstance(v, PackedCodes) else v for k, v in self.tensors.items()}
+
+    def nbytes(self) -> int:
+        """Bytes its tensors take in memory."""
+        return sum((v.data if isinstance(v, PackedCodes) else v).nbytes for v in self.tensors.values())
+
     def save(self, path: str) -> None:
-        write_container(path, self.tensors, ARTIFACT_FORMAT, ARTIFACT_VERSION, self.config)
+        write_container(path, self.plain_tensors(), ARTIFACT_FORMAT, ARTIFACT_VERSION, self.config)
 
     @classmethod
     def load(cls, path: str) -> "QuantArtifact":
@@ -257,10 +309,11 @@ class QuantArtifact:
             full_corrections = self.config.get("full_corrections", [])
         except (KeyError, TypeError, DFQViTError) as exc:
             raise ArtifactError(f"the artifact's config is incomplete or of another version ({exc})") from exc
+        tensors = self.plain_tensors()
         skeleton = rebuild_float_model(self.config.get("build", {})) if model is None else model
         qmodel = adapt(skeleton, qconfig, normalization=(norm["mean"], norm["std"]))
         state_keys = {(k[:-len(CODES_SUFFIX)] + ".weight" if k.endswith(CODES_SUFFIX) else k)
-                      for k in self.tensors}
+                      for k in tensors}
         match_structure(qmodel, state_keys, full_corrections)
         expected = dict(qmodel.model.state_dict())
         weight_layers = dict(qmodel.weight_layers())
@@ -271,13 +324,13 @@ class QuantArtifact:
             expected[name + CODES_SUFFIX] = torch.empty(layer.weight.shape,
                                                         dtype=_code_dtype(bool(layer.weight_quantizer.signed)))
             del expected[f"{name}.weight"]
-        check_state_fits(expected, self.tensors, "the artifact")
-        state = {k: v for k, v in self.tensors.items() if not k.endswith(CODES_SUFFIX)}
+        check_state_fits(expected, tensors, "the artifact")
+        state = {k: v for k, v in tensors.items() if not k.endswith(CODES_SUFFIX)}
         state.update({f"{name}.weight": layer.weight.detach() for name, layer in weight_layers.items()})
         qmodel.model.load_state_dict(state, strict=True)
         with torch.no_grad():
             for name, layer in weight_layers.items():
-                codes = self.tensors[name + CODES_SUFFIX].to(layer.weight.dtype)
+                codes = tensors[name + CODES_SUFFIX].to(layer.weight.dtype)
                 layer.weight.copy_(layer.weight_quantizer.dequantize(codes))
         return qmodel.to(device) if device is not None else qmodel
 

@@ -67,6 +67,53 @@ def test_contents_integer_codes_scales_and_versions(saved):
     assert config["layers"]["head"]["w_bits"] == 4 and config["build"]["kwargs"] == TINY_KWARGS
 
 
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8])
+def test_packed_codes_round_trip(bits, dtype):
+    """Every code of a 3-/4-bit grid, unsigned [0, 2^b - 1] or signed [-2^(b-1), 2^(b-1) - 1], survives packing;
+    K not a multiple of the packing group, and a conv's 4-d shape, included."""
+    from dfqvit.artifact import PACKED_GROUP_K, PackedCodes
+
+    low = -(2 ** (bits - 1)) if dtype == torch.int8 else 0
+    gen = torch.Generator().manual_seed(bits)
+    for shape in ((5, 77), (6, 3, 5, 5)):
+        codes = torch.randint(low, low + 2 ** bits, shape, generator=gen).to(dtype)
+        packed = PackedCodes.pack(codes, bits)
+        rows, k = shape[0], codes[0].numel()
+        group = PACKED_GROUP_K[bits]
+        assert packed.data.nbytes == rows * -(-k // group) * group * bits // 8  # K padded to whole groups
+        out = packed.unpack()
+        assert out.dtype == dtype and torch.equal(out, codes)
+
+
+def test_compact_artifact_saves_the_same_file_in_less_memory(saved, tmp_path):
+    """What an engine keeps: 4-bit codes packed, the same file written, the same model built."""
+    from dfqvit.artifact import PackedCodes
+
+    qmodel, path = saved
+    artifact = QuantArtifact.load(path)
+    compact = artifact.compact()
+    codes = [k for k in artifact.tensors if k.endswith(".weight_codes")]
+    assert codes and all(isinstance(compact.tensors[k], PackedCodes) for k in codes)
+    saved_bytes = sum(artifact.tensors[k].nbytes - compact.tensors[k].data.nbytes for k in codes)
+    assert artifact.nbytes() - compact.nbytes() == saved_bytes > 0.3 * sum(artifact.tensors[k].nbytes for k in codes)
+    compact.save(str(tmp_path / "again.safetensors"))
+    _assert_same_artifact(artifact, QuantArtifact.load(str(tmp_path / "again.safetensors")))
+    with torch.no_grad():
+        assert torch.equal(compact.to_model().eval()(_x()), qmodel(_x()))
+    engine = dfqvit.load(path, backend="torch")
+    assert engine.artifact.nbytes() == compact.nbytes()
+    dfqvit.save(engine, str(tmp_path / "engine.safetensors"))
+    _assert_same_artifact(artifact, QuantArtifact.load(str(tmp_path / "engine.safetensors")))
+
+
+def _assert_same_artifact(a: QuantArtifact, b: QuantArtifact) -> None:
+    # Not the file bytes: safetensors writes its metadata in hash-map order, which varies between saves.
+    assert a.config == b.config and a.tensors.keys() == b.tensors.keys()
+    for key, tensor in a.tensors.items():
+        assert tensor.dtype == b.tensors[key].dtype and torch.equal(tensor, b.tensors[key]), key
+
+
 def _rewrite(path, out, tensors=None, **header_changes):
     with safe_open(path, framework="pt") as f:
         header = dict(f.metadata())

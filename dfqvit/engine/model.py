@@ -132,7 +132,8 @@ class QuantizedViT(nn.Module):
 
     ``artifact``: the ``QuantArtifact`` this engine was built from, kept on the CPU so ``dfqvit.save`` can
     write it (set by ``dfqvit.compile`` / ``dfqvit.load`` / ``from_artifact``; None when built from a
-    ``QuantizedModel`` directly — save that model instead).
+    ``QuantizedModel`` directly — save that model instead). Assigning one keeps its ``compact()`` form: 3- and
+    4-bit codes packed, half a byte per 4-bit weight instead of one.
     """
 
     def __init__(self, qmodel: QuantizedModel, backend: str = "auto", *, dtype: Optional[torch.dtype] = None,
@@ -173,6 +174,14 @@ class QuantizedViT(nn.Module):
         engine = cls(artifact.to_model(model, device=device), backend, **kwargs)
         engine.artifact = artifact
         return engine
+
+    @property
+    def artifact(self):
+        return self._artifact
+
+    @artifact.setter
+    def artifact(self, artifact) -> None:
+        self._artifact = None if artifact is None else artifact.compact()
 
     @property
     def backend(self) -> str:
