@@ -24,7 +24,8 @@ from .models import QuantizedModel, adapt
 __version__ = "0.1.0"
 
 __all__ = [
-    "compile", "save", "load", "preflight_backend", "adapt", "QuantizedModel", "QuantConfig", "SoftmaxQuantizer", "parse_bits",
+    "compile", "save", "load", "preflight_backend",
+    "adapt", "QuantizedModel", "QuantConfig", "SoftmaxQuantizer", "parse_bits",
     "CalibConfig", "ReconConfig", "CorrectionConfig", "ArtifactError",
     "DFQViTError", "UnsupportedBitsError", "UnsupportedModelError", "InputShapeError",
     "NonFiniteInputError", "CheckpointNotFoundError", "CalibrationError", "MissingBackendError", "MissingGPUError",

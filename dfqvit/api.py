@@ -156,9 +156,9 @@ def as_backend(qmodel: QuantizedModel, backend: str = "auto", artifact=None):
     """``qmodel`` on ``backend``: itself for "fake", else its integer engine ``QuantizedViT``.
 
     The engine keeps the model's ``QuantArtifact`` (``engine.artifact``: integer codes — packed for 3 and 4
-    bits, half a byte per 4-bit weight — and the float parameters, on the CPU; ``artifact`` when given, else made from ``qmodel``) so that
-    ``dfqvit.save(engine, path)`` writes the same file as saving the fake-quant model, and
-    ``engine.artifact.to_model()`` gives that model back. ``engine.artifact = None`` frees it.
+    bits, half a byte per 4-bit weight — and the float parameters, on the CPU; ``artifact`` when given, else
+    made from ``qmodel``) so that ``dfqvit.save(engine, path)`` writes the same file as saving the fake-quant
+    model, and ``engine.artifact.to_model()`` gives that model back. ``engine.artifact = None`` frees it.
 
     With "auto", a model the engine cannot run (``UnsupportedModelError``: e.g. a tanh GELU, per-channel
     activation grids, ``dynamic_img_size``) comes back as the fake-quant model with a warning that says why,
