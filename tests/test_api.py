@@ -147,6 +147,24 @@ def test_finite_input_whose_sum_overflows_is_accepted():
     validate_images(x, qmodel.input_spec)
 
 
+def test_inputs_in_other_layouts_give_the_same_logits_without_warnings():
+    """channels_last, non-contiguous, float64 and requires_grad inputs: the engine's logits are those of the
+    plain float32 batch, and the input check (a reduction) warns about nothing."""
+    import warnings
+
+    engine = dfqvit.compile(TINY_MODELS["vit"](), bits=8, **{**FAST, "backend": "auto"})
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        expected = engine(x)
+    variants = {"channels_last": x.to(memory_format=torch.channels_last), "float64": x.double(),
+                "non-contiguous": x.transpose(2, 3).contiguous().transpose(2, 3),
+                "requires_grad": x.clone().requires_grad_()}
+    for name, images in variants.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert torch.equal(engine(images), expected), name
+
+
 def test_bad_calibration_data():
     model = TINY_MODELS["vit"]()
     with pytest.raises(CalibrationError, match="unknown calibration method"):
