@@ -74,7 +74,7 @@ def compile(
 
     Args:
         model: a timm ``VisionTransformer`` (ViT, DeiT, DeiT-distilled) or ``SwinTransformer``; it is
-            copied, never modified.
+            copied (in float32, whatever its dtype), never modified.
         bits: 4 means W4A4; ``(w, a)`` picks weight bits 3..8 and activation bits 4..8 or 16 (weight-only).
             Pass ``None`` to take the bits from ``config``.
         calib: calibration data — a method name (``"spdfq"``, ``"gaussian"``, see

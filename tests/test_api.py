@@ -165,6 +165,20 @@ def test_inputs_in_other_layouts_give_the_same_logits_without_warnings():
             assert torch.equal(engine(images), expected), name
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_model_is_calibrated_in_fp32(dtype):
+    """A model cast to fp16 / bf16 (as for GPU inference) quantizes like the fp32 model of the same weights;
+    the model passed in is left as it was."""
+    import copy
+
+    low = TINY_MODELS["vit"]().to(dtype)
+    same_weights = copy.deepcopy(low).float()
+    kwargs = {**FAST, "calib": torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))}
+    engine, expected = (dfqvit.compile(m, bits=8, **kwargs) for m in (low, same_weights))
+    assert torch.equal(_outputs(same_weights, engine)[1], _outputs(same_weights, expected)[1])
+    assert all(p.dtype == dtype for p in low.parameters())
+
+
 def test_bad_calibration_data():
     model = TINY_MODELS["vit"]()
     with pytest.raises(CalibrationError, match="unknown calibration method"):

@@ -132,11 +132,12 @@ class QuantizedModel(nn.Module):
 
 def adapt(model: nn.Module, config: Optional[QuantConfig] = None,
           normalization: Optional[Tuple[Sequence[float], Sequence[float]]] = None) -> QuantizedModel:
-    """Deep-copy ``model``, swap its quantizable modules and return an (uncalibrated) QuantizedModel."""
+    """Deep-copy ``model``, swap its quantizable modules and return an (uncalibrated) QuantizedModel. The copy
+    is float32 whatever ``model``'s dtype (an fp16 / bf16 model is calibrated from its weights in fp32)."""
     config = config or QuantConfig()
     adapter = find_adapter(model)
     adapter.check(model)
-    copied = copy.deepcopy(model).eval()
+    copied = copy.deepcopy(model).eval().float()
     spec = adapter.input_spec(copied)
     if normalization is not None:
         mean, std = normalization
