@@ -82,66 +82,56 @@ inline int64_t fixed_point_term(float e) { return static_cast<int64_t>(e * kSumS
 inline float fixed_point_sum_to_float(int64_t sum) { return static_cast<float>(sum) * kSumInvScale; }
 
 #if DFQVIT_X86
-// gelu of n8 floats (a multiple of 8) in place, erf as in erf() above, in three passes per chunk: clamp and
-// square; the numerator polynomial; the denominator, erf and GELU. The same operations in the same order per
-// element as gelu(), but each pass's chain per vector is short: done in one pass, a vector's chain is ~90 cycles of
-// dependent multiplies, adds and a division, and only a few vectors fit in the out-of-order window.
-constexpr int64_t kGeluChunk = 768;
-__attribute__((target("avx2"))) inline void gelu_inplace_avx2(float* y, int64_t n8) {
-  alignas(32) float x[kGeluChunk], x2[kGeluChunk], num[kGeluChunk];
-  const __m256 lo = _mm256_set1_ps(-4.0f), hi = _mm256_set1_ps(4.0f), root = _mm256_set1_ps(kSqrt1_2);
-  const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f);
-  for (int64_t j0 = 0; j0 < n8; j0 += kGeluChunk, y += kGeluChunk) {
-    const int64_t count = std::min(kGeluChunk, n8 - j0);
-    for (int64_t j = 0; j < count; j += 8) {
-      const __m256 xj = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(_mm256_loadu_ps(y + j), root), lo), hi);
-      _mm256_store_ps(x + j, xj);
-      _mm256_store_ps(x2 + j, _mm256_mul_ps(xj, xj));
-    }
-    for (int64_t j = 0; j < count; j += 8) {
-      const __m256 sq = _mm256_load_ps(x2 + j);
-      __m256 p = _mm256_set1_ps(kErfNum[0]);
-      for (int i = 1; i < 7; ++i) p = _mm256_add_ps(_mm256_mul_ps(p, sq), _mm256_set1_ps(kErfNum[i]));
-      _mm256_store_ps(num + j, p);
-    }
-    for (int64_t j = 0; j < count; j += 8) {
-      const __m256 sq = _mm256_load_ps(x2 + j);
-      __m256 q = _mm256_set1_ps(kErfDen[0]);
-      for (int i = 1; i < 5; ++i) q = _mm256_add_ps(_mm256_mul_ps(q, sq), _mm256_set1_ps(kErfDen[i]));
-      const __m256 erf = _mm256_div_ps(_mm256_mul_ps(_mm256_load_ps(x + j), _mm256_load_ps(num + j)), q);
-      _mm256_storeu_ps(y + j, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(y + j), half), _mm256_add_ps(one, erf)));
-    }
-  }
-}
+// fp32 vector operations at two widths: 8 lanes (AVX2) and 16 (AVX-512). Code written once against them
+// (gelu_inplace.inc here, the GEMM epilogue in qgemm_cpu.cpp) is compiled once per width with that width's target;
+// the same operations per lane give the same bits at both widths.
+struct F32x8 {
+  using F = __m256;
+  static constexpr int kLanes = 8;
+#define DFQVIT_F8 __attribute__((target("avx2"))) static inline
+  DFQVIT_F8 F set1(float x) { return _mm256_set1_ps(x); }
+  DFQVIT_F8 F load(const float* p) { return _mm256_loadu_ps(p); }
+  DFQVIT_F8 void store(float* p, F y) { _mm256_storeu_ps(p, y); }
+  DFQVIT_F8 F add(F a, F b) { return _mm256_add_ps(a, b); }
+  DFQVIT_F8 F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  DFQVIT_F8 F div(F a, F b) { return _mm256_div_ps(a, b); }
+  DFQVIT_F8 F min(F a, F b) { return _mm256_min_ps(a, b); }
+  DFQVIT_F8 F max(F a, F b) { return _mm256_max_ps(a, b); }
+#undef DFQVIT_F8
+};
 
-// gelu_inplace_avx2 on 16 lanes (AVX-512 CPUs: the VNNI and AMX rungs): the same operations per element, so the
-// same bits; n16 a multiple of 16. Once the GEMM ran on AMX, GELU was the largest part of the fc1 GEMM.
-__attribute__((target("avx512f"))) inline void gelu_inplace_avx512(float* y, int64_t n16) {
-  alignas(64) float x[kGeluChunk], x2[kGeluChunk], num[kGeluChunk];
-  const __m512 lo = _mm512_set1_ps(-4.0f), hi = _mm512_set1_ps(4.0f), root = _mm512_set1_ps(kSqrt1_2);
-  const __m512 half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.0f);
-  for (int64_t j0 = 0; j0 < n16; j0 += kGeluChunk, y += kGeluChunk) {
-    const int64_t count = std::min(kGeluChunk, n16 - j0);
-    for (int64_t j = 0; j < count; j += 16) {
-      const __m512 xj = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(_mm512_loadu_ps(y + j), root), lo), hi);
-      _mm512_store_ps(x + j, xj);
-      _mm512_store_ps(x2 + j, _mm512_mul_ps(xj, xj));
-    }
-    for (int64_t j = 0; j < count; j += 16) {
-      const __m512 sq = _mm512_load_ps(x2 + j);
-      __m512 p = _mm512_set1_ps(kErfNum[0]);
-      for (int i = 1; i < 7; ++i) p = _mm512_add_ps(_mm512_mul_ps(p, sq), _mm512_set1_ps(kErfNum[i]));
-      _mm512_store_ps(num + j, p);
-    }
-    for (int64_t j = 0; j < count; j += 16) {
-      const __m512 sq = _mm512_load_ps(x2 + j);
-      __m512 q = _mm512_set1_ps(kErfDen[0]);
-      for (int i = 1; i < 5; ++i) q = _mm512_add_ps(_mm512_mul_ps(q, sq), _mm512_set1_ps(kErfDen[i]));
-      const __m512 erf = _mm512_div_ps(_mm512_mul_ps(_mm512_load_ps(x + j), _mm512_load_ps(num + j)), q);
-      _mm512_storeu_ps(y + j, _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(y + j), half), _mm512_add_ps(one, erf)));
-    }
-  }
-}
+struct F32x16 {
+  using F = __m512;
+  static constexpr int kLanes = 16;
+#define DFQVIT_F16 __attribute__((target("avx512f"))) static inline
+  DFQVIT_F16 F set1(float x) { return _mm512_set1_ps(x); }
+  DFQVIT_F16 F load(const float* p) { return _mm512_loadu_ps(p); }
+  DFQVIT_F16 void store(float* p, F y) { _mm512_storeu_ps(p, y); }
+  DFQVIT_F16 F add(F a, F b) { return _mm512_add_ps(a, b); }
+  DFQVIT_F16 F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  DFQVIT_F16 F div(F a, F b) { return _mm512_div_ps(a, b); }
+  DFQVIT_F16 F min(F a, F b) { return _mm512_min_ps(a, b); }
+  DFQVIT_F16 F max(F a, F b) { return _mm512_max_ps(a, b); }
+#undef DFQVIT_F16
+};
+
+constexpr int64_t kGeluChunk = 768;
+
+// gelu8::gelu_inplace (AVX2) and gelu16::gelu_inplace (AVX-512 CPUs: the VNNI and AMX rungs; once the GEMM ran on
+// AMX, GELU was the largest part of the fc1 GEMM), from one body.
+namespace gelu8 {
+using L = F32x8;
+#define DFQVIT_GELU_TARGET __attribute__((target("avx2")))
+#include "gelu_inplace.inc"
+#undef DFQVIT_GELU_TARGET
+}  // namespace gelu8
+
+namespace gelu16 {
+using L = F32x16;
+#define DFQVIT_GELU_TARGET __attribute__((target("avx2,avx512f")))
+#include "gelu_inplace.inc"
+#undef DFQVIT_GELU_TARGET
+}  // namespace gelu16
 
 __attribute__((target("avx2"))) inline __m256 exp2_avx2(__m256 d) {
   const __m256 n = _mm256_round_ps(d, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);

@@ -107,7 +107,7 @@ struct Epilogue {
   const NormOutput* norm = nullptr;
   // The ISA has AVX-512 (the VNNI and AMX rungs): the epilogue on 16 lanes (epilogue_avx512_impl; in-process A/B
   // on the 2-core Zen 5 VM, CIFAR and DeiT-S layer shapes: the GEMM 1.01-1.07x with fp32 out, 1.06-1.19x with int8
-  // out, GELU included), GELU too (pm::gelu_inplace_avx512; A/B on the 2-core Xeon, fc1 with bias + GELU + int8
+  // out, GELU included), GELU too (pm::gelu16::gelu_inplace; A/B on the 2-core Xeon, fc1 with bias + GELU + int8
   // out: AMX 1.15-1.23x the GEMM, VNNI 1.03-1.04x).
   bool avx512 = false;
 };
@@ -133,44 +133,34 @@ void epilogue_scalar(const Epilogue& ep, const int32_t* acc, int64_t m, int rows
 }
 
 #if DFQVIT_X86
-// The epilogue's vector operations at two widths: 8 lanes (AVX2) and 16 (AVX-512: one panel row per vector). The
-// same operations per lane, so the same bits. The body that uses them is written once (epilogue_block.inc) and
-// compiled once per width with that width's target; they are inlined there (no calls remain in the binary). The
-// AVX2 instantiation has no AVX-512 code.
-struct Lanes8 {
-  using F = __m256;
+// The epilogue's vector operations at two widths: 8 lanes (AVX2) and 16 (AVX-512: one panel row per vector), the
+// fp32 ones from pm::F32x8 / F32x16. The same operations per lane, so the same bits. The body that uses them is
+// written once (epilogue_block.inc) and compiled once per width with that width's target; they are inlined there
+// (no calls remain in the binary). The AVX2 instantiation has no AVX-512 code.
+struct Lanes8 : pm::F32x8 {
   using I = __m256i;
-  static constexpr int kLanes = 8;
 #define DFQVIT_L8 __attribute__((target("avx2"))) static inline
   DFQVIT_L8 I load_i(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
-  DFQVIT_L8 F load(const float* p) { return _mm256_loadu_ps(p); }
-  DFQVIT_L8 void store(float* p, F y) { _mm256_storeu_ps(p, y); }
   DFQVIT_L8 F pre_activation(I acc, I w_zero, int32_t row_sum, I col_term, F scale) {
     const I exact = _mm256_sub_epi32(_mm256_sub_epi32(acc, _mm256_mullo_epi32(w_zero, _mm256_set1_epi32(row_sum))),
                                      col_term);
     return _mm256_mul_ps(_mm256_cvtepi32_ps(exact), scale);
   }
-  DFQVIT_L8 F add(F a, F b) { return _mm256_add_ps(a, b); }
   DFQVIT_L8 void quantize(F y, F scale, F zero, F qmin, F qmax, int8_t* q) {
     quantize8_avx2(y, scale, zero, qmin, qmax, q);
   }
 #undef DFQVIT_L8
 };
 
-struct Lanes16 {
-  using F = __m512;
+struct Lanes16 : pm::F32x16 {
   using I = __m512i;
-  static constexpr int kLanes = 16;
 #define DFQVIT_L16 __attribute__((target("avx512f"))) static inline
   DFQVIT_L16 I load_i(const int32_t* p) { return _mm512_loadu_si512(p); }
-  DFQVIT_L16 F load(const float* p) { return _mm512_loadu_ps(p); }
-  DFQVIT_L16 void store(float* p, F y) { _mm512_storeu_ps(p, y); }
   DFQVIT_L16 F pre_activation(I acc, I w_zero, int32_t row_sum, I col_term, F scale) {
     const I exact = _mm512_sub_epi32(_mm512_sub_epi32(acc, _mm512_mullo_epi32(w_zero, _mm512_set1_epi32(row_sum))),
                                      col_term);
     return _mm512_mul_ps(_mm512_cvtepi32_ps(exact), scale);
   }
-  DFQVIT_L16 F add(F a, F b) { return _mm512_add_ps(a, b); }
   // quantize8_avx2 on 16 lanes: vrndscaleps to nearest even, then vpmovsdb (values already within [-128, 127]).
   DFQVIT_L16 void quantize(F y, F scale, F zero, F qmin, F qmax, int8_t* q) {
     F v = _mm512_roundscale_ps(_mm512_div_ps(y, scale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
