@@ -66,12 +66,12 @@ def uniform_quantize(x, scale, zero_point, qmin, qmax):
 
 
 @triton.jit
-def divide_rn(x, scale, inv_scale, FMA_DIV: tl.constexpr):
+def divide_rn(x, scale, inv_scale, HW_FMA: tl.constexpr):
     """``RN(x / scale)`` given ``inv_scale = RN(1 / scale)``: with fused multiply-adds (a GPU), Markstein's
     correction ``q = x * inv; r = fma(-q, scale, x); RN(q + r * inv)`` — one multiply and two FMAs where the
     IEEE division (``div_rn``) is a reciprocal, four FMAs, a range check and a branch per element. The
-    interpreter's ``tl.fma`` rounds twice, so there (FMA_DIV false) it is the division itself."""
-    if FMA_DIV:
+    interpreter's ``tl.fma`` rounds twice, so there (HW_FMA false) it is the division itself."""
+    if HW_FMA:
         q = x * inv_scale
         r = tl.fma(-q, scale, x)
         return tl.fma(r, inv_scale, q)
@@ -80,10 +80,10 @@ def divide_rn(x, scale, inv_scale, FMA_DIV: tl.constexpr):
 
 
 @triton.jit
-def uniform_quantize_int(x, scale, inv_scale, zero_point, qmin, qmax, FMA_DIV: tl.constexpr):
+def uniform_quantize_int(x, scale, inv_scale, zero_point, qmin, qmax, HW_FMA: tl.constexpr):
     """:func:`uniform_quantize` as int32 codes, through :func:`divide_rn` and the magic constant (the clamped
     value is an integer in [qmin, qmax]: its bits after the magic add hold it, no float-to-int conversion)."""
-    q = tl.minimum(tl.maximum(rint(divide_rn(x, scale, inv_scale, FMA_DIV)) + zero_point, qmin), qmax)
+    q = tl.minimum(tl.maximum(rint(divide_rn(x, scale, inv_scale, HW_FMA)) + zero_point, qmin), qmax)
     return (q + ROUND_MAGIC).to(tl.int32, bitcast=True) - ROUND_MAGIC_BITS
 
 

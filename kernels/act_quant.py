@@ -29,7 +29,7 @@ MAX_CHANNELS = 16384
 @triton.jit
 def _layernorm_quant_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, C, C_FLOAT, stride_xm, stride_om,
                             eps, out_scale, out_inv_scale, out_zero, out_qmin, out_qmax,
-                            BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, FMA_DIV: tl.constexpr):
+                            BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, HW_FMA: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_C)
     row_ok = rows[:, None] < M
@@ -43,7 +43,7 @@ def _layernorm_quant_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, C, C_FLOAT, stride_
     weight = tl.load(w_ptr + cols, mask=cols < C, other=0.0).to(tl.float32)
     bias = tl.load(b_ptr + cols, mask=cols < C, other=0.0).to(tl.float32)
     y = centered * rstd[:, None] * weight[None, :] + bias[None, :]
-    q = uniform_quantize_int(y, out_scale, out_inv_scale, out_zero, out_qmin, out_qmax, FMA_DIV)
+    q = uniform_quantize_int(y, out_scale, out_inv_scale, out_zero, out_qmin, out_qmax, HW_FMA)
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], q.to(tl.int8), mask=ok)
 
 
@@ -82,7 +82,7 @@ def layernorm_quant_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         _layernorm_quant_kernel[(triton.cdiv(m, block_m),)](
             x2, weight, bias, out, m, c, float(c), x2.stride(0), out.stride(0), float(eps), float(out_scale),
             reciprocal_fp32(out_scale), float(out_zero), float(out_qmin), float(out_qmax), BLOCK_M=block_m,
-            BLOCK_C=block_c, FMA_DIV=device.type == "cuda", num_warps=4 if block_c >= 512 else 2)
+            BLOCK_C=block_c, HW_FMA=device.type == "cuda", num_warps=4 if block_c >= 512 else 2)
     return out.reshape(x.shape)
 
 

@@ -122,7 +122,7 @@ def _qgemm_kernel(
     a_scale, a_zero, out_scale, out_inv_scale, out_zero, out_qmin, out_qmax,
     STORAGE_BITS: tl.constexpr, GROUP_K: tl.constexpr, FLOAT_A: tl.constexpr,
     HAS_BIAS: tl.constexpr, APPLY_GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr, EPILOGUE: tl.constexpr,
-    ROUND_DTYPE: tl.constexpr, W_DENSE: tl.constexpr, FMA_DIV: tl.constexpr,
+    ROUND_DTYPE: tl.constexpr, W_DENSE: tl.constexpr, HW_FMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Grouped program order (Triton matmul tutorial): GROUP_M row-tiles share W tiles in L2.
@@ -213,12 +213,12 @@ def _qgemm_kernel(
         if HAS_BIAS:
             y = y + tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         if APPLY_GELU:
-            y = gelu_erf(y, HW_DIV=FMA_DIV)
+            y = gelu_erf(y, HW_DIV=HW_FMA)
         if HAS_RESIDUAL:
             res = tl.load(residual_ptr + rm[:, None] * stride_rm + rn[None, :] * stride_rn, mask=out_ok, other=0.0)
             y = y + res.to(tl.float32)
         if EPILOGUE == 1:
-            q = uniform_quantize_int(y, out_scale, out_inv_scale, out_zero, out_qmin, out_qmax, FMA_DIV)
+            q = uniform_quantize_int(y, out_scale, out_inv_scale, out_zero, out_qmin, out_qmax, HW_FMA)
             tl.store(out_ptrs, q.to(tl.int8), mask=out_ok)
         elif EPILOGUE == 3:
             # out_grid (5, N): scale, zero, qmin, qmax, RN(1 / scale) per column. Rounding to ROUND_DTYPE first
@@ -230,7 +230,7 @@ def _qgemm_kernel(
             g_inv = tl.load(out_grid_ptr + 4 * N + rn, mask=n_ok, other=1.0)
             y = y.to(ROUND_DTYPE).to(tl.float32)
             q = uniform_quantize_int(y, g_scale[None, :], g_inv[None, :], g_zero[None, :], g_min[None, :],
-                                     g_max[None, :], FMA_DIV)
+                                     g_max[None, :], HW_FMA)
             tl.store(out_ptrs, q.to(tl.int8), mask=out_ok)
         else:
             tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=out_ok)
@@ -463,7 +463,7 @@ def _launch(entry, a, a_scale, a_zero, w_packed, w_scale, w_zero, w_col_sums, bi
     meta = dict(STORAGE_BITS=storage_bits, GROUP_K=group_k if storage_bits != 8 else 1, FLOAT_A=float_a,
                 HAS_BIAS=bias is not None, APPLY_GELU=bool(gelu), HAS_RESIDUAL=residual is not None,
                 EPILOGUE=epilogue, ROUND_DTYPE=torch_dtype_to_triton(round_dtype), W_DENSE=w_dense,
-                FMA_DIV=device.type == "cuda")
+                HW_FMA=device.type == "cuda")
     if config is None:
         grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]) * triton.cdiv(n, META["BLOCK_N"]),)  # noqa: E731
         _qgemm_kernel_autotuned[grid](*args, **meta)

@@ -27,11 +27,11 @@ BLOCK = 1024
 
 
 @triton.jit
-def _apply(x_ptr, y_ptr, n, scale, inv_scale, OP: tl.constexpr, BLOCK: tl.constexpr, FMA_DIV: tl.constexpr):
+def _apply(x_ptr, y_ptr, n, scale, inv_scale, OP: tl.constexpr, BLOCK: tl.constexpr, HW_FMA: tl.constexpr):
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     x = tl.load(x_ptr + i, mask=i < n)
     if OP == 4:
-        y = uniform_quantize_int(x, scale, inv_scale, 3.0, -128.0, 127.0, FMA_DIV)
+        y = uniform_quantize_int(x, scale, inv_scale, 3.0, -128.0, 127.0, HW_FMA)
     elif OP == 0:
         y = rint(x)
     elif OP == 1:
@@ -47,7 +47,7 @@ def _run(op, x, out_dtype=torch.float32, scale=1.0):
     x_d = x.to(TRITON_DEVICE)
     y = torch.empty(x.shape, dtype=out_dtype, device=TRITON_DEVICE)
     _apply[(triton.cdiv(x.numel(), BLOCK),)](x_d, y, x.numel(), scale, reciprocal_fp32(scale), OP=op, BLOCK=BLOCK,
-                                             FMA_DIV=TRITON_DEVICE == "cuda")
+                                             HW_FMA=TRITON_DEVICE == "cuda")
     return y.cpu()
 
 
