@@ -59,6 +59,8 @@ def write_container(path: str, tensors: Dict[str, torch.Tensor], fmt: str, versi
     """Write atomically (temporary file + rename), so an interrupted save never leaves a partial file."""
     from safetensors.torch import save_file
 
+    if os.path.isdir(path):
+        raise DFQViTError(f"{path!r} is a folder; give the file to write, e.g. {os.path.join(path, 'model.safetensors')!r}")
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     header = {"format": fmt, "format_version": str(version), "sha256": payload_sha256(tensors),
               "config": json.dumps(meta, sort_keys=True)}
@@ -318,8 +320,10 @@ class QuantArtifact:
         expected = dict(qmodel.model.state_dict())
         weight_layers = dict(qmodel.weight_layers())
         if set(layers) != set(weight_layers):
-            raise ArtifactError(f"the artifact quantizes layers {sorted(layers)[:5]}... but the model has "
-                                f"{sorted(weight_layers)[:5]}...; pass the matching architecture")
+            only_saved, only_model = sorted(set(layers) - set(weight_layers)), sorted(set(weight_layers) - set(layers))
+            raise ArtifactError(f"the artifact quantizes {len(layers)} layers, the model has {len(weight_layers)}: "
+                                f"only in the artifact {only_saved[:5]}, only in the model {only_model[:5]}; pass the "
+                                "matching architecture (or none, where the artifact records how to build it)")
         for name, layer in weight_layers.items():
             expected[name + CODES_SUFFIX] = torch.empty(layer.weight.shape,
                                                         dtype=_code_dtype(bool(layer.weight_quantizer.signed)))

@@ -12,7 +12,7 @@ import dfqvit
 from conftest import TINY_MODELS, tiny_vit
 from dfqvit.artifact import ARTIFACT_VERSION, QuantArtifact, set_build_info
 from dfqvit.config import CorrectionConfig, ReconConfig
-from dfqvit.errors import ArtifactError, CheckpointNotFoundError
+from dfqvit.errors import ArtifactError, CheckpointNotFoundError, DFQViTError
 
 TINY_KWARGS = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10)
 # The fake-quant model: these tests check that every tensor it needs survives the round trip
@@ -155,6 +155,16 @@ def test_wrong_architecture_is_refused(saved):
     _, path = saved
     with pytest.raises(ArtifactError, match="does not fit|layers"):
         dfqvit.load(path, model=tiny_vit(embed_dim=24))
+    with pytest.raises(ArtifactError, match=r"quantizes 9 layers, the model has 5: only in the artifact "
+                                            r"\['blocks.1.attn.proj', .*only in the model \[\]"):
+        dfqvit.load(path, model=tiny_vit(depth=1))
+
+
+def test_saving_to_a_folder_names_the_file_to_give(saved, tmp_path):
+    qmodel, _ = saved
+    with pytest.raises(DFQViTError, match="is a folder; give the file to write, e.g. .*model.safetensors"):
+        dfqvit.save(qmodel, str(tmp_path))
+    assert not os.listdir(tmp_path) and not [f for f in os.listdir(tmp_path.parent) if f.startswith(".tmp-")]
 
 
 def test_a_model_without_build_info_needs_a_skeleton(tmp_path):
