@@ -68,7 +68,12 @@ def load_images(path: str, size: Tuple[int, int], mean: Sequence[float], std: Se
     evenly spread subset (every k-th image, so all classes stay represented)."""
     if not os.path.exists(path):
         raise CheckpointNotFoundError(f"image data {path!r} does not exist")
+    if limit is not None and limit < 1:
+        raise DFQViTError(f"limit={limit}: give at least 1 image (--limit), or none for all")
     loaders, labels, classes = _npz_loaders(path) if path.endswith(".npz") else _folder_loaders(path)
+    if not labels:
+        raise DFQViTError(f"image data {path!r} holds no images (an .npz pack, or root/<class>/<image> with "
+                          f"{', '.join(_IMAGE_EXTENSIONS)} files)")
     if limit is not None and limit < len(labels):
         keep = np.linspace(0, len(labels) - 1, limit).round().astype(int)
         loaders, labels = [loaders[i] for i in keep], [labels[i] for i in keep]

@@ -7,6 +7,8 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
+from dfqvit.errors import DFQViTError
+
 
 @dataclasses.dataclass(frozen=True)
 class EvalResult:
@@ -19,6 +21,10 @@ class EvalResult:
 def evaluate(model, dataset, batch_size: int = 128, reference=None, device="cpu", progress: bool = True,
              desc: str = "eval") -> EvalResult:
     """Top-1 of ``model`` on ``dataset``; with ``reference``, also its top-1 agreement with it."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise DFQViTError(f"batch size {batch_size!r}: it must be an int >= 1 (--batch-size)")
+    if len(dataset) == 0:
+        raise DFQViTError("the evaluation data holds no images")
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
     correct = agree = total = 0
     for x, y in tqdm(loader, desc=desc, disable=not progress, leave=False):

@@ -79,3 +79,16 @@ def test_errors_are_reported_not_raised(tmp_path, capsys):
     assert "allowed" in capsys.readouterr().err
     assert main(["eval", "--data", "x.npz"]) == 2
     assert "--model" in capsys.readouterr().err
+
+
+def test_bad_image_options_are_reported(tmp_path, capsys):
+    """--limit 0 scored nothing and printed 0.00%; --batch-size 0 and a folder without images raised tracebacks."""
+    load_cifar_model()
+    base = ["eval", "--model", str(CIFAR_MODEL_JSON), "--data", str(CIFAR_TEST)]
+    assert main(base + ["--limit", "0"]) == 2
+    assert "limit=0: give at least 1 image" in capsys.readouterr().err
+    assert main(base + ["--limit", "10", "--batch-size", "0"]) == 2
+    assert "batch size 0" in capsys.readouterr().err
+    (tmp_path / "cat").mkdir()  # a class folder with no image in it
+    assert main(["quantize", "--model", str(CIFAR_MODEL_JSON), "--calib", str(tmp_path), "--recon-iters", "0"]) == 2
+    assert "holds no images" in capsys.readouterr().err
