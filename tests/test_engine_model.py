@@ -312,6 +312,34 @@ def test_full_correction_and_layer_scale_are_applied():
     assert cosine(logits(qmodel, images()), logits(engine, images())) >= 0.999
 
 
+# timm ViT options the engine's trunk handles (prefix tokens, position-embedding order, pooling, norms).
+VIT_VARIANTS = {
+    "register_tokens": dict(reg_tokens=4),
+    "no_embed_class": dict(no_embed_class=True),  # DeiT-III: position embedding for patches only
+    "registers_no_embed_class": dict(reg_tokens=2, no_embed_class=True),
+    "no_qkv_bias": dict(qkv_bias=False),
+    "pre_norm": dict(pre_norm=True),
+    "avg_pool_fc_norm": dict(global_pool="avg", fc_norm=True),
+    "mlp_ratio_3_patch_4": dict(mlp_ratio=3.0, img_size=36, patch_size=4),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VIT_VARIANTS))
+def test_vit_variants_run_on_the_engine(variant):
+    from dfqvit.engine.backends import native_is_default
+
+    model = TINY_MODELS["vit"](**VIT_VARIANTS[variant])
+    size = model.patch_embed.img_size
+    torch.manual_seed(1)
+    qmodel = dfqvit.compile(model, bits=8, calib=torch.randn(8, 3, *size), recon=None, progress=False,
+                            backend="fake")
+    x = images(size=size[0])
+    fake, real = logits(qmodel, x), logits(build_engine(qmodel, backend="torch"), x)
+    assert cosine(fake, real) >= 0.999 and cosine(logits(model, x), real) >= 0.99
+    if native_is_default():
+        assert torch.equal(logits(build_engine(qmodel, backend="native"), x), real)
+
+
 def test_engine_from_saved_artifact(tmp_path):
     _, qmodel = calibrated("swin", (4, 8))
     path = tmp_path / "swin_w4a8.safetensors"
