@@ -324,16 +324,37 @@ VIT_VARIANTS = {
 }
 
 
-@pytest.mark.parametrize("variant", sorted(VIT_VARIANTS))
-def test_vit_variants_run_on_the_engine(variant):
+# timm Swin options: image and window shapes, partitioning, head size, pooling, a third stage.
+SWIN_VARIANTS = {
+    "non_square_image": dict(img_size=(32, 48)),
+    "rectangular_window": dict(window_size=(4, 8)),
+    "always_partition": dict(always_partition=True, img_size=24),
+    "head_dim_8_no_qkv_bias": dict(head_dim=8, qkv_bias=False),
+    "max_pool": dict(global_pool="max"),
+    "three_stages": dict(depths=(2, 2, 2), num_heads=(2, 2, 4), img_size=64, patch_size=4),
+}
+
+
+def _variant(name: str) -> torch.nn.Module:
+    if name in VIT_VARIANTS:
+        return TINY_MODELS["vit"](**VIT_VARIANTS[name])
+    from timm.models.swin_transformer import SwinTransformer
+    torch.manual_seed(0)
+    kwargs = dict(img_size=32, patch_size=2, window_size=4, embed_dim=24, depths=(2, 2), num_heads=(2, 4),
+                  num_classes=10)
+    return SwinTransformer(**{**kwargs, **SWIN_VARIANTS[name]}).eval()
+
+
+@pytest.mark.parametrize("variant", sorted(VIT_VARIANTS) + sorted(SWIN_VARIANTS))
+def test_timm_variants_run_on_the_engine(variant):
     from dfqvit.engine.backends import native_is_default
 
-    model = TINY_MODELS["vit"](**VIT_VARIANTS[variant])
+    model = _variant(variant)
     size = model.patch_embed.img_size
     torch.manual_seed(1)
     qmodel = dfqvit.compile(model, bits=8, calib=torch.randn(8, 3, *size), recon=None, progress=False,
                             backend="fake")
-    x = images(size=size[0])
+    x = torch.randn(IMAGES, 3, *size, generator=torch.Generator().manual_seed(7))
     fake, real = logits(qmodel, x), logits(build_engine(qmodel, backend="torch"), x)
     assert cosine(fake, real) >= 0.999 and cosine(logits(model, x), real) >= 0.99
     if native_is_default():
