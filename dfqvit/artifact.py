@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import importlib
 import json
+import math
 import os
 import tempfile
 from typing import Any, Dict, List, Optional, Tuple
@@ -60,7 +61,8 @@ def write_container(path: str, tensors: Dict[str, torch.Tensor], fmt: str, versi
     from safetensors.torch import save_file
 
     if os.path.isdir(path):
-        raise DFQViTError(f"{path!r} is a folder; give the file to write, e.g. {os.path.join(path, 'model.safetensors')!r}")
+        example = os.path.join(path, "model.safetensors")
+        raise DFQViTError(f"{path!r} is a folder; give the file to write, e.g. {example!r}")
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     header = {"format": fmt, "format_version": str(version), "sha256": payload_sha256(tensors),
               "config": json.dumps(meta, sort_keys=True)}
@@ -225,9 +227,7 @@ class PackedCodes:
     def unpack(self) -> torch.Tensor:
         from dfqvit.kernels.reference import unpack_weight_reference
 
-        k = 1
-        for size in self.shape[1:]:
-            k *= size
+        k = math.prod(self.shape[1:])
         codes = unpack_weight_reference(self.data, self.bits, k, PACKED_GROUP_K[self.bits]).to(torch.int16)
         shift = 2 ** (self.bits - 1) if self.dtype == torch.int8 else 0
         return (codes - shift).to(self.dtype).reshape(self.shape)
@@ -320,7 +320,8 @@ class QuantArtifact:
         expected = dict(qmodel.model.state_dict())
         weight_layers = dict(qmodel.weight_layers())
         if set(layers) != set(weight_layers):
-            only_saved, only_model = sorted(set(layers) - set(weight_layers)), sorted(set(weight_layers) - set(layers))
+            only_saved = sorted(set(layers) - set(weight_layers))
+            only_model = sorted(set(weight_layers) - set(layers))
             raise ArtifactError(f"the artifact quantizes {len(layers)} layers, the model has {len(weight_layers)}: "
                                 f"only in the artifact {only_saved[:5]}, only in the model {only_model[:5]}; pass the "
                                 "matching architecture (or none, where the artifact records how to build it)")
