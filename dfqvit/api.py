@@ -160,10 +160,11 @@ def as_backend(qmodel: QuantizedModel, backend: str = "auto", artifact=None):
     made from ``qmodel``) so that ``dfqvit.save(engine, path)`` writes the same file as saving the fake-quant
     model, and ``engine.artifact.to_model()`` gives that model back. ``engine.artifact = None`` frees it.
 
-    With "auto", a model the engine cannot run (``UnsupportedModelError``: e.g. a tanh GELU, per-channel
-    activation grids, ``dynamic_img_size``) comes back as the fake-quant model with a warning that says why,
-    so a finished calibration is not lost; a named engine backend raises instead. (``compile`` checks the
-    model's structure before calibrating, so these come at its start; see ``engine.support``.)
+    With "auto", a model the engine cannot run (``UnsupportedModelError``: e.g. a tanh GELU,
+    ``dynamic_img_size``, activation grids set per channel outside dfqvit's calibration) comes back as the
+    fake-quant model with a warning that says why, so a finished calibration is not lost; a named engine backend
+    raises instead. (``compile`` checks the model's structure before calibrating, so most of these come at its
+    start; see ``engine.support``.)
     """
     if backend == "fake":
         return qmodel

@@ -54,8 +54,9 @@ def act_grid(quantizer: Optional[UniformQuantizer], where: str) -> Optional[ActG
         return None
     if not isinstance(quantizer, UniformQuantizer) or quantizer.channels is not None:
         raise UnsupportedModelError(
-            f"{where}: the engine needs a per-tensor uniform activation quantizer, got {quantizer!r}; "
-            "calibrate with CalibConfig(reparam_post_ln=True) so post-LayerNorm grids become per-tensor")
+            f"{where}: the engine needs a per-tensor uniform activation quantizer, got {quantizer!r}. dfqvit's "
+            "calibration makes per-tensor grids (post-LayerNorm ones are folded to per-tensor); a grid set another "
+            "way runs as the fake-quant model (backend='fake')")
     qmin, qmax = quantizer.qrange
     shift = 0 if quantizer._signed else 2 ** (quantizer.num_bits - 1)
     return ActGrid(float(quantizer.scale), int(quantizer.zero_point) - shift, qmin - shift, qmax - shift)
