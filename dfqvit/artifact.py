@@ -206,7 +206,7 @@ def _code_dtype(signed: bool) -> torch.dtype:
 PACKED_GROUP_K = {4: 64, 3: 128}
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # eq would compare tensors element-wise
 class PackedCodes:
     """Weight codes of 3 or 4 bits packed in memory (4 bits: half a byte each, 3 bits: 3/8 of a byte), for an
     artifact kept beside a running engine. Files always hold the unpacked codes."""
