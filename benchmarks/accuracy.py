@@ -310,10 +310,9 @@ class GridRunner:
         result = self.evaluate(qmodel)
         t2 = time.perf_counter()
         s = cell.setting
-        runs_on = getattr(qmodel, "backend_label", "fake-quant")
         return CellResult(cell.source, s.name, s.w_bits, s.a_bits, s.softmax, cell.seed, cell.variant,
                           result.top1, result.agreement, result.images, round(synth_seconds, 2), reused,
-                          round(t1 - t0, 2), round(t2 - t1, 2), round(t2 - start, 2), runs_on)
+                          round(t1 - t0, 2), round(t2 - t1, 2), round(t2 - start, 2), qmodel.backend_label)
 
     def run(self, cells: Sequence[Cell], log=print, on_result=None) -> List[CellResult]:
         """Run ``cells`` in order; ``on_result(results so far)`` is called after each one."""

@@ -96,12 +96,6 @@ def _pipeline_configs(args) -> dict:
     return configs
 
 
-def _runs_on(model) -> str:
-    """What runs a quantized model, for the printed results: the engine's backend (with the native ISA) or
-    the fake-quant model."""
-    return getattr(model, "backend_label", "fake-quant")
-
-
 def cmd_quantize(args) -> int:
     from .api import as_backend, preflight_backend
     from .evaluate import evaluate
@@ -129,10 +123,10 @@ def cmd_quantize(args) -> int:
         runner = as_backend(qmodel, eval_backend)  # the integer engine by default
         fp = evaluate(model.to(args.device), data, args.batch_size, device=args.device, desc="eval fp32")
         q = evaluate(runner, data, args.batch_size, reference=model, device=args.device, desc="eval quantized")
-        report.update(eval_data=args.eval, eval_images=q.images, eval_backend=_runs_on(runner),
+        report.update(eval_data=args.eval, eval_images=q.images, eval_backend=runner.backend_label,
                       fp32_top1=round(fp.top1, 2), quant_top1=round(q.top1, 2), top1_agreement=round(q.agreement, 2))
         print(f"top-1 on {q.images} images: fp32 {fp.top1:.2f}%  W{qmodel.config.w_bits}A{qmodel.config.a_bits} "
-              f"{q.top1:.2f}% on {_runs_on(runner)}  (agreement with fp32 {q.agreement:.2f}%)")
+              f"{q.top1:.2f}% on {runner.backend_label}  (agreement with fp32 {q.agreement:.2f}%)")
     if args.report:
         with open(args.report, "w") as f:
             json.dump(report, f, indent=1)
@@ -159,7 +153,7 @@ def cmd_eval(args) -> int:
                               "W,A --out FILE`.")
         data = _images_for(args.data, qmodel.input_spec, args.limit)
         result = evaluate(qmodel, data, args.batch_size, device=args.device)
-        print(f"W{qmodel.config.w_bits}A{qmodel.config.a_bits} ({args.artifact}, {_runs_on(qmodel)}) top-1: "
+        print(f"W{qmodel.config.w_bits}A{qmodel.config.a_bits} ({args.artifact}, {qmodel.backend_label}) top-1: "
               f"{result.top1:.2f}% on {result.images} images")
         return 0
     if not args.model:
@@ -175,7 +169,7 @@ def cmd_eval(args) -> int:
     else:
         qmodel = _quantize(model, norm, args, backend=args.backend or "auto")
         result = evaluate(qmodel, data, args.batch_size, device=args.device)
-        print(f"W{qmodel.config.w_bits}A{qmodel.config.a_bits} ({_runs_on(qmodel)}) top-1: {result.top1:.2f}% "
+        print(f"W{qmodel.config.w_bits}A{qmodel.config.a_bits} ({qmodel.backend_label}) top-1: {result.top1:.2f}% "
               f"on {result.images} images")
     return 0
 

@@ -48,7 +48,10 @@ class QuantizedModel(nn.Module):
         config: the QuantConfig it was built with.
         skipped: fqns of layers kept in floating point (by config), reported, never silent.
         input_spec: expected input shape and normalization.
+        backend_label: what runs it, as the engine's ``QuantizedViT.backend_label`` says for the engine.
     """
+
+    backend_label = "fake-quant"
 
     def __init__(self, model: nn.Module, adapter: Adapter, config: QuantConfig, skipped: Sequence[str],
                  input_spec: InputSpec):
