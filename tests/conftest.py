@@ -44,11 +44,13 @@ def tiny_deit_distilled():
                                       num_classes=10).eval()
 
 
-def tiny_swin():
+def tiny_swin(**overrides):
     from timm.models.swin_transformer import SwinTransformer
+    kwargs = dict(img_size=32, patch_size=2, window_size=4, embed_dim=24, depths=(2, 2), num_heads=(2, 4),
+                  num_classes=10)
+    kwargs.update(overrides)
     torch.manual_seed(0)
-    return SwinTransformer(img_size=32, patch_size=2, window_size=4, embed_dim=24, depths=(2, 2),
-                           num_heads=(2, 4), num_classes=10).eval()
+    return SwinTransformer(**kwargs).eval()
 
 
 TINY_MODELS = {

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import dfqvit
-from conftest import TINY_MODELS, cosine, load_cifar_images, load_cifar_model, sqnr_db
+from conftest import TINY_MODELS, cosine, load_cifar_images, load_cifar_model, sqnr_db, tiny_swin
 from dfqvit.errors import (
     CalibrationError,
     CheckpointNotFoundError,
@@ -241,17 +241,11 @@ def _vit_with_padded_patch_conv():
     return model
 
 
-def _swin_with_dynamic_mask():
-    from timm.models.swin_transformer import SwinTransformer
-    return SwinTransformer(img_size=32, patch_size=2, window_size=4, embed_dim=24, depths=(2, 2), num_heads=(2, 4),
-                           num_classes=10, dynamic_img_size=True).eval()
-
-
 # Models the integer engine does not run: (builder, compile kwargs, what the error names).
 ENGINE_UNSUPPORTED = {
     "tanh_gelu": (_tanh_gelu_vit, {}, "exact \\(erf\\) GELU.*approximate='tanh'.*at blocks.0.mlp, blocks.1.mlp"),
     "dynamic_img_size": (lambda: TINY_MODELS["vit"](dynamic_img_size=True), {}, "dynamic_img_size=True"),
-    "swin_dynamic_mask": (_swin_with_dynamic_mask, {}, "dynamic_mask=True.*at layers.0.blocks.0, layers.0.blocks.1"),
+    "swin_dynamic_mask": (lambda: tiny_swin(dynamic_img_size=True), {}, "dynamic_mask=True.*at layers.0.blocks.0, layers.0.blocks.1"),
     "padded_patch_conv": (_vit_with_padded_patch_conv,
                           dict(config=dfqvit.QuantConfig(w_bits=8, a_bits=8, quantize_patch_embed=True), bits=None),
                           "patch-embedding conv other than stride = kernel.*at patch_embed.proj"),

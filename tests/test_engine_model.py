@@ -15,7 +15,7 @@ from dfqvit.engine import QuantizedViT, build_engine
 from dfqvit.engine.pack import PackedLinear
 from dfqvit.errors import DFQViTError, InputShapeError
 
-from conftest import TINY_MODELS, cosine
+from conftest import TINY_MODELS, cosine, tiny_swin
 
 IMAGES = 16
 _CACHE = {}
@@ -49,10 +49,7 @@ def small_swin():
 def padded_swin():
     """12x12 tokens, window 8: stage 1 pads to 16x16 (its shifted block masks the padding too); stage 2 (6x6)
     clamps the window to the whole map."""
-    from timm.models.swin_transformer import SwinTransformer
-    torch.manual_seed(0)
-    model = SwinTransformer(img_size=24, patch_size=2, window_size=8, embed_dim=16, depths=(2, 2),
-                            num_heads=(2, 2), num_classes=10).eval()
+    model = tiny_swin(img_size=24, window_size=8, embed_dim=16, num_heads=(2, 2))
     with torch.no_grad():  # off-centre LayerNorm outputs: their grids' zero point is not code 0, so padding
         for block in model.layers[0].blocks:  # with the wrong code would show
             block.norm1.bias.add_(torch.linspace(0.5, 1.5, block.norm1.bias.numel()))
@@ -338,11 +335,7 @@ SWIN_VARIANTS = {
 def _variant(name: str) -> torch.nn.Module:
     if name in VIT_VARIANTS:
         return TINY_MODELS["vit"](**VIT_VARIANTS[name])
-    from timm.models.swin_transformer import SwinTransformer
-    torch.manual_seed(0)
-    kwargs = dict(img_size=32, patch_size=2, window_size=4, embed_dim=24, depths=(2, 2), num_heads=(2, 4),
-                  num_classes=10)
-    return SwinTransformer(**{**kwargs, **SWIN_VARIANTS[name]}).eval()
+    return tiny_swin(**SWIN_VARIANTS[name])
 
 
 @pytest.mark.parametrize("variant", sorted(VIT_VARIANTS) + sorted(SWIN_VARIANTS))
