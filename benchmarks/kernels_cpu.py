@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from dfqvit.environment import describe_environment
-from dfqvit.kernels import native, pack_weight, reference
+from dfqvit.kernels import native, pack_weight
 
 CIFAR_MODEL = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "vit_mini_c10.json"
 SHAPES = {"cifar_vit": (192, 768, 65), "deit_s": (384, 1536, 197)}

@@ -9,8 +9,6 @@ import sys
 import time
 from typing import List, Optional
 
-import torch
-
 from .errors import DFQViTError
 
 

@@ -165,16 +165,16 @@ def test_unpack_first_epilogues_equal_the_fused_path(bits):
                         torch.full((n,), -128.0), torch.full((n,), 127.0)])
     a_d, data, scale, zero, col, b_d, r_d, grid_d = _to(TRITON_DEVICE, a, w.data, w.w_scale, w.w_zero, w.w_col_sums,
                                                         b, r, grid)
-    for unpack_first in (False, True):
+    common = (a_d, 0.02, 3, data, scale, zero, col, b_d)
+
+    def epilogues(unpack_first):
         cfg = replace(_config(w), unpack_first=unpack_first)
-        common = (a_d, 0.02, 3, data, scale, zero, col, b_d)
-        outs = (qgemm_triton(*common, r_d, bits, k, w.group_k, True, None, 0, 0, 0, torch.float16, config=cfg),
+        return (qgemm_triton(*common, r_d, bits, k, w.group_k, True, None, 0, 0, 0, torch.float16, config=cfg),
                 qgemm_triton(*common, None, bits, k, w.group_k, False, 0.05, 2, -128, 127, torch.int8, config=cfg),
                 qgemm_columns_triton(*common, bits, k, w.group_k, grid_d, torch.float16, config=cfg))
-        if unpack_first:
-            for fused_out, dense_out in zip(fused, outs):
-                assert torch.equal(fused_out.cpu(), dense_out.cpu())
-        fused = outs
+
+    for fused_out, dense_out in zip(epilogues(False), epilogues(True)):
+        assert torch.equal(fused_out.cpu(), dense_out.cpu())
 
 
 @requires_triton

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from dfqvit.errors import UnsupportedModelError
-from dfqvit.kernels import PackedLayout, PackedWeight, pack_weight, packed_nbytes
+from dfqvit.kernels import PackedWeight, pack_weight, packed_nbytes
 from dfqvit.nn.linear import _QuantWeightLayer
 from dfqvit.quant import Log2Quantizer, UniformQuantizer
 
