@@ -123,10 +123,10 @@ def _log2_codes_fast(d, log2_p_param, CAP: tl.constexpr):
 @triton.jit
 def _log2_level_weights(code, CODE_OFFSET: tl.constexpr, LAST: tl.constexpr):
     """P.V's weights of log2 codes 0..LAST + 1: ``2**-code * 2**(LAST - 126)`` (the kernel multiplies the power of
-    two back after P.V: WEIGHT_UNSCALE), and 0 for code LAST + 1 (the levels past reference.log2_pv_shift add nothing). The
-    weight is the fp32 exponent field ``LAST + 1 - code``, which reaches 0 (the bits of +0.0) exactly at code
-    LAST + 1, so there is no select; every weight is normal for LAST <= 32, and exact in bf16 too. The int32
-    ``code`` is given plus CODE_OFFSET (ROUND_MAGIC_BITS for a magic-constant sum's bits: no subtraction of
+    two back after P.V: WEIGHT_UNSCALE), and 0 for code LAST + 1 (the levels past reference.log2_pv_shift add
+    nothing). The weight is the fp32 exponent field ``LAST + 1 - code``, which reaches 0 (the bits of +0.0) exactly
+    at code LAST + 1, so there is no select; every weight is normal for LAST <= 32, and exact in bf16 too. The
+    int32 ``code`` is given plus CODE_OFFSET (ROUND_MAGIC_BITS for a magic-constant sum's bits: no subtraction of
     its own)."""
     field = (LAST + 1 + CODE_OFFSET) - code
     return (field << 23).to(tl.float32, bitcast=True)
@@ -275,10 +275,10 @@ def _attention_kernel(
 # A query tile spans the whole key row (BLOCK_N up to 256). Compiled for sm_90 (compile_check, SASS), at
 # N = 197, d = 64, log2 P4: 16 and 32 rows use mma.sync; 64 and 128 rows use wgmma, whose warps split the rows
 # only, so 64 rows on 8 warps computed every softmax element twice (272 div.rn for 64 elements per thread) and
-# was dropped; 64 rows on 4 warps and 128 on 8 (255 registers; spills only inside _log2_ratio_fast's rare
-# fallback branch) take about 100 SASS instructions per element before that fast ratio (75 with it) against
-# 110-155 for the small tiles, but pad 197 rows to 256. BLOCK_M = 128 used to spill and take
-# over a minute to compile; since the portable math lost its conversions it compiles in seconds.
+# was dropped; 64 rows on 4 warps and 128 on 8 (254-255 registers) take about 100 SASS instructions per element
+# before that fast ratio (75 with it) against 110-155 for the small tiles, but pad 197 rows to 256. BLOCK_M = 128
+# used to spill and take over a minute to compile; since the portable math lost its conversions it compiles in
+# seconds, and no tile spills (compile_check --full, 2026-12-06: local memory 0 for every attention variant).
 TUNE_BLOCK_M_WARPS = ((16, 4), (16, 8), (32, 8), (64, 4), (128, 8))
 
 _attention_kernel_autotuned = triton.autotune(
