@@ -38,7 +38,10 @@ def test_every_kernel_variant_compiles_for_sm90():
     # Resources were read for every variant (the cuobjdump beside ptxas), and the tiles meant for wgmma got it.
     ok = [line for line in result.stdout.splitlines() if line.startswith("ok")]
     assert ok and all(" spill=0 B " in line for line in ok), ok[:3]
-    assert any("128x128x128/w8s3" in line and "mma=wgmma" in line for line in ok)
+    assert any("W4A8 fp16+residual 128x128x128/w8s3" in line and "mma=wgmma" in line for line in ok)
+    # Triton pipelines wgmma across K steps only with an fp32 accumulator and both operands from the pipelined
+    # copies: the dense weight-only GEMM (unpack-first), not the int8 ones nor the in-loop unpack.
+    assert any("W4A16 unpack-first" in line and "mma=wgmma-async" in line for line in ok)
 
 
 def _resources(**changes):
@@ -68,3 +71,4 @@ def test_resource_limits_name_what_would_fail_on_the_gpu():
     assert "not wgmma" in mma
     assert resource_problems(_resources(mma="mma.sync"), 80, expect_wgmma=True) == []
     assert resource_problems(_resources(mma="mma.sync"), 90, expect_wgmma=False) == []
+    assert resource_problems(_resources(mma="wgmma-async"), 90, expect_wgmma=True) == []
