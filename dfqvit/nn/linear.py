@@ -63,6 +63,7 @@ class QuantConv2d(_QuantWeightLayer):
 
     def __init__(self, conv: nn.Conv2d, config: QuantConfig):
         super().__init__(conv.weight, conv.bias, config)
+        self.kernel_size = conv.kernel_size
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
         if conv.padding_mode != "zeros":
             from dfqvit.errors import UnsupportedModelError
