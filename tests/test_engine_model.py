@@ -291,8 +291,14 @@ def test_engine_refuses_moves_and_casts_that_would_change_it():
     before = logits(engine, x)
     assert engine.cpu() is engine and engine.to("cpu", torch.float32) is engine and engine.float() is engine
     for move in (lambda e: e.half(), lambda e: e.to(torch.float64), lambda e: e.to("meta")):
-        with pytest.raises(DFQViTError, match="build_engine\\(engine.artifact, device="):
+        # Built from the fake-quant model, the engine keeps no artifact to build from: the message says so.
+        with pytest.raises(DFQViTError, match="build_engine\\(the fake-quant model or its artifact, device="):
             move(engine)
+    from dfqvit.api import as_backend
+
+    with_artifact = as_backend(qmodel, "torch")
+    with pytest.raises(DFQViTError, match="build_engine\\(engine.artifact, device="):
+        with_artifact.half()
     assert all(b.device.type == "cpu" for b in engine.buffers())
     assert engine.trunk.blocks[0].mlp.fc1.w_scale.dtype == torch.float32
     assert torch.equal(logits(engine, x), before), "a refused move leaves the engine as it was"
@@ -384,3 +390,30 @@ def test_engine_from_saved_artifact(tmp_path):
     from_file = build_engine(str(path), backend="torch", model=TINY_MODELS["swin"]())
     x = images(4)
     torch.testing.assert_close(logits(from_file, x), logits(build_engine(qmodel, backend="torch"), x))
+
+
+def test_engine_ignores_autocast_and_refuses_a_float64_stream():
+    """Autocast would cast the float layers behind the engine's back (a W4A4 ViT under CPU bfloat16 autocast gave
+    cosine 0.96 against itself): the engine turns it off. A float64 residual stream is refused when the engine is
+    built, not at its first call (the native attention has no float64 output)."""
+    _, qmodel = calibrated("vit", (4, 8))
+    engine = build_engine(qmodel, backend="torch")
+    assert not engine.training
+    assert "W4A8" in repr(engine.trunk.blocks[0].attn.qkv)
+    x = images(4)
+    plain = logits(engine, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(logits(engine, x), plain)
+    with pytest.raises(DFQViTError, match="dtype=torch.float64"):
+        build_engine(qmodel, backend="torch", dtype=torch.float64)
+
+
+def test_engine_repr_names_the_activation_bits():
+    _, qmodel = calibrated("vit", (8, 8))
+    engine = build_engine(qmodel, backend="torch")
+    assert "W8A8" in repr(engine.trunk.blocks[0].mlp.fc1)
+    model = TINY_MODELS["vit"]()
+    torch.manual_seed(1)
+    w4a4 = dfqvit.compile(model, bits=4, calib=torch.randn(4, 3, 32, 32), recon=None, correction=None,
+                          progress=False, backend="torch")
+    assert "W4A4" in repr(w4a4.trunk.blocks[0].mlp.fc1)  # stored as int8 codes, but 16 levels

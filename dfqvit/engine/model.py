@@ -120,6 +120,7 @@ class SwinTrunk(nn.Module):
 
 
 TRUNKS = {"vit": ViTTrunk, "swin": SwinTrunk}
+ENGINE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # of the residual stream (build_engine(dtype=))
 
 
 class QuantizedViT(nn.Module):
@@ -150,6 +151,9 @@ class QuantizedViT(nn.Module):
         self.float_layers = tuple(qmodel.skipped)
         self.check_inputs = qmodel.config.check_inputs
         self.dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+        if self.dtype not in ENGINE_DTYPES:
+            raise DFQViTError(f"dtype={self.dtype}: the engine's residual stream runs in one of "
+                              f"{', '.join(map(str, ENGINE_DTYPES))} (default: float16 on CUDA, float32 on a CPU)")
         with torch.no_grad():
             self.trunk = TRUNKS[qmodel.family](qmodel.model).to(device)
             self.kernels.prepare(self.trunk)
@@ -158,6 +162,7 @@ class QuantizedViT(nn.Module):
         if use_graphs:
             from .graphs import CUDAGraphRunner
             self.graphs = CUDAGraphRunner(self.run)
+        self.eval()  # nothing in the engine trains; this keeps .training the same as the fake-quant model's
 
     @classmethod
     def from_quantized(cls, qmodel: QuantizedModel, backend: str = "auto", **kwargs) -> "QuantizedViT":
@@ -203,10 +208,11 @@ class QuantizedViT(nn.Module):
         probe = torch.zeros((), dtype=torch.float32, device=self.device)
         moved = fn(probe)
         if moved.device != probe.device or moved.dtype != probe.dtype:
+            source = "engine.artifact" if self.artifact is not None else "the fake-quant model or its artifact"
             raise DFQViTError(
                 f"this engine runs on {self.device} with the {self.backend} backend and {self.dtype} activations, "
                 f"fixed when it was built; it cannot become {moved.dtype} on {moved.device}. Build one there: "
-                f"dfqvit.engine.build_engine(engine.artifact, device='{moved.device.type}') (or "
+                f"dfqvit.engine.build_engine({source}, device='{moved.device.type}') (or "
                 f"dfqvit.load(path, device=...)); build_engine(..., dtype=...) picks the activation dtype")
         return super()._apply(fn, recurse)
 
@@ -236,8 +242,11 @@ class QuantizedViT(nn.Module):
 
     @torch.no_grad()
     def run(self, images: torch.Tensor) -> torch.Tensor:
-        """The eager forward without input checks (what CUDA graphs capture)."""
-        return self.trunk(self.kernels, images, self.dtype)
+        """The eager forward without input checks (what CUDA graphs capture). Autocast is off inside: it would
+        cast the float layers (patch conv, LayerNorms, a float head) behind the engine's back, changing its logits
+        (measured: cosine 0.96 against the same engine on a tiny W4A4 ViT under CPU bfloat16 autocast)."""
+        with torch.autocast(images.device.type, enabled=False):
+            return self.trunk(self.kernels, images, self.dtype)
 
     # torch.compile(engine) would trace the Python between the kernels and specialise on every layer's float
     # scalars: on the CIFAR ViT (CPU, batch 8) 16 s of compiling for 13 ms per call against 8.2 ms eager. The

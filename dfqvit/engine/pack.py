@@ -136,7 +136,8 @@ class PackedLinear(nn.Module):
         return packed_nbytes(self.weight)
 
     def extra_repr(self) -> str:
-        act = "A16" if self.act is None else "A8"
+        # Activation bits from the grid's levels (every grid is stored as int8 codes, A4 too).
+        act = "A16" if self.act is None else f"A{(self.act.qmax - self.act.qmin + 1).bit_length() - 1}"
         return f"in={self.k}, out={self.n}, W{self.bits}{act}, layout={self.layout.value}"
 
 
