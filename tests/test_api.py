@@ -320,3 +320,27 @@ def test_saving_an_engine_without_its_artifact_says_what_to_save(tmp_path):
 def test_bad_backend():
     with pytest.raises(DFQViTError, match="backend='cuda'.*allowed"):
         dfqvit.compile(TINY_MODELS["vit"](), bits=8, backend="cuda", **FAST)
+
+
+def test_compile_inside_no_grad_or_inference_mode():
+    """Inference scripts often wrap everything in no_grad / inference_mode; the synthesis and the reconstruction
+    take gradients anyway (both used to fail with "element 0 of tensors does not require grad"), and the result
+    is the one compile gives outside (calibration images made inside inference_mode included)."""
+    from dfqvit.calib.recon import ReconConfig
+    from dfqvit.config import SynthConfig
+
+    model = TINY_MODELS["vit"]()
+    settings = dict(bits=None, config=dfqvit.QuantConfig(w_bits=4, a_bits=4, calib_images=8),
+                    synth=SynthConfig(iterations=2), recon=ReconConfig(iterations=2),
+                    correction=None, progress=False, backend="fake")
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    def images():
+        return torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+
+    with torch.no_grad():
+        synthesized = dfqvit.compile(model, **settings)
+    with torch.inference_mode():
+        real = dfqvit.compile(model, **{**settings, "calib": images()})
+    assert torch.is_grad_enabled()
+    assert torch.equal(synthesized(x), dfqvit.compile(model, **settings)(x))
+    assert torch.equal(real(x), dfqvit.compile(model, **{**settings, "calib": images()})(x))

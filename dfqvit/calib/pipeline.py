@@ -50,6 +50,11 @@ def _source_fingerprint(calib, num_images: int, seed: int, synth_config, model_f
     return fingerprint("loader", id(calib)), False  # a DataLoader cannot be fingerprinted: never resumed
 
 
+# The synthesis and the reconstruction take gradients: a caller's torch.no_grad() / inference_mode() (usual around
+# inference code) must not reach them ("element 0 of tensors does not require grad"), nor make the cached block
+# inputs inference tensors that autograd cannot save.
+@torch.inference_mode(False)
+@torch.enable_grad()
 def run_pipeline(
     model: nn.Module,
     config: QuantConfig,
@@ -88,7 +93,8 @@ def run_pipeline(
                 if synthesized:
                     store.save_images(source_fp, source)
                 saved = source
-            images.append(saved.images[:config.calib_images].float().to(device))
+            batch = saved.images[:config.calib_images].float().to(device)
+            images.append(batch.clone() if batch.is_inference() else batch)  # made under the caller's inference_mode
         return images[0]
 
     references: List[QuantizedModel] = []

@@ -63,6 +63,8 @@ def _generator_for(seed: int, stage: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + stage * 1_009 + index)
 
 
+@torch.inference_mode(False)  # Adam on the unit's parameters, whatever the caller's grad mode
+@torch.enable_grad()
 def train_unit(module: nn.Module, inputs: UnitInput, target: torch.Tensor, config: ReconConfig,
                generator: torch.Generator) -> UnitReport:
     """``config.iterations`` Adam steps on ``module``'s learnable parameters (cosine lr decay to 0)."""

@@ -87,6 +87,8 @@ def valid_range(spec, like: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return (0 - mean) / std, (1 - mean) / std
 
 
+@torch.inference_mode(False)  # gradients w.r.t. the images, whatever the caller's grad mode
+@torch.enable_grad()
 def optimize_images(images: torch.Tensor, objective: Objective, *, config, spec, lr: float,
                     generator: torch.Generator, progress: bool = True,
                     desc: str = "synthesize") -> Tuple[torch.Tensor, Dict[str, List[float]]]:
