@@ -11,7 +11,8 @@ One safetensors file holds:
   biases, LayerNorm parameters, position embeddings, class tokens, relative-position bias tables, and
   the ``full`` activation corrections when present;
 - a JSON config (safetensors metadata) with the format version, the dfqvit / torch / timm versions, the
-  QuantConfig, the input normalization, how to rebuild the float model (timm module, class, kwargs), the
+  QuantConfig, the input normalization, how to rebuild the float model (timm module, class, kwargs), each
+  module's settings (``structure``: num_heads, pooling, ...; a model built otherwise is refused at load), the
   per-layer table and a sha256 of the tensor payload.
 
 Loading rebuilds the model, checks every key, shape and dtype against it and sets each float weight to
@@ -21,12 +22,14 @@ truncated, corrupted or version-mismatched file raises ``ArtifactError`` and not
 from __future__ import annotations
 
 import dataclasses
+import enum
 import hashlib
 import importlib
 import json
 import math
 import os
 import tempfile
+import warnings
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -161,6 +164,83 @@ def rebuild_float_model(info: Dict[str, Any]) -> nn.Module:
     return cls(**info["kwargs"]).eval()
 
 
+# -- the settings a model was built with, beyond its tensors' shapes -----------------------------------------
+
+# Plain attributes that do not change what a model in eval mode computes (dropout, checkpointing, init, the
+# fused-attention switch timm reads from the environment) or that dfqvit sets for its own bookkeeping.
+_NOT_STRUCTURE = frozenset({"training", "p", "drop_prob", "scale_by_keep", "inplace", "grad_checkpointing",
+                            "fused_attn", "weight_init_mode", "fix_init", "tap"})
+
+
+def _plain(value):
+    if isinstance(value, enum.Enum):
+        return str(value)
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    if isinstance(value, (tuple, list)) and all(isinstance(v, (bool, int, float, str)) for v in value):
+        return list(value)
+    return _NOT_PLAIN
+
+
+_NOT_PLAIN = object()
+
+
+def structure_signature(model: nn.Module) -> Dict[str, Dict[str, Any]]:
+    """Per module of an adapted model: its class and plain settings (``num_heads``, ``window_size``,
+    ``global_pool``, LayerNorm ``eps``, ...). Two models with the same state-dict shapes can still compute
+    different things (a ViT with 3 or 6 heads, token or average pooling); this tells them apart. Quantizer
+    modules are left out (their state is in the tensors)."""
+    signature = {}
+    for name, module in model.named_modules():
+        if type(module).__module__.startswith("dfqvit.quant"):
+            continue
+        settings = {k: _plain(v) for k, v in sorted(vars(module).items())
+                    if not k.startswith("_") and k not in _NOT_STRUCTURE}
+        signature[name] = {"class": type(module).__name__,
+                           **{k: v for k, v in settings.items() if v is not _NOT_PLAIN}}
+    return json.loads(json.dumps(signature))  # the form it takes in the file (tuples as lists)
+
+
+def structure_differences(saved: Dict[str, Dict[str, Any]], model: Dict[str, Dict[str, Any]]) -> List[str]:
+    """``module.setting: saved vs model`` for each difference (a module only one side has included)."""
+    diffs = []
+    for name in sorted(set(saved) | set(model), key=lambda n: (n.count("."), n)):
+        a, b = saved.get(name), model.get(name)
+        if a is None or b is None:
+            diffs.append(f"{name or '<model>'}: {'only in the saved model' if b is None else 'only in this model'}")
+            continue
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                diffs.append(f"{name or '<model>'}.{key}: {a.get(key)!r} saved vs {b.get(key)!r}")
+    return diffs
+
+
+def check_structure(saved: Optional[Dict[str, Dict[str, Any]]], qmodel: QuantizedModel, rebuilt: bool,
+                    build: Dict[str, Any]) -> None:
+    """Raise ``ArtifactError`` when the model the artifact is being loaded into was built with other settings
+    than the model that was quantized (artifacts written before the signature was recorded are not checked)."""
+    if saved is None:
+        return
+    diffs = structure_differences(saved, structure_signature(qmodel.model))
+    if not diffs:
+        return
+    shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
+    if rebuilt:
+        raise ArtifactError(
+            f"the model rebuilt from the artifact's record ({_describe_build(build)}) is not the model that was "
+            f"quantized: {shown}. It was built with settings the record does not keep; pass model=<a float model "
+            "built the same way> (its weights are not used) to dfqvit.load / build_engine")
+    raise ArtifactError(f"the model passed is not built like the model that was quantized: {shown}; pass one built "
+                        "with the same settings (its weights are not used)")
+
+
+def _describe_build(build: Dict[str, Any]) -> str:
+    kwargs = ", ".join(f"{k}={v!r}" for k, v in (build.get("kwargs") or {}).items())
+    if build.get("timm_name"):
+        return f"timm.create_model({build['timm_name']!r}" + (f", {kwargs}" if kwargs else "") + ")"
+    return f"{build.get('module')}.{build.get('class')}({kwargs})"
+
+
 # -- structure that calibration may add to a freshly adapted model ------------------------------------------
 
 
@@ -268,6 +348,7 @@ class QuantArtifact:
             "family": qmodel.family,
             "normalization": {"mean": list(spec.mean), "std": list(spec.std)},
             "build": build if build is not None else build_info(qmodel.model),
+            "structure": structure_signature(qmodel.model),
             "float_layers": list(qmodel.skipped),
             "layers": layers,
             "full_corrections": full_corrections_of(qmodel),
@@ -295,6 +376,25 @@ class QuantArtifact:
 
     def save(self, path: str) -> None:
         write_container(path, self.plain_tensors(), ARTIFACT_FORMAT, ARTIFACT_VERSION, self.config)
+        diffs = self.rebuild_differences()
+        if diffs:
+            warnings.warn(f"dfqvit.save: {path} records how to rebuild its model as "
+                          f"{_describe_build(self.config['build'])}, which builds another model ({'; '.join(diffs[:3])}"
+                          f"{'; ...' if len(diffs) > 3 else ''}): dfqvit.load will need model=<a float model built "
+                          "the same way>", stacklevel=3)
+
+    def rebuild_differences(self) -> List[str]:
+        """How the model rebuilt from the artifact's record differs from the quantized one (empty when it is the
+        same, or when the record cannot rebuild it anyway: then loading asks for a model in any case)."""
+        build, saved = self.config.get("build") or {}, self.config.get("structure")
+        if saved is None or build.get("kwargs") is None:
+            return []
+        try:
+            qconfig = config_from_dict(self.config["quant_config"])
+            qmodel = adapt(rebuild_float_model(build), qconfig)
+        except Exception:  # noqa: BLE001 -- a record that cannot rebuild fails with its own message at load
+            return []
+        return structure_differences(saved, structure_signature(qmodel.model))
 
     @classmethod
     def load(cls, path: str) -> "QuantArtifact":
@@ -322,14 +422,19 @@ class QuantArtifact:
         if set(layers) != set(weight_layers):
             only_saved = sorted(set(layers) - set(weight_layers))
             only_model = sorted(set(weight_layers) - set(layers))
+            record = _describe_build(self.config.get("build", {}))
+            advice = (f"the model was rebuilt from the artifact's record ({record}), which lacks settings it was "
+                      "built with: pass model=<a float model built the same way>"
+                      if model is None else "pass a model of the same architecture (or none, where the artifact "
+                      "records how to build it)")
             raise ArtifactError(f"the artifact quantizes {len(layers)} layers, the model has {len(weight_layers)}: "
-                                f"only in the artifact {only_saved[:5]}, only in the model {only_model[:5]}; pass the "
-                                "matching architecture (or none, where the artifact records how to build it)")
+                                f"only in the artifact {only_saved[:5]}, only in the model {only_model[:5]}; {advice}")
         for name, layer in weight_layers.items():
             expected[name + CODES_SUFFIX] = torch.empty(layer.weight.shape,
                                                         dtype=_code_dtype(bool(layer.weight_quantizer.signed)))
             del expected[f"{name}.weight"]
         check_state_fits(expected, tensors, "the artifact")
+        check_structure(self.config.get("structure"), qmodel, model is None, self.config.get("build", {}))
         state = {k: v for k, v in tensors.items() if not k.endswith(CODES_SUFFIX)}
         state.update({f"{name}.weight": layer.weight.detach() for name, layer in weight_layers.items()})
         qmodel.model.load_state_dict(state, strict=True)

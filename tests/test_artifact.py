@@ -160,6 +160,55 @@ def test_wrong_architecture_is_refused(saved):
         dfqvit.load(path, model=tiny_vit(depth=1))
 
 
+def test_settings_the_build_record_does_not_keep_are_not_lost(tmp_path):
+    """timm.create_model(name, num_heads=6): the record keeps the timm name, num_classes and img_size, so the
+    rebuilt model had 3 heads and the same tensor shapes, and loaded silently as another model (logits cosine
+    0.998; avg pooling loaded as token pooling: 0.43). Now the artifact keeps each module's settings: save warns,
+    load without a model refuses and says why, and a model built the same way loads bit for bit."""
+    import timm
+
+    def build(**overrides):
+        return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=10,
+                                 **overrides).eval()
+
+    qmodel = dfqvit.compile(build(num_heads=6), bits=8, calib="gaussian", recon=None, correction=None,
+                            progress=False, backend="fake")
+    path = str(tmp_path / "heads6.safetensors")
+    with pytest.warns(UserWarning, match="num_heads: 6 saved vs 3.*dfqvit.load will need model="):
+        dfqvit.save(qmodel, path)
+    with pytest.raises(ArtifactError, match="rebuilt from the artifact's record.*num_heads: 6 saved vs 3"):
+        dfqvit.load(path, backend="fake")
+    with pytest.raises(ArtifactError, match="model passed is not built like.*num_heads: 6 saved vs 3"):
+        dfqvit.load(path, model=build(), backend="fake")
+    loaded = dfqvit.load(path, model=build(num_heads=6), backend="fake")
+    with torch.no_grad():
+        assert torch.equal(loaded(_x()), qmodel(_x()))
+
+    pooled = dfqvit.compile(build(global_pool="avg", fc_norm=False), bits=8, calib="gaussian", recon=None,
+                            correction=None, progress=False, backend="fake")
+    with pytest.warns(UserWarning, match="global_pool: 'avg' saved vs 'token'"):
+        dfqvit.save(pooled, path)
+    with pytest.raises(ArtifactError, match="global_pool: 'avg' saved vs 'token'"):
+        dfqvit.load(path, backend="fake")
+
+
+def test_a_model_built_as_recorded_saves_without_warning_and_old_artifacts_still_load(saved, tmp_path):
+    import warnings
+
+    qmodel, path = saved
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dfqvit.save(qmodel, str(tmp_path / "again.safetensors"))
+    # Artifacts written before the settings were recorded load as before (unchecked).
+    with safe_open(path, framework="pt") as f:
+        config = json.loads(f.metadata()["config"])
+    del config["structure"]
+    old = str(tmp_path / "old.safetensors")
+    _rewrite(path, old, config=json.dumps(config))
+    with torch.no_grad():
+        assert torch.equal(dfqvit.load(old, backend="fake")(_x()), qmodel(_x()))
+
+
 def test_saving_to_a_folder_names_the_file_to_give(saved, tmp_path):
     qmodel, _ = saved
     with pytest.raises(DFQViTError, match="is a folder; give the file to write, e.g. .*model.safetensors"):
