@@ -26,8 +26,8 @@ def _resolve_config(bits: Optional[Bits], config: Optional[QuantConfig]) -> Quan
         return config
     w_bits, a_bits = parse_bits(bits)
     if (w_bits, a_bits) != (config.w_bits, config.a_bits):
-        raise DFQViTError(
-            f"bits={bits!r} disagrees with config (W{config.w_bits}A{config.a_bits}); pass one of them")
+        raise DFQViTError(f"bits={bits!r} disagrees with config (W{config.w_bits}A{config.a_bits}); pass only one of "
+                          "them (bits=None takes the config's)")
     return config
 
 
@@ -52,7 +52,7 @@ DEFAULT_CALIB = "spdfq"
 
 def compile(
     model: nn.Module,
-    bits: Optional[Bits] = 4,
+    bits: Optional[Bits] = None,
     calib=DEFAULT_CALIB,
     *,
     config: Optional[QuantConfig] = None,
@@ -76,7 +76,7 @@ def compile(
         model: a timm ``VisionTransformer`` (ViT, DeiT, DeiT-distilled) or ``SwinTransformer``; it is
             copied (in float32, whatever its dtype), never modified.
         bits: 4 means W4A4; ``(w, a)`` picks weight bits 3..8 and activation bits 4..8 or 16 (weight-only).
-            Pass ``None`` to take the bits from ``config``.
+            Default (None): the bits of ``config``, or W4A4 without one.
         calib: calibration data — a method name (``"spdfq"``, ``"gaussian"``, see
             ``dfqvit.synth.available_methods()``), normalized images as a (B, C, H, W) tensor, a
             ``SyntheticSet`` or a DataLoader of images.

@@ -113,6 +113,14 @@ def test_bits_and_config_must_agree():
         dfqvit.compile(TINY_MODELS["vit"](), bits=4, config=dfqvit.QuantConfig(8, 8), progress=False)
 
 
+def test_a_config_alone_gives_the_bits():
+    """compile(model, config=QuantConfig(8, 8)): the default bits take the config's (a default of bits=4 made
+    every non-W4A4 config fail with "bits=4 disagrees with config")."""
+    qmodel = dfqvit.compile(TINY_MODELS["vit"](), config=dfqvit.QuantConfig(8, 8), calib=torch.randn(4, 3, 32, 32),
+                            recon=None, correction=None, progress=False, backend="fake")
+    assert (qmodel.config.w_bits, qmodel.config.a_bits) == (8, 8)
+
+
 def test_unsupported_model():
     with pytest.raises(UnsupportedModelError):
         dfqvit.compile(torch.nn.Linear(3, 3), bits=4, progress=False)
@@ -322,9 +330,9 @@ def test_bad_backend():
         dfqvit.compile(TINY_MODELS["vit"](), bits=8, backend="cuda", **FAST)
 
 
-def test_compile_inside_no_grad_or_inference_mode():
-    """Inference scripts often wrap everything in no_grad / inference_mode; the synthesis and the reconstruction
-    take gradients anyway (both used to fail with "element 0 of tensors does not require grad"), and the result
+def test_compile_inside_no_grad_inference_mode_or_autocast():
+    """Inference scripts often wrap everything in no_grad / inference_mode / autocast; the synthesis and the
+    reconstruction take gradients anyway (both used to fail with "element 0 of tensors does not require grad"), and the result
     is the one compile gives outside (calibration images made inside inference_mode included)."""
     from dfqvit.calib.recon import ReconConfig
     from dfqvit.config import SynthConfig
@@ -337,7 +345,7 @@ def test_compile_inside_no_grad_or_inference_mode():
     def images():
         return torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(4))
 
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: calibrating in bf16 differed
         synthesized = dfqvit.compile(model, **settings)
     with torch.inference_mode():
         real = dfqvit.compile(model, **{**settings, "calib": images()})

@@ -52,9 +52,12 @@ def _source_fingerprint(calib, num_images: int, seed: int, synth_config, model_f
 
 # The synthesis and the reconstruction take gradients: a caller's torch.no_grad() / inference_mode() (usual around
 # inference code) must not reach them ("element 0 of tensors does not require grad"), nor make the cached block
-# inputs inference tensors that autograd cannot save.
+# inputs inference tensors that autograd cannot save. A caller's autocast must not either: it would calibrate in
+# bf16 / fp16 and give another model than the same call outside it.
 @torch.inference_mode(False)
 @torch.enable_grad()
+@torch.autocast("cpu", enabled=False)
+@torch.autocast("cuda", enabled=False)
 def run_pipeline(
     model: nn.Module,
     config: QuantConfig,
