@@ -63,6 +63,7 @@ def write_container(path: str, tensors: Dict[str, torch.Tensor], fmt: str, versi
     """Write atomically (temporary file + rename), so an interrupted save never leaves a partial file."""
     from safetensors.torch import save_file
 
+    path = os.path.expanduser(os.fspath(path))
     if os.path.isdir(path):
         example = os.path.join(path, "model.safetensors")
         raise DFQViTError(f"{path!r} is a folder; give the file to write, e.g. {example!r}")
@@ -75,6 +76,9 @@ def write_container(path: str, tensors: Dict[str, torch.Tensor], fmt: str, versi
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=header)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # the temporary file is owner-only; the saved one gets the usual permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -85,6 +89,7 @@ def read_container(path: str, fmt: str, version: int) -> Tuple[Dict[str, torch.T
     """(tensors, config) of a file written by :func:`write_container`, or ArtifactError."""
     from safetensors import safe_open
 
+    path = os.path.expanduser(os.fspath(path))
     if not os.path.exists(path):
         raise CheckpointNotFoundError(f"{path!r} does not exist")
     try:

@@ -66,6 +66,7 @@ def load_images(path: str, size: Tuple[int, int], mean: Sequence[float], std: Se
                 limit: Optional[int] = None) -> ImageDataset:
     """Dataset of normalized images from an ``.npz`` pack or an image folder; ``limit`` keeps an
     evenly spread subset (every k-th image, so all classes stay represented)."""
+    path = os.path.expanduser(os.fspath(path))
     if not os.path.exists(path):
         raise CheckpointNotFoundError(f"image data {path!r} does not exist")
     if limit is not None and limit < 1:

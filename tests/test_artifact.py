@@ -209,6 +209,24 @@ def test_a_model_built_as_recorded_saves_without_warning_and_old_artifacts_still
         assert torch.equal(dfqvit.load(old, backend="fake")(_x()), qmodel(_x()))
 
 
+def test_home_paths_and_file_permissions(saved, tmp_path, monkeypatch):
+    """"~/..." is the home folder (it used to create a folder named "~" in the working directory), and a saved
+    file takes the usual permissions of new files (the temporary file it is renamed from made it owner-only)."""
+    qmodel, _ = saved
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    previous = os.umask(0o022)
+    try:
+        dfqvit.save(qmodel, "~/models/w4a4.safetensors")
+    finally:
+        os.umask(previous)
+    path = tmp_path / "models" / "w4a4.safetensors"
+    assert path.exists() and not (tmp_path / "~").exists()
+    assert (path.stat().st_mode & 0o777) == 0o644
+    with torch.no_grad():
+        assert torch.equal(dfqvit.load("~/models/w4a4.safetensors", backend="fake")(_x()), qmodel(_x()))
+
+
 def test_saving_to_a_folder_names_the_file_to_give(saved, tmp_path):
     qmodel, _ = saved
     with pytest.raises(DFQViTError, match="is a folder; give the file to write, e.g. .*model.safetensors"):

@@ -85,7 +85,7 @@ class StageStore:
     """A folder of stage files; every method is a no-op without a folder."""
 
     def __init__(self, folder: Optional[str]):
-        self.folder = folder
+        self.folder = os.path.expanduser(os.fspath(folder)) if folder else None
         if folder:
             os.makedirs(folder, exist_ok=True)
 
