@@ -127,15 +127,19 @@ def preflight_backend(model: nn.Module, backend: str = "auto", config: Optional[
     device lacks or that cannot run ``model`` raises now rather than after the calibration; under "auto" such
     a model is announced with a warning and "fake" is returned (the fake-quant model runs it). ``compile``
     calls this first; call it yourself before a calibration you run another way."""
+    from .models.base import find_adapter
+
     _check_backend(backend)
+    if config is not None and not isinstance(config, QuantConfig):
+        raise DFQViTError(f"config must be a dfqvit.QuantConfig or None, got {type(config).__name__}")
+    device = _resolve_device(device)  # MissingGPUError for a CUDA device that is not there
+    find_adapter(model)  # a model dfqvit cannot quantize at all is an error under every backend
     if backend == "fake":
         return backend
     from .engine.backends import select_kernels
     from .engine.support import check_engine_support
-    from .models.base import find_adapter
 
-    select_kernels(backend, _resolve_device(device))  # MissingGPUError / native extension not built
-    find_adapter(model)  # a model dfqvit cannot quantize at all is an error under every backend
+    select_kernels(backend, device)  # MissingGPUError / native extension not built
     try:
         check_engine_support(model, (config or QuantConfig()).quantize_patch_embed)
     except UnsupportedModelError as exc:

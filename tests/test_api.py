@@ -121,6 +121,15 @@ def test_a_config_alone_gives_the_bits():
     assert (qmodel.config.w_bits, qmodel.config.a_bits) == (8, 8)
 
 
+def test_fake_quant_model_reads_half_and_double_images_like_the_engine():
+    qmodel = dfqvit.compile(TINY_MODELS["vit"](), bits=8, calib=torch.randn(4, 3, 32, 32), recon=None,
+                            correction=None, progress=False, backend="fake")
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        for dtype in (torch.float16, torch.bfloat16, torch.float64):  # used to fail: "Input type (double) and bias"
+            assert torch.equal(qmodel(x.to(dtype)), qmodel(x.to(dtype).float()))
+
+
 def test_unsupported_model():
     with pytest.raises(UnsupportedModelError):
         dfqvit.compile(torch.nn.Linear(3, 3), bits=4, progress=False)
@@ -352,3 +361,17 @@ def test_compile_inside_no_grad_inference_mode_or_autocast():
     assert torch.is_grad_enabled()
     assert torch.equal(synthesized(x), dfqvit.compile(model, **settings)(x))
     assert torch.equal(real(x), dfqvit.compile(model, **{**settings, "calib": images()})(x))
+
+
+def test_preflight_checks_the_model_device_and_config_under_every_backend():
+    """backend='fake' answered 'fake' for a model dfqvit cannot quantize, and a config of the wrong type raised
+    AttributeError; compile refused both later."""
+    for backend in ("fake", "auto", "torch"):
+        with pytest.raises(UnsupportedModelError):
+            dfqvit.preflight_backend(torch.nn.Linear(3, 3), backend)
+        with pytest.raises(DFQViTError, match="config"):
+            dfqvit.preflight_backend(TINY_MODELS["vit"](), backend, config=4)
+    if not torch.cuda.is_available():
+        with pytest.raises(MissingGPUError):
+            dfqvit.preflight_backend(TINY_MODELS["vit"](), "fake", device="cuda")
+    assert dfqvit.preflight_backend(TINY_MODELS["vit"](), "fake") == "fake"

@@ -65,6 +65,8 @@ class QuantizedModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.config.check_inputs:
             validate_images(x, self.input_spec)
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != torch.float32:
+            x = x.float()  # the model is float32 (adapt); fp16 / bf16 / fp64 images are read as the engine reads them
         return self.model(x)
 
     # -- structure -------------------------------------------------------------------------------------
