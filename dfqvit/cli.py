@@ -24,22 +24,63 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
 
 
+# Defaults of the flags that configure a quantization (besides --bits): a command that quantizes nothing refuses
+# any of them set to something else, rather than ignoring it.
+QUANT_DEFAULTS = {"calib": "spdfq", "calib_images": 32, "softmax": "log2", "seed": 0, "synth_iters": None,
+                  "recon_iters": 100, "correction": "diag", "stages_dir": None}
+EVAL_DEFAULTS = {"limit": None, "batch_size": 128}
+
+
 def _add_quant_args(p: argparse.ArgumentParser, required: bool) -> None:
+    d = QUANT_DEFAULTS
     p.add_argument("--bits", type=_bits, required=required, default=None,
                    help="4 (= W4A4) or w,a such as 4,8; activation bits 16 = weight-only")
-    p.add_argument("--calib", default="spdfq",
+    p.add_argument("--calib", default=d["calib"],
                    help="data-free method name (spdfq = the default, as in dfqvit.compile; psaq, dfqvit, "
                         "gaussian), an .npz / image folder of real images, or a saved SyntheticSet (.safetensors)")
-    p.add_argument("--calib-images", type=int, default=32, help="number of calibration images (paper: 32)")
-    p.add_argument("--softmax", choices=["log2", "uniform"], default="log2", help="attention-probability quantizer")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--synth-iters", type=int, default=None,
+    p.add_argument("--calib-images", type=int, default=d["calib_images"],
+                   help="number of calibration images (paper: 32)")
+    p.add_argument("--softmax", choices=["log2", "uniform"], default=d["softmax"],
+                   help="attention-probability quantizer")
+    p.add_argument("--seed", type=int, default=d["seed"])
+    p.add_argument("--synth-iters", type=int, default=d["synth_iters"],
                    help="Adam steps of the data-free synthesis (paper: 1000; 50-200 is enough on a CPU)")
-    p.add_argument("--recon-iters", type=int, default=100,
+    p.add_argument("--recon-iters", type=int, default=d["recon_iters"],
                    help="block-reconstruction steps per block and stage (paper: 100); 0 skips reconstruction")
-    p.add_argument("--correction", choices=["diag", "full", "none"], default="diag",
+    p.add_argument("--correction", choices=["diag", "full", "none"], default=d["correction"],
                    help="DFQ-ViT activation correction: diag folds into weights (free), full adds a CxC op")
-    p.add_argument("--stages-dir", help="save each pipeline stage here and resume from it on the next run")
+    p.add_argument("--stages-dir", default=d["stages_dir"],
+                   help="save each pipeline stage here and resume from it on the next run")
+
+
+def _refuse_unused(args, defaults: dict, why: str) -> None:
+    """Raise for each flag of ``defaults`` that was set to something else: it would have no effect."""
+    given = [f"--{name.replace('_', '-')} {getattr(args, name)}" for name, default in defaults.items()
+             if getattr(args, name) != default]
+    if given:
+        raise DFQViTError(f"{', '.join(given)}: no effect here ({why}); drop {'it' if len(given) == 1 else 'them'}")
+
+
+def _check_batch_size(args) -> None:
+    if args.batch_size < 1:
+        raise DFQViTError(f"--batch-size {args.batch_size}: give a batch size of at least 1")
+
+
+def _output_path(path: Optional[str], flag: str) -> Optional[str]:
+    """``path`` with ``~`` expanded, its folder created and checked writable before any long work."""
+    if path is None:
+        return None
+    path = os.path.expanduser(path)
+    if os.path.isdir(path):
+        raise DFQViTError(f"{flag} {path}: is a folder; give the file to write")
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise DFQViTError(f"{flag} {path}: cannot create its folder ({exc.strerror})") from None
+    if not os.access(folder, os.W_OK):
+        raise DFQViTError(f"{flag} {path}: the folder {folder} is not writable")
+    return path
 
 
 def _calibration_source(args, spec):
@@ -99,9 +140,18 @@ def cmd_quantize(args) -> int:
     from .evaluate import evaluate
     from .models.loading import load_model
 
+    from .models import adapt
+
+    if not args.eval:
+        _refuse_unused(args, {**EVAL_DEFAULTS, "backend": "auto"}, "they set up --eval, which is not given")
+    out, report_path = _output_path(args.out, "--out"), _output_path(args.report, "--report")
     model, norm = load_model(args.model, args.checkpoint)
-    # The evaluation's backend is checked before the calibration, not after it.
-    eval_backend = preflight_backend(model, args.backend, _quant_config(args), args.device) if args.eval else None
+    eval_backend = eval_data = None
+    if args.eval:  # everything --eval needs is checked (and its images read) before the calibration, not after
+        _check_batch_size(args)
+        eval_backend = preflight_backend(model, args.backend, _quant_config(args), args.device)
+        eval_data = _images_for(args.eval, adapt(model, _quant_config(args), normalization=norm).input_spec,
+                                args.limit)
     start = time.perf_counter()
     qmodel = _quantize(model, norm, args)
     seconds = time.perf_counter() - start
@@ -111,13 +161,13 @@ def cmd_quantize(args) -> int:
               "quantize_seconds": round(seconds, 2), "float_layers": list(qmodel.skipped)}
     print(f"quantized {args.model} to W{qmodel.config.w_bits}A{qmodel.config.a_bits} "
           f"with {args.calib} calibration in {seconds:.1f} s (float layers: {', '.join(qmodel.skipped) or 'none'})")
-    if args.out:
+    if out:
         from .api import save
-        save(qmodel, args.out)
-        report["artifact"] = args.out
-        print(f"wrote {args.out} ({os.path.getsize(args.out) / 2**20:.2f} MiB)")
+        save(qmodel, out)
+        report["artifact"] = out
+        print(f"wrote {out} ({os.path.getsize(out) / 2**20:.2f} MiB)")
     if args.eval:
-        data = _images_for(args.eval, qmodel.input_spec, args.limit)
+        data = eval_data
         runner = as_backend(qmodel, eval_backend)  # the integer engine by default
         fp = evaluate(model.to(args.device), data, args.batch_size, device=args.device, desc="eval fp32")
         q = evaluate(runner, data, args.batch_size, reference=model, device=args.device, desc="eval quantized")
@@ -125,10 +175,10 @@ def cmd_quantize(args) -> int:
                       fp32_top1=round(fp.top1, 2), quant_top1=round(q.top1, 2), top1_agreement=round(q.agreement, 2))
         print(f"top-1 on {q.images} images: fp32 {fp.top1:.2f}%  W{qmodel.config.w_bits}A{qmodel.config.a_bits} "
               f"{q.top1:.2f}% on {runner.backend_label}  (agreement with fp32 {q.agreement:.2f}%)")
-    if args.report:
-        with open(args.report, "w") as f:
+    if report_path:
+        with open(report_path, "w") as f:
             json.dump(report, f, indent=1)
-        print(f"wrote {args.report}")
+        print(f"wrote {report_path}")
     return 0
 
 
@@ -137,9 +187,11 @@ def cmd_eval(args) -> int:
     from .models import adapt
     from .models.loading import load_model
 
+    _check_batch_size(args)
     if args.artifact:
         from .api import load
         from .config import parse_bits
+        _refuse_unused(args, {**QUANT_DEFAULTS, "checkpoint": None}, "the artifact is quantized already")
         if args.model:
             raise DFQViTError("dfqvit eval takes --model (quantized here when --bits is given) or --artifact (a saved "
                               "model), not both")
@@ -162,6 +214,7 @@ def cmd_eval(args) -> int:
         if args.backend is not None:
             raise DFQViTError(f"--backend {args.backend} runs a quantized model: add --bits (quantize here) or use "
                               "--artifact (a saved model)")
+        _refuse_unused(args, QUANT_DEFAULTS, "they set up a quantization, and without --bits the model runs fp32")
         result = evaluate(model.to(args.device), data, args.batch_size, device=args.device)
         print(f"fp32 top-1: {result.top1:.2f}% on {result.images} images")
     else:

@@ -1,5 +1,6 @@
 """The dfqvit command line runs the same functions as the API and reports errors without a traceback."""
 import json
+import re
 
 from conftest import CIFAR_MODEL_JSON, CIFAR_TEST, load_cifar_model
 from dfqvit.cli import main
@@ -88,7 +89,42 @@ def test_bad_image_options_are_reported(tmp_path, capsys):
     assert main(base + ["--limit", "0"]) == 2
     assert "limit=0: give at least 1 image" in capsys.readouterr().err
     assert main(base + ["--limit", "10", "--batch-size", "0"]) == 2
-    assert "batch size 0" in capsys.readouterr().err
+    assert "--batch-size 0: give a batch size of at least 1" in capsys.readouterr().err
     (tmp_path / "cat").mkdir()  # a class folder with no image in it
     assert main(["quantize", "--model", str(CIFAR_MODEL_JSON), "--calib", str(tmp_path), "--recon-iters", "0"]) == 2
     assert "holds no images" in capsys.readouterr().err
+
+
+def test_quantize_checks_eval_data_and_outputs_before_calibrating(tmp_path, monkeypatch, capsys):
+    """A missing --eval file, --limit 0, --batch-size 0 or an unwritable --out / --report stopped the command only
+    after the calibration (about a minute on a CPU): now they stop it before."""
+    import dfqvit.cli
+
+    load_cifar_model()
+
+    def calibrate(*args, **kwargs):
+        raise AssertionError("the calibration started")
+
+    monkeypatch.setattr(dfqvit.cli, "_quantize", calibrate)
+    base = ["quantize", "--model", str(CIFAR_MODEL_JSON), "--bits", "4,8"]
+    cases = [(["--eval", str(tmp_path / "missing.npz")], "does not exist"),
+             (["--eval", str(CIFAR_TEST), "--limit", "0"], "limit=0"),
+             (["--eval", str(CIFAR_TEST), "--batch-size", "0"], "--batch-size 0"),
+             (["--out", str(tmp_path)], "--out .*is a folder"),
+             (["--report", "/proc/no/such/report.json"], "--report .*cannot create its folder"),
+             (["--limit", "10"], "--limit 10: no effect here .*--eval"),
+             (["--backend", "torch"], "--backend torch: no effect here")]
+    for flags, message in cases:
+        assert main(base + flags) == 2, flags
+        assert re.search(message, capsys.readouterr().err), flags
+
+
+def test_flags_that_would_change_nothing_are_refused(tmp_path, capsys):
+    load_cifar_model()
+    fp32 = ["eval", "--model", str(CIFAR_MODEL_JSON), "--data", str(CIFAR_TEST), "--limit", "10"]
+    assert main(fp32 + ["--calib", "gaussian", "--synth-iters", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "--calib gaussian, --synth-iters 3: no effect here" in err and "without --bits" in err
+    artifact = ["eval", "--artifact", str(tmp_path / "a.safetensors"), "--data", str(CIFAR_TEST)]
+    assert main(artifact + ["--recon-iters", "7", "--correction", "full"]) == 2
+    assert "quantized already" in capsys.readouterr().err
