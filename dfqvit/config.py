@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import operator
 from typing import Any, Dict, Optional, Tuple, Union
 
 from .errors import CalibrationError, DFQViTError, UnsupportedBitsError
@@ -24,30 +25,40 @@ class SoftmaxQuantizer(str, enum.Enum):
     UNIFORM = "uniform"  # SPDFQ supplementary Table 3 (W8A8 / W4A8 rows)
 
 
+def as_int(value) -> Optional[int]:
+    """``value`` as a plain int when it is an integer (numpy integers included; bools and floats are not)."""
+    if isinstance(value, bool) or getattr(value, "dtype", None) == bool:
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def parse_bits(bits: Union[int, Tuple[int, int]]) -> Tuple[int, int]:
     """``4`` -> (4, 4); ``(4, 8)`` -> (4, 8). Raises UnsupportedBitsError with the allowed values."""
-    if isinstance(bits, bool) or not isinstance(bits, (int, tuple, list)):
+    if as_int(bits) is not None:
+        w_bits = a_bits = as_int(bits)
+    elif isinstance(bits, (tuple, list)):
+        if len(bits) != 2 or any(as_int(b) is None for b in bits):
+            raise UnsupportedBitsError(f"bits={bits!r}: a tuple must be two ints (weight_bits, activation_bits)")
+        w_bits, a_bits = (as_int(b) for b in bits)
+    else:
         raise UnsupportedBitsError(
             f"bits={bits!r}: give an int (same bits for weights and activations, e.g. 4) "
             f"or a (weight_bits, activation_bits) tuple, e.g. (4, 8)")
-    if isinstance(bits, int):
-        w_bits, a_bits = bits, bits
-    else:
-        if len(bits) != 2 or not all(isinstance(b, int) and not isinstance(b, bool) for b in bits):
-            raise UnsupportedBitsError(f"bits={bits!r}: a tuple must be two ints (weight_bits, activation_bits)")
-        w_bits, a_bits = bits
     _check_bits(w_bits, a_bits)
     return w_bits, a_bits
 
 
 def _check_bits(w_bits: int, a_bits: int) -> None:
-    if w_bits not in WEIGHT_BITS:
+    if as_int(w_bits) not in WEIGHT_BITS:
         raise UnsupportedBitsError(
-            f"weight bits {w_bits} not supported; allowed: {WEIGHT_BITS} "
+            f"weight bits {w_bits!r} not supported; allowed: {WEIGHT_BITS} "
             f"(packed storage for 3 and 4 bits, int8 storage for 5..8)")
-    if a_bits not in ACTIVATION_BITS:
+    if as_int(a_bits) not in ACTIVATION_BITS:
         raise UnsupportedBitsError(
-            f"activation bits {a_bits} not supported; allowed: {ACTIVATION_BITS} "
+            f"activation bits {a_bits!r} not supported; allowed: {ACTIVATION_BITS} "
             f"(16 keeps activations in floating point, i.e. weight-only quantization)")
 
 
@@ -86,17 +97,27 @@ class QuantConfig:
     version = 1  # class attribute, written into saved configs
 
     def __post_init__(self):
+        # Plain ints (numpy integers accepted) so the config saves as JSON; a float or string count is refused here,
+        # not deep inside the calibration.
         _check_bits(self.w_bits, self.a_bits)
-        object.__setattr__(self, "softmax_quantizer", SoftmaxQuantizer(self.softmax_quantizer))
-        object.__setattr__(self, "weight_percentiles", tuple(float(p) for p in self.weight_percentiles))
-        object.__setattr__(self, "act_percentiles", tuple(float(p) for p in self.act_percentiles))
+        for name in ("w_bits", "a_bits", "calib_images", "calib_batch_size", "search_max_elements"):
+            value = as_int(getattr(self, name))
+            if value is None or value < 1:
+                raise DFQViTError(f"{name}={getattr(self, name)!r}: must be an integer >= 1")
+            object.__setattr__(self, name, value)
+        try:
+            object.__setattr__(self, "softmax_quantizer", SoftmaxQuantizer(self.softmax_quantizer))
+        except ValueError:
+            raise DFQViTError(f"softmax_quantizer={self.softmax_quantizer!r}; allowed: "
+                              f"{[q.value for q in SoftmaxQuantizer]} (or dfqvit.SoftmaxQuantizer)") from None
         for name in ("weight_percentiles", "act_percentiles"):
-            values = getattr(self, name)
+            try:
+                values = tuple(float(p) for p in getattr(self, name))
+            except (TypeError, ValueError):
+                values = ()
             if not values or not all(0.5 < p <= 1.0 for p in values):
-                raise DFQViTError(f"{name}={values}: need a non-empty list of percentiles in (0.5, 1]")
-        if self.calib_images < 1 or self.calib_batch_size < 1:
-            raise DFQViTError(
-                f"calib_images={self.calib_images}, calib_batch_size={self.calib_batch_size}: both must be >= 1")
+                raise DFQViTError(f"{name}={getattr(self, name)!r}: need a non-empty list of percentiles in (0.5, 1]")
+            object.__setattr__(self, name, values)
 
     @property
     def quantize_activations(self) -> bool:

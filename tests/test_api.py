@@ -1,4 +1,5 @@
 """dfqvit.compile end to end on tiny timm models: fidelity floors vs fp32 and every boundary error."""
+import json
 from functools import partial
 
 import pytest
@@ -375,3 +376,22 @@ def test_preflight_checks_the_model_device_and_config_under_every_backend():
         with pytest.raises(MissingGPUError):
             dfqvit.preflight_backend(TINY_MODELS["vit"](), "fake", device="cuda")
     assert dfqvit.preflight_backend(TINY_MODELS["vit"](), "fake") == "fake"
+
+
+def test_quant_config_takes_numpy_integers_and_refuses_bad_values_at_once():
+    """numpy integers are plain ints in the config (the artifact's JSON failed on int64 after the whole run);
+    counts given as floats or strings, and unknown names, are refused by the constructor instead of failing deep
+    in the calibration (slice indices, ZeroDivisionError, ...)."""
+    import numpy as np
+
+    config = dfqvit.QuantConfig(w_bits=np.int64(4), a_bits=np.int32(8), calib_images=np.int64(4))
+    assert (type(config.w_bits), type(config.a_bits), type(config.calib_images)) == (int, int, int)
+    assert config.to_dict()["_data"]["w_bits"] == 4 and json.dumps(config.to_dict())
+    assert dfqvit.QuantConfig(*dfqvit.parse_bits((np.int64(3), 16))).a_bits == 16
+    for bad, message in [(dict(calib_images=2.5), "calib_images=2.5"), (dict(calib_images="4"), "calib_images"),
+                         (dict(search_max_elements=0), "search_max_elements=0"),
+                         (dict(w_bits=4.0), "weight bits 4.0"), (dict(w_bits="4"), "weight bits '4'"),
+                         (dict(softmax_quantizer="LOG2"), "allowed: \\['log2'"),
+                         (dict(weight_percentiles=0.99), "weight_percentiles=0.99")]:
+        with pytest.raises(DFQViTError, match=message):
+            dfqvit.QuantConfig(**bad)
