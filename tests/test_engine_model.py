@@ -417,3 +417,25 @@ def test_engine_repr_names_the_activation_bits():
     w4a4 = dfqvit.compile(model, bits=4, calib=torch.randn(4, 3, 32, 32), recon=None, correction=None,
                           progress=False, backend="torch")
     assert "W4A4" in repr(w4a4.trunk.blocks[0].mlp.fc1)  # stored as int8 codes, but 16 levels
+
+
+def test_state_dict_of_another_calibration_is_refused():
+    """The activation grids are Python values, not buffers: loading the state dict of an engine calibrated on other
+    images carried its buffers over and kept this engine's grids (logits of neither, cosine 0.989) with "All keys
+    matched". The state dict now carries the grids; the same calibration loads exactly, another is refused."""
+    model = TINY_MODELS["vit"]()
+
+    def engine(seed):
+        torch.manual_seed(seed)
+        qmodel = dfqvit.compile(model, bits=(4, 8), calib=torch.randn(4, 3, 32, 32), recon=None, correction=None,
+                                progress=False, backend="fake")
+        return build_engine(qmodel, backend="torch")
+
+    a, b, a_again = engine(1), engine(2), engine(1)
+    x = images(4)
+    a_again.load_state_dict(a.state_dict())
+    assert torch.equal(logits(a_again, x), logits(a, x))
+    before = logits(b, x)
+    with pytest.raises(DFQViTError, match="other grids"):
+        b.load_state_dict(a.state_dict())
+    assert torch.equal(logits(b, x), before), "refused before any buffer was copied"

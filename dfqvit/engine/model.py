@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -18,7 +19,7 @@ from dfqvit.models.quantized import validate_images
 from dfqvit.nn.linear import _QuantWeightLayer
 
 from .backends import select_kernels
-from .blocks import PatchEmbedding, PatchMerging, SwinBlock, ViTBlock, layer_norm, linear
+from .blocks import Attention, PatchEmbedding, PatchMerging, SwinBlock, ViTBlock, layer_norm, linear
 from .pack import PackedLinear, float_copy
 from .support import check_engine_support
 
@@ -219,6 +220,32 @@ class QuantizedViT(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.buffers()).device
+
+    def grids(self) -> dict:
+        """What the engine fixed at build time besides its buffers: bits and the activation / softmax grids of every
+        layer (plain Python values the kernels take as arguments)."""
+        found = {"bits": [self.config.w_bits, self.config.a_bits], "backend": self.backend}
+        for name, module in self.trunk.named_modules():
+            if isinstance(module, PackedLinear):
+                found[name] = [module.bits, None if module.act is None else list(dataclasses.astuple(module.act))]
+            if isinstance(module, Attention):  # q, k, v grids and the softmax quantizer
+                found[f"{name}.grids"] = repr((module.grids, module.softmax))
+        return found
+
+    # The grids are not tensors, so a state dict alone would carry the buffers of one calibration into an engine of
+    # another (it loaded with "All keys matched" and gave logits of neither). The state dict carries the grids and
+    # loading refuses different ones.
+    def get_extra_state(self):
+        return self.grids()
+
+    def set_extra_state(self, state) -> None:
+        mine = self.grids()
+        differ = sorted(k for k in set(state) | set(mine) if state.get(k) != mine.get(k))
+        if differ:
+            raise DFQViTError(
+                f"this state dict comes from an engine with other grids, bits or backend ({', '.join(differ[:4])}"
+                f"{', ...' if len(differ) > 4 else ''} differ): an engine's grids are fixed when it is built. Build "
+                "that engine again from its artifact (dfqvit.save / dfqvit.load, or build_engine(artifact))")
 
     def weight_nbytes(self) -> int:
         """Bytes of all weights as stored: packed codes + per-channel parameters of quantized layers, plus
