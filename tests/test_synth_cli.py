@@ -53,6 +53,30 @@ def test_run_synth_needs_an_output(tmp_path):
         run_synth(parse("--model", "unused.json"))
 
 
+def test_run_synth_checks_its_outputs_before_synthesizing(tmp_path, monkeypatch):
+    """--num-images 0 wrote an empty set, -2 raised a traceback; an --out in a missing folder, a --grid with an
+    extension matplotlib does not write, or an --out not named .safetensors failed (or misled later) after the
+    synthesis. All are refused first; a missing folder is created."""
+    import dfqvit.synth.cli as synth_cli
+
+    def synthesize_nothing(*args, **kwargs):
+        raise AssertionError("the synthesis started")
+
+    monkeypatch.setattr(synth_cli, "synthesize", synthesize_nothing)
+    model = write_model_json(tmp_path)
+    (tmp_path / "folder.safetensors").mkdir()
+    for flags, message in [(["--num-images", "0", "--grid", "g.png"], "--num-images 0"),
+                           (["--num-images", "-2", "--grid", "g.png"], "--num-images -2"),
+                           (["--out", str(tmp_path / "set.npz")], "name it PATH.safetensors"),
+                           (["--grid", str(tmp_path / "grid.txt")], "ending in one of .png"),
+                           (["--out", str(tmp_path / "folder.safetensors")], "is a folder")]:
+        with pytest.raises(DFQViTError, match=message):
+            run_synth(parse("--model", model, *flags))
+    with pytest.raises(AssertionError, match="synthesis started"):  # a new folder is fine: created, then on
+        run_synth(parse("--model", model, "--out", str(tmp_path / "new" / "set.safetensors")))
+    assert (tmp_path / "new").is_dir()
+
+
 def test_run_synth_rejects_missing_gpu(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -53,13 +54,26 @@ def _device(name) -> torch.device:
     return device
 
 
+GRID_FORMATS = (".png", ".jpg", ".jpeg", ".pdf", ".svg")
+
+
 def run_synth(args: argparse.Namespace) -> int:
     """Load the model, synthesize, write --out and/or --grid. Returns the exit code."""
     from dfqvit.models import adapt
     from dfqvit.models.loading import load_model
 
+    from dfqvit.cli import _output_path
+
     if not args.out and not args.grid:
         raise DFQViTError("dfqvit synth needs --out PATH.safetensors and/or --grid PATH.png to write its result")
+    # Checked before the synthesis (minutes), not after it.
+    if args.num_images < 1:
+        raise DFQViTError(f"--num-images {args.num_images}: make at least 1 image")
+    if args.out and not args.out.endswith(".safetensors"):
+        raise DFQViTError(f"--out {args.out}: a SyntheticSet is a .safetensors file; name it PATH.safetensors")
+    if args.grid and os.path.splitext(args.grid)[1].lower() not in GRID_FORMATS:
+        raise DFQViTError(f"--grid {args.grid}: give an image file name ending in one of {', '.join(GRID_FORMATS)}")
+    args.out, args.grid = _output_path(args.out, "--out"), _output_path(args.grid, "--grid")
     changes = {}
     if args.iterations is not None:
         changes["iterations"] = args.iterations
