@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .calib.pipeline import run_pipeline
-from .config import CalibConfig, CorrectionConfig, QuantConfig, ReconConfig, parse_bits
+from .config import CalibConfig, CorrectionConfig, QuantConfig, ReconConfig, SynthConfig, parse_bits
 from .errors import DFQViTError, MissingGPUError, UnsupportedModelError
 from .models import QuantizedModel
 
@@ -32,7 +32,10 @@ def _resolve_config(bits: Optional[Bits], config: Optional[QuantConfig]) -> Quan
 
 
 def _resolve_device(device) -> torch.device:
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    try:
+        device = torch.device(device) if device is not None else torch.device("cpu")
+    except (RuntimeError, TypeError):
+        raise DFQViTError(f"device={device!r}: give 'cpu' or 'cuda' (or 'cuda:N')") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise MissingGPUError(f"device={device} was requested but no CUDA device is available; use device='cpu'")
     return device
@@ -103,6 +106,9 @@ def compile(
     _check_type("calibration", calibration, CalibConfig, optional=False)
     _check_type("recon", recon, ReconConfig)
     _check_type("correction", correction, CorrectionConfig)
+    if synth is not None and not isinstance(synth, SynthConfig):
+        raise DFQViTError(f"synth must be a dfqvit.SynthConfig or None (the method's paper defaults), got "
+                          f"{type(synth).__name__}")
     backend = preflight_backend(model, backend, config, device)
     result = run_pipeline(model, config, calib, normalization=normalization, seed=seed, device=device,
                           progress=progress, synth=synth, calibration=calibration, recon=recon,

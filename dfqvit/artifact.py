@@ -92,6 +92,8 @@ def read_container(path: str, fmt: str, version: int) -> Tuple[Dict[str, torch.T
     path = os.path.expanduser(os.fspath(path))
     if not os.path.exists(path):
         raise CheckpointNotFoundError(f"{path!r} does not exist")
+    if os.path.isdir(path):
+        raise ArtifactError(f"{path!r} is a folder; give the .safetensors file written by dfqvit.save")
     try:
         with safe_open(path, framework="pt") as f:
             header = f.metadata() or {}

@@ -85,8 +85,12 @@ def _output_path(path: Optional[str], flag: str) -> Optional[str]:
 
 def _calibration_source(args, spec):
     """Method name, or real images / a SyntheticSet read from a path."""
-    if not os.path.exists(args.calib):
+    if not os.path.exists(os.path.expanduser(args.calib)):
+        if os.sep in args.calib or args.calib.endswith((".npz", ".safetensors")):
+            raise DFQViTError(f"--calib {args.calib}: no such file or folder (a method name, an .npz / image folder "
+                              "of real images, or a saved SyntheticSet)")
         return args.calib
+    args.calib = os.path.expanduser(args.calib)
     if args.calib.endswith(".safetensors"):
         from .synth import SyntheticSet
         return SyntheticSet.load(args.calib)

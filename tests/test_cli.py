@@ -128,3 +128,17 @@ def test_flags_that_would_change_nothing_are_refused(tmp_path, capsys):
     artifact = ["eval", "--artifact", str(tmp_path / "a.safetensors"), "--data", str(CIFAR_TEST)]
     assert main(artifact + ["--recon-iters", "7", "--correction", "full"]) == 2
     assert "quantized already" in capsys.readouterr().err
+
+
+def test_paths_and_devices_that_are_not_there_are_named(tmp_path, capsys):
+    load_cifar_model()
+    base = ["quantize", "--model", str(CIFAR_MODEL_JSON), "--recon-iters", "0"]
+    assert main(base + ["--calib", str(tmp_path / "missing.npz")]) == 2  # was "unknown calibration method"
+    assert "no such file or folder" in capsys.readouterr().err
+    assert main(base + ["--device", "gpu"]) == 2  # was a torch RuntimeError traceback
+    assert "device='gpu'" in capsys.readouterr().err
+    (tmp_path / "stages").write_text("")
+    assert main(base + ["--calib", "gaussian", "--stages-dir", str(tmp_path / "stages")]) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert main(["eval", "--artifact", str(tmp_path), "--data", str(CIFAR_TEST)]) == 2
+    assert "is a folder" in capsys.readouterr().err

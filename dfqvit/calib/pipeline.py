@@ -6,6 +6,7 @@ the same folder resumes after the last stage whose saved result matches the call
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -97,6 +98,9 @@ def run_pipeline(
                     store.save_images(source_fp, source)
                 saved = source
             batch = saved.images[:config.calib_images].float().to(device)
+            if batch.shape[0] < config.calib_images:
+                warnings.warn(f"dfqvit: calibrating on {batch.shape[0]} images, fewer than calib_images="
+                              f"{config.calib_images}: the calibration source holds no more", stacklevel=4)
             images.append(batch.clone() if batch.is_inference() else batch)  # made under the caller's inference_mode
         return images[0]
 

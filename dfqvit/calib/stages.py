@@ -26,7 +26,7 @@ from dfqvit.artifact import (
     read_container,
     write_container,
 )
-from dfqvit.errors import ArtifactError
+from dfqvit.errors import ArtifactError, DFQViTError
 from dfqvit.models import QuantizedModel
 from dfqvit.synth import SyntheticSet
 
@@ -86,6 +86,8 @@ class StageStore:
 
     def __init__(self, folder: Optional[str]):
         self.folder = os.path.expanduser(os.fspath(folder)) if folder else None
+        if self.folder and os.path.exists(self.folder) and not os.path.isdir(self.folder):
+            raise DFQViTError(f"stages_dir={folder!r} is a file; give a folder for the stage files")
         if folder:
             os.makedirs(folder, exist_ok=True)
 
