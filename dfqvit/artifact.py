@@ -29,14 +29,13 @@ import json
 import math
 import os
 import tempfile
-import warnings
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from dfqvit.config import config_from_dict, config_to_dict
-from dfqvit.errors import ArtifactError, CheckpointNotFoundError, DFQViTError
+from dfqvit.errors import ArtifactError, CheckpointNotFoundError, DFQViTError, warn_user
 from dfqvit.models import QuantizedModel, adapt
 
 ARTIFACT_FORMAT = "dfqvit.QuantArtifact"
@@ -209,16 +208,15 @@ def structure_signature(model: nn.Module) -> Dict[str, Dict[str, Any]]:
 
 
 def structure_differences(saved: Dict[str, Dict[str, Any]], model: Dict[str, Dict[str, Any]]) -> List[str]:
-    """``module.setting: saved vs model`` for each difference (a module only one side has included)."""
+    """``module.setting: saved vs model`` for each setting both sides have that differs. Modules or settings only
+    one side has are not compared: another timm / torch version may add some (a module with tensors that only one
+    side has is refused by the state-dict check anyway)."""
     diffs = []
-    for name in sorted(set(saved) | set(model), key=lambda n: (n.count("."), n)):
-        a, b = saved.get(name), model.get(name)
-        if a is None or b is None:
-            diffs.append(f"{name or '<model>'}: {'only in the saved model' if b is None else 'only in this model'}")
-            continue
-        for key in sorted(set(a) | set(b)):
-            if a.get(key) != b.get(key):
-                diffs.append(f"{name or '<model>'}.{key}: {a.get(key)!r} saved vs {b.get(key)!r}")
+    for name in sorted(set(saved) & set(model), key=lambda n: (n.count("."), n)):
+        a, b = saved[name], model[name]
+        for key in sorted(set(a) & set(b)):
+            if a[key] != b[key]:
+                diffs.append(f"{name or '<model>'}.{key}: {a[key]!r} saved vs {b[key]!r}")
     return diffs
 
 
@@ -385,10 +383,10 @@ class QuantArtifact:
         write_container(path, self.plain_tensors(), ARTIFACT_FORMAT, ARTIFACT_VERSION, self.config)
         diffs = self.rebuild_differences()
         if diffs:
-            warnings.warn(f"dfqvit.save: {path} records how to rebuild its model as "
-                          f"{_describe_build(self.config['build'])}, which builds another model ({'; '.join(diffs[:3])}"
-                          f"{'; ...' if len(diffs) > 3 else ''}): dfqvit.load will need model=<a float model built "
-                          "the same way>", stacklevel=3)
+            warn_user(f"dfqvit.save: {path} records how to rebuild its model as "
+                      f"{_describe_build(self.config['build'])}, which builds another model ({'; '.join(diffs[:3])}"
+                      f"{'; ...' if len(diffs) > 3 else ''}): dfqvit.load will need model=<a float model built the "
+                      "same way>")
 
     def rebuild_differences(self) -> List[str]:
         """How the model rebuilt from the artifact's record differs from the quantized one (empty when it is the

@@ -38,3 +38,15 @@ __all__ = [
     "UnsupportedModelError", "InputShapeError", "NonFiniteInputError", "CheckpointNotFoundError",
     "CalibrationError", "ArtifactError",
 ]
+
+
+def warn_user(message: str) -> None:
+    """``warnings.warn(message)`` attributed to the first caller outside dfqvit and torch (the line of the user's
+    code that started it), however many dfqvit functions and torch decorators lie in between."""
+    import sys
+    import warnings
+
+    frame, level = sys._getframe(1), 2  # stacklevel 1 is this function, 2 its caller
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in ("dfqvit", "torch"):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, stacklevel=level)

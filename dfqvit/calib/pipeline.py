@@ -6,13 +6,13 @@ the same folder resumes after the last stage whose saved result matches the call
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from dfqvit.config import CalibConfig, CorrectionConfig, QuantConfig, ReconConfig, config_to_dict
+from dfqvit.errors import warn_user
 from dfqvit.models import QuantizedModel, adapt
 from dfqvit.synth import SyntheticSet
 
@@ -99,8 +99,8 @@ def run_pipeline(
                 saved = source
             batch = saved.images[:config.calib_images].float().to(device)
             if batch.shape[0] < config.calib_images:
-                warnings.warn(f"dfqvit: calibrating on {batch.shape[0]} images, fewer than calib_images="
-                              f"{config.calib_images}: the calibration source holds no more", stacklevel=4)
+                warn_user(f"dfqvit: calibrating on {batch.shape[0]} images, fewer than calib_images="
+                          f"{config.calib_images}: the calibration source holds no more")
             images.append(batch.clone() if batch.is_inference() else batch)  # made under the caller's inference_mode
         return images[0]
 
