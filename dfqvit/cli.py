@@ -142,9 +142,8 @@ def _pipeline_configs(args) -> dict:
 def cmd_quantize(args) -> int:
     from .api import as_backend, preflight_backend
     from .evaluate import evaluate
-    from .models.loading import load_model
-
     from .models import adapt
+    from .models.loading import load_model
 
     if not args.eval:
         _refuse_unused(args, {**EVAL_DEFAULTS, "backend": "auto"}, "they set up --eval, which is not given")
@@ -153,9 +152,9 @@ def cmd_quantize(args) -> int:
     eval_backend = eval_data = None
     if args.eval:  # everything --eval needs is checked (and its images read) before the calibration, not after
         _check_batch_size(args)
-        eval_backend = preflight_backend(model, args.backend, _quant_config(args), args.device)
-        eval_data = _images_for(args.eval, adapt(model, _quant_config(args), normalization=norm).input_spec,
-                                args.limit)
+        config = _quant_config(args)
+        eval_backend = preflight_backend(model, args.backend, config, args.device)
+        eval_data = _images_for(args.eval, adapt(model, config, normalization=norm).input_spec, args.limit)
     start = time.perf_counter()
     qmodel = _quantize(model, norm, args)
     seconds = time.perf_counter() - start
