@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -10,7 +9,7 @@ from torch import nn
 
 from .calib.pipeline import run_pipeline
 from .config import CalibConfig, CorrectionConfig, QuantConfig, ReconConfig, SynthConfig, parse_bits
-from .errors import DFQViTError, MissingGPUError, UnsupportedModelError
+from .errors import DFQViTError, MissingGPUError, UnsupportedModelError, warn_user
 from .models import QuantizedModel
 
 Bits = Union[int, Tuple[int, int]]
@@ -157,9 +156,8 @@ def preflight_backend(model: nn.Module, backend: str = "auto", config: Optional[
 
 
 def _warn_fake_fallback(exc: UnsupportedModelError) -> None:
-    # stacklevel 4: this function, compile / load's helper, compile / load, the user's call.
-    warnings.warn("dfqvit: the integer engine cannot run this model, so the result is the fake-quant QuantizedModel "
-                  f"(backend='fake' asks for it without this warning): {exc}", stacklevel=4)
+    warn_user("dfqvit: the integer engine cannot run this model, so the result is the fake-quant QuantizedModel "
+              f"(backend='fake' asks for it without this warning): {exc}")
 
 
 def as_backend(qmodel: QuantizedModel, backend: str = "auto", artifact=None):

@@ -85,17 +85,17 @@ def _output_path(path: Optional[str], flag: str) -> Optional[str]:
 
 def _calibration_source(args, spec):
     """Method name, or real images / a SyntheticSet read from a path."""
-    if not os.path.exists(os.path.expanduser(args.calib)):
+    path = os.path.expanduser(args.calib)
+    if not os.path.exists(path):
         if os.sep in args.calib or args.calib.endswith((".npz", ".safetensors")):
             raise DFQViTError(f"--calib {args.calib}: no such file or folder (a method name, an .npz / image folder "
                               "of real images, or a saved SyntheticSet)")
         return args.calib
-    args.calib = os.path.expanduser(args.calib)
-    if args.calib.endswith(".safetensors"):
+    if path.endswith(".safetensors"):
         from .synth import SyntheticSet
-        return SyntheticSet.load(args.calib)
+        return SyntheticSet.load(path)
     from .data import stack_images
-    dataset = _images_for(args.calib, spec, args.calib_images)
+    dataset = _images_for(path, spec, args.calib_images)
     return stack_images(dataset, args.calib_images)
 
 
@@ -106,12 +106,19 @@ def _quant_config(args):
     return QuantConfig(w_bits=w_bits, a_bits=a_bits, softmax_quantizer=args.softmax, calib_images=args.calib_images)
 
 
-def _quantize(model, norm, args, progress=True, backend: str = "fake"):
-    from .api import compile as dfq_compile
+def _input_spec(model, norm, config):
+    """The input shape and normalization the quantized model will expect (from an uncalibrated copy)."""
     from .models import adapt
 
+    return adapt(model, config, normalization=norm).input_spec
+
+
+def _quantize(model, norm, args, progress=True, backend: str = "fake", spec=None):
+    """``spec``: the model's input spec when the caller has it already (``_input_spec`` deep-copies the model)."""
+    from .api import compile as dfq_compile
+
     config = _quant_config(args)
-    calib = _calibration_source(args, adapt(model, config, normalization=norm).input_spec)
+    calib = _calibration_source(args, spec or _input_spec(model, norm, config))
     return dfq_compile(model, None, calib, config=config, normalization=norm, seed=args.seed,
                        device=args.device, progress=progress, backend=backend, **_pipeline_configs(args))
 
@@ -142,21 +149,21 @@ def _pipeline_configs(args) -> dict:
 def cmd_quantize(args) -> int:
     from .api import as_backend, preflight_backend
     from .evaluate import evaluate
-    from .models import adapt
     from .models.loading import load_model
 
     if not args.eval:
         _refuse_unused(args, {**EVAL_DEFAULTS, "backend": "auto"}, "they set up --eval, which is not given")
     out, report_path = _output_path(args.out, "--out"), _output_path(args.report, "--report")
     model, norm = load_model(args.model, args.checkpoint)
+    config = _quant_config(args)
+    spec = _input_spec(model, norm, config)
     eval_backend = eval_data = None
     if args.eval:  # everything --eval needs is checked (and its images read) before the calibration, not after
         _check_batch_size(args)
-        config = _quant_config(args)
         eval_backend = preflight_backend(model, args.backend, config, args.device)
-        eval_data = _images_for(args.eval, adapt(model, config, normalization=norm).input_spec, args.limit)
+        eval_data = _images_for(args.eval, spec, args.limit)
     start = time.perf_counter()
-    qmodel = _quantize(model, norm, args)
+    qmodel = _quantize(model, norm, args, spec=spec)
     seconds = time.perf_counter() - start
     report = {"model": args.model, "bits": [qmodel.config.w_bits, qmodel.config.a_bits],
               "calib": args.calib, "calib_images": args.calib_images, "seed": args.seed,
@@ -187,7 +194,6 @@ def cmd_quantize(args) -> int:
 
 def cmd_eval(args) -> int:
     from .evaluate import evaluate
-    from .models import adapt
     from .models.loading import load_model
 
     _check_batch_size(args)
@@ -212,7 +218,8 @@ def cmd_eval(args) -> int:
     if not args.model:
         raise DFQViTError("dfqvit eval needs --model (a model JSON or timm name) or --artifact (a saved model)")
     model, norm = load_model(args.model, args.checkpoint)
-    data = _images_for(args.data, adapt(model, normalization=norm).input_spec, args.limit)
+    spec = _input_spec(model, norm, None)  # the input spec does not depend on the bits
+    data = _images_for(args.data, spec, args.limit)
     if args.bits is None:
         if args.backend is not None:
             raise DFQViTError(f"--backend {args.backend} runs a quantized model: add --bits (quantize here) or use "
@@ -221,7 +228,7 @@ def cmd_eval(args) -> int:
         result = evaluate(model.to(args.device), data, args.batch_size, device=args.device)
         print(f"fp32 top-1: {result.top1:.2f}% on {result.images} images")
     else:
-        qmodel = _quantize(model, norm, args, backend=args.backend or "auto")
+        qmodel = _quantize(model, norm, args, backend=args.backend or "auto", spec=spec)
         result = evaluate(qmodel, data, args.batch_size, device=args.device)
         print(f"W{qmodel.config.w_bits}A{qmodel.config.a_bits} ({qmodel.backend_label}) top-1: {result.top1:.2f}% "
               f"on {result.images} images")

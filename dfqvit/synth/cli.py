@@ -59,10 +59,9 @@ GRID_FORMATS = (".png", ".jpg", ".jpeg", ".pdf", ".svg")
 
 def run_synth(args: argparse.Namespace) -> int:
     """Load the model, synthesize, write --out and/or --grid. Returns the exit code."""
+    from dfqvit.cli import _output_path
     from dfqvit.models import adapt
     from dfqvit.models.loading import load_model
-
-    from dfqvit.cli import _output_path
 
     if not args.out and not args.grid:
         raise DFQViTError("dfqvit synth needs --out PATH.safetensors and/or --grid PATH.png to write its result")
