@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .calib.pipeline import run_pipeline
-from .config import CalibConfig, CorrectionConfig, QuantConfig, ReconConfig, SynthConfig, parse_bits
+from .config import CalibConfig, CorrectionConfig, QuantConfig, ReconConfig, SynthConfig, as_int, parse_bits
 from .errors import DFQViTError, MissingGPUError, UnsupportedModelError, warn_user
 from .models import QuantizedModel
 
@@ -102,6 +102,9 @@ def compile(
     """
     config = _resolve_config(bits, config)
     device = _resolve_device(device)
+    if as_int(seed) is None:
+        raise DFQViTError(f"seed={seed!r}: give an int (it seeds the synthesis and the reconstruction's batches)")
+    seed = as_int(seed)
     _check_type("calibration", calibration, CalibConfig, optional=False)
     _check_type("recon", recon, ReconConfig)
     _check_type("correction", correction, CorrectionConfig)

@@ -13,7 +13,14 @@ from .errors import DFQViTError
 
 
 def _bits(text: str):
-    parts = [int(p) for p in text.replace("w", "").replace("a", ",").replace("/", ",").split(",") if p]
+    """``4`` -> 4; ``4,8`` / ``4/8`` / ``w4a8`` -> (4, 8) (the values are checked by parse_bits)."""
+    try:
+        parts = [int(p) for p in text.lower().replace("w", "").replace("a", ",").replace("/", ",").split(",") if p]
+    except ValueError:
+        parts = []
+    if len(parts) not in (1, 2):
+        raise argparse.ArgumentTypeError(f"{text!r}: give 4 (= W4A4) or weight,activation bits such as 4,8 "
+                                         "(also 4/8 or w4a8)")
     return parts[0] if len(parts) == 1 else tuple(parts)
 
 

@@ -403,3 +403,39 @@ def test_a_synth_dict_and_fewer_calibration_images_are_named():
     with pytest.warns(UserWarning, match="calibrating on 4 images, fewer than calib_images=32"):
         dfqvit.compile(TINY_MODELS["vit"](), calib=torch.randn(4, 3, 32, 32), recon=None, correction=None,
                        progress=False, backend="fake")
+
+
+def test_normalization_takes_one_number_or_one_per_channel_and_refuses_the_rest():
+    """(0.5, 0.5) raised a TypeError from map(float, 0.5); std 0 and a wrong channel count were accepted."""
+    from dfqvit.models.quantized import adapt
+
+    model = TINY_MODELS["vit"]()
+    for given in ((0.5, 0.25), ((0.5,), (0.25,)), ([0.5] * 3, torch.full((3,), 0.25))):
+        spec = adapt(model, normalization=given).input_spec
+        assert (spec.mean, spec.std) == ((0.5,) * 3, (0.25,) * 3)
+    for bad, why in (((0.5,), "got"), ((0.5, 0.0), "must be finite and > 0"), (((0.1, 0.2), 0.5), "mean has 2"),
+                     ((float("nan"), 1.0), "must be finite"), (("a", 1.0), "is not numbers")):
+        with pytest.raises(DFQViTError, match=why):
+            dfqvit.compile(model, normalization=bad, **FAST)
+
+
+@pytest.mark.parametrize("seed", [None, 1.5, "3", True])
+def test_seed_must_be_an_int(seed):
+    with pytest.raises(DFQViTError, match="give an int"):
+        dfqvit.compile(TINY_MODELS["vit"](), seed=seed, **FAST)
+
+
+def test_calibration_loaders_of_dicts_or_single_images():
+    """A Hugging Face style loader ({"pixel_values": ...}) failed with "yielded NoneType"; a Dataset of (C, H, W)
+    tensors was concatenated along channels."""
+    images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    kwargs = dict(bits=8, recon=None, correction=None, progress=False, backend="fake",
+                  config=dfqvit.QuantConfig(8, 8, calib_images=8))
+    expected = dfqvit.compile(TINY_MODELS["vit"](), calib=images, **kwargs)
+    x = torch.randn(4, 3, 32, 32)
+    for loader in ([{"pixel_values": images[:4]}, {"pixel_values": images[4:]}],
+                   [(image, 0) for image in images]):
+        qmodel = dfqvit.compile(TINY_MODELS["vit"](), calib=loader, **kwargs)
+        assert torch.equal(qmodel(x), expected(x))
+    with pytest.raises(CalibrationError, match=r"keys \['label', 'pixels'\]; dfqvit reads the images from one of"):
+        dfqvit.compile(TINY_MODELS["vit"](), calib=[{"pixels": images, "label": 0}], **kwargs)

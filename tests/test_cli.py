@@ -142,3 +142,18 @@ def test_paths_and_devices_that_are_not_there_are_named(tmp_path, capsys):
     assert "is a file" in capsys.readouterr().err
     assert main(["eval", "--artifact", str(tmp_path), "--data", str(CIFAR_TEST)]) == 2
     assert "is a folder" in capsys.readouterr().err
+
+
+def test_bad_bits_text_and_model_paths_are_named(tmp_path, capsys):
+    """--bits abc named argparse's converter ("invalid _bits value"); a weights file or a missing path given as
+    --model got timm's "looks like a Hugging Face Hub repo id" ValueError."""
+    import pytest
+
+    with pytest.raises(SystemExit):
+        main(["quantize", "--model", "vit_tiny_patch16_224", "--bits", "abc"])
+    assert "'abc': give 4 (= W4A4) or weight,activation bits" in capsys.readouterr().err
+    (tmp_path / "weights.pth").write_bytes(b"")
+    for path, what in ((tmp_path / "weights.pth", "is a file"), (tmp_path / "nope.pth", "does not exist")):
+        assert main(["quantize", "--model", str(path), "--bits", "4"]) == 2
+        err = capsys.readouterr().err
+        assert what in err and "--checkpoint" in err and "Traceback" not in err

@@ -11,15 +11,26 @@ from dfqvit.models import QuantizedModel, validate_images
 from dfqvit.synth import SyntheticSet, synthesize
 
 
+IMAGE_KEYS = ("pixel_values", "image", "images")  # where a dict batch keeps its images
+
+
 def _take_images(batches: Iterable, limit: int) -> torch.Tensor:
     images, count = [], 0
     for batch in batches:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        if isinstance(x, dict):
-            x = x.get("image", x.get("images"))
+        if isinstance(x, dict):  # Hugging Face style batches
+            key = next((k for k in IMAGE_KEYS if k in x), None)
+            if key is None:
+                raise CalibrationError(f"calibration loader yielded a dict with keys {sorted(x)}; dfqvit reads the "
+                                       f"images from one of {IMAGE_KEYS}")
+            x = x[key]
         if not isinstance(x, torch.Tensor):
             raise CalibrationError(
-                f"calibration loader yielded {type(x).__name__}; it must yield image tensors or (images, labels)")
+                f"calibration loader yielded {type(x).__name__}; it must yield image tensors (B, C, H, W) or "
+                "(C, H, W), (images, labels), or dicts with 'pixel_values' / 'image' (PIL images need "
+                "torchvision's ToTensor() and Normalize(mean, std) transforms)")
+        if x.dim() == 3:  # a Dataset of single images rather than a DataLoader of batches
+            x = x.unsqueeze(0)
         images.append(x)
         count += x.shape[0]
         if count >= limit:

@@ -28,6 +28,36 @@ def _load_state_dict(path: str) -> dict:
     return state
 
 
+def load_checkpoint(model: nn.Module, state: dict, source: str, spec: str) -> None:
+    """``model.load_state_dict(state)`` that names what does not fit (PyTorch lists every key in one line)."""
+    if not isinstance(state, dict):
+        raise DFQViTError(f"checkpoint {source!r} holds a {type(state).__name__}, not a state dict")
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)}, model {tuple(own[k].shape)}" for k in own
+              if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        def few(items):
+            return ", ".join(items[:3]) + (f" (+{len(items) - 3} more)" if len(items) > 3 else "")
+        problems = [f"{len(shapes)} tensors of other shapes ({few(shapes)})" if shapes else "",
+                    f"{len(missing)} tensors missing ({few(missing)})" if missing else "",
+                    f"{len(unexpected)} unexpected tensors ({few(unexpected)})" if unexpected else ""]
+        raise DFQViTError(f"checkpoint {source!r} does not fit the model {spec!r}: "
+                          f"{'; '.join(p for p in problems if p)}. Give the timm model name (or .json) the "
+                          "checkpoint was trained as, with its settings (num_classes, img_size, ...)")
+    model.load_state_dict(state)
+
+
+def _checkpoint_classes(model: nn.Module, state: dict) -> Optional[int]:
+    """The class count of the checkpoint's classifier (timm's ``pretrained_cfg["classifier"]``), if it has one."""
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    head = cfg.get("classifier", "head")
+    head = head[0] if isinstance(head, (tuple, list)) else head
+    weight = state.get(f"{head}.weight") if isinstance(state, dict) else None
+    return int(weight.shape[0]) if getattr(weight, "ndim", 0) == 2 else None
+
+
 def load_model(spec: str, checkpoint: Optional[str] = None) -> Tuple[nn.Module, Normalization]:
     """Return ``(model in eval mode, (mean, std) or None)``.
 
@@ -50,19 +80,29 @@ def load_model(spec: str, checkpoint: Optional[str] = None) -> Tuple[nn.Module, 
         state = {}
         for path in files:
             state.update(_load_state_dict(path))
-        model.load_state_dict(state)
+        load_checkpoint(model, state, checkpoint or ", ".join(files), spec)
         from dfqvit.artifact import set_build_info  # so a saved artifact can rebuild this model
         set_build_info(model, meta["kwargs"])
         norm = (tuple(meta["mean"]), tuple(meta["std"])) if "mean" in meta and "std" in meta else None
         return model.eval(), norm
     import timm
 
+    if os.path.exists(spec) or os.sep in spec or spec.endswith((".pth", ".pt", ".safetensors", ".bin")):
+        what = "is a file" if os.path.isfile(spec) else ("is a folder" if os.path.isdir(spec) else "does not exist")
+        raise DFQViTError(f"--model / spec {spec!r} {what}: give a reference-model .json (../shared/models format) or "
+                          "a timm model name such as deit_small_patch16_224, and a weights file as the checkpoint "
+                          "(--checkpoint)")
     try:
         model = timm.create_model(spec, pretrained=False)
-    except RuntimeError as exc:
-        raise UnsupportedModelError(f"timm does not know a model named {spec!r} ({exc})") from exc
+    except (RuntimeError, ValueError) as exc:
+        raise UnsupportedModelError(f"timm does not know a model named {spec!r} ({exc}); names: "
+                                    "timm.list_models('*vit*'), timm.list_models('swin*')") from exc
     if checkpoint:
-        model.load_state_dict(_load_state_dict(checkpoint))
+        state = _load_state_dict(checkpoint)
+        classes = _checkpoint_classes(model, state)
+        if classes is not None and classes != model.num_classes:  # a fine-tuned head: build the model to match
+            model = timm.create_model(spec, pretrained=False, num_classes=classes)
+        load_checkpoint(model, state, checkpoint, spec)
     cfg = getattr(model, "pretrained_cfg", {}) or {}
     norm = (tuple(cfg["mean"]), tuple(cfg["std"])) if "mean" in cfg and "std" in cfg else None
     return model.eval(), norm

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from dfqvit.config import QuantConfig
-from dfqvit.errors import InputShapeError, NonFiniteInputError
+from dfqvit.errors import DFQViTError, InputShapeError, NonFiniteInputError
 from dfqvit.nn import AttentionTap, QuantAttentionBase
 from dfqvit.nn.linear import _QuantWeightLayer
 from dfqvit.quant.quantizers import _Quantizer
@@ -135,6 +135,32 @@ class QuantizedModel(nn.Module):
                 f"float_layers={list(self.skipped)}")
 
 
+def checked_normalization(normalization, channels: int) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """``(mean, std)`` as two tuples of ``channels`` floats: each given as one number or one per channel (a single
+    value is every channel's). Refuses other shapes, non-finite values and std <= 0 (it divides)."""
+    usage = ("normalization must be (mean, std) of the model's input space, each one number or one per input "
+             f"channel ({channels}), e.g. ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))")
+    if isinstance(normalization, torch.Tensor):
+        normalization = normalization.tolist()
+    if isinstance(normalization, (str, bytes)) or not isinstance(normalization, Sequence) or len(normalization) != 2:
+        raise DFQViTError(f"{usage}; got {normalization!r}")
+    parts = []
+    for name, value in zip(("mean", "std"), normalization):
+        values = [value] if not isinstance(value, (Sequence, torch.Tensor)) or isinstance(value, str) else value
+        try:
+            floats = tuple(float(v) for v in values)
+        except (TypeError, ValueError):
+            raise DFQViTError(f"{usage}; its {name} {value!r} is not numbers") from None
+        if len(floats) == 1:
+            floats = floats * channels
+        if len(floats) != channels:
+            raise DFQViTError(f"{usage}; its {name} has {len(floats)} values")
+        if not all(math.isfinite(v) for v in floats) or (name == "std" and min(floats) <= 0):
+            raise DFQViTError(f"{usage}; its {name} {floats} must be finite" + (" and > 0" if name == "std" else ""))
+        parts.append(floats)
+    return parts[0], parts[1]
+
+
 def adapt(model: nn.Module, config: Optional[QuantConfig] = None,
           normalization: Optional[Tuple[Sequence[float], Sequence[float]]] = None) -> QuantizedModel:
     """Deep-copy ``model``, swap its quantizable modules and return an (uncalibrated) QuantizedModel. The copy
@@ -145,9 +171,8 @@ def adapt(model: nn.Module, config: Optional[QuantConfig] = None,
     copied = copy.deepcopy(model).eval().float()
     spec = adapter.input_spec(copied)
     if normalization is not None:
-        mean, std = normalization
-        spec = InputSpec(spec.channels, spec.height, spec.width, tuple(map(float, mean)),
-                         tuple(map(float, std)), spec.strict_size)
+        mean, std = checked_normalization(normalization, spec.channels)
+        spec = InputSpec(spec.channels, spec.height, spec.width, mean, std, spec.strict_size)
     skipped = adapter.swap(copied, config)
     for p in copied.parameters():  # stages that train (reconstruction) opt in explicitly
         p.requires_grad_(False)
