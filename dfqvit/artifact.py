@@ -70,17 +70,24 @@ def write_container(path: str, tensors: Dict[str, torch.Tensor], fmt: str, versi
     header = {"format": fmt, "format_version": str(version), "sha256": payload_sha256(tensors),
               "config": json.dumps(meta, sort_keys=True)}
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
-    os.close(fd)
+    tmp = None
     try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
+        os.close(fd)
         save_file(tensors, tmp, metadata=header)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # the temporary file is owner-only; the saved one gets the usual permissions
         os.replace(tmp, path)
+    except OSError as exc:  # it named the temporary file, or a parent that is a file
+        why = exc.strerror or str(exc)
+        if isinstance(exc, (FileExistsError, NotADirectoryError)):
+            why = "a part of its folder is a file"
+        raise DFQViTError(f"cannot write {path!r}: {why} (in {folder!r}); give a path in a folder you can write "
+                          "to, with room for the file") from exc
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
 
 

@@ -1,5 +1,5 @@
 """``dfqvit`` command line: quantize | eval | synth. Every command calls the same functions as the
-Python API (dfqvit.compile, dfqvit.evaluate)."""
+Python API (dfqvit.compile, dfqvit.evaluate.evaluate)."""
 from __future__ import annotations
 
 import argparse

@@ -234,6 +234,22 @@ def test_saving_to_a_folder_names_the_file_to_give(saved, tmp_path):
     assert not os.listdir(tmp_path) and not [f for f in os.listdir(tmp_path.parent) if f.startswith(".tmp-")]
 
 
+
+def test_a_path_that_cannot_be_written_is_named_not_its_temporary_file(saved, tmp_path, monkeypatch):
+    """Saving into an unwritable folder raised PermissionError naming '.tmp-xxxx.safetensors'. (The tests run as
+    root, which writes anywhere: a parent that is a file, and a failing write, stand in for it.)"""
+    qmodel, _ = saved
+    (tmp_path / "file").write_text("")
+    with pytest.raises(DFQViTError, match=r"cannot write '.*file/w4a4.safetensors': a part of its folder is a file"):
+        dfqvit.save(qmodel, str(tmp_path / "file" / "w4a4.safetensors"))
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr("safetensors.torch.save_file", refused)
+    with pytest.raises(DFQViTError, match=r"cannot write '.*w4a4.safetensors': Permission denied .*folder you can"):
+        dfqvit.save(qmodel, str(tmp_path / "w4a4.safetensors"))
+    assert sorted(os.listdir(tmp_path)) == ["file"]  # no temporary file left
+
 def test_a_model_without_build_info_needs_a_skeleton(tmp_path):
     qmodel = dfqvit.compile(tiny_vit(), bits=8, calib="gaussian", recon=None, correction=None, progress=False)
     dfqvit.save(qmodel, str(tmp_path / "a.safetensors"))
