@@ -31,7 +31,7 @@ step gpu_tests ${STEP1:-140} python3 -m pytest -q -m gpu -p no:cacheprovider -rs
 # The engine at W4A8 side by side with its two earlier forms, against fp16 CUDA graphs and torch.compile:
 # "fused-GEMM" (in-loop unpack at every batch; unpack-first from 1024 rows is the default since 2026-12-01)
 # and "exact-softmax" (the portable softmax math; log-domain codes are the CUDA default since 2026-12-01).
-step latency_ab ${STEP2:-200} $LAT --models deit_small_patch16_224 --batches 64 1 --bits W4A8 --gemm-paths default fused --softmax-maths default exact --baselines graphs compile
+step latency_ab ${STEP2:-200} $LAT --models deit_small_patch16_224 --batches 64 1 --bits W4A8 --gemm-paths default fused --softmax-maths default exact --baselines graphs compile --profile
 step latency_vitb_swin ${STEP3:-110} $LAT --models vit_base_patch16_224 swin_small_patch4_window7_224 --batches 64 8 --bits W4A8 --baselines graphs compile
 # Not in the 600 s of one command (run next, or in a later session): the other bit widths,
 #   $LAT --models deit_small_patch16_224 --batches 64 1 --bits W8A8 W4A4 W3A16 --gemm-paths default fused --baselines graphs

@@ -7,7 +7,7 @@ writes JSON + markdown under ``benchmarks/results/`` with the device name and ve
 
     python benchmarks/latency.py [--models deit_small_patch16_224 ...] [--batches 1 8 64 256]
         [--bits W4A8 W8A8 W4A4 W3A16] [--baselines eager graphs compile] [--autotune quick|full]
-        [--gemm-paths default fused] [--softmax-maths default exact]
+        [--gemm-paths default fused] [--softmax-maths default exact] [--profile]
 
 The JSON is rewritten after every measured row (``"complete": false`` until the end), so a run cut short
 keeps what it measured; ``autotune_choices`` records the GEMM and attention tiles the autotuner picked. Each
@@ -20,6 +20,8 @@ default takes the unpack-first path from 1024 rows): rows "dfqvit W4A8 fused-GEM
 ``--softmax-maths default exact`` adds rows "dfqvit W4A8 exact-softmax": an engine whose log2 attention runs the
 reference's portable softmax math (``dfqvit.kernels.attention.softmax_math_override("exact")``) instead of the
 CUDA default, the log-domain codes of ``softmax_math="fast"``.
+``--profile`` adds to each engine row ``gpu_ms_per_call``: GPU time per call by kernel group (GEMM, attention,
+LayerNorm+quantize, PyTorch ops) and the top kernels, from torch.profiler on the eager forward.
 """
 from __future__ import annotations
 
@@ -53,6 +55,47 @@ def median_ms(fn, x, warmup: int, iters: int) -> float:
         torch.cuda.synchronize()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+# Kernel-name substrings -> the part of the model they are; anything else is a PyTorch op ("torch").
+KERNEL_GROUPS = (("_qgemm", "gemm"), ("_attention", "attention"), ("_layernorm_quant", "layernorm_quant"))
+
+
+def kernel_group(name: str) -> str:
+    return next((group for key, group in KERNEL_GROUPS if key in name), "torch")
+
+
+def group_times(events, iters: int, time_attr: str = "self_device_time_total"):
+    """{"by_group": {group: ms per call}, "top": [(kernel name, ms per call, launches per call)]} from the
+    profiler's averaged ``events`` (``key_averages()``) over ``iters`` calls; times are ``time_attr`` in us."""
+    by_group, top = {}, []
+    for event in events:
+        us = getattr(event, time_attr, 0) or 0
+        if us <= 0 or event.key.startswith("aten::"):  # an op's self time repeats its kernels' (2026-11-30 profile)
+            continue
+        ms = us / 1e3 / iters
+        group = kernel_group(event.key)
+        by_group[group] = by_group.get(group, 0.0) + ms
+        top.append((event.key[:80], ms, event.count / iters))
+    top.sort(key=lambda t: -t[1])
+    return {"by_group": {g: round(v, 4) for g, v in sorted(by_group.items(), key=lambda kv: -kv[1])},
+            "top": [[name, round(ms, 4), round(n, 2)] for name, ms, n in top[:8]]}
+
+
+def kernel_breakdown(fn, x, iters: int = 3) -> dict:
+    """GPU time per call of ``fn(x)`` by kernel group (the engine's GEMM, attention, LayerNorm+quantize kernels and
+    PyTorch's own), from torch.profiler over ``iters`` synchronised calls. For the engine, ``fn`` is its eager
+    forward (``engine.run``): the same kernels its CUDA graphs replay, each attributed by name."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad():
+        fn(x)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(iters):
+                fn(x)
+            torch.cuda.synchronize()
+    return group_times(prof.key_averages(), iters)
 
 
 def fp16_weight_bytes(model) -> int:
@@ -134,6 +177,16 @@ def build_engine_for(qmodel, path: str = "default", softmax: str = "default"):
                     "gemm_path": path, "softmax_math": math}
 
 
+class _EagerEngine:
+    """An engine's forward without its CUDA graphs (``engine.run``), for the profiler to name each kernel."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def __call__(self, x):
+        return self.engine.run(x)
+
+
 def engine_variants(bits, gemm_paths, softmax_maths=("default",)):
     """(variant name, bits label, GEMM path, softmax math) of each engine row: the default engine, then one row
     per alternative (the fused GEMM path only where weights are packed; softmax math only where A < 16)."""
@@ -149,7 +202,7 @@ def engine_variants(bits, gemm_paths, softmax_maths=("default",)):
 
 
 def bench_model(name: str, batches, bits, baselines, warmup: int, iters: int, on_row, gemm_paths=("default",),
-                softmax_maths=("default",)):
+                softmax_maths=("default",), profile: bool = False):
     """Time each variant at each batch; ``on_row`` gets every row as soon as it is measured (the JSON is
     rewritten then, so a run cut short keeps what it measured)."""
     import timm
@@ -197,9 +250,17 @@ def bench_model(name: str, batches, bits, baselines, warmup: int, iters: int, on
                    "images_per_s": batch / ms * 1e3, "weight_bytes": nbytes,
                    "weight_ratio_vs_fp16": nbytes / fp16_bytes, "first_call_s": first_s}
             row.update(checks.get(variant, {}))
+            if profile and variant in engine_info:  # where the engine's time goes (eager: kernels by name)
+                label, path, softmax = engine_info[variant]
+                eager = engine_runner(_EagerEngine(engines[variant]), path, softmax)
+                row["gpu_ms_per_call"] = kernel_breakdown(eager, x)
             on_row(row)
             print(f"{name:32s} {batch:4d} {variant:22s} {ms:9.3f} ms {batch / ms * 1e3:10.1f} img/s "
                   f"{nbytes / 2**20:8.1f} MiB  (first call {first_s:.1f} s)", flush=True)
+            if "gpu_ms_per_call" in row:
+                groups = row["gpu_ms_per_call"]["by_group"]
+                print(f"{'':32s} GPU ms per call: " + ", ".join(f"{g} {v:.3f}" for g, v in groups.items()),
+                      flush=True)
 
 
 def markdown(rows, meta) -> str:
@@ -247,6 +308,9 @@ def main(argv=None) -> int:
     parser.add_argument("--softmax-maths", nargs="+", default=["default"], choices=list(SOFTMAX_MATHS),
                         help="'exact' adds engine rows whose attention runs the reference's softmax math (the "
                              "default on CUDA is the log-domain 'fast' one)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also record each engine row's GPU time per call by kernel group (GEMM, attention, "
+                             "LayerNorm+quantize, PyTorch ops) from torch.profiler, eager, 3 calls")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -277,7 +341,7 @@ def main(argv=None) -> int:
 
     for name in args.models:
         bench_model(name, args.batches, args.bits, args.baselines, args.warmup, args.iters, on_row,
-                    args.gemm_paths, args.softmax_maths)
+                    args.gemm_paths, args.softmax_maths, args.profile)
     write_json(complete=True)
     Path(f"{stem}.md").write_text(markdown(rows, meta))
     print(markdown(rows, meta))

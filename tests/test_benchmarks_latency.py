@@ -20,7 +20,7 @@ def latency():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the script runs the whole sweep")
 def test_without_cuda_it_says_so_and_exits_0(latency, capsys, tmp_path):
-    assert latency.main(["--gemm-paths", "default", "fused", "--softmax-maths", "default", "exact", "--out-dir",
+    assert latency.main(["--gemm-paths", "default", "fused", "--softmax-maths", "default", "exact", "--profile", "--out-dir",
                          str(tmp_path)]) == 0
     assert "no CUDA device; nothing measured" in capsys.readouterr().out
     assert not list(tmp_path.iterdir())
@@ -78,3 +78,20 @@ def test_engine_runner_sets_the_softmax_math_only_inside_the_call(latency, monke
     runner = latency.engine_runner(lambda x: seen.append(resolve_softmax_math(cuda)) or x, "default", "exact")
     assert runner(3) == 3 and seen == ["exact"]
     assert resolve_softmax_math(cuda) == "fast"
+
+
+def test_profile_groups_kernel_time_per_call_by_the_engine_part(latency):
+    """--profile's table: the engine's Triton kernels by name, everything else PyTorch's, per call."""
+    from types import SimpleNamespace as Event
+
+    events = [Event(key="_qgemm_kernel", self_device_time_total=3000.0, count=147),
+              Event(key="_attention_kernel", self_device_time_total=1500.0, count=36),
+              Event(key="_layernorm_quant_kernel", self_device_time_total=300.0, count=72),
+              Event(key="void at::native::vectorized_elementwise_kernel<4>", self_device_time_total=90.0, count=3),
+              Event(key="cudnn::engines::nchwToNhwcKernel", self_device_time_total=60.0, count=3),
+              Event(key="aten::copy_", self_device_time_total=900.0, count=3),  # repeats its kernels' time
+              Event(key="cudaLaunchKernel", self_device_time_total=0.0, count=250)]  # host side: no GPU time
+    got = latency.group_times(events, iters=3)
+    assert got["by_group"] == {"gemm": 1.0, "attention": 0.5, "layernorm_quant": 0.1, "torch": 0.05}
+    assert list(got["by_group"]) == ["gemm", "attention", "layernorm_quant", "torch"]  # largest first
+    assert got["top"][0] == ["_qgemm_kernel", 1.0, 49.0] and len(got["top"]) == 5
