@@ -43,14 +43,28 @@ def test_units_follow_the_forward_for_every_family():
                              ("layers.1.blocks.1", True), ("head.fc", False)]
 
 
-@pytest.mark.parametrize("name", ["vit", "swin"])
+PADDED_SWIN = "swin_padded"  # 40 px, patch 4: 10x10 tokens in 4x4 windows, padded to 12x12 after norm1
+
+
+def _model(name):
+    if name == PADDED_SWIN:
+        from conftest import tiny_swin
+        return tiny_swin(img_size=40, patch_size=4, window_size=4)
+    return TINY_MODELS[name]()
+
+
+@pytest.mark.parametrize("name", ["vit", "swin", PADDED_SWIN])
 def test_reparam_keeps_the_float_model_and_calibrates_everything(name):
-    model, images = TINY_MODELS[name](), _images()
+    """The padded Swin: folding norm1 into qkv changed the zeros timm pads after norm1 (qkv(0) = bias became
+    bias + W r b), 5% relative error in the logits with every quantizer off."""
+    model = _model(name)
+    size = 40 if name == PADDED_SWIN else 32
+    images = torch.randn(32, 3, size, size, generator=torch.Generator().manual_seed(0))
     qmodel = calibrate_blockwise(adapt(model, QuantConfig(4, 4)), images, progress=False)
     assert all(bool(q.initialized) for _, q in qmodel.quantizers())
     assert all(q.channels is None for n, q in qmodel.activation_quantizers() if hasattr(q, "channels")), \
         "after the fold every activation quantizer is per-tensor again"
-    x = _images(8, seed=1)
+    x = torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad(), qmodel.quant_state(False, False):
         assert sqnr_db(model(x), qmodel(x)) > REPARAM_FLOAT_MIN_SQNR_DB
 

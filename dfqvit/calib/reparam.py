@@ -39,12 +39,23 @@ def _foldable(norm: nn.Module, layer: nn.Module) -> bool:
             and layer.input_quantizer.channels is None)
 
 
+def pads_windows(block: nn.Module) -> bool:
+    """Whether a Swin block pads its token grid to whole windows. timm pads *after* norm1 with zeros, which qkv
+    maps to its bias; folded, a zero would mean ``x'`` = 0 and qkv would give ``bias + W r b``: the padded keys and
+    values would change (quantization off: 5% relative error in the logits of a 10x10-token Swin with 4x4
+    windows). Such a block keeps norm1 and qkv as they are."""
+    if not isinstance(block, SwinTransformerBlock):
+        return False
+    return any(size % window for size, window in zip(block.input_resolution, block.window_size))
+
+
 def post_norm_pairs(block: nn.Module) -> List[PostNormPair]:
     """(LayerNorm, Linear that reads only its output) pairs of a block, in forward order."""
     if type(block) not in _PRE_NORM_BLOCKS:
         return []
     pairs = []
-    if isinstance(block.attn, QuantAttentionBase) and _foldable(block.norm1, block.attn.qkv):
+    if (isinstance(block.attn, QuantAttentionBase) and _foldable(block.norm1, block.attn.qkv)
+            and not pads_windows(block)):
         pairs.append((block.norm1, block.attn.qkv))
     if type(block.mlp) is Mlp and _foldable(block.norm2, block.mlp.fc1):
         pairs.append((block.norm2, block.mlp.fc1))
