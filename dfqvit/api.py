@@ -149,7 +149,7 @@ def preflight_backend(model: nn.Module, backend: str = "auto", config: Optional[
 
     select_kernels(backend, device)  # MissingGPUError / native extension not built
     try:
-        check_engine_support(model, (config or QuantConfig()).quantize_patch_embed)
+        check_engine_support(model, config or QuantConfig())
     except UnsupportedModelError as exc:
         if backend != "auto":
             raise

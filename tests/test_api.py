@@ -267,6 +267,9 @@ ENGINE_UNSUPPORTED = {
     "padded_patch_conv": (_vit_with_padded_patch_conv,
                           dict(config=dfqvit.QuantConfig(w_bits=8, a_bits=8, quantize_patch_embed=True), bits=None),
                           "patch-embedding conv other than stride = kernel.*at patch_embed.proj"),
+    # the engine was built, then every call failed with "'RmsNorm' object has no attribute 'bias'"
+    "rms_norm": (lambda: TINY_MODELS["vit"](norm_layer="rmsnorm"), {},
+                 r"norm other than LayerNorm before a quantized layer.*\(RmsNorm\) at blocks.0.norm1, blocks.0.norm2"),
 }
 
 
@@ -439,3 +442,13 @@ def test_calibration_loaders_of_dicts_or_single_images():
         assert torch.equal(qmodel(x), expected(x))
     with pytest.raises(CalibrationError, match=r"keys \['label', 'pixels'\]; dfqvit reads the images from one of"):
         dfqvit.compile(TINY_MODELS["vit"](), calib=[{"pixels": images, "label": 0}], **kwargs)
+
+
+def test_a_weight_only_model_with_rms_norm_runs_on_the_engine():
+    """RmsNorm is refused only where the engine fuses it with a quantizer: at A16 it runs the float norm."""
+    model = TINY_MODELS["vit"](norm_layer="rmsnorm")
+    assert dfqvit.preflight_backend(model, "torch", dfqvit.QuantConfig(4, 16)) == "torch"
+    engine = dfqvit.compile(model, bits=(4, 16), backend="torch", **FAST)
+    fake = dfqvit.compile(model, bits=(4, 16), backend="fake", **FAST)
+    x, y = _outputs(model, engine)
+    assert cosine(fake(torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))), y) >= 0.9999

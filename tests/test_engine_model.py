@@ -7,6 +7,8 @@ within cosine 0.999; at A4 one level is 1/16 of the range, so the floor there is
 """
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -324,6 +326,9 @@ VIT_VARIANTS = {
     "pre_norm": dict(pre_norm=True),
     "avg_pool_fc_norm": dict(global_pool="avg", fc_norm=True),
     "mlp_ratio_3_patch_4": dict(mlp_ratio=3.0, img_size=36, patch_size=4),
+    # LayerNorms without affine / bias: the engine built, then every call failed (the kernels take both)
+    "norm_without_affine": dict(norm_layer=partial(torch.nn.LayerNorm, elementwise_affine=False)),
+    "norm_without_bias": dict(norm_layer=partial(torch.nn.LayerNorm, bias=False)),
 }
 
 

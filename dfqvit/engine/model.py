@@ -144,7 +144,7 @@ class QuantizedViT(nn.Module):
         if not isinstance(qmodel, QuantizedModel):
             raise UnsupportedModelError(f"QuantizedViT is built from a calibrated dfqvit QuantizedModel, got "
                                         f"{type(qmodel).__name__}")
-        check_engine_support(qmodel.model, qmodel.config.quantize_patch_embed)
+        check_engine_support(qmodel.model, qmodel.config)
         device = next(qmodel.model.parameters()).device
         self.kernels = select_kernels(backend, device)
         self.family, self.config, self.input_spec = qmodel.family, qmodel.config, qmodel.input_spec

@@ -142,7 +142,15 @@ class PackedLinear(nn.Module):
 
 
 def float_copy(module: nn.Module) -> nn.Module:
-    """A float32 copy of a module the engine runs as is (skipped layers, LayerNorms)."""
+    """A float32 copy of a module the engine runs as is (skipped layers, LayerNorms). A LayerNorm without a weight
+    or bias gets ones / zeros (the same values: the kernels take both)."""
     import copy
 
-    return copy.deepcopy(module).float().eval()
+    module = copy.deepcopy(module).float().eval()
+    if isinstance(module, nn.LayerNorm):
+        shape = module.normalized_shape
+        if module.weight is None:
+            module.weight = nn.Parameter(torch.ones(shape), requires_grad=False)
+        if module.bias is None:
+            module.bias = nn.Parameter(torch.zeros(shape), requires_grad=False)
+    return module

@@ -16,6 +16,7 @@ from dfqvit.errors import UnsupportedModelError
 # What the engine does not implement, said once however many blocks have it.
 DYNAMIC_MASK = "dynamic_mask=True (the engine uses each block's precomputed attn_mask)"
 NOT_ERF_GELU = "an MLP activation other than the exact (erf) GELU the engine fuses, or a norm inside the MLP"
+NOT_LAYER_NORM = "a norm other than LayerNorm before a quantized layer (the engine fuses LayerNorm + quantize)"
 PATCH_CONV = ("a quantized patch-embedding conv other than stride = kernel, no padding, dilation 1, groups 1 "
               "(keep it float: QuantConfig(quantize_patch_embed=False))")
 
@@ -31,10 +32,19 @@ def _is_erf_gelu_mlp(mlp: nn.Module) -> bool:
     return type(act) is nn.GELU and act.approximate == "none" and isinstance(mlp.norm, nn.Identity)
 
 
-def check_engine_support(model: nn.Module, quantize_patch_embed: bool) -> None:
+def _fused_norms(model: nn.Module, blocks) -> List[nn.Module]:
+    """The norms whose output the engine quantizes in one fused LayerNorm+quantize kernel (with activations
+    quantized): each block's norm1 / norm2 and Swin's patch-merging norms."""
+    from timm.models.swin_transformer import PatchMerging
+
+    norms = [norm for block in blocks for norm in (block.norm1, block.norm2)]
+    return norms + [m.norm for m in model.modules() if isinstance(m, PatchMerging)]
+
+
+def check_engine_support(model: nn.Module, config) -> None:
     """Raise ``UnsupportedModelError`` naming every part of ``model`` (a timm ViT / DeiT / Swin, float or
-    wrapped by dfqvit) that the integer engine does not implement. ``quantize_patch_embed``: whether the
-    patch-embedding conv is quantized (``QuantConfig.quantize_patch_embed``)."""
+    wrapped by dfqvit) that the integer engine does not implement under ``config`` (a ``QuantConfig``: whether
+    the patch-embedding conv and the activations are quantized)."""
     from dfqvit.models.base import find_adapter
 
     from .model import TRUNKS  # here: model.py imports this module
@@ -53,7 +63,7 @@ def check_engine_support(model: nn.Module, quantize_patch_embed: bool) -> None:
         flag("a Swin absolute position embedding")
     if getattr(model.patch_embed, "dynamic_img_pad", False):
         flag("dynamic_img_pad=True", "patch_embed")
-    if quantize_patch_embed and not _patch_conv_is_gemm(model.patch_embed.proj):
+    if config.quantize_patch_embed and not _patch_conv_is_gemm(model.patch_embed.proj):
         flag(PATCH_CONV, "patch_embed.proj")
     names = {id(module): name for name, module in model.named_modules()}
     for block in adapter.blocks(model):
@@ -62,6 +72,10 @@ def check_engine_support(model: nn.Module, quantize_patch_embed: bool) -> None:
             flag(DYNAMIC_MASK, where)
         if not _is_erf_gelu_mlp(block.mlp):
             flag(f"{NOT_ERF_GELU} (act={block.mlp.act!r}, norm={block.mlp.norm!r})", f"{where}.mlp")
+    if config.quantize_activations:
+        for norm in _fused_norms(model, adapter.blocks(model)):
+            if not isinstance(norm, nn.LayerNorm):
+                flag(f"{NOT_LAYER_NORM} ({type(norm).__name__})", names[id(norm)])
     if found:
         parts = [what + (f" at {', '.join(where)}" if where else "") for what, where in found.items()]
         raise UnsupportedModelError("the integer engine does not implement " + "; ".join(parts)
