@@ -37,12 +37,35 @@ class ImageDataset(torch.utils.data.Dataset):
         return (x - self.mean) / self.std, self.labels[i]
 
 
+NPZ_KEYS = ("blob", "offsets", "labels")  # JPEG bytes, their offsets, class labels (../shared/data/README.md)
+
+
+def _array_loaders(path: str, images: np.ndarray, labels: np.ndarray):
+    """Loaders of an .npz holding decoded ``images`` (uint8, (N, H, W, 3) or (N, H, W)) and ``labels`` (N,)."""
+    if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3)):
+        raise DFQViTError(f"{path!r}: images of dtype {images.dtype} and shape {images.shape}; expected uint8 "
+                          "(N, H, W, 3) or (N, H, W) pixels 0..255")
+    if labels.shape != (images.shape[0],):
+        raise DFQViTError(f"{path!r}: {images.shape[0]} images but labels of shape {labels.shape}")
+    pixels = images[..., 0] if images.ndim == 4 and images.shape[-1] == 1 else images
+    loaders = [(lambda i=i: Image.fromarray(pixels[i])) for i in range(len(labels))]
+    return loaders, labels.astype(np.int64).tolist(), None
+
+
 def _npz_loaders(path: str):
-    data = np.load(path, allow_pickle=False)
     try:
-        blob, offsets, labels = data["blob"], data["offsets"], data["labels"]
-    except KeyError as exc:
-        raise DFQViTError(f"{path!r} lacks key {exc}; expected blob, offsets, labels (../shared/data/README.md)") from exc
+        data = np.load(path, allow_pickle=False)
+        keys = list(getattr(data, "files", []))
+        if "images" in keys and "labels" in keys:
+            return _array_loaders(path, data["images"], data["labels"])
+        if not all(k in keys for k in NPZ_KEYS):
+            raise DFQViTError(f"{path!r} holds {keys or 'a single array'}; an image pack needs the keys "
+                              f"{', '.join(NPZ_KEYS)} (../shared/data/README.md) or images (uint8, N x H x W x 3) "
+                              "and labels, or give an image folder")
+        blob, offsets, labels = (data[k] for k in NPZ_KEYS)
+    except (ValueError, OSError, EOFError) as exc:  # numpy's message talks of allow_pickle for any non-npz bytes
+        raise DFQViTError(f"{path!r} is not a readable .npz image pack ({type(exc).__name__}); give an .npz "
+                          "with blob, offsets, labels, or an image folder") from exc
     classes = [str(c) for c in data["classes"]] if "classes" in data else None
     loaders = [(lambda a=int(offsets[i]), b=int(offsets[i + 1]): Image.open(io.BytesIO(blob[a:b].tobytes())))
                for i in range(len(labels))]
@@ -71,7 +94,13 @@ def load_images(path: str, size: Tuple[int, int], mean: Sequence[float], std: Se
         raise CheckpointNotFoundError(f"image data {path!r} does not exist")
     if limit is not None and limit < 1:
         raise DFQViTError(f"limit={limit}: give at least 1 image (--limit), or none for all")
-    loaders, labels, classes = _npz_loaders(path) if path.endswith(".npz") else _folder_loaders(path)
+    if path.endswith(".npz"):
+        loaders, labels, classes = _npz_loaders(path)
+    elif os.path.isdir(path):
+        loaders, labels, classes = _folder_loaders(path)
+    else:
+        raise DFQViTError(f"image data {path!r} is a file, not an .npz pack or an image folder: put images in "
+                          "root/<class>/<image> folders (one image: root/any/<image>)")
     if not labels:
         raise DFQViTError(f"image data {path!r} holds no images (an .npz pack, or root/<class>/<image> with "
                           f"{', '.join(_IMAGE_EXTENSIONS)} files)")

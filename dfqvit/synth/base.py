@@ -85,5 +85,6 @@ def synthesize(method: str, qmodel, num_images: int = 32, seed: int = 0, config=
     if fn is None:
         raise CalibrationError(
             f"unknown calibration method {method!r}; data-free methods: {available_methods()}. "
-            f"For real images pass a tensor or a DataLoader as calib=")
+            f"For real images pass a tensor or a DataLoader as calib= (on the command line: an .npz pack or an "
+            f"image folder as --calib)")
     return fn(qmodel, num_images=num_images, seed=seed, config=config, progress=progress)

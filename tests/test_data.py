@@ -1,0 +1,51 @@
+"""Real images from disk: an .npz pack (JPEG bytes, or decoded uint8 arrays) or an image folder; everything else
+is named before any work."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dfqvit.data import load_images
+from dfqvit.errors import DFQViTError
+
+SIZE, MEAN, STD = (8, 8), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+
+def _pixels(n=6, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, size=(n, 8, 8, 3), dtype=np.uint8)
+
+
+def test_decoded_arrays_in_an_npz_read_like_the_same_images_in_a_folder(tmp_path):
+    pixels, labels = _pixels(), np.array([0, 1, 0, 1, 0, 1])
+    np.savez(tmp_path / "arrays.npz", images=pixels, labels=labels)
+    for i, (image, label) in enumerate(zip(pixels, labels)):
+        (tmp_path / "folder" / str(label)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(tmp_path / "folder" / str(label) / f"{i}.png")
+    arrays = load_images(str(tmp_path / "arrays.npz"), SIZE, MEAN, STD)
+    folder = load_images(str(tmp_path / "folder"), SIZE, MEAN, STD)
+    assert [arrays[i][1] for i in range(6)] == labels.tolist()
+    by_label = sorted(range(6), key=lambda i: (labels[i], i))  # the folder lists class 0 first
+    for j, i in enumerate(by_label):
+        assert torch.equal(arrays[i][0], folder[j][0])
+    expected = (torch.from_numpy(pixels[0]).permute(2, 0, 1).float() / 255 - 0.5) / 0.25
+    assert torch.allclose(arrays[0][0], expected, atol=1e-6)
+
+
+def _write(path, data: bytes):
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: _write(p.with_suffix(".png"), b"x"), "is a file, not an .npz pack"),
+    (lambda p: _write(p, b"not a zip"), r"is not a readable .npz image pack \(ValueError\)"),
+    (lambda p: np.savez(p, foo=np.zeros(2)) or p, r"holds \['foo'\]; an image pack needs the keys blob, offsets"),
+    (lambda p: np.savez(p, images=np.zeros((2, 8, 8, 3)), labels=np.zeros(2)) or p, "images of dtype float64"),
+    (lambda p: np.savez(p, images=_pixels(2), labels=np.zeros(3)) or p, "2 images but labels of shape"),
+])
+def test_files_that_are_not_image_data_are_named(tmp_path, make, message):
+    """A .png as the data path raised NotADirectoryError; a non-npz file numpy's allow_pickle ValueError; missing
+    keys read "lacks key 'blob is not a file in the archive'"."""
+    path = make(tmp_path / "data.npz")
+    with pytest.raises(DFQViTError, match=message):
+        load_images(str(path), SIZE, MEAN, STD)
