@@ -159,7 +159,7 @@ def cmd_quantize(args) -> int:
     from .models.loading import load_model
 
     if not args.eval:
-        _refuse_unused(args, {**EVAL_DEFAULTS, "backend": "auto"}, "they set up --eval, which is not given")
+        _refuse_unused(args, {**EVAL_DEFAULTS, "backend": "auto"}, "used only with --eval, which is not given")
     out, report_path = _output_path(args.out, "--out"), _output_path(args.report, "--report")
     model, norm = load_model(args.model, args.checkpoint)
     config = _quant_config(args)
@@ -173,7 +173,8 @@ def cmd_quantize(args) -> int:
     qmodel = _quantize(model, norm, args, spec=spec)
     seconds = time.perf_counter() - start
     report = {"model": args.model, "bits": [qmodel.config.w_bits, qmodel.config.a_bits],
-              "calib": args.calib, "calib_images": args.calib_images, "seed": args.seed,
+              "calib": args.calib, "calib_images": args.calib_images,
+              "calib_images_used": getattr(qmodel, "calib_images_used", None), "seed": args.seed,
               "synth_iters": args.synth_iters, "recon_iters": args.recon_iters, "correction": args.correction,
               "quantize_seconds": round(seconds, 2), "float_layers": list(qmodel.skipped)}
     print(f"quantized {args.model} to W{qmodel.config.w_bits}A{qmodel.config.a_bits} "
@@ -183,6 +184,8 @@ def cmd_quantize(args) -> int:
         save(qmodel, out)
         report["artifact"] = out
         print(f"wrote {out} ({os.path.getsize(out) / 2**20:.2f} MiB)")
+    else:
+        print("the quantized model is not saved (--out FILE.safetensors keeps it)")
     if args.eval:
         data = eval_data
         runner = as_backend(qmodel, eval_backend)  # the integer engine by default
@@ -231,7 +234,7 @@ def cmd_eval(args) -> int:
         if args.backend is not None:
             raise DFQViTError(f"--backend {args.backend} runs a quantized model: add --bits (quantize here) or use "
                               "--artifact (a saved model)")
-        _refuse_unused(args, QUANT_DEFAULTS, "they set up a quantization, and without --bits the model runs fp32")
+        _refuse_unused(args, QUANT_DEFAULTS, "used only to quantize, and without --bits the model runs fp32")
         result = evaluate(model.to(args.device), data, args.batch_size, device=args.device)
         print(f"fp32 top-1: {result.top1:.2f}% on {result.images} images")
     else:
@@ -283,13 +286,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings as one line: the default names the dfqvit script's own line (``bin/dfqvit:8``) and prints it."""
+    return f"dfqvit: warning: {str(message).removeprefix('dfqvit: ')}\n"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    import warnings
+
     args = build_parser().parse_args(argv)
+    default_format, warnings.formatwarning = warnings.formatwarning, _format_warning
     try:
         return args.func(args)
     except DFQViTError as exc:
         print(f"dfqvit: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = default_format
 
 
 if __name__ == "__main__":

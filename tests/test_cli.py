@@ -17,6 +17,7 @@ def test_quantize_and_eval_on_reference_model(tmp_path, capsys):
     assert rc == 0
     data = json.loads(report.read_text())
     assert data["bits"] == [4, 8] and data["eval_images"] == 100 and data["recon_iters"] == 0
+    assert data["calib_images"] == data["calib_images_used"] == 16
     assert 0 <= data["quant_top1"] <= 100 and data["top1_agreement"] >= 50
     engine = "native (isa=" if native_is_default() else "torch"  # --eval runs the integer engine by default
     assert data["eval_backend"].startswith(engine)
@@ -157,3 +158,37 @@ def test_bad_bits_text_and_model_paths_are_named(tmp_path, capsys):
         assert main(["quantize", "--model", str(path), "--bits", "4"]) == 2
         err = capsys.readouterr().err
         assert what in err and "--checkpoint" in err and "Traceback" not in err
+
+
+def test_the_report_says_how_many_images_calibrated(tmp_path, capsys):
+    """Calibrating on a source with fewer images than --calib-images warned, but the report kept the request."""
+    import numpy as np
+    import pytest
+
+    load_cifar_model()
+    pixels = np.random.default_rng(0).integers(0, 256, size=(4, 32, 32, 3), dtype=np.uint8)
+    np.savez(tmp_path / "four.npz", images=pixels, labels=np.zeros(4, dtype=np.int64))
+    report = tmp_path / "report.json"
+    with pytest.warns(UserWarning, match="calibrating on 4 images, fewer than calib_images=8"):
+        assert main(["quantize", "--model", str(CIFAR_MODEL_JSON), "--calib", str(tmp_path / "four.npz"),
+                     "--calib-images", "8", "--recon-iters", "0", "--correction", "none",
+                     "--report", str(report)]) == 0
+    data = json.loads(report.read_text())
+    assert (data["calib_images"], data["calib_images_used"]) == (8, 4)
+
+
+def test_warnings_print_as_one_line_and_unsaved_models_are_mentioned(tmp_path, capsys):
+    """A warning printed the console script's own line ("bin/dfqvit:8: UserWarning ... sys.exit(main())"); a
+    quantization without --out ended without a word that nothing was kept."""
+    import warnings
+
+    from dfqvit.cli import _format_warning
+
+    assert _format_warning(UserWarning("dfqvit: calibrating on 4 images"), UserWarning, "bin/dfqvit", 8) == \
+        "dfqvit: warning: calibrating on 4 images\n"
+    default = warnings.formatwarning
+    load_cifar_model()
+    assert main(["quantize", "--model", str(CIFAR_MODEL_JSON), "--calib", "gaussian", "--calib-images", "4",
+                 "--recon-iters", "0", "--correction", "none"]) == 0
+    assert "the quantized model is not saved (--out FILE.safetensors keeps it)" in capsys.readouterr().out
+    assert warnings.formatwarning is default  # restored for whoever called main()

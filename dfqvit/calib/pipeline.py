@@ -102,6 +102,7 @@ def run_pipeline(
                 warn_user(f"dfqvit: calibrating on {batch.shape[0]} images, fewer than calib_images="
                           f"{config.calib_images}: the calibration source holds no more")
             images.append(batch.clone() if batch.is_inference() else batch)  # made under the caller's inference_mode
+            qmodel.calib_images_used = batch.shape[0]  # reports say what was used (None: every stage resumed)
         return images[0]
 
     references: List[QuantizedModel] = []

@@ -56,6 +56,7 @@ class QuantizedModel(nn.Module):
     def __init__(self, model: nn.Module, adapter: Adapter, config: QuantConfig, skipped: Sequence[str],
                  input_spec: InputSpec):
         super().__init__()
+        self.calib_images_used: Optional[int] = None  # set by the pipeline when it reads the images
         self.model = model
         self.adapter = adapter
         self.config = config
