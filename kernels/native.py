@@ -23,6 +23,7 @@ from ._common import check_requant_grid
 from .errors import KernelInputError, MissingBackendError
 
 _LOADED: Optional[bool] = None
+_ISA_CHECKED = False  # whether DFQVIT_NATIVE_ISA was read without error
 _EXT = None  # the dfqvit._C module once loaded: its functions skip torch.ops' argument boxing (bindings.cpp)
 P_MODE_LOG2, P_MODE_LINEAR = 0, 1
 
@@ -47,12 +48,21 @@ def available() -> bool:
 
 
 def require() -> None:
+    global _ISA_CHECKED
     if not available():
         reason = "DFQVIT_NATIVE=0 is set" if _disabled_by_env() else "dfqvit._C is not built"
         raise MissingBackendError(
             f"the native CPU backend is unavailable ({reason}). Build it with "
             "`DFQVIT_BUILD_EXT=1 pip install --no-build-isolation --no-deps -e .` (needs cmake, ninja, a C++ "
             "compiler), or use backend='torch' (the PyTorch reference, same results, slower).")
+    if not _ISA_CHECKED:  # the extension reads DFQVIT_NATIVE_ISA at its first call and raises a RuntimeError
+        try:
+            torch.ops.dfqvit.native_isa()
+        except RuntimeError as exc:
+            message = str(exc).splitlines()[0].removeprefix("dfqvit native: ")
+            raise KernelInputError(f"DFQVIT_NATIVE_ISA={os.environ.get('DFQVIT_NATIVE_ISA')!r}: {message.rstrip('.')}; "
+                                   "or use backend='torch'") from None
+        _ISA_CHECKED = True
 
 
 def _ext():

@@ -439,3 +439,18 @@ def test_native_attention_token_major_codes_equal_quantizing_the_output(isa, out
     from dfqvit.kernels import KernelInputError
     with pytest.raises(KernelInputError, match="out_zero=200"):
         native.attention(*args, out_grid=(0.004, 200, -128, 127), token_major=True)
+
+
+def test_a_bad_isa_in_the_environment_is_named():
+    """DFQVIT_NATIVE_ISA=avx3 raised the extension's RuntimeError as a traceback out of the CLI. The extension reads
+    the variable once per process, so this runs in a fresh one."""
+    import subprocess
+    import sys
+
+    _native()
+    code = ("from dfqvit.kernels import native\n"
+            "try:\n    native.isa()\nexcept Exception as exc:\n    print(type(exc).__name__, exc)")
+    env = {**__import__("os").environ, "DFQVIT_NATIVE_ISA": "avx3"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120).stdout
+    assert out.startswith("KernelInputError DFQVIT_NATIVE_ISA='avx3': unknown ISA 'avx3'; allowed: auto, scalar")
+    assert "or use backend='torch'" in out

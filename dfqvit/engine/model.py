@@ -207,9 +207,14 @@ class QuantizedViT(nn.Module):
         weight layout and the activation dtype were chosen for one device when the engine was built, and a
         cast of its scales and biases would change its results without a word."""
         probe = torch.zeros((), dtype=torch.float32, device=self.device)
-        moved = fn(probe)
+        source = "engine.artifact" if self.artifact is not None else "the fake-quant model or its artifact"
+        try:
+            moved = fn(probe)
+        except RuntimeError as exc:  # e.g. .cuda() without a CUDA driver
+            raise DFQViTError(f"this engine runs on {self.device} with the {self.backend} backend, fixed when it was "
+                              f"built, and cannot be moved ({str(exc).splitlines()[0]}). To run elsewhere, build "
+                              f"one there: dfqvit.engine.build_engine({source}, device=...)") from None
         if moved.device != probe.device or moved.dtype != probe.dtype:
-            source = "engine.artifact" if self.artifact is not None else "the fake-quant model or its artifact"
             raise DFQViTError(
                 f"this engine runs on {self.device} with the {self.backend} backend and {self.dtype} activations, "
                 f"fixed when it was built; it cannot become {moved.dtype} on {moved.device}. Build one there: "
