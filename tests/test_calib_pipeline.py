@@ -63,8 +63,20 @@ def test_a_damaged_stage_file_is_refused(tmp_path):
     data = bytearray(open(path, "rb").read())
     data[-10] ^= 0xFF
     open(path, "wb").write(bytes(data))
-    with pytest.raises(ArtifactError, match="corrupted"):
+    # it said "save it again", advice for an artifact, not for a stage file
+    with pytest.raises(ArtifactError, match="stage file .*corrupted.*; delete it \\(or the stages folder\\) to run"):
         _run(model, folder, recon=None, correction=None)
+
+
+def test_a_resumed_run_says_so(tmp_path, capsys):
+    """With every stage reused no progress bar runs: the run printed nothing at all."""
+    model = TINY_MODELS["vit"]()
+    folder = str(tmp_path / "stages")
+    _run(model, folder, recon=None, correction=None)
+    run_pipeline(model, QuantConfig(4, 4), "gaussian", seed=3, progress=True, recon=None, correction=None,
+                 stages_dir=folder)
+    assert f"dfqvit: resumed after stage 'calib' from {os.path.join(folder, STAGE_FILES['calib'])}" in \
+        capsys.readouterr().err
 
 
 def test_stage_configs_are_type_checked():

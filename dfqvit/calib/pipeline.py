@@ -6,6 +6,7 @@ the same folder resumes after the last stage whose saved result matches the call
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -135,6 +136,9 @@ def run_pipeline(
         name, fp, _ = stages[i]
         if store.restore(name, fp, qmodel):
             result.resumed_from, start = name, i + 1
+            if progress:  # the stages before it are not run, so no progress bar would say anything
+                print(f"dfqvit: resumed after stage '{name}' from {store.path(name)} (same settings)",
+                      file=sys.stderr)
             break
     for name, fp, run in stages[start:]:
         run()

@@ -98,7 +98,12 @@ class StageStore:
         path = self.path(stage)
         if path is None or not os.path.exists(path):
             return None
-        state = StageState.load(path)  # a damaged file raises instead of being silently recomputed
+        try:
+            state = StageState.load(path)  # a damaged file raises instead of being silently recomputed
+        except ArtifactError as exc:
+            reason = str(exc).split("; save it again")[0]
+            raise ArtifactError(f"stage file {reason}; delete it (or the stages folder) to run the stage "
+                                "again") from exc
         if state.fingerprint != fp or state.stage != stage:
             log.info("dfqvit: %s was made with other settings; running the stage again", path)
             return None
