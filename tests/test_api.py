@@ -452,3 +452,20 @@ def test_a_weight_only_model_with_rms_norm_runs_on_the_engine():
     fake = dfqvit.compile(model, bits=(4, 16), backend="fake", **FAST)
     x, y = _outputs(model, engine)
     assert cosine(fake(torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))), y) >= 0.9999
+
+
+def test_wrapped_meta_and_dynamic_size_models_are_named():
+    """DataParallel / torch.compile wrappers said only "no dfqvit adapter"; a meta-device model failed in deepcopy
+    ("Cannot copy out of meta tensor"); a dynamic-size model fed a size off the patch grid hit timm's assert."""
+    model = TINY_MODELS["vit"]()
+    for wrapped, attr in ((torch.nn.DataParallel(model), "module"), (torch.compile(model), "_orig_mod")):
+        with pytest.raises(UnsupportedModelError, match=f"wrapped .*pass the model itself: model.{attr}"):
+            dfqvit.compile(wrapped, **FAST)
+    with torch.device("meta"):
+        on_meta = TINY_MODELS["vit"]()
+    with pytest.raises(DFQViTError, match="meta device .*to_empty"):
+        dfqvit.compile(on_meta, **FAST)
+    dynamic = dfqvit.compile(TINY_MODELS["vit"](dynamic_img_size=True), backend="fake", **FAST)
+    assert dynamic(torch.randn(2, 3, 40, 40)).shape == (2, 10)
+    with pytest.raises(InputShapeError, match=r"multiple of its patch size \(8, 8\)"):
+        dynamic(torch.randn(2, 3, 36, 36))

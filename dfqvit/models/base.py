@@ -26,6 +26,7 @@ class InputSpec:
     mean: Tuple[float, ...]
     std: Tuple[float, ...]
     strict_size: bool = True
+    size_multiple: Tuple[int, int] = (1, 1)  # without strict_size: H, W must be multiples (the patch size)
 
 
 class Adapter:
@@ -63,7 +64,8 @@ class Adapter:
         return InputSpec(
             channels=pe.proj.in_channels, height=height, width=width,
             mean=tuple(cfg.get("mean", IMAGENET_MEAN)), std=tuple(cfg.get("std", IMAGENET_STD)),
-            strict_size=bool(getattr(pe, "strict_img_size", True)) and not getattr(model, "dynamic_img_size", False))
+            strict_size=bool(getattr(pe, "strict_img_size", True)) and not getattr(model, "dynamic_img_size", False),
+            size_multiple=(1, 1) if getattr(pe, "dynamic_img_pad", False) else tuple(pe.patch_size))
 
     # -- shared swapping logic ------------------------------------------------------------------------
 
@@ -113,12 +115,21 @@ def register_adapter(cls: Callable[[], Adapter]):
     return cls
 
 
+# Wrappers around a model and the attribute that holds it: (DataParallel / DistributedDataParallel, torch.compile)
+WRAPPED_MODEL_ATTRS = ("module", "_orig_mod")
+
+
 def find_adapter(model: nn.Module) -> Adapter:
     if not isinstance(model, nn.Module):
         raise UnsupportedModelError(f"expected a torch nn.Module (a timm model), got {type(model).__name__}")
     for adapter in _ADAPTERS:
         if adapter.matches(model):
             return adapter
+    for attr in WRAPPED_MODEL_ATTRS:
+        inner = getattr(model, attr, None)
+        if isinstance(inner, nn.Module) and any(a.matches(inner) for a in _ADAPTERS):
+            raise UnsupportedModelError(f"the model is wrapped ({type(model).__name__} around a "
+                                        f"{type(inner).__name__}); pass the model itself: model.{attr}")
     supported = ", ".join(f"{a.name} ({', '.join(t.__name__ for t in a.model_types)})" for a in _ADAPTERS)
     raise UnsupportedModelError(
         f"no dfqvit adapter for {type(model).__module__}.{type(model).__name__}; supported timm families: "
