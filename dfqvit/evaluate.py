@@ -20,19 +20,51 @@ class EvalResult:
 @torch.no_grad()
 def evaluate(model, dataset, batch_size: int = 128, reference=None, device="cpu", progress: bool = True,
              desc: str = "eval") -> EvalResult:
-    """Top-1 of ``model`` on ``dataset``; with ``reference``, also its top-1 agreement with it."""
-    if not isinstance(batch_size, int) or batch_size < 1:
+    """Top-1 of ``model`` on ``dataset``; with ``reference``, also its top-1 agreement with it.
+
+    ``dataset``: a Dataset of ``(image, label)`` (as ``dfqvit.data.load_images`` gives), a DataLoader that
+    yields ``(images, labels)`` batches (``batch_size`` is then the loader's), or two tensors ``(images,
+    labels)``. Labels are class indices."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise DFQViTError(f"batch size {batch_size!r}: it must be an int >= 1 (--batch-size)")
-    if len(dataset) == 0:
-        raise DFQViTError("the evaluation data holds no images")
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    if isinstance(dataset, (tuple, list)) and len(dataset) == 2 and all(isinstance(t, torch.Tensor) for t in dataset):
+        dataset = torch.utils.data.TensorDataset(*dataset)  # (images, labels) as two tensors
+    if isinstance(dataset, torch.utils.data.DataLoader):
+        loader = dataset
+    elif isinstance(dataset, torch.utils.data.Dataset) or hasattr(dataset, "__getitem__"):
+        if len(dataset) == 0:
+            raise DFQViTError("the evaluation data holds no images")
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    else:
+        raise DFQViTError(f"evaluation data of type {type(dataset).__name__}: give a Dataset of (image, label) "
+                          "(dfqvit.data.load_images) or a DataLoader of (images, labels)")
     correct = agree = total = 0
-    for x, y in tqdm(loader, desc=desc, disable=not progress, leave=False):
+    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        x, y = _images_and_labels(batch)
         x, y = x.to(device), y.to(device)
         pred = model(x).argmax(dim=-1)
         correct += int((pred == y).sum())
         if reference is not None:
             agree += int((pred == reference(x).argmax(dim=-1)).sum())
         total += y.numel()
+    if total == 0:
+        raise DFQViTError("the evaluation data holds no images")
     return EvalResult(top1=100.0 * correct / max(total, 1), images=total,
                       agreement=100.0 * agree / max(total, 1) if reference is not None else None)
+
+
+def _images_and_labels(batch):
+    """(images (B, C, H, W), labels (B,) class indices) of one batch; anything else is named (labels of shape
+    (B, 1) or one-hot (B, C) broadcast against the predictions and gave top-1 figures of 100% or 0%)."""
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise DFQViTError(f"evaluation batches must be (images, labels) pairs; got {type(batch).__name__}")
+    x, y = batch
+    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+        raise DFQViTError(f"evaluation batch of ({type(x).__name__}, {type(y).__name__}); expected two tensors")
+    if y.dim() == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.dim() != 1 or y.shape[0] != x.shape[0] or y.is_floating_point():
+        raise DFQViTError(f"labels of shape {tuple(y.shape)} and dtype {y.dtype} for {x.shape[0]} images; expected "
+                          "one class index per image (integers, shape (B,)); for one-hot labels pass "
+                          "labels.argmax(-1)")
+    return x, y

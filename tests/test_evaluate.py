@@ -1,0 +1,48 @@
+"""dfqvit.evaluate.evaluate: the same top-1 from every data form it takes; labels that are not one class index per
+image are named (they broadcast against the predictions and gave 100% or 0%)."""
+import pytest
+import torch
+
+from dfqvit.errors import DFQViTError
+from dfqvit.evaluate import evaluate
+
+
+@pytest.fixture(scope="module")
+def model_and_data():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 10))
+    x, y = torch.randn(10, 3, 2, 2), torch.randint(0, 10, (10,))
+    with torch.no_grad():
+        expected = 100.0 * float((model(x).argmax(-1) == y).float().mean())
+    return model, x, y, expected
+
+
+def test_every_data_form_gives_the_same_top1(model_and_data):
+    model, x, y, expected = model_and_data
+    dataset = torch.utils.data.TensorDataset(x, y)
+    for data in (dataset, torch.utils.data.DataLoader(dataset, batch_size=3), (x, y),
+                 torch.utils.data.TensorDataset(x, y[:, None])):  # (N, 1) labels: one index per image too
+        result = evaluate(model, data, 4, progress=False)
+        assert (result.top1, result.images) == (pytest.approx(expected), 10)
+    assert 0 < expected < 100
+
+
+@pytest.mark.parametrize("labels, message", [
+    (lambda y: torch.nn.functional.one_hot(y, 10), r"labels of shape \(4, 10\).*labels.argmax\(-1\)"),
+    (lambda y: y.float(), "dtype torch.float32"),
+])
+def test_labels_that_are_not_class_indices_are_named(model_and_data, labels, message):
+    model, x, y, _ = model_and_data
+    with pytest.raises(DFQViTError, match=message):
+        evaluate(model, torch.utils.data.TensorDataset(x, labels(y)), 4, progress=False)
+
+
+@pytest.mark.parametrize("data, batch_size, message", [
+    (None, 4, "evaluation data of type NoneType"), ("ok", True, "batch size True"),
+    ([], 4, "holds no images"),
+])
+def test_bad_data_and_batch_sizes_are_named(model_and_data, data, batch_size, message):
+    model, x, y, _ = model_and_data
+    data = torch.utils.data.TensorDataset(x, y) if data == "ok" else data
+    with pytest.raises(DFQViTError, match=message):
+        evaluate(model, data, batch_size, progress=False)
