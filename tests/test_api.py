@@ -129,6 +129,15 @@ def test_fake_quant_model_reads_half_and_double_images_like_the_engine():
     with torch.no_grad():
         for dtype in (torch.float16, torch.bfloat16, torch.float64):  # used to fail: "Input type (double) and bias"
             assert torch.equal(qmodel(x.to(dtype)), qmodel(x.to(dtype).float()))
+    # Casting the model itself rounded its grids and weights: it could not run ("Input type (float) and bias
+    # type (c10::Half)"), saved an artifact that did not load, and build_engine made another model from it.
+    for cast in (lambda m: m.half(), lambda m: m.to(torch.float64), lambda m: m.to("cpu", torch.bfloat16)):
+        with pytest.raises(DFQViTError, match="stays float32 .*build_engine\\(qmodel, dtype="):
+            cast(qmodel)
+    assert qmodel.cpu() is qmodel and all(p.dtype == torch.float32 for p in qmodel.parameters())
+    if not torch.cuda.is_available():
+        with pytest.raises(DFQViTError, match="cannot move the model"):
+            qmodel.cuda()
 
 
 def test_unsupported_model():

@@ -108,6 +108,21 @@ class QuantizedModel(nn.Module):
 
     # -- switches --------------------------------------------------------------------------------------
 
+    def _apply(self, fn, recurse=True):
+        """Device moves pass; dtype casts (``.half()``, ``.to(torch.float64)``) are refused: the quantizers' grids
+        and the calibrated weights are float32, a cast rounds them (another model, which the engine would then be
+        built from without a word) and the model cannot run mixed dtypes. Inputs of any float dtype are cast."""
+        try:
+            probe = fn(torch.zeros((), dtype=torch.float32))
+        except (RuntimeError, AssertionError) as exc:  # .cuda() without a driver, or on a CPU-only torch
+            raise DFQViTError(f"cannot move the model: {str(exc).splitlines()[0]}") from None
+        if probe.dtype != torch.float32:
+            raise DFQViTError(
+                f"the fake-quant model stays float32 (its grids and calibrated weights would be rounded to "
+                f"{probe.dtype}); it takes images of any float dtype as they are. For half-precision activations "
+                "build the integer engine: dfqvit.engine.build_engine(qmodel, dtype=torch.float16 or bfloat16)")
+        return super()._apply(fn, recurse)
+
     def set_quant_state(self, weights: bool, activations: bool) -> None:
         """Turn weight and activation quantization on or off (both off = the float model)."""
         for name, q in self.quantizers():
@@ -125,16 +140,18 @@ class QuantizedModel(nn.Module):
 
     @contextlib.contextmanager
     def record_attention(self, probs: bool = True, context: bool = False):
-        """Yield one AttentionTap per attention module (model order), refreshed by every forward."""
+        """Yield one AttentionTap per attention module (model order), refreshed by every forward. Nested uses
+        see the innermost taps; on exit the enclosing ones are put back (they used to be cleared)."""
         modules = self.attention_modules()
         taps = [AttentionTap(keep_probs=probs, keep_context=context) for _ in modules]
+        previous = [m.tap for m in modules]
         for m, tap in zip(modules, taps):
             m.tap = tap
         try:
             yield taps
         finally:
-            for m in modules:
-                m.tap = None
+            for m, tap in zip(modules, previous):
+                m.tap = tap
 
     def extra_repr(self) -> str:
         c = self.config
