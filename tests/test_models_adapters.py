@@ -49,6 +49,18 @@ def test_taps_shapes_and_prefix_tokens():
     assert all(m.tap is None for m in qmodel.attention_modules()), "taps are removed afterwards"
 
 
+def test_nested_attention_records_give_the_outer_taps_back():
+    qmodel = adapt(TINY_MODELS["vit"]())
+    x = torch.randn(1, 3, 32, 32)
+    with qmodel.quant_state(False, False), qmodel.record_attention() as outer:
+        with qmodel.record_attention(probs=False, context=True) as inner:
+            qmodel(x)
+        assert inner[0].context is not None
+        qmodel(x)  # the inner exit used to clear every tap: the outer ones stayed empty
+        assert outer[0].probs is not None and outer[0].probs.shape == (1, 3, 17, 17)
+    assert all(m.tap is None for m in qmodel.attention_modules())
+
+
 def test_swin_taps_are_per_window():
     qmodel = adapt(TINY_MODELS["swin"]())
     with qmodel.quant_state(False, False), qmodel.record_attention() as taps:
