@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import operator
 from typing import Any, Dict, Optional, Tuple, Union
 
@@ -153,6 +154,24 @@ def config_to_dict(config) -> Dict[str, Any]:
     return {"_type": type(config).__name__, "_version": type(config).version, "_data": data}
 
 
+def _not_finite_numbers(config, text_fields=()) -> list:
+    """The numeric fields of a config (scalars or tuples, None allowed) that hold something other than a finite
+    real number: inf / NaN passed the range checks and came out as NaN images or losses much later."""
+    problems = []
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if field.name in text_fields and isinstance(value, str) or value is None:
+            continue
+        if field.type in ("bool", bool):
+            if not isinstance(value, bool):
+                problems.append(f"{field.name}={value!r} (True or False)")
+            continue
+        values = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+            problems.append(f"{field.name}={value!r} (finite numbers)")
+    return problems
+
+
 def config_from_dict(payload: Dict[str, Any]):
     """Rebuild a config written by :func:`config_to_dict`; only allow-listed classes are built."""
     try:
@@ -286,7 +305,9 @@ class SynthConfig:
     def __post_init__(self):
         for name in ("betas", "jitter", "tv_target", "sl_eps", "adv_weights", "easy_sl_eps"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
-        problems = []
+        problems = _not_finite_numbers(self, text_fields=("tv_form", "alpha_apa"))
+        if problems:  # the range checks below compare numbers
+            raise CalibrationError("invalid SynthConfig: " + "; ".join(problems))
 
         def need(ok: bool, what: str) -> None:
             if not ok:
@@ -297,6 +318,7 @@ class SynthConfig:
 
         need(is_int(self.iterations) and self.iterations >= 1, f"iterations={self.iterations!r} (an int >= 1)")
         need(self.lr is None or self.lr > 0, f"lr={self.lr!r} (None or > 0)")
+        need(self.adam_eps > 0, f"adam_eps={self.adam_eps!r} (> 0; Adam divides by it)")
         need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"betas={self.betas} (two values in [0, 1))")
         need(is_int(self.rounds) and self.rounds >= 1, f"rounds={self.rounds!r} (an int >= 1)")
         need(0 <= self.warmup_fraction < 1, f"warmup_fraction={self.warmup_fraction} (in [0, 1))")
@@ -401,7 +423,9 @@ class ReconConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "betas", tuple(self.betas))
-        problems = []
+        problems = _not_finite_numbers(self)
+        if problems:
+            raise CalibrationError("invalid ReconConfig: " + "; ".join(problems))
         if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < 0:
             problems.append(f"iterations={self.iterations!r} (an int >= 0)")
         if not self.lr > 0:
@@ -444,8 +468,11 @@ class CorrectionConfig:
     version = 1
 
     def __post_init__(self):
+        object.__setattr__(self, "scale_range", tuple(self.scale_range))
+        problems = _not_finite_numbers(self, text_fields=("form",))
+        if problems:
+            raise CalibrationError("invalid CorrectionConfig: " + "; ".join(problems))
         object.__setattr__(self, "scale_range", tuple(float(v) for v in self.scale_range))
-        problems = []
         if self.form not in CORRECTION_FORMS:
             problems.append(f"form={self.form!r} (one of {CORRECTION_FORMS})")
         if not self.shrinkage >= 0:

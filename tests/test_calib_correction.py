@@ -71,7 +71,8 @@ def test_closed_forms_recover_a_known_affine_map():
 
 
 @pytest.mark.parametrize("bad", [dict(form="matrix"), dict(shrinkage=-1), dict(scale_range=(0, 2)),
-                                 dict(scale_range=(1.2, 2))])
+                                 dict(scale_range=(1.2, 2)), dict(shrinkage=float("inf")),
+                                 dict(scale_range=[0.5, float("inf")])])
 def test_correction_config_validation(bad):
     with pytest.raises(CalibrationError, match="invalid CorrectionConfig"):
         CorrectionConfig(**bad)

@@ -81,7 +81,8 @@ def test_weight_only_skips_stage_one():
     assert {r.stage for r in reports} == {2}
 
 
-@pytest.mark.parametrize("bad", [dict(iterations=-1), dict(lr=0), dict(batch_size=0), dict(betas=(0.9, 1.0))])
+@pytest.mark.parametrize("bad", [dict(iterations=-1), dict(lr=0), dict(batch_size=0), dict(betas=(0.9, 1.0)),
+                                 dict(lr=float("inf")), dict(weight_decay=float("nan")), dict(two_stage="no")])
 def test_recon_config_validation(bad):
     with pytest.raises(CalibrationError, match="invalid ReconConfig"):
         ReconConfig(**bad)

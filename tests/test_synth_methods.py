@@ -228,7 +228,12 @@ def test_unknown_method_names_the_allowed_ones():
 
 @pytest.mark.parametrize("field,value", [("iterations", 0), ("tv_form", "l3"), ("sl_eps", (10.0, 5.0)),
                                          ("alpha_apa", "resnet50"), ("k_msr", 0), ("betas", (0.5, 1.5)),
-                                         ("groups", 0), ("mining_ratio", 0)])
+                                         ("groups", 0), ("mining_ratio", 0),
+                                         # inf / NaN passed the range checks: NaN images (alpha_apa) or
+                                         # losses (lr) after minutes of synthesis; adam_eps=0 divides by 0
+                                         ("alpha_apa", float("inf")), ("lr", float("inf")), ("adam_eps", 0.0),
+                                         ("tv_weight", float("nan")), ("betas", (0.5, float("nan"))),
+                                         ("flip", 1), ("jitter", (True,))])
 def test_bad_config_values_are_typed_errors(field, value):
     with pytest.raises(CalibrationError, match=field) as info:
         SynthConfig(**{field: value})
@@ -239,6 +244,12 @@ def test_bad_arguments():
     qmodel = qmodel_of("vit")
     with pytest.raises(CalibrationError, match="num_images"):
         synthesize("spdfq", qmodel, num_images=0, config=FAST)
+    with pytest.raises(CalibrationError, match="num_images"):  # gaussian returned an empty set
+        synthesize("gaussian", qmodel, num_images=0)
+    with pytest.raises(CalibrationError, match="seed"):
+        synthesize("gaussian", qmodel, num_images=2, seed=1.5)
+    with pytest.raises(CalibrationError, match="QuantizedModel, got VisionTransformer"):  # was an AttributeError
+        synthesize("gaussian", qmodel.model, num_images=2)
     with pytest.raises(CalibrationError, match="SynthConfig"):
         synthesize("psaq", qmodel, num_images=2, config={"iterations": 3})
 
