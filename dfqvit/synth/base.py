@@ -13,6 +13,8 @@ import torch
 
 from dfqvit.errors import CalibrationError, CheckpointNotFoundError, DFQViTError
 
+from .common import check_num_images
+
 SET_FORMAT_VERSION = 1
 
 
@@ -87,4 +89,11 @@ def synthesize(method: str, qmodel, num_images: int = 32, seed: int = 0, config=
             f"unknown calibration method {method!r}; data-free methods: {available_methods()}. "
             f"For real images pass a tensor or a DataLoader as calib= (on the command line: an .npz pack or an "
             f"image folder as --calib)")
+    if not hasattr(qmodel, "input_spec") or not hasattr(qmodel, "quantizers"):
+        raise CalibrationError(
+            f"synthesize needs a dfqvit QuantizedModel, got {type(qmodel).__name__}; wrap a timm model first: "
+            "dfqvit.models.adapt(model, QuantConfig(...))")
+    check_num_images(num_images)  # gaussian made an empty set of 0 images
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise CalibrationError(f"seed={seed!r}: give an int")
     return fn(qmodel, num_images=num_images, seed=seed, config=config, progress=progress)
