@@ -254,12 +254,24 @@ def test_auto_backend_on_cpu_is_native_or_torch_and_fake_returns_the_fake_model(
         previous = native.set_isa("scalar")
         try:
             assert build_engine(qmodel).backend == "torch"
-            assert build_engine(qmodel, backend="native").backend == "native"
+            native_engine = build_engine(qmodel, backend="native")
+            assert native_engine.backend == "native"
         finally:
             native.set_isa(previous)
+        from dfqvit.engine.pack import PackedLinear
+        layer = next(m for m in native_engine.modules() if isinstance(m, PackedLinear))
+        # The GPU layout is gone once panels are made: hasattr used to raise (a TypeError) instead of saying no
+        assert not hasattr(layer, "weight") and getattr(layer, "weight", None) is None
+        with pytest.raises(DFQViTError, match="CPU panels for the native backend"):
+            layer.weight
     assert build_engine(qmodel, backend="fake") is qmodel
     with pytest.raises(DFQViTError, match="backend"):
         build_engine(qmodel, backend="cuda")
+    if not torch.cuda.is_available():
+        with pytest.raises(DFQViTError, match="cuda_graphs=True needs the model on a CUDA device"):
+            build_engine(qmodel, cuda_graphs=True)  # was accepted; then every call failed
+        with pytest.raises(DFQViTError, match="cannot move the model"):
+            build_engine(qmodel, device="cuda")  # was torch's RuntimeError from deep inside .to()
 
 
 def test_packed_int4_weight_bytes():

@@ -159,6 +159,9 @@ class QuantizedViT(nn.Module):
             self.trunk = TRUNKS[qmodel.family](qmodel.model).to(device)
             self.kernels.prepare(self.trunk)
         use_graphs = (device.type == "cuda" and self.backend == "triton") if cuda_graphs is None else cuda_graphs
+        if use_graphs and device.type != "cuda":  # it was accepted, then every call failed
+            raise DFQViTError(f"cuda_graphs=True needs the model on a CUDA device (it is on {device}); move the "
+                              "model first (build_engine(..., device='cuda')) or leave cuda_graphs unset")
         self.graphs = None
         if use_graphs:
             from .graphs import CUDAGraphRunner

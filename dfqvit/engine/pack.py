@@ -91,6 +91,14 @@ def weight_codes(layer: _QuantWeightLayer) -> Tuple[torch.Tensor, torch.Tensor, 
     return codes + shift, wq.scale.detach().float(), zero + shift, bits
 
 
+class _PanelsOnlyError(UnsupportedModelError, AttributeError):
+    """An AttributeError too, so ``hasattr(layer, "weight")`` is False instead of raising."""
+
+    def __init__(self):
+        super().__init__("this layer holds CPU panels for the native backend; rebuild the engine with another "
+                         "backend to get the GPU packing layout")
+
+
 class PackedLinear(nn.Module):
     """A quantized Linear (or patch-embedding conv as a GEMM) ready for the kernels.
 
@@ -121,11 +129,17 @@ class PackedLinear(nn.Module):
     @property
     def weight(self) -> PackedWeight:
         if self.data is None:
-            raise UnsupportedModelError("this layer holds CPU panels for the native backend; rebuild the engine "
-                                        "with another backend to get the GPU packing layout")
+            raise _PanelsOnlyError()
         return PackedWeight(data=self.data, w_scale=self.w_scale, w_zero=self.w_zero, w_col_sums=self.w_col_sums,
                             n=self.n, k=self.k, bits=self.bits, layout=self.layout,
                             group_k=self.group_k)
+
+    def __getattr__(self, name: str):
+        # A property raising AttributeError falls through to nn.Module.__getattr__, which would replace the
+        # message by "has no attribute 'weight'"; keep ours (and keep hasattr / getattr(m, "weight", None) working).
+        if name == "weight" and self.__dict__.get("_buffers", {}).get("data", 0) is None:
+            raise _PanelsOnlyError()
+        return super().__getattr__(name)
 
     def weight_nbytes(self) -> int:
         """Bytes of the packed weight (GPU layout or CPU panels) and its per-channel parameters (bias not
