@@ -41,6 +41,7 @@ from dfqvit.config import CorrectionConfig, QuantConfig, ReconConfig, SynthConfi
 from dfqvit.environment import describe_environment
 from dfqvit.cli import BACKEND_CHOICES
 from dfqvit.errors import CalibrationError, CheckpointNotFoundError, DFQViTError, MissingGPUError
+from dfqvit.paths import output_folder
 
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parents[1] / "shared"
@@ -589,6 +590,8 @@ def build_grid(args) -> Grid:
             if value < low:
                 raise DFQViTError(f"--{flag.replace('_', '-')} must be >= {low}, got {value}")
             changes[field] = value
+    if args.batch_size < 1:  # was a raw range() / DataLoader error
+        raise DFQViTError(f"--batch-size must be >= 1, got {args.batch_size}")
     if changes:
         grid = dataclasses.replace(grid, name=f"{grid.name}_custom", **changes)
     return grid
@@ -656,6 +659,7 @@ def report_header(args, grid: Grid, device: torch.device, spec, eval_set, real_s
 def run(args) -> dict:
     started = time.perf_counter()
     grid = build_grid(args)
+    out = output_folder(args.out)  # before the evaluation: a file as --out failed only after the fp32 run
     device = resolve_device(args.device)
     model, spec, eval_set, real_set = load_inputs(args, grid)
     dfqvit.preflight_backend(model, args.backend, device=device)  # a backend this machine lacks: before the grid
@@ -668,8 +672,6 @@ def run(args) -> dict:
     fp32 = runner.evaluate(runner.model)
     print(f"full precision: top-1 {fp32.top1:.2f}% ({time.perf_counter() - t0:.1f} s)")
     header = report_header(args, grid, device, spec, eval_set, real_set, fp32)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     stem = f"accuracy_{grid.name}_{device_tag(device)}_{time.strftime('%Y%m%d_%H%M%S')}"
     partial = out / f"{stem}.partial.json"  # what is done so far, should a long run be stopped
 

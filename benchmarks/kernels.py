@@ -30,9 +30,11 @@ import torch
 import triton
 
 from dfqvit.environment import describe_environment
+from dfqvit.errors import DFQViTError
 from dfqvit.kernels import autotune_choices, pack_weight, packed_nbytes
 from dfqvit.kernels.attention import attention_log2_triton
 from dfqvit.kernels.qgemm import gemm_path, qgemm_triton, qgemm_w16_triton, use_unpack_first
+from dfqvit.paths import output_folder
 
 TOKENS = 197  # 224 px / 16 px patches + class token
 
@@ -258,6 +260,10 @@ def main(argv=None) -> int:
     parser.add_argument("--default-malloc", action="store_true",
                         help="with --cpu: keep glibc's malloc thresholds (default: raised, see kernels_cpu.py)")
     args = parser.parse_args(argv)
+    try:
+        output_folder(args.out)  # before minutes of timing, not after
+    except DFQViTError as exc:
+        parser.error(str(exc))
     if args.cpu:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from kernels_cpu import run
@@ -296,8 +302,7 @@ def main(argv=None) -> int:
         report["autotune_choices"] = autotune_choices()
         print("\ntargets:", json.dumps(report["targets"], indent=1))
 
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = output_folder(args.out)
     device_tag = (report["env"]["device"] or "nogpu").lower().replace(" ", "_")
     path = out_dir / f"kernels_{device_tag}_{time.strftime('%Y%m%d_%H%M%S')}.json"
     path.write_text(json.dumps(report, indent=1))

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from dfqvit.environment import describe_environment
 from dfqvit.kernels import native, pack_weight
+from dfqvit.paths import output_folder
 
 CIFAR_MODEL = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "vit_mini_c10.json"
 SHAPES = {"cifar_vit": (192, 768, 65), "deit_s": (384, 1536, 197)}
@@ -368,8 +369,7 @@ def run(out_dir: str, engine_batch: int = 64, quick: bool = False, steady_malloc
         report["deit_engine"] = deit_engine_row(batch=8, rounds=7)
     report["targets"] = targets(report["gemm"], report["engine"])
     print("targets:", json.dumps(report["targets"], indent=1))
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(out_dir)
     stem = f"kernels_cpu_{time.strftime('%Y%m%d_%H%M%S')}"
     (out / f"{stem}.json").write_text(json.dumps(report, indent=1))
     (out / f"{stem}.md").write_text(markdown(report))

@@ -313,6 +313,12 @@ def main(argv=None) -> int:
                              "LayerNorm+quantize, PyTorch ops) from torch.profiler, eager, 3 calls")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    from dfqvit.errors import DFQViTError
+    from dfqvit.paths import output_folder
+    try:
+        output_folder(args.out_dir, "--out-dir")
+    except DFQViTError as exc:
+        parser.error(str(exc))
     if not torch.cuda.is_available():
         print("benchmarks/latency.py: no CUDA device; nothing measured (the engine's GPU latency needs a GPU).")
         return 0
@@ -323,7 +329,6 @@ def main(argv=None) -> int:
             "autotune": args.autotune, "input": "224x224 fp32 (engine) / fp16 (baselines), random weights and images",
             "timing": "median of iters synchronised calls after warmup; first_call_s is the first call alone "
                       "(compile, autotune, graph capture)"}
-    args.out_dir.mkdir(parents=True, exist_ok=True)
     device_tag = meta["device"].lower().replace(" ", "_")
     stem = args.out_dir / f"latency_{device_tag}_{time.strftime('%Y%m%d_%H%M%S')}"
     rows = []

@@ -17,6 +17,9 @@ from pathlib import Path
 
 import torch
 
+from dfqvit.errors import DFQViTError
+from dfqvit.paths import output_folder
+
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = {
     "cpu-target": {"iterations": 200, "kwargs": dict(img_size=32, patch_size=4, embed_dim=192, depth=6,
@@ -60,6 +63,10 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
+    try:
+        output_folder(args.out)  # before the synthesis, not after
+    except DFQViTError as exc:
+        parser.error(str(exc))
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda was given but no CUDA device is available; use --device cpu")
     iterations = args.iterations or SHAPES[args.shape]["iterations"]
@@ -72,7 +79,6 @@ def main(argv=None) -> int:
           f"{row['process_cpu_s']:.1f} s process CPU)")
     stamp = time.strftime("%Y%m%d_%H%M%S")
     out = Path(args.out) / f"synthesis_{args.shape}_{'cuda' if args.device.startswith('cuda') else 'cpu'}_{stamp}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"benchmark": "synthesis", "timestamp": stamp, "env": meta, "result": row}, indent=1))
     print(f"wrote {out}")
     return 0

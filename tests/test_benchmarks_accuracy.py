@@ -302,6 +302,9 @@ def test_bad_arguments_fail_before_any_work(acc, tiny_files, tmp_path, capsys, m
                            (["--ablations", "APA+TV"], "unknown"),
                            (["--seeds", "1", "1"], "distinct"),
                            (["--limit", "0"], "--limit must be >= 1"),
+                           (["--batch-size", "0"], "--batch-size must be >= 1"),  # was a raw range() error
+                           # a file as --out: a raw FileExistsError after the fp32 evaluation
+                           (["--out", str(tiny_files["data"])], "cannot make the folder (it or a folder above"),
                            (["--device", "tpu"], "device")):
         assert acc.main(args_for(tiny_files, tmp_path, "--quick", *extra)) == 2
         assert message in capsys.readouterr().err, extra

@@ -36,3 +36,13 @@ def test_synthesis_benchmark_refuses_cuda_without_gpu():
         pytest.skip("a CUDA device is present")
     with pytest.raises(SystemExit):
         _load().main(["--device", "cuda", "--iterations", "1"])
+
+
+def test_a_file_as_out_is_refused_before_the_synthesis(tmp_path, capsys):
+    """It used to synthesize first and then fail with a raw FileExistsError (the same check guards the
+    latency, kernels and accuracy benchmarks)."""
+    blocker = tmp_path / "results"
+    blocker.write_text("not a folder")
+    with pytest.raises(SystemExit):
+        _load().main(["--iterations", "1", "--images", "1", "--device", "cpu", "--out", str(blocker / "sub")])
+    assert "cannot make the folder (it or a folder above it is a file)" in capsys.readouterr().err
