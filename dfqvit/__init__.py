@@ -6,7 +6,15 @@
     qmodel = dfqvit.compile(model, bits=(4, 8), calib=images)
 """
 from .api import compile, load, preflight_backend, save
-from .config import CalibConfig, CorrectionConfig, QuantConfig, ReconConfig, SoftmaxQuantizer, parse_bits
+from .config import (
+    CalibConfig,
+    CorrectionConfig,
+    QuantConfig,
+    ReconConfig,
+    SoftmaxQuantizer,
+    SynthConfig,
+    parse_bits,
+)
 from .errors import (
     ArtifactError,
     CalibrationError,
@@ -26,7 +34,7 @@ __version__ = "0.1.0"
 __all__ = [
     "compile", "save", "load", "preflight_backend",
     "adapt", "QuantizedModel", "QuantConfig", "SoftmaxQuantizer", "parse_bits",
-    "CalibConfig", "ReconConfig", "CorrectionConfig", "ArtifactError",
+    "SynthConfig", "CalibConfig", "ReconConfig", "CorrectionConfig", "ArtifactError",
     "DFQViTError", "UnsupportedBitsError", "UnsupportedModelError", "InputShapeError",
     "NonFiniteInputError", "CheckpointNotFoundError", "CalibrationError", "MissingBackendError", "MissingGPUError",
 ]

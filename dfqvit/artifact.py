@@ -60,22 +60,29 @@ def payload_sha256(tensors: Dict[str, torch.Tensor]) -> str:
 def write_container(path: str, tensors: Dict[str, torch.Tensor], fmt: str, version: int,
                     meta: Dict[str, Any]) -> None:
     """Write atomically (temporary file + rename), so an interrupted save never leaves a partial file."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    header = {"format": fmt, "format_version": str(version), "sha256": payload_sha256(tensors),
+              "config": json.dumps(meta, sort_keys=True)}
+    save_safetensors_atomically(path, tensors, header)
+
+
+def save_safetensors_atomically(path: str, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str]) -> None:
+    """``safetensors`` ``save_file`` through a temporary file and a rename, making missing folders; an
+    unwritable place is a DFQViTError that names the path."""
     from safetensors.torch import save_file
 
     path = os.path.expanduser(os.fspath(path))
     if os.path.isdir(path):
         example = os.path.join(path, "model.safetensors")
         raise DFQViTError(f"{path!r} is a folder; give the file to write, e.g. {example!r}")
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    header = {"format": fmt, "format_version": str(version), "sha256": payload_sha256(tensors),
-              "config": json.dumps(meta, sort_keys=True)}
     folder = os.path.dirname(os.path.abspath(path))
     tmp = None
     try:
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
         os.close(fd)
-        save_file(tensors, tmp, metadata=header)
+        save_file(tensors, tmp, metadata=metadata)
+        _sort_metadata_in_place(tmp)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # the temporary file is owner-only; the saved one gets the usual permissions
@@ -89,6 +96,22 @@ def write_container(path: str, tensors: Dict[str, torch.Tensor], fmt: str, versi
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _sort_metadata_in_place(path: str) -> None:
+    """safetensors writes ``__metadata__`` in hash-map order, which changes from process to process: the same
+    model saved twice gave files with different bytes (and hashes). Rewrite the header with the metadata keys
+    sorted; the header keeps its length, so the tensor bytes after it do not move."""
+    with open(path, "r+b") as f:
+        length = int.from_bytes(f.read(8), "little")
+        raw = f.read(length)
+        header = json.loads(raw)
+        if "__metadata__" in header:
+            header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= length:  # same content, so the same length unless the writer's escaping differs
+            f.seek(8)
+            f.write(text.ljust(length, b" "))
 
 
 def read_container(path: str, fmt: str, version: int) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:

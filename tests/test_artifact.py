@@ -41,6 +41,18 @@ def test_round_trip_is_bit_exact_and_rebuilds_the_model(saved):
         assert torch.equal(qmodel(_x()), loaded(_x()))
 
 
+def test_saving_the_same_model_twice_gives_the_same_bytes(saved, tmp_path):
+    """safetensors writes its metadata in hash-map order: 10 saves of one model gave up to 7 different files
+    (and hashes); the header is rewritten with sorted keys."""
+    qmodel, path = saved
+    copies = []
+    for i in range(4):
+        dfqvit.save(qmodel, str(tmp_path / f"copy{i}.safetensors"))
+        copies.append((tmp_path / f"copy{i}.safetensors").read_bytes())
+    assert all(c == copies[0] for c in copies) and copies[0] == open(path, "rb").read()
+    assert torch.equal(dfqvit.load(str(tmp_path / "copy0.safetensors"), backend="fake")(_x()), qmodel(_x()))
+
+
 @pytest.mark.parametrize("name", sorted(TINY_MODELS))
 @pytest.mark.parametrize("form", ["diag", "full"])
 def test_round_trip_every_family_with_a_skeleton(tmp_path, name, form):

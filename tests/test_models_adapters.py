@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from conftest import TINY_MODELS, tiny_vit
-from dfqvit.errors import UnsupportedModelError
+from dfqvit.errors import DFQViTError, UnsupportedModelError
 from dfqvit.models import adapt
 from dfqvit.nn import QuantAttentionBase, QuantLinear
 
@@ -59,6 +59,15 @@ def test_nested_attention_records_give_the_outer_taps_back():
         qmodel(x)  # the inner exit used to clear every tap: the outer ones stayed empty
         assert outer[0].probs is not None and outer[0].probs.shape == (1, 3, 17, 17)
     assert all(m.tap is None for m in qmodel.attention_modules())
+
+
+def test_quant_state_takes_true_or_false_only():
+    qmodel = adapt(TINY_MODELS["vit"]())
+    with pytest.raises(DFQViTError, match="activations='off': give True or False"):  # "off" is truthy: it was on
+        qmodel.set_quant_state(False, "off")
+    with pytest.raises(DFQViTError, match="weights=1"):
+        with qmodel.quant_state(1, False):
+            pass
 
 
 def test_swin_taps_are_per_window():

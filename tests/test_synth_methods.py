@@ -78,6 +78,11 @@ def test_synthetic_set_round_trips_through_safetensors(tmp_path):
     assert loaded.method == "spdfq" and loaded.seed == 3
     assert config_from_dict(loaded.config) == FAST
     assert loaded.config["resolved"]["alpha_apa"] == DEFAULT_ALPHA_APA
+    nested = tmp_path / "new" / "folder" / "set.safetensors"  # was safetensors' raw "No such file or directory"
+    result.save(str(nested))
+    assert torch.equal(SyntheticSet.load(str(nested)).images, result.images)
+    with pytest.raises(DFQViTError, match="cannot write .*a part of its folder is a file"):
+        result.save(path + "/inside.safetensors")
 
 
 def test_batches_cover_all_images():

@@ -125,6 +125,9 @@ class QuantizedModel(nn.Module):
 
     def set_quant_state(self, weights: bool, activations: bool) -> None:
         """Turn weight and activation quantization on or off (both off = the float model)."""
+        for name, value in (("weights", weights), ("activations", activations)):
+            if not isinstance(value, bool):  # a truthy string such as "off" turned quantization on
+                raise DFQViTError(f"{name}={value!r}: give True or False")
         for name, q in self.quantizers():
             q.enabled = weights if name.endswith("weight_quantizer") else activations
 

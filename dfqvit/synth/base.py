@@ -36,15 +36,16 @@ class SyntheticSet:
         return self.images.shape[0]
 
     def save(self, path: str) -> None:
-        """One safetensors file; the metadata holds method, seed and config as JSON."""
-        from safetensors.torch import save_file
+        """One safetensors file (written atomically, folders made); the metadata holds method, seed and config as
+        JSON."""
+        from dfqvit.artifact import save_safetensors_atomically
 
         tensors = {"images": self.images.detach().float().cpu().contiguous()}
         if self.targets is not None:
             tensors["targets"] = self.targets.detach().long().cpu().contiguous()
         meta = {"format": "dfqvit.SyntheticSet", "version": str(SET_FORMAT_VERSION), "method": self.method,
                 "seed": str(self.seed), "config": json.dumps(self.config, sort_keys=True)}
-        save_file(tensors, path, metadata=meta)
+        save_safetensors_atomically(path, tensors, meta)
 
     @classmethod
     def load(cls, path: str) -> "SyntheticSet":
