@@ -412,7 +412,7 @@ def test_quant_config_takes_numpy_integers_and_refuses_bad_values_at_once():
 def test_a_synth_dict_and_fewer_calibration_images_are_named():
     with pytest.raises(DFQViTError, match="synth must be a dfqvit.SynthConfig"):  # was a dataclasses TypeError
         dfqvit.compile(TINY_MODELS["vit"](), synth={"iterations": 2}, progress=False)
-    assert dfqvit.SynthConfig is SynthConfig  # the name the message gives exists (it did not)
+    assert dfqvit.SynthConfig is dfqvit.config.SynthConfig  # the name the message gives exists (it did not)
     with pytest.warns(UserWarning, match="calibrating on 4 images, fewer than calib_images=32"):
         dfqvit.compile(TINY_MODELS["vit"](), calib=torch.randn(4, 3, 32, 32), recon=None, correction=None,
                        progress=False, backend="fake")
