@@ -347,6 +347,29 @@ def test_saving_an_engine_without_its_artifact_says_what_to_save(tmp_path):
         dfqvit.save(torch.nn.Linear(3, 3), str(tmp_path / "b.safetensors"))
 
 
+def test_tracing_works_and_export_is_refused_with_a_clear_error(tmp_path):
+    """torch.jit.trace records both models (the same logits at another batch size); torch.export, ONNX and
+    TorchScript failed deep inside the exporter ("'dict' object has no attribute 'detach'", "Could not guard on
+    data-dependent expression", "import statements aren't supported") and now say what works instead."""
+    import warnings
+
+    model = TINY_MODELS["vit"]()
+    x, other = torch.randn(2, 3, 32, 32), torch.randn(3, 3, 32, 32)
+    for backend in ("auto", "fake"):
+        qmodel = dfqvit.compile(model, bits=(4, 8), backend=backend, **FAST)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tracer's own warnings about Python values in the graph
+            traced = torch.jit.trace(qmodel, x)
+            assert torch.equal(traced(other), qmodel(other)), backend
+        exporters = [lambda: torch.export.export(qmodel, (x,)), lambda: torch.jit.script(qmodel)]
+        exporters.append(lambda: torch.onnx.export(qmodel, (x,), str(tmp_path / "m.onnx"), dynamo=False))
+        for export in exporters:
+            with pytest.raises(DFQViTError, match="not supported.*torch.jit.trace.*dfqvit.save"), \
+                    warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                export()
+
+
 def test_bad_backend():
     with pytest.raises(DFQViTError, match="backend='cuda'.*allowed"):
         dfqvit.compile(TINY_MODELS["vit"](), bits=8, backend="cuda", **FAST)

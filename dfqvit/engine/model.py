@@ -15,7 +15,7 @@ from torch import nn
 
 from dfqvit.errors import DFQViTError, InputShapeError, UnsupportedModelError
 from dfqvit.models import QuantizedModel
-from dfqvit.models.quantized import validate_images
+from dfqvit.models.quantized import EXPORT_HELP, refuse_export, validate_images
 from dfqvit.nn.linear import _QuantWeightLayer
 
 from .backends import select_kernels
@@ -213,7 +213,7 @@ class QuantizedViT(nn.Module):
         source = "engine.artifact" if self.artifact is not None else "the fake-quant model or its artifact"
         try:
             moved = fn(probe)
-        except RuntimeError as exc:  # e.g. .cuda() without a CUDA driver
+        except (RuntimeError, AssertionError) as exc:  # .cuda() without a driver, or on a CPU-only torch
             raise DFQViTError(f"this engine runs on {self.device} with the {self.backend} backend, fixed when it was "
                               f"built, and cannot be moved ({str(exc).splitlines()[0]}). To run elsewhere, build "
                               f"one there: dfqvit.engine.build_engine({source}, device=...)") from None
@@ -244,6 +244,7 @@ class QuantizedViT(nn.Module):
     # another (it loaded with "All keys matched" and gave logits of neither). The state dict carries the grids and
     # loading refuses different ones.
     def get_extra_state(self):
+        refuse_export()  # ONNX's TorchScript exporter reads the state dict before the forward runs
         return self.grids()
 
     def set_extra_state(self, state) -> None:
@@ -288,10 +289,14 @@ class QuantizedViT(nn.Module):
     # engine is already fused kernels (and CUDA graphs on a GPU), so dynamo runs it as it is.
     @torch.compiler.disable
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        refuse_export()
         self.check_images(images)
         if self.graphs is not None:
             return self.graphs(images)
         return self.run(images)
+
+    def __prepare_scriptable__(self):  # torch.jit.script calls this first
+        raise DFQViTError(EXPORT_HELP)
 
     def extra_repr(self) -> str:
         c = self.config

@@ -70,6 +70,7 @@ class QuantizedModel(nn.Module):
         self.input_spec = input_spec
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        refuse_export()
         if self.config.check_inputs:
             validate_images(x, self.input_spec)
         if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != torch.float32:
@@ -105,6 +106,9 @@ class QuantizedModel(nn.Module):
 
     def activation_quantizers(self) -> Iterator[Tuple[str, _Quantizer]]:
         return ((n, q) for n, q in self.quantizers() if not n.endswith("weight_quantizer"))
+
+    def __prepare_scriptable__(self):  # torch.jit.script calls this first
+        raise DFQViTError(EXPORT_HELP)
 
     # -- switches --------------------------------------------------------------------------------------
 
@@ -160,6 +164,19 @@ class QuantizedModel(nn.Module):
         c = self.config
         return (f"family={self.family}, W{c.w_bits}A{c.a_bits}, softmax={c.softmax_quantizer.value}, "
                 f"float_layers={list(self.skipped)}")
+
+
+EXPORT_HELP = ("torch.export / ONNX export / TorchScript of a dfqvit model is not supported: the engine runs dfqvit's "
+               "own kernels, which have no export rules, and the fake-quant model uses ops ONNX lacks (frexp). "
+               "torch.jit.trace(model, images) records it (the same logits at other batch sizes); to ship a "
+               "quantized model use dfqvit.save(model, path) and dfqvit.load(path)")
+
+
+def refuse_export() -> None:
+    """Raised at the first op instead of deep inside the exporter ("'dict' object has no attribute 'detach'",
+    "Could not guard on data-dependent expression")."""
+    if torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting():
+        raise DFQViTError(EXPORT_HELP)
 
 
 def checked_normalization(normalization, channels: int) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
