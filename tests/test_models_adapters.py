@@ -49,6 +49,17 @@ def test_taps_shapes_and_prefix_tokens():
     assert all(m.tap is None for m in qmodel.attention_modules()), "taps are removed afterwards"
 
 
+def test_adapted_model_is_in_eval_mode_so_dropout_never_runs():
+    """The swapped attention modules were made in training mode: with attention dropout the float path (weight-only
+    models, the pipeline's float reference) dropped probabilities, 0.06-0.11 on these logits, different per call."""
+    model = tiny_vit(attn_drop_rate=0.5, proj_drop_rate=0.5, drop_rate=0.5, drop_path_rate=0.5).train()
+    qmodel = adapt(model)
+    assert not any(m.training for m in qmodel.modules())
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad(), qmodel.quant_state(weights=False, activations=False):
+        assert (qmodel(x) - model.eval()(x)).abs().max() <= 1e-5
+
+
 def test_nested_attention_records_give_the_outer_taps_back():
     qmodel = adapt(TINY_MODELS["vit"]())
     x = torch.randn(1, 3, 32, 32)

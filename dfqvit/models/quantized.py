@@ -223,4 +223,6 @@ def adapt(model: nn.Module, config: Optional[QuantConfig] = None,
     skipped = adapter.swap(copied, config)
     for p in copied.parameters():  # stages that train (reconstruction) opt in explicitly
         p.requires_grad_(False)
-    return QuantizedModel(copied, adapter, config, skipped, spec)
+    # Eval mode, swapped modules included (they are made in training mode): attention dropout ran in the float
+    # path (weight-only models, the pipeline's float reference) and made every call and every compile differ.
+    return QuantizedModel(copied, adapter, config, skipped, spec).eval()
