@@ -361,7 +361,7 @@ class QuantArtifact:
 
     @classmethod
     def from_model(cls, qmodel: QuantizedModel, build: Optional[Dict[str, Any]] = None) -> "QuantArtifact":
-        uncalibrated = [n for n, q in qmodel.quantizers() if not bool(q.initialized)]
+        uncalibrated = qmodel.uncalibrated_quantizers()
         if uncalibrated:
             raise ArtifactError(f"cannot save an uncalibrated model ({len(uncalibrated)} quantizers, e.g. "
                                 f"{uncalibrated[0]}); run dfqvit.compile first")

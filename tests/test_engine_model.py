@@ -265,6 +265,10 @@ def test_auto_backend_on_cpu_is_native_or_torch_and_fake_returns_the_fake_model(
         with pytest.raises(DFQViTError, match="CPU panels for the native backend"):
             layer.weight
     assert build_engine(qmodel, backend="fake") is qmodel
+    from dfqvit.errors import CalibrationError
+    from dfqvit.models import adapt
+    with pytest.raises(CalibrationError, match="uncalibrated model .*run dfqvit.compile"):
+        build_engine(adapt(TINY_MODELS["vit"](), qmodel.config), backend="torch")  # gave all-zero logits
     with pytest.raises(DFQViTError, match="backend"):
         build_engine(qmodel, backend="cuda")
     if not torch.cuda.is_available():

@@ -13,7 +13,7 @@ import torch
 from timm.layers import global_pool_nlc
 from torch import nn
 
-from dfqvit.errors import DFQViTError, InputShapeError, UnsupportedModelError
+from dfqvit.errors import CalibrationError, DFQViTError, InputShapeError, UnsupportedModelError
 from dfqvit.models import QuantizedModel
 from dfqvit.models.quantized import EXPORT_HELP, refuse_export, validate_images
 from dfqvit.nn.linear import _QuantWeightLayer
@@ -144,6 +144,10 @@ class QuantizedViT(nn.Module):
         if not isinstance(qmodel, QuantizedModel):
             raise UnsupportedModelError(f"QuantizedViT is built from a calibrated dfqvit QuantizedModel, got "
                                         f"{type(qmodel).__name__}")
+        uncalibrated = qmodel.uncalibrated_quantizers()
+        if uncalibrated:  # its grids are placeholders: the engine returned all-zero logits
+            raise CalibrationError(f"cannot build an engine of an uncalibrated model ({len(uncalibrated)} "
+                                   f"quantizers, e.g. {uncalibrated[0]}); run dfqvit.compile (or calibrate) first")
         check_engine_support(qmodel.model, qmodel.config)
         device = next(qmodel.model.parameters()).device
         self.kernels = select_kernels(backend, device)

@@ -127,6 +127,10 @@ class QuantizedModel(nn.Module):
                 "build the integer engine: dfqvit.engine.build_engine(qmodel, dtype=torch.float16 or bfloat16)")
         return super()._apply(fn, recurse)
 
+    def uncalibrated_quantizers(self) -> list:
+        """Names of the quantizers no calibration has set (empty after dfqvit.compile)."""
+        return [n for n, q in self.quantizers() if not bool(q.initialized)]
+
     def set_quant_state(self, weights: bool, activations: bool) -> None:
         """Turn weight and activation quantization on or off (both off = the float model)."""
         for name, value in (("weights", weights), ("activations", activations)):
