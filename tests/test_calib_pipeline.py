@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import dfqvit
+from dfqvit.config import SynthConfig
 from conftest import CIFAR_TEST, TINY_MODELS, load_cifar_model
 from dfqvit.calib.pipeline import run_pipeline
 from dfqvit.calib.stages import STAGE_FILES
@@ -53,6 +54,29 @@ def test_changed_settings_rerun_only_the_later_stages(tmp_path):
     assert changed.resumed_from == "calib" and changed.recon
     other_model = TINY_MODELS["vit"](depth=1)
     assert _run(other_model, folder).resumed_from is None, "another model's stage files are not reused"
+
+
+def test_synthetic_images_are_not_reused_under_another_normalization_or_quantization(tmp_path):
+    """Synthetic images live in the normalized input space: another normalization reloaded them unchanged."""
+    model = TINY_MODELS["vit"]()
+    folder = str(tmp_path / "stages")
+
+    def run(norm, bits=(4, 4), calib="gaussian"):
+        return run_pipeline(model, QuantConfig(*bits), calib, seed=3, progress=False, recon=None, correction=None,
+                            normalization=norm, stages_dir=folder, synth=SynthConfig(iterations=1, groups=2))
+
+    def synthesized_again(*args, **kwargs) -> bool:  # reused images are read, not written again
+        path = os.path.join(folder, STAGE_FILES["synth"])
+        before = open(path, "rb").read() if os.path.exists(path) else None
+        run(*args, **kwargs)
+        return open(path, "rb").read() != before
+
+    assert synthesized_again(((0.5,) * 3, (0.5,) * 3))
+    assert not synthesized_again(((0.5,) * 3, (0.5,) * 3))
+    assert synthesized_again(((0.4,) * 3, (0.2,) * 3))
+    assert not synthesized_again(((0.4,) * 3, (0.2,) * 3), bits=(8, 8)), "gaussian images do not read Q"
+    assert synthesized_again(None, calib="dfqvit")
+    assert synthesized_again(None, bits=(8, 8), calib="dfqvit"), "the dfqvit method's images read Q"
 
 
 def test_a_damaged_stage_file_is_refused(tmp_path):

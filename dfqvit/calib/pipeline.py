@@ -40,10 +40,16 @@ def _dict(config) -> Any:
     return None if config is None else config_to_dict(config)
 
 
-def _source_fingerprint(calib, num_images: int, seed: int, synth_config, model_fp: str) -> Tuple[str, bool]:
-    """Fingerprint of the calibration images and whether they are synthesized (and so worth saving)."""
+def _source_fingerprint(calib, num_images: int, seed: int, synth_config, model_fp: str,
+                        qmodel: QuantizedModel) -> Tuple[str, bool]:
+    """Fingerprint of the calibration images and whether they are synthesized (and so worth saving). Synthetic
+    images live in the model's normalized input space (another normalization reused them unchanged), and the
+    ``dfqvit`` method's depend on the quantization settings as well."""
     if isinstance(calib, str):
-        return fingerprint("synth", model_fp, calib, num_images, seed, _dict(synth_config)), True
+        from dfqvit.synth.base import reads_quantized_model
+        quant = _dict(qmodel.config) if reads_quantized_model(calib) else None
+        return fingerprint("synth", model_fp, calib, num_images, seed, _dict(synth_config), qmodel.input_spec,
+                           quant), True
     if isinstance(calib, SyntheticSet):
         calib = calib.images
     if isinstance(calib, torch.Tensor):
@@ -80,7 +86,7 @@ def run_pipeline(
     store = StageStore(stages_dir)
     qmodel = adapt(model, config, normalization=normalization).to(device)
     model_fp = model_fingerprint(model)
-    source_fp, synthesized = _source_fingerprint(calib, config.calib_images, seed, synth, model_fp)
+    source_fp, synthesized = _source_fingerprint(calib, config.calib_images, seed, synth, model_fp, qmodel)
     calib_fp = fingerprint("calib", source_fp, _dict(config), _dict(calibration), qmodel.input_spec)
     recon_fp = fingerprint("recon", calib_fp, _dict(recon), seed)
     correct_fp = fingerprint("correct", recon_fp, _dict(correction))

@@ -69,12 +69,22 @@ SynthFn = Callable[..., SyntheticSet]
 _METHODS: Dict[str, SynthFn] = {}
 
 
-def register_synth(name: str):
-    """Decorator: register a synthesis function under ``name``."""
+_READS_QUANTIZED_MODEL = set()
+
+
+def register_synth(name: str, reads_quantized_model: bool = False):
+    """Decorator: register a synthesis function under ``name``; ``reads_quantized_model``: its images depend on
+    the quantization settings too (not only on the float model), so saved stages key on them."""
     def deco(fn: SynthFn) -> SynthFn:
         _METHODS[name] = fn
+        if reads_quantized_model:
+            _READS_QUANTIZED_MODEL.add(name)
         return fn
     return deco
+
+
+def reads_quantized_model(method: str) -> bool:
+    return method in _READS_QUANTIZED_MODEL
 
 
 def available_methods():

@@ -128,7 +128,7 @@ def synthesize_group(qmodel, layout: ModelLayout, num_images: int, level: int, a
                        history=result.history, level=level, adv_weight=adv_weight, sl_eps=hardness.sl_eps)
 
 
-@register_synth("dfqvit")
+@register_synth("dfqvit", reads_quantized_model=True)
 def progressive_images(qmodel, num_images: int = 32, seed: int = 0, config: Optional[SynthConfig] = None,
                        progress: bool = True) -> SyntheticSet:
     """Easy -> hard images for ``qmodel``; targets = main class; the record lists group sizes,
