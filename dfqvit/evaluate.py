@@ -25,8 +25,14 @@ def evaluate(model, dataset, batch_size: int = 128, reference=None, device="cpu"
     ``dataset``: a Dataset of ``(image, label)`` (as ``dfqvit.data.load_images`` gives), a DataLoader that
     yields ``(images, labels)`` batches (``batch_size`` is then the loader's), or two tensors ``(images,
     labels)``. Labels are class indices."""
+    from dfqvit.api import _resolve_device
+
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise DFQViTError(f"batch size {batch_size!r}: it must be an int >= 1 (--batch-size)")
+    device = _resolve_device(device)  # "cuda" without a GPU was torch's "Found no NVIDIA driver"
+    if isinstance(dataset, (tuple, list)) and len(dataset) != 2 and dataset \
+            and all(isinstance(t, torch.Tensor) for t in dataset):
+        raise DFQViTError(f"evaluation data of {len(dataset)} tensors; give two, (images, labels)")
     if isinstance(dataset, (tuple, list)) and len(dataset) == 2 and all(isinstance(t, torch.Tensor) for t in dataset):
         dataset = torch.utils.data.TensorDataset(*dataset)  # (images, labels) as two tensors
     if isinstance(dataset, torch.utils.data.DataLoader):
@@ -42,10 +48,16 @@ def evaluate(model, dataset, batch_size: int = 128, reference=None, device="cpu"
     for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
         x, y = _images_and_labels(batch)
         x, y = x.to(device), y.to(device)
-        pred = model(x).argmax(dim=-1)
+        logits = model(x)
+        _check_label_range(y, logits.shape[-1])
+        pred = logits.argmax(dim=-1)
         correct += int((pred == y).sum())
         if reference is not None:
-            agree += int((pred == reference(x).argmax(dim=-1)).sum())
+            ref_logits = reference(x)
+            if ref_logits.shape[-1] != logits.shape[-1]:
+                raise DFQViTError(f"the reference model has {ref_logits.shape[-1]} classes and the model "
+                                  f"{logits.shape[-1]}: top-1 agreement between them means nothing")
+            agree += int((pred == ref_logits.argmax(dim=-1)).sum())
         total += y.numel()
     if total == 0:
         raise DFQViTError("the evaluation data holds no images")
@@ -63,8 +75,16 @@ def _images_and_labels(batch):
         raise DFQViTError(f"evaluation batch of ({type(x).__name__}, {type(y).__name__}); expected two tensors")
     if y.dim() == 2 and y.shape[1] == 1:
         y = y[:, 0]
-    if y.dim() != 1 or y.shape[0] != x.shape[0] or y.is_floating_point():
+    if y.dim() != 1 or y.shape[0] != x.shape[0] or y.is_floating_point() or y.dtype == torch.bool:
         raise DFQViTError(f"labels of shape {tuple(y.shape)} and dtype {y.dtype} for {x.shape[0]} images; expected "
                           "one class index per image (integers, shape (B,)); for one-hot labels pass "
                           "labels.argmax(-1)")
     return x, y
+
+
+def _check_label_range(labels: torch.Tensor, classes: int) -> None:
+    """Labels outside the model's classes can never match: top-1 came out 0% without a word (e.g. ImageNet
+    labels on a 10-class model)."""
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= classes):
+        raise DFQViTError(f"labels run from {int(labels.min())} to {int(labels.max())} but the model has {classes} "
+                          f"classes (0..{classes - 1}); the data does not belong to this model's label set")

@@ -2,6 +2,8 @@
 import json
 import re
 
+import torch
+
 from conftest import CIFAR_MODEL_JSON, CIFAR_TEST, load_cifar_model
 from dfqvit.cli import main
 from dfqvit.engine.backends import native_is_default
@@ -143,6 +145,9 @@ def test_paths_and_devices_that_are_not_there_are_named(tmp_path, capsys):
     assert "is a file" in capsys.readouterr().err
     assert main(["eval", "--artifact", str(tmp_path), "--data", str(CIFAR_TEST)]) == 2
     assert "is a folder" in capsys.readouterr().err
+    for device in ("gpu", "cuda") if not torch.cuda.is_available() else ("gpu",):  # the fp32 eval: raw errors
+        assert main(["eval", "--model", str(CIFAR_MODEL_JSON), "--data", str(CIFAR_TEST), "--device", device]) == 2
+        assert "device" in capsys.readouterr().err
 
 
 def test_bad_bits_text_and_model_paths_are_named(tmp_path, capsys):

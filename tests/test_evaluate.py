@@ -30,6 +30,10 @@ def test_every_data_form_gives_the_same_top1(model_and_data):
 @pytest.mark.parametrize("labels, message", [
     (lambda y: torch.nn.functional.one_hot(y, 10), r"labels of shape \(4, 10\).*labels.argmax\(-1\)"),
     (lambda y: y.float(), "dtype torch.float32"),
+    (lambda y: y > 4, "dtype torch.bool"),
+    # outside the model's 10 classes: top-1 came out 0% without a word
+    (lambda y: y + 100, "labels run from 10[0-9] to 10[0-9] but the model has 10 classes"),
+    (lambda y: y - 100, "labels run from -"),
 ])
 def test_labels_that_are_not_class_indices_are_named(model_and_data, labels, message):
     model, x, y, _ = model_and_data
@@ -40,9 +44,21 @@ def test_labels_that_are_not_class_indices_are_named(model_and_data, labels, mes
 @pytest.mark.parametrize("data, batch_size, message", [
     (None, 4, "evaluation data of type NoneType"), ("ok", True, "batch size True"),
     ([], 4, "holds no images"),
+    ("triple", 4, "evaluation data of 3 tensors"),  # was torch.stack's raw error
 ])
 def test_bad_data_and_batch_sizes_are_named(model_and_data, data, batch_size, message):
     model, x, y, _ = model_and_data
-    data = torch.utils.data.TensorDataset(x, y) if data == "ok" else data
+    data = {"ok": torch.utils.data.TensorDataset(x, y), "triple": (x, y, y)}.get(data, data) \
+        if isinstance(data, str) else data
     with pytest.raises(DFQViTError, match=message):
         evaluate(model, data, batch_size, progress=False)
+
+
+def test_reference_of_another_width_and_a_missing_gpu_are_named(model_and_data):
+    model, x, y, _ = model_and_data
+    other = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 100))
+    with pytest.raises(DFQViTError, match="reference model has 100 classes and the model 10"):  # agreement 0%
+        evaluate(model, (x, y), 4, reference=other, progress=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(DFQViTError, match="no CUDA device"):  # was "Found no NVIDIA driver"
+            evaluate(model, (x, y), 4, device="cuda", progress=False)

@@ -48,7 +48,10 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 def _device(name) -> torch.device:
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):  # "Expected one of cpu, cuda, ... device type at start of device string"
+        raise DFQViTError(f"--device {name!r}: give cpu or cuda (or cuda:N)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise MissingGPUError(f"--device {name} was requested but no CUDA device is available; use --device cpu")
     return device
