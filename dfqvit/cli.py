@@ -90,6 +90,20 @@ def _output_path(path: Optional[str], flag: str) -> Optional[str]:
     return path
 
 
+def _refuse_overwriting_inputs(args, outputs) -> None:
+    """An output that is another output or an input: --report over --out left a truncated artifact, exit 0."""
+    inputs = {"--model": args.model, "--checkpoint": getattr(args, "checkpoint", None),
+              "--calib": getattr(args, "calib", None), "--eval": getattr(args, "eval", None)}
+    seen = {}
+    for flag, path in list(outputs.items()) + list(inputs.items()):
+        if not path or not os.path.isfile(path) and flag in inputs:
+            continue
+        key = os.path.realpath(os.path.expanduser(path))
+        if key in seen and (seen[key] in outputs or flag in outputs):
+            raise DFQViTError(f"{seen[key]} and {flag} are the same file ({path}); give {seen[key]} another path")
+        seen.setdefault(key, flag)
+
+
 def _calibration_source(args, spec):
     """Method name, or real images / a SyntheticSet read from a path."""
     path = os.path.expanduser(args.calib)
@@ -161,6 +175,7 @@ def cmd_quantize(args) -> int:
     if not args.eval:
         _refuse_unused(args, {**EVAL_DEFAULTS, "backend": "auto"}, "used only with --eval, which is not given")
     out, report_path = _output_path(args.out, "--out"), _output_path(args.report, "--report")
+    _refuse_overwriting_inputs(args, {"--out": out, "--report": report_path})
     model, norm = load_model(args.model, args.checkpoint)
     config = _quant_config(args)
     spec = _input_spec(model, norm, config)
@@ -169,6 +184,8 @@ def cmd_quantize(args) -> int:
         _check_batch_size(args)
         eval_backend = preflight_backend(model, args.backend, config, args.device)
         eval_data = _images_for(args.eval, spec, args.limit)
+        if hasattr(eval_data, "verify"):  # a file that is not an image failed after the whole quantization
+            eval_data.verify(progress=True)
     start = time.perf_counter()
     qmodel = _quantize(model, norm, args, spec=spec)
     seconds = time.perf_counter() - start

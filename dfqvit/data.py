@@ -9,6 +9,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 from dfqvit.errors import CheckpointNotFoundError, DFQViTError
 
@@ -19,8 +20,10 @@ class ImageDataset(torch.utils.data.Dataset):
     """Decoded lazily; returns (normalized (3, H, W) float tensor, label)."""
 
     def __init__(self, loaders: List, labels: Sequence[int], size: Tuple[int, int],
-                 mean: Sequence[float], std: Sequence[float], classes: Optional[Sequence[str]] = None):
+                 mean: Sequence[float], std: Sequence[float], classes: Optional[Sequence[str]] = None,
+                 names: Optional[Sequence[str]] = None):
         self.loaders, self.labels = loaders, list(labels)
+        self.names = list(names) if names is not None else [f"image {i}" for i in range(len(self.labels))]
         self.size = size
         self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
@@ -29,12 +32,41 @@ class ImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
+    def _open(self, i: int) -> Image.Image:
+        try:
+            return self.loaders[i]()
+        except (OSError, ValueError, SyntaxError) as exc:  # PIL's UnidentifiedImageError is an OSError
+            raise DFQViTError(f"{self.names[i]} cannot be read as an image ({type(exc).__name__}: {exc}); remove "
+                              "or replace it") from None
+
+    def verify(self, progress: bool = False) -> None:
+        """Open every image's header (no pixel decoding, so fast): a file that is not an image is named here,
+        before long work, rather than when it is first decoded."""
+        for i in tqdm(range(len(self)), desc="checking images", disable=not progress, leave=False):
+            self._open(i)
+
     def __getitem__(self, i: int):
-        image = self.loaders[i]().convert("RGB")
+        image = self._open(i)
+        try:
+            image = _as_rgb(image)
+        except (OSError, ValueError, SyntaxError, DFQViTError) as exc:  # a damaged body shows only when decoded
+            raise DFQViTError(f"{self.names[i]} cannot be decoded ({type(exc).__name__}: {exc}); remove or "
+                              "replace it") from None
         if image.size != (self.size[1], self.size[0]):
             image = image.resize((self.size[1], self.size[0]), Image.BILINEAR)
         x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
         return (x - self.mean) / self.std, self.labels[i]
+
+
+def _as_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB. 16-bit grayscale (PNG "I;16" / "I") is scaled to 8 bits first: PIL's convert("RGB") clips it at
+    255, so almost every pixel came out white."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        pixels = np.asarray(image, dtype=np.float64) / 257.0
+        image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
+    elif image.mode == "F":
+        raise DFQViTError("floating-point images (PIL mode F) have no fixed range; save them as 8-bit images")
+    return image.convert("RGB")
 
 
 NPZ_KEYS = ("blob", "offsets", "labels")  # JPEG bytes, their offsets, class labels (../shared/data/README.md)
@@ -72,15 +104,25 @@ def _npz_loaders(path: str):
     return loaders, labels.astype(np.int64).tolist(), classes
 
 
+class _NamedLoaders(list):
+    """Image loaders with what to call each image in an error (its file)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: List[str] = []
+
+
 def _folder_loaders(root: str):
     classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
     if not classes:
         raise DFQViTError(f"image folder {root!r} has no class sub-folders (expected root/<class>/<image>)")
-    loaders, labels = [], []
+    loaders, labels = _NamedLoaders(), []
     for label, name in enumerate(classes):
         for file in sorted(os.listdir(os.path.join(root, name))):
             if file.lower().endswith(_IMAGE_EXTENSIONS):
-                loaders.append(lambda p=os.path.join(root, name, file): Image.open(p))
+                path = os.path.join(root, name, file)
+                loaders.append(lambda p=path: Image.open(p))
+                loaders.names.append(repr(path))
                 labels.append(label)
     return loaders, labels, classes
 
@@ -104,10 +146,11 @@ def load_images(path: str, size: Tuple[int, int], mean: Sequence[float], std: Se
     if not labels:
         raise DFQViTError(f"image data {path!r} holds no images (an .npz pack, or root/<class>/<image> with "
                           f"{', '.join(_IMAGE_EXTENSIONS)} files)")
+    names = getattr(loaders, "names", None) or [f"image {i} of {path!r}" for i in range(len(labels))]
     if limit is not None and limit < len(labels):
         keep = np.linspace(0, len(labels) - 1, limit).round().astype(int)
-        loaders, labels = [loaders[i] for i in keep], [labels[i] for i in keep]
-    return ImageDataset(loaders, labels, size, mean, std, classes)
+        loaders, labels, names = [loaders[i] for i in keep], [labels[i] for i in keep], [names[i] for i in keep]
+    return ImageDataset(loaders, labels, size, mean, std, classes, names)
 
 
 def stack_images(dataset: ImageDataset, count: int) -> torch.Tensor:

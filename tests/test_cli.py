@@ -110,13 +110,22 @@ def test_quantize_checks_eval_data_and_outputs_before_calibrating(tmp_path, monk
 
     monkeypatch.setattr(dfqvit.cli, "_quantize", calibrate)
     base = ["quantize", "--model", str(CIFAR_MODEL_JSON), "--bits", "4,8"]
+    junk_folder = tmp_path / "images"
+    (junk_folder / "cat").mkdir(parents=True)
+    (junk_folder / "cat" / "junk.png").write_bytes(b"not an image")
     cases = [(["--eval", str(tmp_path / "missing.npz")], "does not exist"),
              (["--eval", str(CIFAR_TEST), "--limit", "0"], "limit=0"),
              (["--eval", str(CIFAR_TEST), "--batch-size", "0"], "--batch-size 0"),
              (["--out", str(tmp_path)], "--out .*is a folder"),
              (["--report", "/proc/no/such/report.json"], "--report .*cannot create its folder"),
              (["--limit", "10"], "--limit 10: no effect here .*--eval"),
-             (["--backend", "torch"], "--backend torch: no effect here")]
+             (["--backend", "torch"], "--backend torch: no effect here"),
+             # the report overwrote the artifact (exit 0, the artifact truncated)
+             (["--out", str(tmp_path / "a.safetensors"), "--report", str(tmp_path / "a.safetensors")],
+              "--out and --report are the same file"),
+             (["--report", str(CIFAR_MODEL_JSON)], "--report and --model are the same file"),
+             # a file that is not an image: a raw PIL traceback after the whole quantization
+             (["--eval", str(junk_folder)], "junk.png' cannot be read as an image")]
     for flags, message in cases:
         assert main(base + flags) == 2, flags
         assert re.search(message, capsys.readouterr().err), flags

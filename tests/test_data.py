@@ -49,3 +49,24 @@ def test_files_that_are_not_image_data_are_named(tmp_path, make, message):
     path = make(tmp_path / "data.npz")
     with pytest.raises(DFQViTError, match=message):
         load_images(str(path), SIZE, MEAN, STD)
+
+
+def test_sixteen_bit_grayscale_is_scaled_not_clipped(tmp_path):
+    """PIL's convert("RGB") clips 16-bit pixels at 255: a uniform image read as mean 0.997 instead of ~0.5."""
+    pixels = np.random.default_rng(0).integers(0, 65536, size=(16, 16), dtype=np.uint16)
+    (tmp_path / "a").mkdir()
+    Image.fromarray(pixels).save(tmp_path / "a" / "g16.png")
+    x, _ = load_images(str(tmp_path), (16, 16), (0.0,) * 3, (1.0,) * 3)[0]
+    expected = torch.from_numpy(np.rint(pixels / 257.0) / 255.0).float()
+    assert torch.allclose(x[0], expected, atol=1e-6) and torch.equal(x[0], x[2])
+
+
+def test_a_file_that_is_not_an_image_is_named_by_verify_and_by_reading(tmp_path):
+    (tmp_path / "a").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a" / "ok.png")
+    (tmp_path / "a" / "junk.png").write_bytes(b"not an image")
+    data = load_images(str(tmp_path), (8, 8), (0.0,) * 3, (1.0,) * 3)
+    for read in (data.verify, lambda: data[0]):  # was PIL's UnidentifiedImageError traceback
+        with pytest.raises(DFQViTError, match="junk.png' cannot be read as an image.*remove or replace it"):
+            read()
+    assert data[1][0].shape == (3, 8, 8)
