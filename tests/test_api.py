@@ -470,9 +470,13 @@ def test_calibration_loaders_of_dicts_or_single_images():
     expected = dfqvit.compile(TINY_MODELS["vit"](), calib=images, **kwargs)
     x = torch.randn(4, 3, 32, 32)
     for loader in ([{"pixel_values": images[:4]}, {"pixel_values": images[4:]}],
-                   [(image, 0) for image in images]):
+                   [(image, 0) for image in images],
+                   # map-style Datasets have no __iter__: "calib=TensorDataset is not usable" (README said they work)
+                   torch.utils.data.TensorDataset(images, torch.zeros(8)), torch.utils.data.TensorDataset(images)):
         qmodel = dfqvit.compile(TINY_MODELS["vit"](), calib=loader, **kwargs)
         assert torch.equal(qmodel(x), expected(x))
+    with pytest.raises(dfqvit.InputShapeError, match="calibration images of different sizes"):  # torch.cat's error
+        dfqvit.compile(TINY_MODELS["vit"](), calib=[images[:4], images[4:, :, :16, :16]], **kwargs)
     with pytest.raises(CalibrationError, match=r"keys \['label', 'pixels'\]; dfqvit reads the images from one of"):
         dfqvit.compile(TINY_MODELS["vit"](), calib=[{"pixels": images, "label": 0}], **kwargs)
 

@@ -6,7 +6,7 @@ from typing import Iterable
 
 import torch
 
-from dfqvit.errors import CalibrationError
+from dfqvit.errors import CalibrationError, InputShapeError
 from dfqvit.models import QuantizedModel, validate_images
 from dfqvit.synth import SyntheticSet, synthesize
 
@@ -37,6 +37,10 @@ def _take_images(batches: Iterable, limit: int) -> torch.Tensor:
             break
     if not images:
         raise CalibrationError("calibration loader yielded no images")
+    shapes = sorted({tuple(x.shape[1:]) for x in images})
+    if len(shapes) > 1:  # torch.cat's "Sizes of tensors must match"
+        raise InputShapeError(f"calibration images of different sizes {shapes[:4]}; resize them all to the model's "
+                              "input size (e.g. torchvision Resize + CenterCrop)")
     return torch.cat(images)[:limit]
 
 
@@ -54,12 +58,16 @@ def calibration_images(calib, qmodel: QuantizedModel, num_images: int, seed: int
         found = calib
     elif isinstance(calib, torch.Tensor):
         found = SyntheticSet(images=calib, targets=None, method="images", seed=seed)
+    elif isinstance(calib, torch.utils.data.Dataset) and hasattr(calib, "__len__") and hasattr(calib, "__getitem__"):
+        # a map-style Dataset (dfqvit.data.load_images, TensorDataset) has no __iter__: it was refused
+        items = (calib[i] for i in range(len(calib)))
+        found = SyntheticSet(images=_take_images(items, num_images), targets=None, method="images", seed=seed)
     elif isinstance(calib, Iterable):
         found = SyntheticSet(images=_take_images(calib, num_images), targets=None, method="images", seed=seed)
     else:
         raise CalibrationError(
-            f"calib={type(calib).__name__} is not usable; give a method name, an image tensor, a SyntheticSet "
-            f"or a DataLoader")
+            f"calib={type(calib).__name__} is not usable; give a method name, an image tensor, a SyntheticSet, "
+            f"a Dataset or a DataLoader")
     images = found.images
     validate_images(images, qmodel.input_spec, what="calibration images")
     if images.shape[0] == 0:
