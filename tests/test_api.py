@@ -506,3 +506,20 @@ def test_wrapped_meta_and_dynamic_size_models_are_named():
     assert dynamic(torch.randn(2, 3, 40, 40)).shape == (2, 10)
     with pytest.raises(InputShapeError, match=r"multiple of its patch size \(8, 8\)"):
         dynamic(torch.randn(2, 3, 36, 36))
+
+
+def test_a_float64_default_dtype_gives_the_same_model():
+    """torch.set_default_dtype(torch.float64) before compile: SPDFQ failed ("Input type (double) and bias type
+    (float)") and tensor calibration gave another model (0.018 on the logits)."""
+    model, x = TINY_MODELS["vit"](), torch.randn(2, 3, 32, 32)
+    kwargs = dict(bits=4, synth=dfqvit.SynthConfig(iterations=2), recon=dfqvit.ReconConfig(iterations=2),
+                  progress=False, backend="fake")
+    expected = dfqvit.compile(model, **kwargs)(x)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = dfqvit.compile(model, **kwargs)
+        assert torch.get_default_dtype() == torch.float64, "the caller's default comes back"
+    finally:
+        torch.set_default_dtype(previous)
+    assert torch.equal(got(x), expected)
