@@ -164,9 +164,12 @@ def test_bad_bits_text_and_model_paths_are_named(tmp_path, capsys):
     --model got timm's "looks like a Hugging Face Hub repo id" ValueError."""
     import pytest
 
-    with pytest.raises(SystemExit):
-        main(["quantize", "--model", "vit_tiny_patch16_224", "--bits", "abc"])
-    assert "'abc': give 4 (= W4A4) or weight,activation bits" in capsys.readouterr().err
+    for text in ("abc", "a8", "w4a", "4,4,4"):  # a8 was read as W8A8 and w4a as W4A4
+        with pytest.raises(SystemExit):
+            main(["quantize", "--model", "vit_tiny_patch16_224", "--bits", text])
+        assert f"'{text}': give 4 (= W4A4) or weight,activation bits" in capsys.readouterr().err
+    from dfqvit.cli import _bits
+    assert [_bits(t) for t in ("4", "4,8", "4/8", "w4a8", "W3A16")] == [4, (4, 8), (4, 8), (4, 8), (3, 16)]
     (tmp_path / "weights.pth").write_bytes(b"")
     for path, what in ((tmp_path / "weights.pth", "is a file"), (tmp_path / "nope.pth", "does not exist")):
         assert main(["quantize", "--model", str(path), "--bits", "4"]) == 2
