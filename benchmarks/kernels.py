@@ -261,7 +261,7 @@ def main(argv=None) -> int:
                         help="with --cpu: keep glibc's malloc thresholds (default: raised, see kernels_cpu.py)")
     args = parser.parse_args(argv)
     try:
-        output_folder(args.out)  # before minutes of timing, not after
+        out_dir = output_folder(args.out)  # before minutes of timing, not after
     except DFQViTError as exc:
         parser.error(str(exc))
     if args.cpu:
@@ -302,7 +302,6 @@ def main(argv=None) -> int:
         report["autotune_choices"] = autotune_choices()
         print("\ntargets:", json.dumps(report["targets"], indent=1))
 
-    out_dir = output_folder(args.out)
     device_tag = (report["env"]["device"] or "nogpu").lower().replace(" ", "_")
     path = out_dir / f"kernels_{device_tag}_{time.strftime('%Y%m%d_%H%M%S')}.json"
     path.write_text(json.dumps(report, indent=1))

@@ -188,8 +188,7 @@ def cmd_quantize(args) -> int:
         _check_batch_size(args)
         eval_backend = preflight_backend(model, args.backend, config, args.device)
         eval_data = _images_for(args.eval, spec, args.limit)
-        if hasattr(eval_data, "verify"):  # a file that is not an image failed after the whole quantization
-            eval_data.verify(progress=True)
+        eval_data.verify(progress=True)  # a file that is not an image failed after the whole quantization
     start = time.perf_counter()
     qmodel = _quantize(model, norm, args, spec=spec)
     seconds = time.perf_counter() - start
