@@ -73,7 +73,7 @@ NPZ_KEYS = ("blob", "offsets", "labels")  # JPEG bytes, their offsets, class lab
 
 
 def _array_loaders(path: str, images: np.ndarray, labels: np.ndarray):
-    """Loaders of an .npz holding decoded ``images`` (uint8, (N, H, W, 3) or (N, H, W)) and ``labels`` (N,)."""
+    """As _npz_loaders, for an .npz holding decoded ``images`` (uint8, (N, H, W, 3) or (N, H, W)) and ``labels``."""
     if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3)):
         raise DFQViTError(f"{path!r}: images of dtype {images.dtype} and shape {images.shape}; expected uint8 "
                           "(N, H, W, 3) or (N, H, W) pixels 0..255")
@@ -81,10 +81,11 @@ def _array_loaders(path: str, images: np.ndarray, labels: np.ndarray):
         raise DFQViTError(f"{path!r}: {images.shape[0]} images but labels of shape {labels.shape}")
     pixels = images[..., 0] if images.ndim == 4 and images.shape[-1] == 1 else images
     loaders = [(lambda i=i: Image.fromarray(pixels[i])) for i in range(len(labels))]
-    return loaders, labels.astype(np.int64).tolist(), None
+    return loaders, labels.astype(np.int64).tolist(), None, None
 
 
 def _npz_loaders(path: str):
+    """(loaders, labels, class names or None, None: the images have no file names of their own)."""
     try:
         data = np.load(path, allow_pickle=False)
         keys = list(getattr(data, "files", []))
@@ -101,30 +102,23 @@ def _npz_loaders(path: str):
     classes = [str(c) for c in data["classes"]] if "classes" in data else None
     loaders = [(lambda a=int(offsets[i]), b=int(offsets[i + 1]): Image.open(io.BytesIO(blob[a:b].tobytes())))
                for i in range(len(labels))]
-    return loaders, labels.astype(np.int64).tolist(), classes
-
-
-class _NamedLoaders(list):
-    """Image loaders with what to call each image in an error (its file)."""
-
-    def __init__(self):
-        super().__init__()
-        self.names: List[str] = []
+    return loaders, labels.astype(np.int64).tolist(), classes, None
 
 
 def _folder_loaders(root: str):
+    """(loaders, labels, class names, file names to show in errors)."""
     classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
     if not classes:
         raise DFQViTError(f"image folder {root!r} has no class sub-folders (expected root/<class>/<image>)")
-    loaders, labels = _NamedLoaders(), []
+    loaders, labels, names = [], [], []
     for label, name in enumerate(classes):
         for file in sorted(os.listdir(os.path.join(root, name))):
             if file.lower().endswith(_IMAGE_EXTENSIONS):
                 path = os.path.join(root, name, file)
                 loaders.append(lambda p=path: Image.open(p))
-                loaders.names.append(repr(path))
+                names.append(repr(path))
                 labels.append(label)
-    return loaders, labels, classes
+    return loaders, labels, classes, names
 
 
 def load_images(path: str, size: Tuple[int, int], mean: Sequence[float], std: Sequence[float],
@@ -137,16 +131,16 @@ def load_images(path: str, size: Tuple[int, int], mean: Sequence[float], std: Se
     if limit is not None and limit < 1:
         raise DFQViTError(f"limit={limit}: give at least 1 image (--limit), or none for all")
     if path.endswith(".npz"):
-        loaders, labels, classes = _npz_loaders(path)
+        loaders, labels, classes, names = _npz_loaders(path)
     elif os.path.isdir(path):
-        loaders, labels, classes = _folder_loaders(path)
+        loaders, labels, classes, names = _folder_loaders(path)
     else:
         raise DFQViTError(f"image data {path!r} is a file, not an .npz pack or an image folder: put images in "
                           "root/<class>/<image> folders (one image: root/any/<image>)")
     if not labels:
         raise DFQViTError(f"image data {path!r} holds no images (an .npz pack, or root/<class>/<image> with "
                           f"{', '.join(_IMAGE_EXTENSIONS)} files)")
-    names = getattr(loaders, "names", None) or [f"image {i} of {path!r}" for i in range(len(labels))]
+    names = names or [f"image {i} of {path!r}" for i in range(len(labels))]
     if limit is not None and limit < len(labels):
         keep = np.linspace(0, len(labels) - 1, limit).round().astype(int)
         loaders, labels, names = [loaders[i] for i in keep], [labels[i] for i in keep], [names[i] for i in keep]
