@@ -10,7 +10,7 @@ import time
 import torch
 
 from dfqvit.config import SynthConfig
-from dfqvit.errors import DFQViTError, MissingGPUError
+from dfqvit.errors import DFQViTError
 
 from .base import available_methods, synthesize
 
@@ -46,15 +46,10 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
 
 def _device(name) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):  # "Expected one of cpu, cuda, ... device type at start of device string"
-        raise DFQViTError(f"--device {name!r}: give cpu or cuda (or cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise MissingGPUError(f"--device {name} was requested but no CUDA device is available; use --device cpu")
-    return device
+    """``--device``, checked as ``compile(device=)`` checks it; none given: CUDA when there is one."""
+    from dfqvit.api import _resolve_device
+
+    return _resolve_device(name if name is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 GRID_FORMATS = (".png", ".jpg", ".jpeg", ".pdf", ".svg")
