@@ -56,6 +56,45 @@ def test_changed_settings_rerun_only_the_later_stages(tmp_path):
     assert _run(other_model, folder).resumed_from is None, "another model's stage files are not reused"
 
 
+def test_same_weights_in_another_structure_do_not_resume(tmp_path):
+    """3 or 6 heads, token or average pooling: the same state dict, another model (its stages were resumed)."""
+    folder = str(tmp_path / "stages")
+    model = TINY_MODELS["vit"]()
+    _run(model, folder, recon=None, correction=None)
+    for overrides in ({"num_heads": 6}, {"global_pool": "avg", "fc_norm": False}):
+        other = TINY_MODELS["vit"](**overrides)
+        other.load_state_dict(model.state_dict())
+        assert _run(other, folder, recon=None, correction=None).resumed_from is None, overrides
+
+
+def test_a_dataloader_is_resumed_only_while_its_images_stay_the_same(tmp_path):
+    """A DataLoader was fingerprinted by its id: changed images resumed the stale calibration."""
+    folder, data = str(tmp_path / "stages"), _x()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=4)
+
+    def run():
+        return run_pipeline(TINY_MODELS["vit"](), QuantConfig(4, 4), loader, seed=3, progress=False, recon=None,
+                            correction=None, stages_dir=folder)
+
+    run()
+    assert run().resumed_from == "calib"
+    data.mul_(5)
+    fresh = run()
+    assert fresh.resumed_from is None
+    straight = run_pipeline(TINY_MODELS["vit"](), QuantConfig(4, 4), data, seed=3, progress=False, recon=None,
+                            correction=None)
+    with torch.no_grad():
+        assert torch.equal(fresh.qmodel(_x()), straight.qmodel(_x()))
+
+
+def test_stages_dir_under_home_is_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    _run(TINY_MODELS["vit"](), "~/stages", recon=None, correction=None)
+    assert (tmp_path / "home" / "stages" / STAGE_FILES["calib"]).exists()
+    assert not (tmp_path / "~").exists(), "a folder named '~' was made in the working directory"
+
+
 def test_synthetic_images_are_not_reused_under_another_normalization_or_quantization(tmp_path):
     """Synthetic images live in the normalized input space: another normalization reloaded them unchanged."""
     model = TINY_MODELS["vit"]()

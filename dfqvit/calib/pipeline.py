@@ -53,10 +53,17 @@ def _source_fingerprint(calib, num_images: int, seed: int, synth_config, model_f
                            quant), True
     if isinstance(calib, SyntheticSet):
         calib = calib.images
-    if isinstance(calib, torch.Tensor):
-        from dfqvit.artifact import payload_sha256
-        return fingerprint("images", payload_sha256({"x": calib[:num_images].float()})), False
-    return fingerprint("loader", id(calib)), False  # a DataLoader cannot be fingerprinted: never resumed
+    from dfqvit.artifact import payload_sha256
+    return fingerprint("images", payload_sha256({"x": calib[:num_images].float()})), False
+
+
+def _seeded_images(calib, qmodel: QuantizedModel, num_images: int, seed: int, progress: bool, synth) -> SyntheticSet:
+    """The calibration source's images as a SyntheticSet, made (or read: a shuffling DataLoader) under ``seed``
+    without moving the caller's random state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return calibration_images(calib, qmodel, num_images, seed=seed, progress=progress, synth_config=synth,
+                                  as_set=True)
 
 
 # The synthesis and the reconstruction take gradients: a caller's torch.no_grad() / inference_mode() (usual around
@@ -101,6 +108,10 @@ def run_pipeline(
     calibration = calibration or CalibConfig()
     store = StageStore(stages_dir)
     qmodel = adapt(model, config, normalization=normalization).to(device)
+    if not isinstance(calib, (str, SyntheticSet, torch.Tensor)):
+        # A Dataset / DataLoader is read first, so that the stage files key on the images it gives (its id
+        # matched after the images changed, and the stale stages were resumed)
+        calib = _seeded_images(calib, qmodel, config.calib_images, seed, progress, synth)
     model_fp = model_fingerprint(model)
     source_fp, synthesized = _source_fingerprint(calib, config.calib_images, seed, synth, model_fp, qmodel)
     calib_fp = fingerprint("calib", source_fp, _dict(config), _dict(calibration), qmodel.input_spec)
@@ -113,10 +124,7 @@ def run_pipeline(
         if not images:
             saved = store.load_images(source_fp) if synthesized else None
             if saved is None:
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(seed)
-                    source = calibration_images(calib, qmodel, config.calib_images, seed=seed,
-                                                progress=progress, synth_config=synth, as_set=True)
+                source = _seeded_images(calib, qmodel, config.calib_images, seed, progress, synth)
                 if synthesized:
                     store.save_images(source_fp, source)
                 saved = source

@@ -24,6 +24,7 @@ from dfqvit.artifact import (
     match_structure,
     payload_sha256,
     read_container,
+    structure_signature,
     write_container,
 )
 from dfqvit.errors import ArtifactError, DFQViTError
@@ -44,7 +45,10 @@ def fingerprint(*parts: Any) -> str:
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
-    return fingerprint(type(model).__module__, type(model).__qualname__, payload_sha256(model.state_dict()))
+    """The float model's weights and its structure: models with the same weights can compute different things
+    (3 or 6 heads, token or average pooling, LayerNorm eps, tanh GELU), and one's stages must not resume the other."""
+    return fingerprint(type(model).__module__, type(model).__qualname__, payload_sha256(model.state_dict()),
+                       structure_signature(model))
 
 
 @dataclasses.dataclass
@@ -88,8 +92,8 @@ class StageStore:
         self.folder = os.path.expanduser(os.fspath(folder)) if folder else None
         if self.folder and os.path.exists(self.folder) and not os.path.isdir(self.folder):
             raise DFQViTError(f"stages_dir={folder!r} is a file; give a folder for the stage files")
-        if folder:
-            os.makedirs(folder, exist_ok=True)
+        if self.folder:
+            os.makedirs(self.folder, exist_ok=True)  # the expanded path ("~/x" made a folder named "~")
 
     def path(self, stage: str) -> Optional[str]:
         return os.path.join(self.folder, STAGE_FILES[stage]) if self.folder else None
