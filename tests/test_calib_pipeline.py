@@ -87,6 +87,19 @@ def test_a_dataloader_is_resumed_only_while_its_images_stay_the_same(tmp_path):
         assert torch.equal(fresh.qmodel(_x()), straight.qmodel(_x()))
 
 
+def test_real_images_do_not_resume_another_models_stages(tmp_path):
+    """Real-image stages were keyed on the images only: a model with other weights got the first model back."""
+    folder = str(tmp_path / "stages")
+    first = TINY_MODELS["vit"]()
+    run_pipeline(first, QuantConfig(4, 4), _x(), progress=False, recon=None, correction=None, stages_dir=folder)
+    other = TINY_MODELS["vit"]()
+    with torch.no_grad():
+        other.head.weight.mul_(-1)
+    again = run_pipeline(other, QuantConfig(4, 4), _x(), progress=False, recon=None, correction=None,
+                         stages_dir=folder)
+    assert again.resumed_from is None
+
+
 def test_stages_dir_under_home_is_expanded(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path)

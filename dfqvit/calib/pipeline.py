@@ -114,7 +114,7 @@ def run_pipeline(
         calib = _seeded_images(calib, qmodel, config.calib_images, seed, progress, synth)
     model_fp = model_fingerprint(model)
     source_fp, synthesized = _source_fingerprint(calib, config.calib_images, seed, synth, model_fp, qmodel)
-    calib_fp = fingerprint("calib", source_fp, _dict(config), _dict(calibration), qmodel.input_spec)
+    calib_fp = fingerprint("calib", model_fp, source_fp, _dict(config), _dict(calibration), qmodel.input_spec)
     recon_fp = fingerprint("recon", calib_fp, _dict(recon), seed)
     correct_fp = fingerprint("correct", recon_fp, _dict(correction))
 
