@@ -79,9 +79,16 @@ NEG_INF_BITS = tl.constexpr(-8388608)  # 0xFF800000: fp32 -inf as an int32
 
 
 @triton.jit
+def _fp32(value: tl.constexpr):
+    """A constant as an fp32 scalar: Triton types a subnormal Python float (P7's floor 2**-130) as fp64, and the
+    ratio's int32 bitcast then failed ("Cannot bitcast data-type of size 64")."""
+    return tl.full([], value, tl.float32)
+
+
+@triton.jit
 def _log2_ratio_exact(e, e_sum, p_param, P_RATIO_FLOOR: tl.constexpr):
     """reference.log2_quantize's ratio: ``max(RN(RN(e / e_sum) / delta), floor)`` (p may underflow to 0)."""
-    return tl.maximum(tl.math.div_rn(tl.math.div_rn(e, e_sum[:, None]), p_param), P_RATIO_FLOOR)
+    return tl.maximum(tl.math.div_rn(tl.math.div_rn(e, e_sum[:, None]), p_param), _fp32(P_RATIO_FLOOR))
 
 
 @triton.jit
@@ -95,7 +102,7 @@ def _log2_ratio_fast(e, e_sum, p_param, inv_p_param, P_RATIO_FLOOR: tl.constexpr
     mantissa lies within NEAR_ULPS of the boundary (a few in a million): then this tile runs the divisions.
     Ratios below the normal range are far below the last level (FAST_RATIO needs p_bits <= 6)."""
     scale = tl.math.div_rn(1.0, e_sum) * inv_p_param  # per row
-    fast = tl.maximum(e * scale[:, None], P_RATIO_FLOOR)
+    fast = tl.maximum(e * scale[:, None], _fp32(P_RATIO_FLOOR))
     mantissa = fast.to(tl.int32, bitcast=True) & 0x7FFFFF
     near = tl.abs(mantissa - SQRT2_MANTISSA) <= NEAR_ULPS
     if tl.max(tl.max(near.to(tl.int32), axis=1), axis=0) > 0:
@@ -204,12 +211,12 @@ def _attention_kernel(
     if HAS_BIAS:
         bias = tl.load(bias_ptr + b * sb_b + h * sb_h + rows[:, None] * sb_i + cols[None, :] * sb_j,
                        mask=tile_ok, other=0.0)
-        t = t + bias * 1.4426950408889634
+        t = t + bias.to(tl.float32) * 1.4426950408889634  # fp16 * constant stayed fp16
     if HAS_MASK:
         window = b % NUM_WINDOWS
         mask = tl.load(mask_ptr + window * sm_w + rows[:, None] * sm_i + cols[None, :] * sm_j,
                        mask=tile_ok, other=0.0)
-        t = t + mask * 1.4426950408889634
+        t = t + mask.to(tl.float32) * 1.4426950408889634
     if not MASK_IN_ACC:
         t = tl.where(col_ok[None, :], t, float("-inf"))
     LEVELS: tl.constexpr = 2 ** P_BITS

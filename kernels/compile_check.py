@@ -249,6 +249,9 @@ def variants(full: bool) -> List[Variant]:
         add(f"attention linear P8 {tag}", lambda b=block_m, w=warps:
             attention.attention_linear_triton(q, q, q, 0.1, 0, 0.1, 0, 0.1, 0, 0.125, None, None, 1 / 255, 0,
                                               8, torch.float16, block_m=b, num_warps=w), wg)
+    add("attention log2 P7 exact", lambda:  # its ratio floor is an fp32 subnormal (it once failed to compile)
+        attention.attention_log2_triton(q, q, q, 0.1, 0, 0.1, 0, 0.1, 0, 0.125, None, None, 1.0, 7, torch.float16,
+                                        block_m=32, softmax_math="exact"))
     for p_bits in (4, 8):
         add(f"attention log2 P{p_bits} token-major int8 out", lambda p=p_bits:
             attention.attention_log2_triton(q, q, q, 0.1, 0, 0.1, 0, 0.1, 0, 0.125, None, None, 1.0, p,

@@ -302,6 +302,26 @@ def test_swin_bias_and_shifted_window_mask():
         assert torch.equal(single[0], ref_codes[batch_index])
 
 
+@requires_triton
+def test_half_precision_bias_and_mask_give_the_fp32_codes():
+    """An fp16 bias was scaled by log2(e) in fp16 (the reference scales in fp32): codes moved on a few entries."""
+    q, k, v = _qkv(4, 2, 49, 32)
+    bias = (torch.randn(2, 49, 49, generator=GEN) * 4).half()
+    mask = torch.where(torch.rand(2, 49, 49, generator=GEN) < 0.3, -100.0, 0.0).half()
+    out, codes, ref_out, ref_codes = _run_log2(q, k, v, _scales(32), bias, mask, 4, torch.float32, block_m=32)
+    assert torch.equal(codes, ref_codes)
+    _assert_out_close(out, ref_out)
+
+
+@requires_triton
+def test_seven_bit_log2_codes_exact():
+    """P7's ratio floor 2**-130 is an fp32 subnormal, which Triton typed fp64: the kernel failed to compile."""
+    q, k, v = _qkv(1, 2, 33, 16)
+    out, codes, ref_out, ref_codes = _run_log2(q, k, v, _scales(16), None, None, 7, torch.float32, block_m=16)
+    assert torch.equal(codes, ref_codes) and len(codes.unique()) >= 8
+    _assert_out_close(out, ref_out)
+
+
 def test_reference_approximates_float_attention():
     """8-bit linear P on dequantized q, k, v is close to fp64 softmax attention: the semantics are right."""
     b, h, n, d = 1, 2, 65, 32
