@@ -37,11 +37,12 @@ def tiny_vit(**overrides):
     return VisionTransformer(**kwargs).eval()
 
 
-def tiny_deit_distilled():
+def tiny_deit_distilled(**overrides):
     from timm.models.deit import VisionTransformerDistilled
+    kwargs = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10)
+    kwargs.update(overrides)
     torch.manual_seed(0)
-    return VisionTransformerDistilled(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3,
-                                      num_classes=10).eval()
+    return VisionTransformerDistilled(**kwargs).eval()
 
 
 def tiny_swin(**overrides):

@@ -268,6 +268,18 @@ def _vit_with_padded_patch_conv():
     return model
 
 
+def _res_post_block():
+    from timm.models.vision_transformer import ResPostBlock
+    return ResPostBlock
+
+
+def _geglu():
+    from functools import partial
+
+    from timm.layers import GluMlp
+    return partial(GluMlp, act_layer=torch.nn.GELU)
+
+
 # Models the integer engine does not run: (builder, compile kwargs, what the error names).
 ENGINE_UNSUPPORTED = {
     "tanh_gelu": (_tanh_gelu_vit, {}, "exact \\(erf\\) GELU.*approximate='tanh'.*at blocks.0.mlp, blocks.1.mlp"),
@@ -279,6 +291,11 @@ ENGINE_UNSUPPORTED = {
     # the engine was built, then every call failed with "'RmsNorm' object has no attribute 'bias'"
     "rms_norm": (lambda: TINY_MODELS["vit"](norm_layer="rmsnorm"), {},
                  r"norm other than LayerNorm before a quantized layer.*\(RmsNorm\) at blocks.0.norm1, blocks.0.norm2"),
+    # the engine ran them as pre-norm blocks: cosine 0.32 to fp32, no error
+    "post_norm_block": (lambda: TINY_MODELS["vit"](block_fn=_res_post_block()), {},
+                        r"pre-norm Block / SwinTransformerBlock \(ResPostBlock\) at blocks.0, blocks.1"),
+    # fc1's doubled output went into fc2: every call failed with a shape error
+    "gated_mlp": (lambda: TINY_MODELS["vit"](mlp_layer=_geglu()), {}, r"timm's Mlp.*\(GluMlp.*at blocks.0.mlp"),
 }
 
 

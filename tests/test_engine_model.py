@@ -17,7 +17,7 @@ from dfqvit.engine import QuantizedViT, build_engine
 from dfqvit.engine.pack import PackedLinear
 from dfqvit.errors import DFQViTError, InputShapeError
 
-from conftest import TINY_MODELS, cosine, tiny_swin
+from conftest import TINY_MODELS, cosine, tiny_deit_distilled, tiny_swin, tiny_vit
 
 IMAGES = 16
 _CACHE = {}
@@ -348,6 +348,7 @@ VIT_VARIANTS = {
     # LayerNorms without affine / bias: the engine built, then every call failed (the kernels take both)
     "norm_without_affine": dict(norm_layer=partial(torch.nn.LayerNorm, elementwise_affine=False)),
     "norm_without_bias": dict(norm_layer=partial(torch.nn.LayerNorm, bias=False)),
+    "timm_gelu": dict(act_layer="gelu"),  # timm's GELU class is F.gelu: it was refused as another activation
 }
 
 
@@ -362,13 +363,19 @@ SWIN_VARIANTS = {
 }
 
 
+# timm's distilled model ignores register tokens; the engine added them (every call failed on the shapes).
+DEIT_VARIANTS = {"distilled_register_tokens": dict(reg_tokens=2)}
+
+
 def _variant(name: str) -> torch.nn.Module:
+    if name in DEIT_VARIANTS:
+        return tiny_deit_distilled(**DEIT_VARIANTS[name])
     if name in VIT_VARIANTS:
         return TINY_MODELS["vit"](**VIT_VARIANTS[name])
     return tiny_swin(**SWIN_VARIANTS[name])
 
 
-@pytest.mark.parametrize("variant", sorted(VIT_VARIANTS) + sorted(SWIN_VARIANTS))
+@pytest.mark.parametrize("variant", sorted(VIT_VARIANTS) + sorted(SWIN_VARIANTS) + sorted(DEIT_VARIANTS))
 def test_timm_variants_run_on_the_engine(variant):
     from dfqvit.engine.backends import native_is_default
 
@@ -384,14 +391,19 @@ def test_timm_variants_run_on_the_engine(variant):
         assert torch.equal(logits(build_engine(qmodel, backend="native"), x), real)
 
 
-@pytest.mark.parametrize("name", ["vit", "swin"])
-def test_quantized_patch_embedding_runs_as_a_gemm(name):
+# Images that are not a whole number of patches: the conv drops the last rows and columns (the engine's GEMM
+# reshaped the whole image and failed on every call).
+UNEVEN_IMAGES = {"vit": dict(img_size=36), "swin": dict(img_size=35)}  # patch 8 and 2
+
+
+@pytest.mark.parametrize("name,uneven", [("vit", False), ("swin", False), ("vit", True), ("swin", True)])
+def test_quantized_patch_embedding_runs_as_a_gemm(name, uneven):
     """QuantConfig(quantize_patch_embed=True): the stride = kernel conv runs as one integer GEMM over flattened
     patches (it used to fail at the engine build: the quantized conv had no kernel_size, only after the whole
     calibration, under every backend). Measured: cosine vs fake-quant 1 - 1e-7 (ViT) and 0.999999 (Swin) at W4A8."""
     from dfqvit.engine.backends import native_is_default
 
-    model = TINY_MODELS[name]()
+    model = (tiny_vit if name == "vit" else tiny_swin)(**(UNEVEN_IMAGES[name] if uneven else {}))
     size = model.patch_embed.img_size
     torch.manual_seed(1)
     config = dfqvit.QuantConfig(w_bits=4, a_bits=8, quantize_patch_embed=True)

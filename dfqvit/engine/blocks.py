@@ -328,6 +328,9 @@ class PatchEmbedding(nn.Module):
         elif self.gemm is None:
             y = self.float_proj(images.float()).permute(0, 2, 3, 1).to(out_dtype)
         else:
+            # Rows and columns past the last whole patch are dropped, as the stride = kernel conv drops them.
+            h, w = h // ph * ph, w // pw * pw
+            images = images[:, :, :h, :w]
             # (C, kh, kw) order inside a patch = the order of the flattened conv weight.
             codes = images if self.gemm.act is None else kernels.quantize(images, self.gemm.act)
             patches = codes.reshape(b, c, h // ph, ph, w // pw, pw).permute(0, 2, 4, 1, 3, 5)

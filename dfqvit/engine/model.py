@@ -42,7 +42,9 @@ class ViTTrunk(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.patch_embed = PatchEmbedding(model.patch_embed, "patch_embed")
-        tokens = [t for t in (model.cls_token, getattr(model, "dist_token", None), model.reg_token) if t is not None]
+        # timm's distilled model adds no register tokens (its _pos_embed ignores reg_token)
+        reg_token = None if hasattr(model, "dist_token") else model.reg_token
+        tokens = [t for t in (model.cls_token, getattr(model, "dist_token", None), reg_token) if t is not None]
         prefix = torch.cat(tokens, dim=1).detach().float() if tokens else None
         self.register_buffer("prefix_tokens", prefix)
         self.register_buffer("pos_embed", None if model.pos_embed is None else model.pos_embed.detach().float())

@@ -15,7 +15,9 @@ from dfqvit.errors import UnsupportedModelError
 
 # What the engine does not implement, said once however many blocks have it.
 DYNAMIC_MASK = "dynamic_mask=True (the engine uses each block's precomputed attn_mask)"
-NOT_ERF_GELU = "an MLP activation other than the exact (erf) GELU the engine fuses, or a norm inside the MLP"
+NOT_ERF_GELU = ("an MLP other than timm's Mlp with the exact (erf) GELU the engine fuses (a gated MLP, another "
+                "activation, or a norm inside the MLP)")
+NOT_PRE_NORM_BLOCK = "a block other than timm's pre-norm Block / SwinTransformerBlock"
 NOT_LAYER_NORM = "a norm other than LayerNorm before a quantized layer (the engine fuses LayerNorm + quantize)"
 PATCH_CONV = ("a quantized patch-embedding conv other than stride = kernel, no padding, dilation 1, groups 1 "
               "(keep it float: QuantConfig(quantize_patch_embed=False))")
@@ -27,9 +29,26 @@ def _patch_conv_is_gemm(proj: nn.Module) -> bool:
             and tuple(proj.dilation) == (1, 1) and proj.groups == 1)
 
 
+def _is_erf_gelu(act: nn.Module) -> bool:
+    from timm.layers.activations import GELU  # timm's act_layer="gelu": F.gelu, the same erf GELU
+
+    return (type(act) is nn.GELU and act.approximate == "none") or type(act) is GELU
+
+
 def _is_erf_gelu_mlp(mlp: nn.Module) -> bool:
-    act = mlp.act
-    return type(act) is nn.GELU and act.approximate == "none" and isinstance(mlp.norm, nn.Identity)
+    """timm's plain ``Mlp`` (fc1, GELU, fc2): a gated one (GluMlp, GatedMlp) splits or gates fc1's output."""
+    from timm.layers import Mlp
+
+    return type(mlp) is Mlp and _is_erf_gelu(mlp.act) and isinstance(mlp.norm, nn.Identity)
+
+
+def _is_engine_block(block: nn.Module) -> bool:
+    """The pre-norm blocks the engine computes (x + attn(norm1(x)), ...): a post-norm ResPostBlock or a parallel
+    block runs other math on the same parameters."""
+    from timm.models.swin_transformer import SwinTransformerBlock
+    from timm.models.vision_transformer import Block
+
+    return type(block) in (Block, SwinTransformerBlock)
 
 
 def _fused_norms(model: nn.Module, blocks) -> List[nn.Module]:
@@ -70,8 +89,12 @@ def check_engine_support(model: nn.Module, config) -> None:
         where = names[id(block)]
         if getattr(block, "dynamic_mask", False):
             flag(DYNAMIC_MASK, where)
-        if not _is_erf_gelu_mlp(block.mlp):
-            flag(f"{NOT_ERF_GELU} (act={block.mlp.act!r}, norm={block.mlp.norm!r})", f"{where}.mlp")
+        if not _is_engine_block(block):
+            flag(f"{NOT_PRE_NORM_BLOCK} ({type(block).__name__})", where)
+        elif not _is_erf_gelu_mlp(block.mlp):
+            mlp = block.mlp
+            flag(f"{NOT_ERF_GELU} ({type(mlp).__name__}: act={getattr(mlp, 'act', None)!r}, "
+                 f"norm={getattr(mlp, 'norm', None)!r})", f"{where}.mlp")
     if config.quantize_activations:
         for norm in _fused_norms(model, adapter.blocks(model)):
             if not isinstance(norm, nn.LayerNorm):

@@ -23,7 +23,7 @@ class ViTAdapter(Adapter):
     def check(self, model: nn.Module) -> None:
         problems = []
         if getattr(model, "attn_pool", None) is not None:
-            problems.append("global_pool='map' (attention pooling head)")
+            problems.append(f"global_pool={model.global_pool!r} (attention pooling head)")
         if type(model.patch_embed) is not PatchEmbed:
             problems.append(f"patch embedding {type(model.patch_embed).__name__} (only PatchEmbed)")
         for i, block in enumerate(model.blocks):
