@@ -94,10 +94,16 @@ def _output_path(path: Optional[str], flag: str) -> Optional[str]:
     return path
 
 
-def _refuse_overwriting_inputs(args, outputs) -> None:
-    """An output that is another output or an input: --report over --out left a truncated artifact, exit 0."""
+def refuse_overwriting_inputs(args, outputs) -> None:
+    """An output that is another output or an input: --report over --out left a truncated artifact, and --out
+    over the weights a --model .json lists replaced them, both with exit 0."""
+    from .models.loading import model_weight_files
+
     inputs = {"--model": args.model, "--checkpoint": getattr(args, "checkpoint", None),
               "--calib": getattr(args, "calib", None), "--eval": getattr(args, "eval", None)}
+    if args.model and args.model.endswith(".json") and os.path.isfile(args.model):
+        inputs.update((f"the weights of --model ({os.path.basename(path)})", path)
+                      for path in model_weight_files(args.model, getattr(args, "checkpoint", None)))
     seen = {}
     for flag, path in list(outputs.items()) + list(inputs.items()):
         if not path or not os.path.isfile(path) and flag in inputs:
@@ -179,7 +185,7 @@ def cmd_quantize(args) -> int:
     if not args.eval:
         _refuse_unused(args, {**EVAL_DEFAULTS, "backend": "auto"}, "used only with --eval, which is not given")
     out, report_path = _output_path(args.out, "--out"), _output_path(args.report, "--report")
-    _refuse_overwriting_inputs(args, {"--out": out, "--report": report_path})
+    refuse_overwriting_inputs(args, {"--out": out, "--report": report_path})
     model, norm = load_model(args.model, args.checkpoint)
     config = _quant_config(args)
     spec = _input_spec(model, norm, config)

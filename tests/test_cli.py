@@ -131,6 +131,18 @@ def test_quantize_checks_eval_data_and_outputs_before_calibrating(tmp_path, monk
         assert re.search(message, capsys.readouterr().err), flags
 
 
+def test_quantize_refuses_to_overwrite_the_model_weights(tmp_path, capsys):
+    """--out over the weights a --model .json lists replaced them (exit 0); every later run failed to load."""
+    from test_synth_cli import write_model_json
+
+    spec = write_model_json(tmp_path)
+    weights = tmp_path / "tiny.safetensors"
+    before = weights.read_bytes()
+    assert main(["quantize", "--model", spec, "--calib", "gaussian", "--out", str(weights)]) == 2
+    assert "--out and the weights of --model (tiny.safetensors) are the same file" in capsys.readouterr().err
+    assert weights.read_bytes() == before
+
+
 def test_flags_that_would_change_nothing_are_refused(tmp_path, capsys):
     load_cifar_model()
     fp32 = ["eval", "--model", str(CIFAR_MODEL_JSON), "--data", str(CIFAR_TEST), "--limit", "10"]

@@ -77,6 +77,40 @@ def test_run_synth_checks_its_outputs_before_synthesizing(tmp_path, monkeypatch)
     assert (tmp_path / "new").is_dir()
 
 
+def test_run_synth_refuses_to_overwrite_its_inputs(tmp_path):
+    """--out over the model's weights replaced them with a SyntheticSet, exit 0."""
+    spec = write_model_json(tmp_path)
+    weights = tmp_path / "tiny.safetensors"
+    before = weights.read_bytes()
+    for extra in ([], ["--checkpoint", str(weights)]):
+        with pytest.raises(DFQViTError, match="--out and .*are the same file"):
+            run_synth(parse("--model", spec, "--method", "gaussian", "--out", str(weights), *extra))
+    assert weights.read_bytes() == before
+
+
+def test_model_files_that_cannot_be_read_are_named(tmp_path):
+    """A corrupt checkpoint, a list saved with torch.save and a JSON without weights gave raw tracebacks (or
+    "checkpoint '' does not fit"); a safetensors file named .pth was unpickled."""
+    from dfqvit.models.loading import load_model
+
+    spec = write_model_json(tmp_path)
+    renamed = tmp_path / "weights.pth"
+    renamed.write_bytes((tmp_path / "tiny.safetensors").read_bytes())
+    load_model(spec, str(renamed))  # read by its content
+    (tmp_path / "bad.safetensors").write_bytes(b"\x01\x00")
+    torch.save([1, 2], str(tmp_path / "list.pth"))
+    (tmp_path / "junk.pth").write_bytes(b"junk" * 10)
+    for name, message in (("bad.safetensors", "cannot be read"), ("list.pth", "holds a list, not a state dict"),
+                          ("junk.pth", "cannot be read")):
+        with pytest.raises(DFQViTError, match=f"{name}.*{message}"):
+            load_model(spec, str(tmp_path / name))
+    meta = json.loads(open(spec).read())
+    meta["files"] = []
+    (tmp_path / "none.json").write_text(json.dumps(meta))
+    with pytest.raises(DFQViTError, match="lists no weight files"):
+        load_model(str(tmp_path / "none.json"))
+
+
 def test_run_synth_rejects_missing_gpu(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")

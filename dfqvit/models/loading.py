@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -15,17 +15,59 @@ from dfqvit.errors import CheckpointNotFoundError, DFQViTError, UnsupportedModel
 Normalization = Optional[Tuple[Sequence[float], Sequence[float]]]
 
 
+def _is_safetensors(path: str) -> bool:
+    """safetensors by content (an 8-byte header length, then the JSON header), whatever the file is named."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{"
+
+
 def _load_state_dict(path: str) -> dict:
     if not os.path.exists(path):
         raise CheckpointNotFoundError(f"checkpoint {path!r} does not exist; give the path of a .safetensors or .pth file")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    if os.path.isdir(path):
+        raise DFQViTError(f"checkpoint {path!r} is a folder; give the .safetensors or .pth file in it")
+    try:
+        if _is_safetensors(path):
+            from safetensors.torch import load_file
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle, zipfile and safetensors each raise their own types for bad bytes
+        raise DFQViTError(f"checkpoint {path!r} cannot be read ({type(exc).__name__}: {str(exc)[:200]}); give a "
+                          ".safetensors file or a state dict saved with torch.save") from None
     for key in ("state_dict", "model"):  # common training-script wrappers
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
+    if not isinstance(state, dict):
+        raise DFQViTError(f"checkpoint {path!r} holds a {type(state).__name__}, not a state dict")
     return state
+
+
+def _read_description(spec: str) -> dict:
+    if not os.path.exists(spec):
+        raise CheckpointNotFoundError(f"model description {spec!r} does not exist")
+    try:
+        with open(spec) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise DFQViTError(f"{spec!r} is not a readable model description ({exc})") from None
+    if not isinstance(meta, dict):
+        raise DFQViTError(f"{spec!r} is not a model description (a JSON object with timm_module, timm_class, ...)")
+    return meta
+
+
+def model_weight_files(spec: str, checkpoint: Optional[str] = None) -> List[str]:
+    """The weight files ``load_model(spec, checkpoint)`` reads: ``checkpoint``, else those a ``.json`` lists."""
+    if checkpoint:
+        return [checkpoint]
+    if not spec.endswith(".json"):
+        return []
+    folder = os.path.dirname(os.path.abspath(spec))
+    files = _read_description(spec).get("files", [])
+    if not isinstance(files, list) or not all(isinstance(name, str) for name in files):
+        raise DFQViTError(f"{spec!r}: 'files' must be a list of weight file names, got {files!r}")
+    return [os.path.join(folder, name) for name in files]
 
 
 def load_checkpoint(model: nn.Module, state: dict, source: str, spec: str) -> None:
@@ -66,17 +108,16 @@ def load_model(spec: str, checkpoint: Optional[str] = None) -> Tuple[nn.Module, 
     unless ``checkpoint`` is given).
     """
     if spec.endswith(".json"):
-        if not os.path.exists(spec):
-            raise CheckpointNotFoundError(f"model description {spec!r} does not exist")
-        with open(spec) as f:
-            meta = json.load(f)
+        meta = _read_description(spec)
         try:
             cls = getattr(importlib.import_module(meta["timm_module"]), meta["timm_class"])
             model = cls(**meta["kwargs"])
         except (KeyError, ImportError, AttributeError, TypeError) as exc:
             raise DFQViTError(f"{spec!r} is not a usable model description ({exc})") from exc
-        folder = os.path.dirname(os.path.abspath(spec))
-        files = [checkpoint] if checkpoint else [os.path.join(folder, name) for name in meta.get("files", [])]
+        files = model_weight_files(spec, checkpoint)
+        if not files:
+            raise DFQViTError(f"{spec!r} lists no weight files ('files'); list them there or give a checkpoint "
+                              "(--checkpoint)")
         state = {}
         for path in files:
             state.update(_load_state_dict(path))

@@ -57,7 +57,7 @@ GRID_FORMATS = (".png", ".jpg", ".jpeg", ".pdf", ".svg")
 
 def run_synth(args: argparse.Namespace) -> int:
     """Load the model, synthesize, write --out and/or --grid. Returns the exit code."""
-    from dfqvit.cli import _output_path
+    from dfqvit.cli import _output_path, refuse_overwriting_inputs
     from dfqvit.models import adapt
     from dfqvit.models.loading import load_model
 
@@ -71,6 +71,7 @@ def run_synth(args: argparse.Namespace) -> int:
     if args.grid and os.path.splitext(args.grid)[1].lower() not in GRID_FORMATS:
         raise DFQViTError(f"--grid {args.grid}: give an image file name ending in one of {', '.join(GRID_FORMATS)}")
     args.out, args.grid = _output_path(args.out, "--out"), _output_path(args.grid, "--grid")
+    refuse_overwriting_inputs(args, {"--out": args.out, "--grid": args.grid})  # --out over --checkpoint: exit 0
     changes = {}
     if args.iterations is not None:
         changes["iterations"] = args.iterations
