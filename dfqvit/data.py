@@ -81,7 +81,15 @@ def _array_loaders(path: str, images: np.ndarray, labels: np.ndarray):
         raise DFQViTError(f"{path!r}: {images.shape[0]} images but labels of shape {labels.shape}")
     pixels = images[..., 0] if images.ndim == 4 and images.shape[-1] == 1 else images
     loaders = [(lambda i=i: Image.fromarray(pixels[i])) for i in range(len(labels))]
-    return loaders, labels.astype(np.int64).tolist(), None, None
+    return loaders, _class_labels(path, labels), None, None
+
+
+def _class_labels(path: str, labels: np.ndarray) -> List[int]:
+    """Labels as ints; floats were truncated (0.7 -> 0) and strings raised numpy's error."""
+    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+        raise DFQViTError(f"{path!r}: labels of dtype {labels.dtype} and shape {labels.shape}; expected one "
+                          "integer class index per image")
+    return labels.astype(np.int64).tolist()
 
 
 def _npz_loaders(path: str):
@@ -100,24 +108,33 @@ def _npz_loaders(path: str):
         raise DFQViTError(f"{path!r} is not a readable .npz image pack ({type(exc).__name__}); give an .npz "
                           "with blob, offsets, labels, or an image folder") from exc
     classes = [str(c) for c in data["classes"]] if "classes" in data else None
+    labels = _class_labels(path, labels)
+    if offsets.ndim != 1 or offsets.dtype.kind not in "iu" or len(offsets) != len(labels) + 1:
+        raise DFQViTError(f"{path!r}: {len(labels)} labels need {len(labels) + 1} integer offsets into the blob, "
+                          f"got {offsets.dtype} of shape {offsets.shape}")
     loaders = [(lambda a=int(offsets[i]), b=int(offsets[i + 1]): Image.open(io.BytesIO(blob[a:b].tobytes())))
                for i in range(len(labels))]
-    return loaders, labels.astype(np.int64).tolist(), classes, None
+    return loaders, labels, classes, None
 
 
 def _folder_loaders(root: str):
     """(loaders, labels, class names, file names to show in errors)."""
-    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    # Hidden folders (.ipynb_checkpoints, .git) are not classes: one shifted every label after it.
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
     if not classes:
         raise DFQViTError(f"image folder {root!r} has no class sub-folders (expected root/<class>/<image>)")
     loaders, labels, names = [], [], []
     for label, name in enumerate(classes):
-        for file in sorted(os.listdir(os.path.join(root, name))):
-            if file.lower().endswith(_IMAGE_EXTENSIONS):
-                path = os.path.join(root, name, file)
-                loaders.append(lambda p=path: Image.open(p))
-                names.append(repr(path))
-                labels.append(label)
+        files = [f for f in sorted(os.listdir(os.path.join(root, name)))
+                 if f.lower().endswith(_IMAGE_EXTENSIONS) and not f.startswith(".")]
+        if not files:  # as torchvision's ImageFolder: a class without images would still take a label
+            raise DFQViTError(f"class folder {os.path.join(root, name)!r} holds no {', '.join(_IMAGE_EXTENSIONS)} "
+                              "images; remove it or add its images (every sub-folder is a class, in sorted order)")
+        for file in files:
+            path = os.path.join(root, name, file)
+            loaders.append(lambda p=path: Image.open(p))
+            names.append(repr(path))
+            labels.append(label)
     return loaders, labels, classes, names
 
 

@@ -42,6 +42,12 @@ def _write(path, data: bytes):
     (lambda p: np.savez(p, foo=np.zeros(2)) or p, r"holds \['foo'\]; an image pack needs the keys blob, offsets"),
     (lambda p: np.savez(p, images=np.zeros((2, 8, 8, 3)), labels=np.zeros(2)) or p, "images of dtype float64"),
     (lambda p: np.savez(p, images=_pixels(2), labels=np.zeros(3)) or p, "2 images but labels of shape"),
+    # float labels were truncated (0.7 -> class 0), string labels raised numpy's ValueError
+    (lambda p: np.savez(p, images=_pixels(3), labels=np.array([0.7, 1.2, 2.9])) or p, "labels of dtype float64"),
+    (lambda p: np.savez(p, blob=np.zeros(9, np.uint8), offsets=np.array([0, 3, 6, 9]), labels=np.array(["a"] * 3))
+     or p, "labels of dtype <U1"),
+    (lambda p: np.savez(p, blob=np.zeros(9, np.uint8), offsets=np.array([0, 3]), labels=np.zeros(3, int)) or p,
+     "3 labels need 4 integer offsets"),  # was an IndexError when the images were read
 ])
 def test_files_that_are_not_image_data_are_named(tmp_path, make, message):
     """A .png as the data path raised NotADirectoryError; a non-npz file numpy's allow_pickle ValueError; missing
@@ -70,3 +76,17 @@ def test_a_file_that_is_not_an_image_is_named_by_verify_and_by_reading(tmp_path)
         with pytest.raises(DFQViTError, match="junk.png' cannot be read as an image.*remove or replace it"):
             read()
     assert data[1][0].shape == (3, 8, 8)
+
+
+def test_hidden_and_empty_class_folders(tmp_path):
+    """A hidden folder (.ipynb_checkpoints) was taken as class 0 and shifted every label; an empty class folder took a
+    label silently."""
+    for i, name in enumerate(("cat", "dog")):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        Image.fromarray(_pixels(1, seed=i)[0]).save(tmp_path / "data" / name / "a.png")
+    (tmp_path / "data" / ".ipynb_checkpoints").mkdir()
+    data = load_images(str(tmp_path / "data"), SIZE, MEAN, STD)
+    assert data.classes == ["cat", "dog"] and data.labels == [0, 1]
+    (tmp_path / "data" / "bird").mkdir()
+    with pytest.raises(DFQViTError, match="bird' holds no .png"):
+        load_images(str(tmp_path / "data"), SIZE, MEAN, STD)
