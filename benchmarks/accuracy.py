@@ -78,7 +78,7 @@ class Setting:
 
     def quant_config(self, calib_images: int) -> QuantConfig:
         return QuantConfig(w_bits=self.w_bits, a_bits=self.a_bits, softmax_quantizer=self.softmax,
-                           calib_images=calib_images, calib_batch_size=calib_images)
+                           calib_images=calib_images)
 
 
 def parse_setting(text: str) -> Setting:
@@ -95,6 +95,8 @@ def parse_setting(text: str) -> Setting:
     if not values:
         raise DFQViTError(f"setting {text!r} is empty; give 4, 4,8, W4A8 or W8A8-uniform")
     w_bits, a_bits = parse_bits(values[0] if len(values) == 1 else tuple(values))
+    if a_bits == 16 and softmax != "log2":
+        raise DFQViTError(f"setting {text!r}: weight-only bits do not quantize the softmax; drop the '{softmax}'")
     return Setting(w_bits, a_bits, softmax)
 
 

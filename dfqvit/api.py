@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from .calib.pipeline import run_pipeline
-from .config import CalibConfig, CorrectionConfig, QuantConfig, ReconConfig, SynthConfig, as_int, parse_bits
+from .config import CalibConfig, CorrectionConfig, QuantConfig, ReconConfig, SynthConfig, check_seed, parse_bits
 from .errors import DFQViTError, MissingGPUError, UnsupportedModelError, warn_user
 from .models import QuantizedModel
 
@@ -35,6 +36,8 @@ def _resolve_device(device) -> torch.device:
         device = torch.device(device) if device is not None else torch.device("cpu")
     except (RuntimeError, TypeError):
         raise DFQViTError(f"device={device!r}: give 'cpu' or 'cuda' (or 'cuda:N')") from None
+    if device.type not in ("cpu", "cuda"):  # "meta" failed on .item() deep in the calibration
+        raise DFQViTError(f"device={str(device)!r}: dfqvit runs on 'cpu' or 'cuda' (or 'cuda:N')")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise MissingGPUError(f"device={device} was requested but no CUDA device is available; use device='cpu'")
     return device
@@ -102,15 +105,20 @@ def compile(
     """
     config = _resolve_config(bits, config)
     device = _resolve_device(device)
-    if as_int(seed) is None:
-        raise DFQViTError(f"seed={seed!r}: give an int (it seeds the synthesis and the reconstruction's batches)")
-    seed = as_int(seed)
+    seed = check_seed(seed)
+    if not isinstance(progress, bool):  # progress="no" showed the bars
+        raise DFQViTError(f"progress={progress!r}: give True or False")
+    if stages_dir is not None and not isinstance(stages_dir, (str, os.PathLike)):
+        raise DFQViTError(f"stages_dir={stages_dir!r}: give a folder path or None")
     _check_type("calibration", calibration, CalibConfig, optional=False)
     _check_type("recon", recon, ReconConfig)
     _check_type("correction", correction, CorrectionConfig)
     if synth is not None and not isinstance(synth, SynthConfig):
         raise DFQViTError(f"synth must be a dfqvit.SynthConfig or None (the method's paper defaults), got "
                           f"{type(synth).__name__}")
+    if synth is not None and not isinstance(calib, str):
+        raise DFQViTError(f"synth= configures a synthesis method, but calib is {type(calib).__name__} (images "
+                          "already made): drop synth=, or give a method name as calib")
     backend = preflight_backend(model, backend, config, device)
     result = run_pipeline(model, config, calib, normalization=normalization, seed=seed, device=device,
                           progress=progress, synth=synth, calibration=calibration, recon=recon,

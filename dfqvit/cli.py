@@ -150,6 +150,9 @@ def _quantize(model, norm, args, progress=True, backend: str = "fake", spec=None
 
     config = _quant_config(args)
     calib = _calibration_source(args, spec or _input_spec(model, norm, config))
+    if not isinstance(calib, str) and args.synth_iters is not None:  # the report claimed it was used
+        raise DFQViTError(f"--synth-iters {args.synth_iters}: no effect with --calib {args.calib} (images already "
+                          "made, nothing is synthesized); drop it")
     return dfq_compile(model, None, calib, config=config, normalization=norm, seed=args.seed,
                        device=args.device, progress=progress, backend=backend, **_pipeline_configs(args))
 

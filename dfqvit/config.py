@@ -36,6 +36,19 @@ def as_int(value) -> Optional[int]:
         return None
 
 
+SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)  # what torch.manual_seed takes
+
+
+def check_seed(seed) -> int:
+    """``seed`` as an int that torch.manual_seed takes (2**64 raised "Overflow when unpacking long long")."""
+    value = as_int(seed)
+    if value is None:
+        raise CalibrationError(f"seed={seed!r}: give an int (it seeds the synthesis and the reconstruction's batches)")
+    if not SEED_RANGE[0] <= value <= SEED_RANGE[1]:
+        raise CalibrationError(f"seed={seed}: give an int from -2**63 to 2**64 - 1 (what torch.manual_seed takes)")
+    return value
+
+
 def parse_bits(bits: Union[int, Tuple[int, int]]) -> Tuple[int, int]:
     """``4`` -> (4, 4); ``(4, 8)`` -> (4, 8). Raises UnsupportedBitsError with the allowed values."""
     if as_int(bits) is not None:
@@ -76,8 +89,8 @@ class QuantConfig:
         act_percentiles: candidate upper percentiles for the activation range search (RepQ/I&S).
         quantize_patch_embed: quantize the patch-embedding conv (RepQ: yes at 8 bits; I&S: no).
         quantize_head: quantize the classifier head(s) at the same bits (every nn.Linear, METHODS §1.5).
-        calib_images: how many calibration images are used (SPDFQ §4.1: 32 in total).
-        calib_batch_size: forward batch during calibration (must not exceed calib_images, Pitfall 6).
+        calib_images: how many calibration images are used (SPDFQ §4.1: 32 in total). Each unit is calibrated
+            on all of them in one forward (its percentiles are over all images), so this also bounds memory.
         search_max_elements: activation tensors larger than this are range-searched on a fixed,
             evenly strided subsample (torch.quantile / sort cost, Pitfall 5).
         check_inputs: validate shape and finiteness of every input of the quantized model.
@@ -91,7 +104,6 @@ class QuantConfig:
     quantize_patch_embed: bool = False
     quantize_head: bool = True
     calib_images: int = 32
-    calib_batch_size: int = 32
     search_max_elements: int = 1 << 24
     check_inputs: bool = True
 
@@ -101,7 +113,7 @@ class QuantConfig:
         # Plain ints (numpy integers accepted) so the config saves as JSON; a float or string count is refused here,
         # not deep inside the calibration.
         _check_bits(self.w_bits, self.a_bits)
-        for name in ("w_bits", "a_bits", "calib_images", "calib_batch_size", "search_max_elements"):
+        for name in ("w_bits", "a_bits", "calib_images", "search_max_elements"):
             value = as_int(getattr(self, name))
             if value is None or value < 1:
                 raise DFQViTError(f"{name}={getattr(self, name)!r}: must be an integer >= 1")
@@ -111,6 +123,9 @@ class QuantConfig:
         except ValueError:
             raise DFQViTError(f"softmax_quantizer={self.softmax_quantizer!r}; allowed: "
                               f"{[q.value for q in SoftmaxQuantizer]} (or dfqvit.SoftmaxQuantizer)") from None
+        if self.a_bits == 16 and self.softmax_quantizer != SoftmaxQuantizer.LOG2:  # it gave the same model
+            raise DFQViTError(f"softmax_quantizer='{self.softmax_quantizer.value}': no effect at a_bits=16 (weight-only "
+                              "quantization keeps the attention probabilities in float); drop it")
         for name in ("weight_percentiles", "act_percentiles"):
             try:
                 values = tuple(float(p) for p in getattr(self, name))
@@ -172,6 +187,11 @@ def _not_finite_numbers(config, text_fields=()) -> list:
     return problems
 
 
+# Fields older dfqvit versions wrote that never changed a result: dropped when read, so their files still load.
+# QuantConfig.calib_batch_size: the calibration always ran each unit on all calib_images at once.
+RETIRED_FIELDS = {"QuantConfig": ("calib_batch_size",)}
+
+
 def config_from_dict(payload: Dict[str, Any]):
     """Rebuild a config written by :func:`config_to_dict`; only allow-listed classes are built."""
     try:
@@ -183,7 +203,10 @@ def config_from_dict(payload: Dict[str, Any]):
         raise DFQViTError(f"unknown config type {name!r}; known: {sorted(_CONFIG_CLASSES)}")
     if version != cls.version:
         raise DFQViTError(f"{name} version {version} was written by another dfqvit; this one reads version {cls.version}")
+    if not isinstance(data, dict):
+        raise DFQViTError(f"{name} payload: _data must be a JSON object, got {type(data).__name__}")
     known = {f.name: f for f in dataclasses.fields(cls)}
+    data = {k: v for k, v in data.items() if k not in RETIRED_FIELDS.get(name, ())}
     unknown = set(data) - set(known)
     if unknown:
         raise DFQViTError(f"{name} has no fields {sorted(unknown)}")

@@ -33,17 +33,40 @@ def evaluate(model, dataset, batch_size: int = 128, reference=None, device="cpu"
     if isinstance(dataset, (tuple, list)) and len(dataset) != 2 and dataset \
             and all(isinstance(t, torch.Tensor) for t in dataset):
         raise DFQViTError(f"evaluation data of {len(dataset)} tensors; give two, (images, labels)")
-    if isinstance(dataset, (tuple, list)) and len(dataset) == 2 and all(isinstance(t, torch.Tensor) for t in dataset):
-        dataset = torch.utils.data.TensorDataset(*dataset)  # (images, labels) as two tensors
+    if isinstance(dataset, (tuple, list)) and len(dataset) == 2 and all(hasattr(t, "__array__") for t in dataset):
+        dataset = _tensor_pair(*dataset)
     if isinstance(dataset, torch.utils.data.DataLoader):
         loader = dataset
     elif isinstance(dataset, torch.utils.data.Dataset) or hasattr(dataset, "__getitem__"):
         if len(dataset) == 0:
             raise DFQViTError("the evaluation data holds no images")
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+        # its own generator: the loader's base seed was drawn from (and moved) the caller's global RNG
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                                             generator=torch.Generator())
     else:
         raise DFQViTError(f"evaluation data of type {type(dataset).__name__}: give a Dataset of (image, label) "
                           "(dfqvit.data.load_images) or a DataLoader of (images, labels)")
+    # A model left in training mode ran its dropout: three calls on the same data gave three top-1 figures.
+    modes = [(m, m.training) for m in (model, reference) if isinstance(m, torch.nn.Module)]
+    for m, _ in modes:
+        m.eval()
+    try:
+        return _score(model, loader, reference, device, progress, desc)
+    finally:
+        for m, training in modes:
+            m.train(training)
+
+
+def _tensor_pair(images, labels) -> torch.utils.data.TensorDataset:
+    """(images, labels) given as two tensors (or numpy arrays) of one length."""
+    images, labels = (t if isinstance(t, torch.Tensor) else torch.as_tensor(t) for t in (images, labels))
+    if images.dim() == 0 or labels.dim() == 0 or images.shape[0] != labels.shape[0]:
+        raise DFQViTError(f"{tuple(images.shape)} images and {tuple(labels.shape)} labels: give one label per image "
+                          "(the first dimensions must match)")
+    return torch.utils.data.TensorDataset(images, labels)
+
+
+def _score(model, loader, reference, device: torch.device, progress: bool, desc: str) -> EvalResult:
     correct = agree = total = 0
     for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
         x, y = _images_and_labels(batch)

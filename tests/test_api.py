@@ -410,10 +410,10 @@ def test_compile_inside_no_grad_inference_mode_or_autocast():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: calibrating in bf16 differed
         synthesized = dfqvit.compile(model, **settings)
     with torch.inference_mode():
-        real = dfqvit.compile(model, **{**settings, "calib": images()})
+        real = dfqvit.compile(model, **{**settings, "calib": images(), "synth": None})
     assert torch.is_grad_enabled()
     assert torch.equal(synthesized(x), dfqvit.compile(model, **settings)(x))
-    assert torch.equal(real(x), dfqvit.compile(model, **{**settings, "calib": images()})(x))
+    assert torch.equal(real(x), dfqvit.compile(model, **{**settings, "calib": images(), "synth": None})(x))
 
 
 def test_preflight_checks_the_model_device_and_config_under_every_backend():
@@ -472,10 +472,22 @@ def test_normalization_takes_one_number_or_one_per_channel_and_refuses_the_rest(
             dfqvit.compile(model, normalization=bad, **FAST)
 
 
-@pytest.mark.parametrize("seed", [None, 1.5, "3", True])
+@pytest.mark.parametrize("seed", [None, 1.5, "3", True, 2 ** 64, -(2 ** 63) - 1])
 def test_seed_must_be_an_int(seed):
-    with pytest.raises(DFQViTError, match="give an int"):
+    with pytest.raises(DFQViTError, match="give an int"):  # 2**64 was "Overflow when unpacking long long"
         dfqvit.compile(TINY_MODELS["vit"](), seed=seed, **FAST)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(progress="no"), "progress='no': give True or False"),  # showed the bars
+    (dict(stages_dir=5), "stages_dir=5: give a folder path"),  # a raw TypeError
+    (dict(device="meta"), "runs on 'cpu' or 'cuda'"),  # failed on .item() in the calibration
+    (dict(calib=torch.randn(4, 3, 32, 32), synth=dfqvit.SynthConfig(iterations=2)),
+     "synth= configures a synthesis method, but calib is Tensor"),  # silently unused
+])
+def test_arguments_that_would_be_ignored_or_fail_late_are_refused(kwargs, message, no_calibration):
+    with pytest.raises(DFQViTError, match=message):
+        dfqvit.compile(TINY_MODELS["vit"](), **{**FAST, **kwargs})
 
 
 def test_calibration_loaders_of_dicts_or_single_images():

@@ -117,7 +117,7 @@ def test_parse_setting(acc, text, expected):
 
 @pytest.mark.parametrize("text, error", [("9", UnsupportedBitsError), ("4,3", UnsupportedBitsError),
                                          ("2,16", UnsupportedBitsError), ("four", DFQViTError),
-                                         ("4,4:cubic", DFQViTError)])
+                                         ("4,4:cubic", DFQViTError), ("W4A16-uniform", DFQViTError)])
 def test_bad_settings_raise_typed_errors(acc, text, error):
     with pytest.raises(error, match="not|allowed"):
         acc.parse_setting(text)

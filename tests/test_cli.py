@@ -95,7 +95,7 @@ def test_bad_image_options_are_reported(tmp_path, capsys):
     assert "--batch-size 0: give a batch size of at least 1" in capsys.readouterr().err
     (tmp_path / "cat").mkdir()  # a class folder with no image in it
     assert main(["quantize", "--model", str(CIFAR_MODEL_JSON), "--calib", str(tmp_path), "--recon-iters", "0"]) == 2
-    assert "holds no images" in capsys.readouterr().err
+    assert "cat' holds no .png" in capsys.readouterr().err
 
 
 def test_quantize_checks_eval_data_and_outputs_before_calibrating(tmp_path, monkeypatch, capsys):
@@ -149,6 +149,12 @@ def test_flags_that_would_change_nothing_are_refused(tmp_path, capsys):
     assert main(fp32 + ["--calib", "gaussian", "--synth-iters", "3"]) == 2
     err = capsys.readouterr().err
     assert "--calib gaussian, --synth-iters 3: no effect here" in err and "without --bits" in err
+    quantize = ["quantize", "--model", str(CIFAR_MODEL_JSON)]
+    # both had no effect; the report said --synth-iters was used
+    assert main(quantize + ["--calib", str(CIFAR_TEST), "--calib-images", "4", "--synth-iters", "5"]) == 2
+    assert "--synth-iters 5: no effect with --calib" in capsys.readouterr().err
+    assert main(quantize + ["--bits", "4,16", "--softmax", "uniform"]) == 2
+    assert "no effect at a_bits=16" in capsys.readouterr().err
     artifact = ["eval", "--artifact", str(tmp_path / "a.safetensors"), "--data", str(CIFAR_TEST)]
     assert main(artifact + ["--recon-iters", "7", "--correction", "full"]) == 2
     assert "quantized already" in capsys.readouterr().err

@@ -20,7 +20,7 @@ def model_and_data():
 def test_every_data_form_gives_the_same_top1(model_and_data):
     model, x, y, expected = model_and_data
     dataset = torch.utils.data.TensorDataset(x, y)
-    for data in (dataset, torch.utils.data.DataLoader(dataset, batch_size=3), (x, y),
+    for data in (dataset, torch.utils.data.DataLoader(dataset, batch_size=3), (x, y), (x.numpy(), y.numpy()),
                  torch.utils.data.TensorDataset(x, y[:, None])):  # (N, 1) labels: one index per image too
         result = evaluate(model, data, 4, progress=False)
         assert (result.top1, result.images) == (pytest.approx(expected), 10)
@@ -45,10 +45,11 @@ def test_labels_that_are_not_class_indices_are_named(model_and_data, labels, mes
     (None, 4, "evaluation data of type NoneType"), ("ok", True, "batch size True"),
     ([], 4, "holds no images"),
     ("triple", 4, "evaluation data of 3 tensors"),  # was torch.stack's raw error
+    ("short_labels", 4, r"\(10, 3, 2, 2\) images and \(9,\) labels"),  # was TensorDataset's AssertionError
 ])
 def test_bad_data_and_batch_sizes_are_named(model_and_data, data, batch_size, message):
     model, x, y, _ = model_and_data
-    data = {"ok": torch.utils.data.TensorDataset(x, y), "triple": (x, y, y)}.get(data, data) \
+    data = {"ok": torch.utils.data.TensorDataset(x, y), "triple": (x, y, y), "short_labels": (x, y[:9])}.get(data, data) \
         if isinstance(data, str) else data
     with pytest.raises(DFQViTError, match=message):
         evaluate(model, data, batch_size, progress=False)
@@ -62,3 +63,14 @@ def test_reference_of_another_width_and_a_missing_gpu_are_named(model_and_data):
     if not torch.cuda.is_available():
         with pytest.raises(DFQViTError, match="no CUDA device"):  # was "Found no NVIDIA driver"
             evaluate(model, (x, y), 4, device="cuda", progress=False)
+
+
+def test_a_model_in_training_mode_is_scored_in_eval_mode_and_given_back():
+    """Dropout ran: three calls on the same data gave three top-1 figures. The caller's RNG moved as well."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Dropout(0.5), torch.nn.Linear(12, 10)).train()
+    x, y = torch.randn(64, 3, 2, 2), torch.randint(0, 10, (64,))
+    state = torch.random.get_rng_state()
+    results = {evaluate(model, (x, y), 16, reference=model, progress=False) for _ in range(3)}
+    assert len(results) == 1 and results.pop().agreement == 100.0
+    assert model.training and torch.equal(torch.random.get_rng_state(), state)

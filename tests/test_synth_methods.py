@@ -69,6 +69,31 @@ def test_same_seed_gives_identical_images(method):
     assert not torch.equal(a.images, c.images)
 
 
+def test_callers_global_state_does_not_change_the_images():
+    """synthesize under inference_mode raised "Inference tensors cannot be saved for backward", under a float64
+    default dtype "Input type (double) and bias type (float)", and under autocast it made other images."""
+    qmodel = qmodel_of("vit")
+
+    def images():
+        return synthesize("psaq", qmodel, num_images=2, seed=3, config=FAST, progress=False).images
+
+    expected = images()
+    with torch.inference_mode():
+        assert torch.equal(images(), expected)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(images(), expected)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert torch.equal(images(), expected)
+        assert torch.get_default_dtype() == torch.float64  # the caller's default is given back
+    finally:
+        torch.set_default_dtype(previous)
+    for seed in (2 ** 64, -(2 ** 70)):  # was numpy's "Overflow when unpacking long long"
+        with pytest.raises(CalibrationError, match="from -2\\*\\*63 to 2\\*\\*64 - 1"):
+            synthesize("gaussian", qmodel, num_images=2, seed=seed)
+
+
 def test_synthetic_set_round_trips_through_safetensors(tmp_path):
     result = synthesize("spdfq", qmodel_of("vit"), num_images=2, seed=3, config=FAST, progress=False)
     path = str(tmp_path / "set.safetensors")

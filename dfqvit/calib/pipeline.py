@@ -6,13 +6,13 @@ the same folder resumes after the last stage whose saved result matches the call
 from __future__ import annotations
 
 import dataclasses
-import functools
 import sys
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
+from dfqvit.caller_state import training_state
 from dfqvit.config import CalibConfig, CorrectionConfig, QuantConfig, ReconConfig, config_to_dict
 from dfqvit.errors import warn_user
 from dfqvit.models import QuantizedModel, adapt
@@ -66,29 +66,7 @@ def _seeded_images(calib, qmodel: QuantizedModel, num_images: int, seed: int, pr
                                   as_set=True)
 
 
-# The synthesis and the reconstruction take gradients: a caller's torch.no_grad() / inference_mode() (usual around
-# inference code) must not reach them ("element 0 of tensors does not require grad"), nor make the cached block
-# inputs inference tensors that autograd cannot save. A caller's autocast must not either: it would calibrate in
-# bf16 / fp16 and give another model than the same call outside it.
-def _float32_default(fn):
-    """A caller's torch.set_default_dtype(torch.float64) made the synthesis fail ("Input type (double) and bias type
-    (float)") and other calibrations give another model; the pipeline runs under float32 and restores it after."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        previous = torch.get_default_dtype()
-        torch.set_default_dtype(torch.float32)
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            torch.set_default_dtype(previous)
-    return wrapper
-
-
-@_float32_default
-@torch.inference_mode(False)
-@torch.enable_grad()
-@torch.autocast("cpu", enabled=False)
-@torch.autocast("cuda", enabled=False)
+@training_state
 def run_pipeline(
     model: nn.Module,
     config: QuantConfig,

@@ -11,6 +11,8 @@ from typing import Any, Callable, Dict, Optional
 
 import torch
 
+from dfqvit.caller_state import training_state
+from dfqvit.config import check_seed
 from dfqvit.errors import CalibrationError, CheckpointNotFoundError, DFQViTError
 
 from .common import check_num_images
@@ -91,6 +93,7 @@ def available_methods():
     return sorted(_METHODS)
 
 
+@training_state
 def synthesize(method: str, qmodel, num_images: int = 32, seed: int = 0, config=None,
                progress: bool = True) -> SyntheticSet:
     """Run the synthesis method ``method`` for ``qmodel`` (a dfqvit QuantizedModel)."""
@@ -105,6 +108,5 @@ def synthesize(method: str, qmodel, num_images: int = 32, seed: int = 0, config=
             f"synthesize needs a dfqvit QuantizedModel, got {type(qmodel).__name__}; wrap a timm model first: "
             "dfqvit.models.adapt(model, QuantConfig(...))")
     check_num_images(num_images)  # gaussian made an empty set of 0 images
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise CalibrationError(f"seed={seed!r}: give an int")
+    seed = check_seed(seed)
     return fn(qmodel, num_images=num_images, seed=seed, config=config, progress=progress)
