@@ -60,6 +60,21 @@ def test_adapted_model_is_in_eval_mode_so_dropout_never_runs():
         assert (qmodel(x) - model.eval()(x)).abs().max() <= 1e-5
 
 
+def test_the_callers_hooks_are_not_copied():
+    """deepcopy carried the caller's hooks over: the fake-quant model ran them (during calibration too) and the
+    engine did not (cosine 0.77 between them); they kept firing after the caller removed them from the original."""
+    model = tiny_vit()
+    shift = torch.randn(48)
+    handle = model.blocks[0].register_forward_hook(lambda module, args, out: out + shift)
+    model.register_forward_pre_hook(lambda module, args: None)
+    with pytest.warns(UserWarning, match="hooks registered on the model, blocks.0 are not copied"):
+        qmodel = adapt(model)
+    handle.remove()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad(), qmodel.quant_state(weights=False, activations=False):
+        assert (qmodel(x) - model(x)).abs().max() <= 1e-5
+
+
 def test_nested_attention_records_give_the_outer_taps_back():
     qmodel = adapt(TINY_MODELS["vit"]())
     x = torch.randn(1, 3, 32, 32)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from dfqvit.config import QuantConfig
-from dfqvit.errors import DFQViTError, InputShapeError, NonFiniteInputError
+from dfqvit.errors import DFQViTError, InputShapeError, NonFiniteInputError, warn_user
 from dfqvit.nn import AttentionTap, QuantAttentionBase
 from dfqvit.nn.linear import _QuantWeightLayer
 from dfqvit.quant.quantizers import _Quantizer
@@ -209,6 +209,27 @@ def checked_normalization(normalization, channels: int) -> Tuple[Tuple[float, ..
     return parts[0], parts[1]
 
 
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _drop_hooks(model: nn.Module) -> None:
+    """Remove the caller's forward / backward hooks that deepcopy carried over, with a warning: the fake-quant model
+    ran them (in the calibration too) and the integer engine did not, so the two gave different logits."""
+    hooked = []
+    for name, module in model.named_modules():
+        dicts = [getattr(module, attr, None) for attr in _HOOK_DICTS]
+        if any(dicts):
+            hooked.append(name or "the model")
+            for d in dicts:
+                if d:
+                    d.clear()
+    if hooked:
+        warn_user(f"dfqvit: the hooks registered on {', '.join(hooked[:4])}{' ...' if len(hooked) > 4 else ''} are "
+                  "not copied into the quantized model (the integer engine cannot run them); register them on the "
+                  "returned model's .model if you need them on the fake-quant model")
+
+
 def adapt(model: nn.Module, config: Optional[QuantConfig] = None,
           normalization: Optional[Tuple[Sequence[float], Sequence[float]]] = None) -> QuantizedModel:
     """Deep-copy ``model``, swap its quantizable modules and return an (uncalibrated) QuantizedModel. The copy
@@ -220,6 +241,7 @@ def adapt(model: nn.Module, config: Optional[QuantConfig] = None,
         raise DFQViTError("the model's weights are on the meta device (built without storage); load its weights "
                           "first, e.g. model.to_empty(device='cpu') then model.load_state_dict(state)")
     copied = copy.deepcopy(model).eval().float()
+    _drop_hooks(copied)
     spec = adapter.input_spec(copied)
     if normalization is not None:
         mean, std = checked_normalization(normalization, spec.channels)
