@@ -180,6 +180,17 @@ def build_info(model: nn.Module) -> Dict[str, Any]:
 
 def rebuild_float_model(info: Dict[str, Any]) -> nn.Module:
     """A randomly initialised float model of the recorded architecture (only timm classes are built)."""
+    if not isinstance(info, dict):
+        raise ArtifactError(f"the artifact's build record is {type(info).__name__}, not a JSON object; pass "
+                            "model=<a float model of the same architecture> to dfqvit.load")
+    try:
+        return _build_recorded(info)
+    except TypeError as exc:  # a keyword this timm does not take (an artifact from another timm version)
+        raise ArtifactError(f"the installed timm cannot build the recorded model ({exc}); install the timm version "
+                            "the artifact names, or pass model=<a float model of the same architecture>") from None
+
+
+def _build_recorded(info: Dict[str, Any]) -> nn.Module:
     if info.get("kwargs") is None:
         raise ArtifactError(
             f"the artifact does not record the constructor arguments of its {info.get('class')} model; pass "
@@ -284,8 +295,12 @@ def match_structure(qmodel: QuantizedModel, keys, full_corrections: List[Dict[st
     ``full`` activation corrections and biases created by folds on layers built without one."""
     from dfqvit.calib.correction import reinstall_full_corrections
 
-    reinstall_full_corrections(qmodel, [c["site"] for c in full_corrections],
-                               [int(c["channels"]) for c in full_corrections])
+    try:
+        reinstall_full_corrections(qmodel, [c["site"] for c in full_corrections],
+                                   [int(c["channels"]) for c in full_corrections])
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:  # a site the model does not have
+        raise ArtifactError(f"the saved activation corrections do not fit the model ({type(exc).__name__}: {exc}); "
+                            "the file is damaged or belongs to another model") from None
     keys = set(keys)
     for name, layer in qmodel.weight_layers():
         if layer.bias is None and f"{name}.bias" in keys:
@@ -473,11 +488,41 @@ class QuantArtifact:
         state = {k: v for k, v in tensors.items() if not k.endswith(CODES_SUFFIX)}
         state.update({f"{name}.weight": layer.weight.detach() for name, layer in weight_layers.items()})
         qmodel.model.load_state_dict(state, strict=True)
+        _check_saved_values(qmodel, layers, {name: tensors[name + CODES_SUFFIX] for name in weight_layers})
         with torch.no_grad():
             for name, layer in weight_layers.items():
                 codes = tensors[name + CODES_SUFFIX].to(layer.weight.dtype)
                 layer.weight.copy_(layer.weight_quantizer.dequantize(codes))
         return qmodel.to(device) if device is not None else qmodel
+
+
+def _check_saved_values(qmodel: QuantizedModel, layers: Dict[str, Any], codes: Dict[str, torch.Tensor]) -> None:
+    """What the checksum does not cover or cannot judge: the JSON ``layers`` table against the quantizers (an edited
+    w_bits re-packed 4-bit codes at 3 bits on the next save), codes inside their bit range, scales finite and > 0
+    (a NaN scale loaded silently, a negative one failed deep in the native grid check)."""
+    problems = []
+    for name, layer in qmodel.weight_layers():
+        wq, record = layer.weight_quantizer, layers[name]
+        if not isinstance(record, dict) or record.get("w_bits") != wq.num_bits \
+                or record.get("signed") != bool(wq.signed):
+            problems.append(f"{name}: the layer table says {record!r}, the quantizer {wq.num_bits} bits, "
+                            f"signed={bool(wq.signed)}")
+            continue
+        lo, hi = (-(2 ** (wq.num_bits - 1)), 2 ** (wq.num_bits - 1) - 1) if wq.signed else (0, 2 ** wq.num_bits - 1)
+        c = codes[name]
+        if c.numel() and (int(c.min()) < lo or int(c.max()) > hi):
+            problems.append(f"{name}: codes from {int(c.min())} to {int(c.max())}, outside {wq.num_bits}-bit "
+                            f"[{lo}, {hi}]")
+    for name, quantizer in qmodel.quantizers():
+        for buffer_name, value in quantizer.named_buffers(recurse=False):
+            if not value.is_floating_point() or buffer_name not in ("scale", "delta", "zero_point"):
+                continue
+            if not bool(torch.isfinite(value).all()) or (buffer_name != "zero_point" and bool((value <= 0).any())):
+                problems.append(f"{name}.{buffer_name}: not finite and > 0")
+    if problems:
+        more = f" (and {len(problems) - 4} more)" if len(problems) > 4 else ""
+        raise ArtifactError(f"the artifact's values are inconsistent: {'; '.join(problems[:4])}{more}; the file is "
+                            "damaged or was edited: quantize the model again")
 
 
 def save(qmodel: QuantizedModel, path: str, build: Optional[Dict[str, Any]] = None) -> None:

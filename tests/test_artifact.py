@@ -163,6 +163,44 @@ def test_corrupted_truncated_and_mismatched_files_are_refused(saved, tmp_path):
         dfqvit.load(str(tmp_path / "missing.safetensors"))
 
 
+def _edited(path, out, edit_config=None, edit_tensors=None):
+    """``path`` rewritten with its JSON config and / or tensors edited, checksum recomputed (as a tool would)."""
+    from dfqvit.artifact import write_container, ARTIFACT_FORMAT
+
+    artifact = QuantArtifact.load(path)
+    config, tensors = json.loads(json.dumps(artifact.config)), dict(artifact.tensors)
+    (edit_config or (lambda c: None))(config)
+    (edit_tensors or (lambda t: None))(tensors)
+    write_container(out, tensors, ARTIFACT_FORMAT, ARTIFACT_VERSION, config)
+    return out
+
+
+def _first_layer(config):
+    return next(iter(config["layers"].values()))
+
+
+@pytest.mark.parametrize("edit, message", [
+    # an edited layer table re-packed the 4-bit codes at 3 bits on the next save (logits moved by 0.25)
+    (dict(edit_config=lambda c: _first_layer(c).update(w_bits=3)), "layer table says"),
+    (dict(edit_tensors=lambda t: t.update({"blocks.0.attn.qkv.weight_codes": t["blocks.0.attn.qkv.weight_codes"]
+                                           .clone().fill_(100)})), "codes from 100 to 100, outside 4-bit"),
+    (dict(edit_tensors=lambda t: t["blocks.0.attn.qkv.input_quantizer.scale"].fill_(float("nan"))),
+     "input_quantizer.scale: not finite"),  # loaded silently
+    (dict(edit_tensors=lambda t: t["blocks.0.attn.qkv.input_quantizer.scale"].fill_(-0.5)),
+     "input_quantizer.scale: not finite and > 0"),  # a raw RuntimeError of the native grid check
+    (dict(edit_config=lambda c: c["build"]["kwargs"].update(future_option=1)), "installed timm cannot build"),
+    (dict(edit_config=lambda c: c.update(build=None)), "build record is NoneType"),
+    (dict(edit_config=lambda c: c.update(full_corrections=[{"site": "blocks.7.mlp", "channels": 48}])),
+     "activation corrections do not fit"),
+])
+def test_edited_artifacts_are_refused(saved, tmp_path, edit, message):
+    """The checksum covers the tensors only; the JSON and the values themselves are checked on load."""
+    _, path = saved
+    edited = _edited(path, str(tmp_path / "edited.safetensors"), **edit)
+    with pytest.raises(ArtifactError, match=message):
+        dfqvit.load(edited, backend="fake")
+
+
 def test_wrong_architecture_is_refused(saved):
     _, path = saved
     with pytest.raises(ArtifactError, match="does not fit|layers"):
