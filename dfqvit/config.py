@@ -264,7 +264,8 @@ class SynthConfig:
         jitter: per-round random-roll limit in pixels at 224 px ([PSAQ]: 15, then 30), scaled by S/224;
             the last value is reused if there are more rounds than values.
         flip: random horizontal flip each step ([PSAQ]).
-        batch_size: images optimised together; None = all of them in one batch (SPDFQ: 32 in one batch).
+        batch_size: images optimised together; None = all of them in one batch (SPDFQ: 32 in one batch). The
+            dfqvit method splits each group's candidates into such batches.
     Total variation (SPDFQ eq. 4):
         tv_weight: 0.05 (eq. 13, "following PSAQ").
         tv_form: "psaq" = |sum of four Frobenius norms of finite differences - v| (the default, the

@@ -249,6 +249,16 @@ def test_progressive_orders_easy_to_hard_with_adversary():
     assert "kl" not in losses[0] and "kl" in losses[1] and "kl" in losses[2]
 
 
+def test_progressive_takes_the_batch_size():
+    """SynthConfig.batch_size was ignored by the dfqvit method (every group's candidates in one batch)."""
+    one_batch = SynthConfig(iterations=2, groups=2, mining_ratio=2)
+    batched = dataclasses.replace(one_batch, batch_size=3)
+    a = synthesize("dfqvit", qmodel_of("vit"), num_images=4, seed=0, config=one_batch, progress=False)
+    b = synthesize("dfqvit", qmodel_of("vit"), num_images=4, seed=0, config=batched, progress=False)
+    assert a.images.shape == b.images.shape == (4, 3, 32, 32) and not torch.equal(a.images, b.images)
+    assert len(a.config["resolved"]["losses"]) == 2 and len(b.config["resolved"]["losses"]) == 4  # 4 candidates: 3 + 1
+
+
 # -- errors -------------------------------------------------------------------------------------------
 
 def test_unknown_method_names_the_allowed_ones():

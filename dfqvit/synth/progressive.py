@@ -15,6 +15,7 @@ whole set runs easy -> hard. Consumers that iterate can draw from ``curriculum_p
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -25,7 +26,7 @@ import torch
 from dfqvit.config import SynthConfig
 
 from .base import SyntheticSet, register_synth
-from .common import check_num_images, loss_summary, resolve_config, set_record
+from .common import batch_sizes, check_num_images, loss_summary, resolve_config, set_record
 from .labels import class_aware_eps
 from .layout import ModelLayout, model_device, probe_layout
 from .loop import LossTerm, default_lr
@@ -101,7 +102,7 @@ class GroupResult:
     images: torch.Tensor
     main: torch.Tensor
     difficulty: torch.Tensor
-    history: Dict[str, List[float]]
+    histories: List[Dict[str, List[float]]]  # one per batch of candidates
     level: int
     adv_weight: float
     sl_eps: tuple
@@ -114,18 +115,20 @@ def synthesize_group(qmodel, layout: ModelLayout, num_images: int, level: int, a
     candidates = num_images * config.mining_ratio
     use_adversary = adversary is not None and adv_weight > 0
     extra = adversarial_term(adversary, adv_weight) if use_adversary else None
-    if adversary is not None:
-        with adversary.quant_state(True, True):
-            result = synthesize_batch(qmodel, layout, candidates, config, hardness, generator, progress,
-                                      extra=extra, desc=desc)
-            score = difficulty(qmodel, adversary, result.images, result.targets)
-    else:
-        result = synthesize_batch(qmodel, layout, candidates, config, hardness, generator, progress, desc=desc)
-        score = difficulty(qmodel, None, result.images, result.targets)
+    with adversary.quant_state(True, True) if adversary is not None else contextlib.nullcontext():
+        # in batches of config.batch_size, as spdfq and psaq (it was ignored: one batch of every candidate)
+        sizes = batch_sizes(candidates, config.batch_size)
+        results = [synthesize_batch(qmodel, layout, n, config, hardness, generator, progress, extra=extra,
+                                    desc=desc if len(sizes) == 1 else f"{desc} batch {i + 1}")
+                   for i, n in enumerate(sizes)]
+        images, targets = torch.cat([r.images for r in results]), torch.cat([r.targets for r in results])
+        score = difficulty(qmodel, adversary, images, targets)
+    main = torch.cat([r.main for r in results])
     keep = torch.topk(score, num_images).indices                       # hard-example mining
     keep = keep[torch.argsort(score[keep], stable=True)]                # easy -> hard inside the group
-    return GroupResult(images=result.images[keep], main=result.main[keep], difficulty=score[keep],
-                       history=result.history, level=level, adv_weight=adv_weight, sl_eps=hardness.sl_eps)
+    return GroupResult(images=images[keep], main=main[keep], difficulty=score[keep],
+                       histories=[r.history for r in results], level=level, adv_weight=adv_weight,
+                       sl_eps=hardness.sl_eps)
 
 
 @register_synth("dfqvit", reads_quantized_model=True)
@@ -151,6 +154,6 @@ def progressive_images(qmodel, num_images: int = 32, seed: int = 0, config: Opti
         num_classes=layout.num_classes, group_sizes=sizes, levels=[LEVEL_NAMES[r.level] for r in groups],
         adv_weights=[r.adv_weight for r in groups], sl_eps=[list(r.sl_eps) for r in groups],
         difficulty=torch.cat([r.difficulty for r in groups]).tolist(),
-        losses=[loss_summary(r.history) for r in groups])
+        losses=[loss_summary(h) for r in groups for h in r.histories])  # one per batch, group after group
     return SyntheticSet(images=torch.cat([r.images for r in groups]), targets=torch.cat([r.main for r in groups]),
                         method="dfqvit", seed=seed, config=record)
