@@ -94,6 +94,18 @@ def test_callers_global_state_does_not_change_the_images():
             synthesize("gaussian", qmodel, num_images=2, seed=seed)
 
 
+def test_a_set_made_for_another_normalization_is_refused(tmp_path):
+    """Images live in the model's normalized input space: a set made under another mean / std was used silently."""
+    images = synthesize("gaussian", qmodel_of("vit"), num_images=4, seed=0)
+    assert images.config["normalization"] == {"mean": list(NORM[0]), "std": list(NORM[1])}
+    path = str(tmp_path / "set.safetensors")
+    images.save(path)
+    kwargs = dict(bits=8, recon=None, correction=None, progress=False, backend="fake")
+    dfqvit.compile(TINY_MODELS["vit"](), calib=SyntheticSet.load(path), normalization=NORM, **kwargs)
+    with pytest.raises(CalibrationError, match="made for inputs normalized with mean \\(0.5, 0.5, 0.5\\)"):
+        dfqvit.compile(TINY_MODELS["vit"](), calib=SyntheticSet.load(path), **kwargs)  # ImageNet's mean / std
+
+
 def test_synthetic_set_round_trips_through_safetensors(tmp_path):
     result = synthesize("spdfq", qmodel_of("vit"), num_images=2, seed=3, config=FAST, progress=False)
     path = str(tmp_path / "set.safetensors")

@@ -44,6 +44,18 @@ def _take_images(batches: Iterable, limit: int) -> torch.Tensor:
     return torch.cat(images)[:limit]
 
 
+def _check_set_normalization(images: SyntheticSet, spec) -> None:
+    """A set synthesized for another mean / std holds images of another input space (it was used silently)."""
+    made = images.config.get("normalization") if isinstance(images.config, dict) else None
+    if not made:
+        return  # real images, or a set saved before sets recorded it
+    mean, std = tuple(made.get("mean", ())), tuple(made.get("std", ()))
+    if len(mean) != len(spec.mean) or any(abs(a - b) > 1e-6 for a, b in zip(mean + std, spec.mean + spec.std)):
+        raise CalibrationError(f"these {images.method} images were made for inputs normalized with mean {mean}, std "
+                               f"{std}, but this model takes mean {spec.mean}, std {spec.std}; synthesize them for "
+                               "this model (or give the normalization they were made for)")
+
+
 def calibration_images(calib, qmodel: QuantizedModel, num_images: int, seed: int = 0,
                        progress: bool = True, synth_config=None, as_set: bool = False):
     """``calib`` may be a method name (see ``dfqvit.synth.available_methods()``), a SyntheticSet,
@@ -55,6 +67,7 @@ def calibration_images(calib, qmodel: QuantizedModel, num_images: int, seed: int
     if isinstance(calib, str):
         found = synthesize(calib, qmodel, num_images=num_images, seed=seed, config=synth_config, progress=progress)
     elif isinstance(calib, SyntheticSet):
+        _check_set_normalization(calib, qmodel.input_spec)
         found = calib
     elif isinstance(calib, torch.Tensor):
         found = SyntheticSet(images=calib, targets=None, method="images", seed=seed)

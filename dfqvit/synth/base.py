@@ -62,7 +62,9 @@ class SyntheticSet:
         except Exception as exc:  # safetensors raises its own error types for corrupt headers
             raise DFQViTError(f"{path!r} is not a readable safetensors file ({exc}); re-create it") from exc
         if meta.get("format") != "dfqvit.SyntheticSet" or meta.get("version") != str(SET_FORMAT_VERSION):
-            raise DFQViTError(f"{path!r} is not a dfqvit SyntheticSet of version {SET_FORMAT_VERSION} (metadata: {meta})")
+            found = {k: meta[k] for k in ("format", "version") if k in meta}  # an artifact's config is kilobytes
+            raise DFQViTError(f"{path!r} is not a dfqvit SyntheticSet of version {SET_FORMAT_VERSION} (it says "
+                              f"{found or 'nothing'}); give a file written by dfqvit synth --out or SyntheticSet.save")
         return cls(images=tensors["images"], targets=tensors.get("targets"), method=meta["method"],
                    seed=int(meta["seed"]), config=json.loads(meta["config"]))
 
@@ -109,4 +111,7 @@ def synthesize(method: str, qmodel, num_images: int = 32, seed: int = 0, config=
             "dfqvit.models.adapt(model, QuantConfig(...))")
     check_num_images(num_images)  # gaussian made an empty set of 0 images
     seed = check_seed(seed)
-    return fn(qmodel, num_images=num_images, seed=seed, config=config, progress=progress)
+    result = fn(qmodel, num_images=num_images, seed=seed, config=config, progress=progress)
+    spec = qmodel.input_spec  # the images live in this normalized space: a model of another one must not use them
+    result.config = {**result.config, "normalization": {"mean": list(spec.mean), "std": list(spec.std)}}
+    return result
