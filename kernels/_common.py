@@ -236,18 +236,103 @@ def check_tensor(entry: str, name: str, t: torch.Tensor, *, dtypes: Sequence[tor
                                "1 (call .contiguous()).")
 
 
+def check_same_device(entry: str, tensors: Sequence[tuple[str, torch.Tensor | None]]) -> None:
+    """All (name, tensor) arguments on one device (None skipped). The kernels read every pointer on the device they
+    run on: a meta tensor (or one on another device) mixed in gives uninitialized memory, not an error."""
+    present = [(name, t) for name, t in tensors if isinstance(t, torch.Tensor)]
+    if len({t.device for _, t in present}) > 1:
+        where = ", ".join(f"{name} on {t.device}" for name, t in present)
+        raise KernelInputError(f"{entry}: tensors are on different devices ({where}); move them all to one device.")
+
+
 def check_int_range(entry: str, name: str, value: int, lo: int, hi: int) -> None:
     if not (lo <= int(value) <= hi):
         raise KernelInputError(f"{entry}: {name}={value} is outside the allowed range [{lo}, {hi}].")
 
 
-def check_requant_grid(entry: str, out_scale: float, out_zero: int, out_qmin: int, out_qmax: int) -> None:
-    """The int8 output grid of a fused re-quantizing epilogue (GEMM, attention, LayerNorm)."""
-    if not out_scale > 0:
-        raise KernelInputError(f"{entry}: out_scale={out_scale}; it must be > 0.")
+# Scales the kernels take as fp32 numbers: normal fp32, and so is their reciprocal (reciprocal_fp32). Outside this
+# range Triton types a Python float as fp64 (subnormal or beyond fp32) and the kernels' fp32 bit tricks fail.
+FP32_SCALE_MIN = 2.0 ** -126
+FP32_SCALE_MAX = 2.0 ** 126
+
+
+def check_fp32_scale(entry: str, name: str, value: float) -> None:
+    """A positive scale whose fp32 value and fp32 reciprocal are both normal numbers (NaN, 0, inf refused)."""
+    if not FP32_SCALE_MIN <= value <= FP32_SCALE_MAX:
+        raise KernelInputError(f"{entry}: {name}={value}; it must be a normal fp32 number in [2**-126, 2**126] "
+                               "(> 0, with a normal fp32 reciprocal).")
+
+
+# Zero points of re-quantizing epilogues: any integer exact in fp32, where every kernel adds it (Triton, csrc/quantize.h,
+# the reference). The engine's activation grids can lie outside int8: a quantizer calibrated on positive values (a
+# max-pooled head input) has a negative zero point, shifted by -128 with its codes; an int8 bound refused such models.
+ZERO_POINT_BOUND = 2 ** 24
+
+
+def check_requant_grid(entry: str, out_scale: float, out_zero: int, out_qmin: int, out_qmax: int,
+                       zero_bound: int = ZERO_POINT_BOUND) -> None:
+    """The int8 output grid of a fused re-quantizing epilogue (GEMM, attention, LayerNorm): codes in
+    -128 <= qmin <= qmax <= 127 (wider ones would wrap in the int8 store), ``-zero_bound <= out_zero < zero_bound``."""
+    check_fp32_scale(entry, "out_scale", out_scale)
     check_int_range(entry, "out_qmin", out_qmin, -128, 127)
     check_int_range(entry, "out_qmax", out_qmax, out_qmin, 127)
-    check_int_range(entry, "out_zero", out_zero, -128, 127)
+    check_int_range(entry, "out_zero", out_zero, -zero_bound, zero_bound - 1)
+
+
+def check_requant_columns(entry: str, grid: torch.Tensor) -> None:
+    """Per-column grids, rows scale, zero, qmin, qmax (a 5th row, 1 / scale, is not read), under the rules of
+    :func:`check_requant_grid` with zero points up to ``ZERO_POINT_BOUND`` (the qkv grids are the engine's q, k, v
+    activation grids; both kernels add the zero in fp32). Only for CPU tensors: on CUDA reading the values back would
+    sync with the device on every launch, so a CUDA grid goes unchecked (the engine builds its grids once per layer)."""
+    if grid.device.type != "cpu" or grid.shape[1] == 0:
+        return
+    # A few whole-row numpy reductions (this runs on every native qkv GEMM: ~4x faster than torch ops on these small
+    # rows); NaN fails every comparison. The bad column is looked for only on failure.
+    g = grid.detach().numpy()
+    ints, bound = g[1:4], ZERO_POINT_BOUND
+    if (FP32_SCALE_MIN <= g[0].min() and g[0].max() <= FP32_SCALE_MAX and -bound <= g[1].min()
+            and g[1].max() < bound and g[2].min() >= -128 and g[3].max() <= 127 and (g[2] <= g[3]).all()
+            and (ints == np.rint(ints)).all()):
+        return
+    scale, zero, qmin, qmax = grid[:4].double()
+    ok = ((scale >= FP32_SCALE_MIN) & (scale <= FP32_SCALE_MAX) & (zero >= -bound) & (zero < bound)
+          & (qmin >= -128) & (qmin <= qmax) & (qmax <= 127) & (grid[1:4] == grid[1:4].round()).all(dim=0))
+    if not bool(ok.all()):
+        col = int((~ok).nonzero()[0])
+        raise KernelInputError(
+            f"{entry}: out_grid column {col} has (scale, zero, qmin, qmax) = {tuple(grid[:4, col].tolist())}; each "
+            "column needs a normal fp32 scale in [2**-126, 2**126] and integers -128 <= qmin <= qmax <= 127, "
+            "|zero| < 2**24.")
+
+
+def check_layernorm_eps(entry: str, eps: float) -> None:
+    if not 0 < eps < float("inf"):
+        raise KernelInputError(f"{entry}: eps={eps}; it must be a finite number > 0.")
+
+
+# Softmax quantizers of the attention kernels (constexpr P_MODE).
+P_MODE_LOG2 = 0
+P_MODE_LINEAR = 1
+
+
+def check_attention_scalars(entry: str, q_zero: int, k_zero: int, v_zero: int, p_mode: int, p_param: float,
+                            p_bits: int, out_dtype: torch.dtype) -> None:
+    """The attention arguments that are numbers (the tensors are checked by ``attention.check_attention_args``, or by
+    the native kernel itself). Not ``p_zero``: the native kernel takes any (int16 or float64 P.V), the Triton one
+    only [0, 2**p_bits - 1] (``check_attention_args``)."""
+    for name, zero in (("q_zero", q_zero), ("k_zero", k_zero), ("v_zero", v_zero)):
+        check_int_range(entry, name, zero, -128, 127)
+    if not 1 <= int(p_bits) <= 8:
+        raise KernelInputError(f"{entry}: p_bits={p_bits}; allowed 1..8.")
+    if p_mode == P_MODE_LOG2:
+        check_fp32_scale(entry, "p_delta", p_param)  # the largest log2 level
+    elif p_mode == P_MODE_LINEAR:
+        check_fp32_scale(entry, "p_scale", p_param)
+    else:
+        raise KernelInputError(f"{entry}: p_mode={p_mode}; allowed {P_MODE_LOG2} (log2 softmax codes) or "
+                               f"{P_MODE_LINEAR} (linear).")
+    if out_dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise KernelInputError(f"{entry}: out_dtype={out_dtype}; allowed float16, bfloat16, float32.")
 
 
 def reciprocal_fp32(scale: float) -> float:

@@ -19,8 +19,8 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._common import (check_requant_grid, check_tensor, next_power_of_2, reciprocal_fp32, require_triton_device,
-                      uniform_quantize_int)
+from ._common import (check_layernorm_eps, check_requant_grid, check_same_device, check_tensor, next_power_of_2,
+                      reciprocal_fp32, require_triton_device, uniform_quantize_int)
 from .errors import KernelInputError
 
 MAX_CHANNELS = 16384
@@ -59,8 +59,8 @@ def check_layernorm_quant_args(entry, x, weight, bias, eps, out_scale, out_zero,
                  contiguous=True)
     check_tensor(entry, "bias", bias, dtypes=(torch.float16, torch.bfloat16, torch.float32), shape=(c,),
                  contiguous=True)
-    if not eps > 0:
-        raise KernelInputError(f"{entry}: eps={eps}; it must be > 0.")
+    check_same_device(entry, (("x", x), ("weight", weight), ("bias", bias)))
+    check_layernorm_eps(entry, eps)
     check_requant_grid(entry, out_scale, out_zero, out_qmin, out_qmax)
     return c
 

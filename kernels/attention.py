@@ -58,19 +58,16 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._common import (LOG2E, ROUND_MAGIC, ROUND_MAGIC_BITS, check_int_range, check_requant_grid, check_tensor,
-                      exp2_nonpositive, next_power_of_2, reciprocal_fp32, require_triton_device,
-                      round_neg_log2, small_int_to_float, torch_dtype_to_triton, uniform_quantize,
-                      uniform_quantize_int)
+from ._common import (LOG2E, P_MODE_LINEAR, P_MODE_LOG2, ROUND_MAGIC, ROUND_MAGIC_BITS, check_attention_scalars,
+                      check_int_range, check_requant_grid, check_same_device, check_tensor, exp2_nonpositive,
+                      next_power_of_2, reciprocal_fp32, require_triton_device, round_neg_log2, small_int_to_float,
+                      torch_dtype_to_triton, uniform_quantize, uniform_quantize_int)
 from .errors import KernelInputError
 
 MAX_SEQ = 256  # one tile per row: longest key sequence the single-pass kernel accepts
 FAST_RATIO_MAX_BITS = 6  # log2 softmax codes of up to this many bits use _log2_ratio_fast
 FAST_RATIO_NEAR_ULPS = 16  # its margin around the rounding boundary, in ulps (the error bound is 3)
 SOFTMAX_MATHS = ("exact", "fast")
-
-P_MODE_LOG2 = 0
-P_MODE_LINEAR = 1
 
 
 # The rounding boundary of round(-log2 r) inside a binade: mantissa bits of sqrt(2) (see round_neg_log2).
@@ -329,18 +326,10 @@ def check_attention_args(entry, q, k, v, q_zero, k_zero, v_zero, sm_scale, bias,
                                f"one tile and allows 1 <= N <= {MAX_SEQ}.")
     if head_dim < 1 or head_dim > 256:
         raise KernelInputError(f"{entry}: head dim d={head_dim}; allowed 1..256.")
-    for name, zero in (("q_zero", q_zero), ("k_zero", k_zero), ("v_zero", v_zero)):
-        check_int_range(entry, name, zero, -128, 127)
-    if not 1 <= int(p_bits) <= 8:
-        raise KernelInputError(f"{entry}: p_bits={p_bits}; allowed 1..8.")
-    if p_mode == P_MODE_LOG2 and not p_param > 0:
-        raise KernelInputError(f"{entry}: p_delta={p_param}; it must be > 0 (the largest log2 level).")
-    if p_mode == P_MODE_LINEAR:
-        if not p_param > 0:
-            raise KernelInputError(f"{entry}: p_scale={p_param}; it must be > 0.")
+    check_attention_scalars(entry, q_zero, k_zero, v_zero, p_mode, p_param, p_bits, out_dtype)
+    if p_mode == P_MODE_LINEAR:  # codes - p_zero must stay exact in the fp16 P.V
         check_int_range(entry, "p_zero", p_zero, 0, 2 ** int(p_bits) - 1)
-    if out_dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise KernelInputError(f"{entry}: out_dtype={out_dtype}; allowed float16, bfloat16, float32.")
+    check_same_device(entry, (("q", q), ("k", k), ("v", v), ("bias", bias), ("mask", mask)))
     _bias_strides(entry, bias, batch, heads, seq)
     if mask is not None:
         check_tensor(entry, "mask", mask, dtypes=(torch.float32, torch.float16, torch.bfloat16), ndim=3)

@@ -19,13 +19,13 @@ from typing import Optional
 
 import torch
 
-from ._common import check_requant_grid
+from ._common import (P_MODE_LINEAR, P_MODE_LOG2, check_attention_scalars, check_layernorm_eps,
+                      check_requant_columns, check_requant_grid)
 from .errors import KernelInputError, MissingBackendError
 
 _LOADED: Optional[bool] = None
 _ISA_CHECKED = False  # whether DFQVIT_NATIVE_ISA was read without error
 _EXT = None  # the dfqvit._C module once loaded: its functions skip torch.ops' argument boxing (bindings.cpp)
-P_MODE_LOG2, P_MODE_LINEAR = 0, 1
 
 
 def _disabled_by_env() -> bool:
@@ -103,6 +103,8 @@ def qgemm_prepacked(a: torch.Tensor, a_scale: float, a_zero: int, panels: torch.
                     storage_bits: int, k: int, gelu: bool, out_scale: Optional[float], out_zero: int, out_qmin: int,
                     out_qmax: int, out_dtype: torch.dtype) -> torch.Tensor:
     """``dfqvit::qgemm`` on prepacked panels (same math and bits; ``w_col_sums`` must be the true sums)."""
+    if out_scale is not None:  # the C++ kernel checks tensors, not the grid (codes past int8 would wrap)
+        check_requant_grid("native.qgemm_prepacked", out_scale, out_zero, out_qmin, out_qmax)
     return _ext().qgemm_prepacked(a, float(a_scale), int(a_zero), panels, int(n), w_scale, w_zero, w_col_sums, bias,
                                   residual, int(storage_bits), int(k), bool(gelu),
                                   None if out_scale is None else float(out_scale), int(out_zero), int(out_qmin),
@@ -116,6 +118,8 @@ def qgemm_prepacked_norm(a: torch.Tensor, a_scale: float, a_zero: int, panels: t
     """(y, codes): the fp32 ``qgemm_prepacked`` output (bias, residual) and ``layernorm_quant(y, ...)``, bit for
     bit the two calls, with each output tile normalized while it is still in cache (a pre-norm block's residual
     branch and the next GEMM's input)."""
+    check_layernorm_eps("native.qgemm_prepacked_norm", eps)
+    check_requant_grid("native.qgemm_prepacked_norm", scale, zero, qmin, qmax)
     return _ext().qgemm_prepacked_norm(a, float(a_scale), int(a_zero), panels, int(n), w_scale, w_zero, w_col_sums,
                                        bias, residual, int(storage_bits), int(k), norm_weight, norm_bias, float(eps),
                                        float(scale), int(zero), int(qmin), int(qmax))
@@ -126,6 +130,9 @@ def qgemm_prepacked_columns(a: torch.Tensor, a_scale: float, a_zero: int, panels
                             out_grid: torch.Tensor) -> torch.Tensor:
     """The GEMM re-quantized to int8 with a grid per output column: ``out_grid`` (4, N) = scale, zero, qmin,
     qmax (bit for bit ``uniform_quantize(fp32 GEMM output, *out_grid)``)."""
+    if (isinstance(out_grid, torch.Tensor) and out_grid.dtype == torch.float32 and out_grid.dim() == 2
+            and out_grid.shape[0] == 4):  # else the C++ kernel refuses it
+        check_requant_columns("native.qgemm_prepacked_columns", out_grid)
     return _ext().qgemm_prepacked(a, float(a_scale), int(a_zero), panels, int(n), w_scale, w_zero, w_col_sums, bias,
                                   None, int(storage_bits), int(k), False, None, 0, 0, 0, torch.int8, out_grid)
 
@@ -133,11 +140,14 @@ def qgemm_prepacked_columns(a: torch.Tensor, a_scale: float, a_zero: int, panels
 def layernorm_quant(x: torch.Tensor, weight, bias, eps: float, scale: float, zero: int, qmin: int,
                     qmax: int) -> torch.Tensor:
     """``reference.layernorm_quant_reference`` in one pass per row."""
+    check_layernorm_eps("native.layernorm_quant", eps)
+    check_requant_grid("native.layernorm_quant", scale, zero, qmin, qmax)
     return _ext().layernorm_quant(x, weight, bias, float(eps), float(scale), int(zero), int(qmin), int(qmax))
 
 
 def quantize(x: torch.Tensor, scale: float, zero: int, qmin: int, qmax: int) -> torch.Tensor:
     """``reference.uniform_quantize(x, scale, zero, qmin, qmax).to(int8)`` in one pass."""
+    check_requant_grid("native.quantize", scale, zero, qmin, qmax)
     return _ext().quantize(x, float(scale), int(zero), int(qmin), int(qmax))
 
 
@@ -150,7 +160,9 @@ def attention(q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale, v_zero, sm_sca
     returns int8 codes of the ``out_dtype`` result on that grid (``reference.uniform_quantize``): the
     projection GEMM's input, without a transpose copy or a separate quantize pass."""
     scale, zero, qmin, qmax = (None, 0, 0, 0) if out_grid is None else out_grid
-    if out_grid is not None:  # the same grid check as the Triton launcher
+    # The number checks of the ops and the Triton launcher (the C++ kernel checks the tensors).
+    check_attention_scalars("native.attention", q_zero, k_zero, v_zero, p_mode, p_param, p_bits, out_dtype)
+    if out_grid is not None:
         check_requant_grid("native.attention", scale, zero, qmin, qmax)
     return _ext().attention(q, k, v, float(q_scale), int(q_zero), float(k_scale), int(k_zero), float(v_scale),
                             int(v_zero), float(sm_scale), bias, mask, int(p_mode), float(p_param), int(p_zero),

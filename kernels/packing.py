@@ -142,6 +142,25 @@ def _check_group_k(entry: str, storage_bits: int, group_k: int) -> None:
                                f"(default {DEFAULT_GROUP_K.get(storage_bits)}).")
 
 
+def _check_w_zero(entry: str, w_zero: torch.Tensor, bits: int, storage_bits: int) -> None:
+    """Zero points the GEMMs handle exactly, checked on the given values (before the int32 conversion, which would
+    wrap 2**32 + 3 to 3).
+
+    int4/int3: [2**bits - 128, 127], so that W - w_zero fits int8 (subtracted while unpacking, fed to int8 tensor
+    cores). int8 rows: [-128, 127], the int8 code range, where ``engine.pack`` puts the quantizer's zero points (5- to
+    7-bit ones lie in [0, 2**bits - 1], 8-bit ones are shifted by -128 with their codes): |W - w_zero| <= 255 is then
+    exact in the fp16/bf16 of the weight-only GEMM, and the int32 accumulator cannot overflow below K = 33,000.
+    """
+    if w_zero.is_floating_point() and not torch.equal(w_zero, w_zero.round()):
+        raise KernelInputError(f"{entry}: w_zero must hold integers; got non-integral values.")
+    lo, hi = (2 ** storage_bits - 128, 127) if storage_bits in (3, 4) else (-128, 127)
+    zmin, zmax = w_zero.min().item(), w_zero.max().item()
+    if zmin < lo or zmax > hi:
+        why = ("so that W - w_zero fits int8 (quantizer zero points lie in [0, 2**bits - 1])" if storage_bits in (3, 4)
+               else "(int8 rows: the int8 code range; shift 8-bit unsigned codes and their zero points by -128)")
+        raise KernelInputError(f"{entry}: w_zero spans [{zmin}, {zmax}]; {bits}-bit weights allow [{lo}, {hi}] {why}.")
+
+
 def pack_weight(codes: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor, bits: int,
                 group_k: int | None = None) -> PackedWeight:
     """Pack the (N, K) integer codes of a quantized ``nn.Linear`` weight for the GEMM (once, at build).
@@ -150,7 +169,8 @@ def pack_weight(codes: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor
         codes: integer (N, K); unsigned codes in [0, 2**bits - 1] for 3/4 bits; values that fit int8
             for 5..8 bits (8-bit unsigned codes must be shifted by -128 first, and ``w_zero`` with them).
         w_scale: (N,) per-output-channel scales (stored fp32).
-        w_zero: (N,) integer zero points (stored int32).
+        w_zero: (N,) integer zero points (stored int32): in [2**bits - 128, 127] for 3/4 bits (W - w_zero fits
+            int8), in [-128, 127] for 5..8 bits (the int8 code range).
         bits: weight bit width, 3..8.
         group_k: K packing group (power of two >= 16); defaults to 64 for int4 and 128 for int3.
     """
@@ -162,16 +182,8 @@ def pack_weight(codes: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor
     check_tensor(entry, "w_scale", w_scale, dtypes=(torch.float16, torch.bfloat16, torch.float32), shape=(n,))
     check_tensor(entry, "w_zero", w_zero, dtypes=(torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
                                                   torch.float32), shape=(n,))
-    if w_zero.is_floating_point() and not torch.equal(w_zero, w_zero.round()):
-        raise KernelInputError(f"{entry}: w_zero must hold integers; got non-integral values.")
+    _check_w_zero(entry, w_zero, bits, storage_bits)
     w_zero_i32 = w_zero.to(torch.int32).contiguous()
-    if storage_bits in (3, 4):
-        # The GEMM subtracts w_zero while unpacking and feeds int8 tensor cores: W - w_zero must fit int8.
-        lo, hi = 2 ** storage_bits - 128, 127
-        zmin, zmax = int(w_zero_i32.min()), int(w_zero_i32.max())
-        if zmin < lo or zmax > hi:
-            raise KernelInputError(f"{entry}: w_zero spans [{zmin}, {zmax}]; {bits}-bit weights allow [{lo}, {hi}] "
-                                   "so that W - w_zero fits int8 (quantizer zero points lie in [0, 2**bits - 1]).")
     col_sums = (codes.to(torch.int64) - w_zero_i32.to(torch.int64)[:, None]).sum(dim=1).to(torch.int32)
     if layout is PackedLayout.INT8_ROWS:
         data, group_k = codes.to(torch.int8).contiguous(), 1

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -48,8 +48,9 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._common import (check_int_range, check_requant_grid, check_tensor, gelu_erf, m_bucket, reciprocal_fp32,
-                      require_triton_device, torch_dtype_to_triton, uniform_quantize_int)
+from ._common import (ZERO_POINT_BOUND, check_int_range, check_requant_columns, check_requant_grid, check_same_device,
+                      check_tensor, gelu_erf, m_bucket, reciprocal_fp32, require_triton_device,
+                      torch_dtype_to_triton, uniform_quantize_int)
 from .errors import KernelInputError
 from .packing import PackedWeight, unpack_centered_triton
 
@@ -84,6 +85,12 @@ class GemmConfig:
 
 # Interpreter default: big enough that numpy does the work, small enough for dims 16..128.
 INTERPRETER_CONFIG = GemmConfig(block_m=32, block_n=32, block_k=64, group_m=4, num_warps=1, num_stages=1)
+
+
+def interpreter_config(group_k: int) -> GemmConfig:
+    """The interpreter default for a weight packed in groups of ``group_k``: BLOCK_K must cover whole packing groups
+    (int3 packs 128 K positions per group by default, more than INTERPRETER_CONFIG's 64)."""
+    return replace(INTERPRETER_CONFIG, block_k=max(INTERPRETER_CONFIG.block_k, group_k))
 
 
 @triton.jit
@@ -368,6 +375,12 @@ def _check_epilogue(entry, m, n, bias, residual, out_scale, out_zero, out_qmin, 
         check_requant_grid(entry, out_scale, out_zero, out_qmin, out_qmax)
 
 
+def max_a_zero(k: int) -> int:
+    """The largest |a_zero| whose correction ``a_zero * w_col_sums`` and exact accumulator stay in int32 (columns of
+    ``W - w_zero`` hold at most 255 per K position): an int8 bound refused engine grids of all-positive inputs."""
+    return min(ZERO_POINT_BOUND, max(128, (2 ** 31 - 1) // (255 * max(int(k), 1)) - 128))
+
+
 def check_qgemm_args(entry, a, a_zero, w_packed, w_scale, w_zero, w_col_sums, bias, residual, storage_bits, k,
                      group_k, out_scale, out_zero, out_qmin, out_qmax, out_dtype):
     """Metadata-only checks (work on fake tensors too) shared by the op, its fake and the launcher."""
@@ -376,8 +389,11 @@ def check_qgemm_args(entry, a, a_zero, w_packed, w_scale, w_zero, w_col_sums, bi
     if a.shape[1] != k:
         raise KernelInputError(f"{entry}: a has K={a.shape[1]} columns but the packed weight has k={k}; "
                                "the activation and weight must share the inner dimension.")
-    check_int_range(entry, "a_zero", a_zero, -128, 127)
+    bound = max_a_zero(k)
+    check_int_range(entry, "a_zero", a_zero, -bound, bound)
     _check_epilogue(entry, a.shape[0], n, bias, residual, out_scale, out_zero, out_qmin, out_qmax, out_dtype)
+    check_same_device(entry, (("a", a), ("w_packed", w_packed), ("w_scale", w_scale), ("w_zero", w_zero),
+                              ("w_col_sums", w_col_sums), ("bias", bias), ("residual", residual)))
     return a.shape[0], n
 
 
@@ -388,6 +404,8 @@ def check_qgemm_w16_args(entry, x, w_packed, w_scale, w_zero, bias, residual, st
     if x.shape[1] != k:
         raise KernelInputError(f"{entry}: x has K={x.shape[1]} columns but the packed weight has k={k}.")
     _check_epilogue(entry, x.shape[0], n, bias, residual, None, 0, 0, 0, out_dtype)
+    check_same_device(entry, (("x", x), ("w_packed", w_packed), ("w_scale", w_scale), ("w_zero", w_zero),
+                              ("bias", bias), ("residual", residual)))
     return x.shape[0], n
 
 
@@ -443,7 +461,7 @@ def _launch(entry, a, a_scale, a_zero, w_packed, w_scale, w_zero, w_col_sums, bi
                                           a.dtype if float_a else torch.int8)
         storage_bits, group_k = 8, 1
     if config is None and device.type == "cpu":
-        config = INTERPRETER_CONFIG
+        config = interpreter_config(group_k if storage_bits != 8 else 1)
     if config is not None and storage_bits != 8 and config.block_k % group_k:
         raise KernelInputError(f"{entry}: config.block_k={config.block_k} must be a multiple of group_k={group_k}.")
     min_piece = 16 if float_a else 32  # tensor-core K: 16 for fp16/bf16 MMA, 32 for int8 MMA
@@ -507,6 +525,9 @@ def qgemm_columns_triton(a: torch.Tensor, a_scale: float, a_zero: int, w_packed:
         check_tensor(entry, "out_grid", out_grid, dtypes=(torch.float32,), shape=(5, n), contiguous=True)
     else:
         check_tensor(entry, "out_grid", out_grid, dtypes=(torch.float32,), shape=(4, n), contiguous=True)
+    check_same_device(entry, (("a", a), ("out_grid", out_grid)))
+    check_requant_columns(entry, out_grid)  # values checked on CPU tensors only (no device sync per launch)
+    if out_grid.shape[0] == 4:
         out_grid = column_grid_with_inverse(out_grid)
     out = torch.empty((m, n), dtype=torch.int8, device=a.device)
     return _launch(entry, a, a_scale, a_zero, w_packed, w_scale, w_zero, w_col_sums, bias, None, storage_bits, k,
@@ -615,6 +636,15 @@ def _qgemm_w16_fake(x, w_packed, w_scale, w_zero, bias, residual, storage_bits, 
 # ---------------------------------------------------------------------------------------------------
 
 
+def _residual_rows(entry: str, residual: Optional[torch.Tensor], lead: torch.Size, n: int):
+    """``residual`` (..., N) as (M, N) rows, after checking it has the output's shape: a reshape alone would accept
+    any tensor of the same size (a (6, 4) residual for a (4, 6) output, added in the wrong layout)."""
+    if residual is None:
+        return None
+    check_tensor(entry, "residual", residual, shape=(*lead, n))
+    return residual.reshape(-1, n)
+
+
 def linear_a8(a: torch.Tensor, a_scale: float, a_zero: int, weight: PackedWeight,
               bias: Optional[torch.Tensor] = None, *, residual: Optional[torch.Tensor] = None, gelu: bool = False,
               out_scale: Optional[float] = None, out_zero: int = 0, out_qmin: int = -128, out_qmax: int = 127,
@@ -625,7 +655,7 @@ def linear_a8(a: torch.Tensor, a_scale: float, a_zero: int, weight: PackedWeight
     """
     lead = a.shape[:-1]
     a2 = a.reshape(-1, a.shape[-1])
-    res2 = None if residual is None else residual.reshape(-1, weight.n)
+    res2 = _residual_rows("linear_a8", residual, lead, weight.n)
     if out_scale is not None:
         out_dtype = torch.int8
     y = torch.ops.dfqvit.qgemm(a2, float(a_scale), int(a_zero), weight.data, weight.w_scale, weight.w_zero,
@@ -641,13 +671,13 @@ def linear_w16(x: torch.Tensor, weight: PackedWeight, bias: Optional[torch.Tenso
     """``torch.ops.dfqvit.qgemm_w16`` on fp16/bf16 activations of any leading shape (..., K)."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    res2 = None if residual is None else residual.reshape(-1, weight.n)
+    res2 = _residual_rows("linear_w16", residual, lead, weight.n)
     y = torch.ops.dfqvit.qgemm_w16(x2, weight.data, weight.w_scale, weight.w_zero, bias, res2,
                                    weight.storage_bits, weight.k, weight.group_k, bool(gelu),
                                    out_dtype or x.dtype)
     return y.reshape(*lead, weight.n)
 
 
-__all__ = ["GemmConfig", "INTERPRETER_CONFIG", "column_grid_with_inverse", "gemm_path", "use_unpack_first",
-           "linear_a8", "linear_w16", "qgemm_triton", "qgemm_columns_triton", "qgemm_w16_triton",
+__all__ = ["GemmConfig", "INTERPRETER_CONFIG", "interpreter_config", "column_grid_with_inverse", "gemm_path",
+           "use_unpack_first", "linear_a8", "linear_w16", "qgemm_triton", "qgemm_columns_triton", "qgemm_w16_triton",
            "qgemm_accumulator_triton"]

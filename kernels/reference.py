@@ -16,9 +16,14 @@ from . import portable_math
 def uniform_quantize(x: torch.Tensor, scale, zero_point, qmin: int, qmax: int) -> torch.Tensor:
     """SPDFQ eq. 1: ``clamp(round(x / scale) + zero_point, qmin, qmax)``; integral values, x's dtype.
 
-    ``scale`` and ``zero_point`` broadcast against ``x`` (scalars for per-tensor, shaped for per-channel).
+    ``scale`` and ``zero_point`` broadcast against ``x`` (scalars for per-tensor, shaped for per-channel). NaN
+    gives ``qmin``, as in the native (``fmax``) and Triton kernels: ``torch.clamp`` keeps NaN, whose cast to an
+    integer is undefined (0 on x86).
     """
-    return torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax)
+    q = torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax)
+    if isinstance(qmin, torch.Tensor):
+        return torch.where(q.isnan(), qmin, q)
+    return q.nan_to_num(nan=float(qmin))  # one pass; q holds no inf after the clamp to finite bounds
 
 
 def uniform_dequantize(q: torch.Tensor, scale, zero_point) -> torch.Tensor:
@@ -141,7 +146,7 @@ def unpack_int4_reference(packed: torch.Tensor, k: int, group_k: int) -> torch.T
     n, row_bytes = packed.shape
     p = packed.view(n, row_bytes // (group_k // 2), 1, group_k // 2)
     codes = torch.cat([p & 0xF, p >> 4], dim=2)
-    return codes.reshape(n, -1)[:, :k].contiguous()
+    return codes.reshape(n, 2 * row_bytes)[:, :k].contiguous()  # explicit sizes: -1 is ambiguous for N = 0
 
 
 def pack_int3_reference(codes: torch.Tensor, group_k: int) -> torch.Tensor:

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from dfqvit.engine import build_engine
-from dfqvit.engine.backends import _interpreter_config
 from dfqvit.engine.backends import TorchKernels
 from dfqvit.engine.graphs import CUDAGraphRunner, bucket_for, pad_batch, split_batches
 from dfqvit.engine.pack import PackedLinear
@@ -38,8 +37,7 @@ def test_gemm_accumulators_equal_fake_quant_integer_codes(bits):
         acc_ref = reference.qgemm_accumulator_reference(a8, layer.act.zero, codes, layer.w_zero)
         assert torch.equal(acc_ref.to(torch.int64), expected), name
         acc_triton = qgemm_accumulator_triton(a8, layer.act.zero, layer.data, layer.w_zero, layer.w_col_sums,
-                                              layer.layout.storage_bits, layer.k, layer.group_k,
-                                              config=_interpreter_config(a8, layer))
+                                              layer.layout.storage_bits, layer.k, layer.group_k)
         assert torch.equal(acc_triton.to(torch.int64), expected), name
         checked += 1
     assert checked == 5  # qkv, proj, fc1, fc2, head

@@ -76,3 +76,17 @@ def test_layernorm_quant_errors_say_what_was_given():
         op(x, w, b, 1e-6, 0.0, 0, -128, 127)
     with pytest.raises(KernelInputError, match="out_qmax=200"):
         op(x, w, b, 1e-6, 0.1, 0, -128, 200)
+
+
+def test_layernorm_quant_refuses_mixed_devices_and_abnormal_scales():
+    """A meta weight beside CPU tensors gave uninitialized memory; out_scale 1e-42 / 1e39 crashed the interpreted
+    kernel with a raw InterpreterError (Triton typed them fp64)."""
+    x, w, b = _inputs((3, 8), torch.float32)
+    with pytest.raises(KernelInputError, match="weight on meta"):
+        torch.ops.dfqvit.layernorm_quant(x, w.to("meta"), b, 1e-5, 0.1, 0, -128, 127)
+    for out_scale in (1e-42, 1e39):
+        with pytest.raises(KernelInputError, match="normal fp32"):
+            layernorm_quant_triton(x, w, b, 1e-5, out_scale, 0, -128, 127)
+    for eps in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(KernelInputError, match="eps="):
+            layernorm_quant_triton(x, w, b, eps, 0.1, 0, -128, 127)

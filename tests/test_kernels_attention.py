@@ -375,6 +375,20 @@ def test_attention_errors_say_what_was_given():
                                           torch.float16)
 
 
+def test_attention_refuses_mixed_devices_and_abnormal_softmax_scales():
+    """A meta bias beside CPU q, k, v gave uninitialized memory; p_delta 1e-45 / 1e39 crashed the interpreted kernel
+    with a raw InterpreterError (Triton typed them fp64). Both are refused before any kernel runs."""
+    q, k, v = _qkv(1, 2, 5, 8)
+    with pytest.raises(KernelInputError, match="bias on meta"):
+        torch.ops.dfqvit.attention_log2(q, k, v, 0.1, 0, 0.1, 0, 0.1, 0, 0.3, torch.zeros(2, 5, 5, device="meta"),
+                                        None, 0.9, 4, torch.float32)
+    for p_delta in (1e-45, 1e39, float("inf")):
+        with pytest.raises(KernelInputError, match="p_delta=.*normal fp32"):
+            attention_log2_triton(q, k, v, 0.1, 0, 0.1, 0, 0.1, 0, 0.3, None, None, p_delta, 4, torch.float32)
+    with pytest.raises(KernelInputError, match="p_scale=.*normal fp32"):
+        attention_linear_triton(q, k, v, 0.1, 0, 0.1, 0, 0.1, 0, 0.3, None, None, 1e39, 0, 4, torch.float32)
+
+
 @pytest.mark.parametrize("softmax_math", ["fast", "exact"])
 @pytest.mark.parametrize("p_bits", [3, 4, 8])
 def test_cuda_kernel_at_vit_shape(p_bits, softmax_math):

@@ -18,8 +18,8 @@ import triton.language as tl
 
 import numpy as np
 
-from dfqvit.kernels import portable_math, reference
-from dfqvit.kernels._common import (exp2_nonpositive, reciprocal_fp32, rint, small_int_to_float,
+from dfqvit.kernels import KernelInputError, portable_math, reference
+from dfqvit.kernels._common import (check_requant_grid, exp2_nonpositive, reciprocal_fp32, rint, small_int_to_float,
                                     uniform_quantize_int)
 from kernel_utils import TRITON_DEVICE, requires_triton
 
@@ -166,3 +166,28 @@ def test_uniform_quantize_int_equals_the_reference(scale):
     x = torch.cat([spread, _near_ties(scale, gen, 50_000), far]).float()
     got = _run(4, x, torch.int32, scale)
     assert torch.equal(got, reference.uniform_quantize(x, scale, 3.0, -128, 127).to(torch.int32))
+
+
+@requires_triton
+def test_nan_quantizes_to_qmin_in_the_kernels_and_the_reference():
+    """NaN: the kernels' max/min (and native's fmax/fmin) give qmin; the reference's torch.clamp kept NaN, whose int8
+    cast gave 0 -- not the "identical bits" the backends promise. Per-tensor and per-column bounds alike."""
+    x = torch.tensor([float("nan"), 1.0, -1.0, float("inf"), -float("inf")])
+    got = _run(4, x, torch.int32, 0.05)
+    expected = reference.uniform_quantize(x, 0.05, 3.0, -128, 127).to(torch.int32)
+    assert torch.equal(got, expected) and int(expected[0]) == -128
+    columns = reference.uniform_quantize(x, 0.05, 3.0, torch.full((5,), -8.0), torch.full((5,), 7.0))
+    assert columns.tolist() == [-8.0, 7.0, -8.0, 7.0, -8.0]
+
+
+def test_requant_scale_must_be_a_normal_fp32_with_a_normal_reciprocal():
+    """Scales past fp32 (1e39) or subnormal in it (1e-42) crashed the interpreted kernels (Triton typed them fp64):
+    the grid check allows [2**-126, 2**126], where the scale and reciprocal_fp32 of it are normal fp32 numbers."""
+    for scale in (2.0 ** -126, 2.0 ** 126, 0.05):
+        check_requant_grid("test", scale, 0, -128, 127)
+        inv = np.float32(reciprocal_fp32(scale))
+        assert np.isfinite(inv) and inv >= np.finfo(np.float32).tiny
+    below = float(np.nextafter(2.0 ** -126, 0.0))
+    for scale in (below, 2.0 ** 126 * 1.0000001, 1e-42, 1e39, 0.0, -0.1, float("inf"), float("nan")):
+        with pytest.raises(KernelInputError, match="normal fp32"):
+            check_requant_grid("test", scale, 0, -128, 127)

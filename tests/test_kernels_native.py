@@ -229,6 +229,57 @@ def test_direct_entry_points_are_the_registered_ops():
         native._ext().qgemm_prepacked(a, "0.02", *gemm[2:], False, None, 0, 0, 0, torch.float32, None)
 
 
+def test_direct_entry_points_check_their_numbers():
+    """native.* skipped the number checks of the torch.ops entry points: out_scale NaN / 0 / negative, qmin > qmax
+    went through, and qmin/qmax = +-1000 wrapped a code of -885 to -117; attention took p_mode 5, p_bits 0,
+    q_zero 300, p_delta -1; layernorm_quant eps -1 or NaN. Now each raises a KernelInputError. Zero points outside
+    int8 stay allowed (up to 2**24, exact in fp32): the engine's grids have them (zero -185 after a max pool)."""
+    _native()
+    from kernel_utils import random_int8
+    from dfqvit.kernels import KernelInputError, native
+    m, n, k = 3, 5, 40
+    w = _weight(4, n, k)
+    a = random_int8((m, k), GEN)
+    panels = native.prepack(w.data, 4, k, w.group_k)
+    gemm = (a, 0.02, 3, panels, n, w.w_scale, w.w_zero, w.w_col_sums, None, None, 4, k, False)
+    for out_grid, match in (((float("nan"), 0, -128, 127), "out_scale=nan"), ((0.0, 0, -128, 127), "out_scale=0"),
+                            ((-0.1, 0, -128, 127), "out_scale=-0.1"), ((1e-42, 0, -128, 127), "normal fp32"),
+                            ((0.1, 0, 10, -10), "out_qmax=-10"), ((0.1, 2 ** 25, -128, 127), "out_zero=33554432"),
+                            ((0.001, 0, -1000, 1000), "out_qmin=-1000")):
+        with pytest.raises(KernelInputError, match=match):
+            native.qgemm_prepacked(*gemm, *out_grid, torch.int8)
+        with pytest.raises(KernelInputError, match=match):
+            native.quantize(torch.randn(4), *out_grid)
+        x = torch.randn(2, n)
+        with pytest.raises(KernelInputError, match=match):
+            native.layernorm_quant(x, torch.ones(n), torch.zeros(n), 1e-6, *out_grid)
+        with pytest.raises(KernelInputError, match=match):
+            native.qgemm_prepacked_norm(*gemm[:12], torch.ones(n), torch.zeros(n), 1e-6, *out_grid)
+    x = torch.randn(4, 8, generator=GEN) * 3
+    assert torch.equal(native.quantize(x, 0.02, -185, -128, 127),
+                       reference.uniform_quantize(x, 0.02, -185, -128, 127).to(torch.int8))
+    for column in ((0.0, 0.0, -128.0, 127.0), (0.1, 0.0, 100.0, -100.0), (0.1, 0.0, -1000.0, 1000.0)):
+        grid = torch.tensor([column] * n).T.contiguous()
+        with pytest.raises(KernelInputError, match="out_grid column 0"):
+            native.qgemm_prepacked_columns(*gemm[:9], 4, k, grid)
+    for eps in (-1.0, float("nan")):
+        with pytest.raises(KernelInputError, match="eps="):
+            native.layernorm_quant(torch.randn(2, n), torch.ones(n), torch.zeros(n), eps, 0.1, 0, -128, 127)
+        with pytest.raises(KernelInputError, match="eps="):
+            native.qgemm_prepacked_norm(*gemm[:12], torch.ones(n), torch.zeros(n), eps, 0.1, 0, -128, 127)
+    q, kk, v = (random_int8((1, 2, 5, 8), GEN) for _ in range(3))
+
+    def attention(p_mode=native.P_MODE_LOG2, p_param=0.9, p_bits=4, q_zero=0):
+        return native.attention(q, kk, v, 0.1, q_zero, 0.1, 0, 0.1, 0, 0.3, None, None, p_mode, p_param, 0, p_bits,
+                                torch.float32)
+
+    for kwargs, match in ((dict(p_mode=5), "p_mode=5"), (dict(p_bits=0), "p_bits=0"), (dict(q_zero=300), "q_zero=300"),
+                          (dict(p_param=-1.0), "p_delta=-1.0"), (dict(p_param=1e-45), "p_delta=.*normal fp32"),
+                          (dict(p_mode=native.P_MODE_LINEAR, p_param=0.0), "p_scale=0.0")):
+        with pytest.raises(KernelInputError, match=match):
+            attention(**kwargs)
+
+
 def test_direct_entry_points_without_the_extension(monkeypatch):
     _native()
     from dfqvit.errors import MissingBackendError
@@ -437,8 +488,8 @@ def test_native_attention_token_major_codes_equal_quantizing_the_output(isa, out
     assert torch.equal(codes, expected)
     assert torch.equal(native.attention(*args, token_major=True), plain.transpose(1, 2))
     from dfqvit.kernels import KernelInputError
-    with pytest.raises(KernelInputError, match="out_zero=200"):
-        native.attention(*args, out_grid=(0.004, 200, -128, 127), token_major=True)
+    with pytest.raises(KernelInputError, match="out_zero=33554432"):  # past 2**24: not exact where it is added
+        native.attention(*args, out_grid=(0.004, 2 ** 25, -128, 127), token_major=True)
 
 
 def test_a_bad_isa_in_the_environment_is_named():

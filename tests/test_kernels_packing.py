@@ -146,3 +146,35 @@ def test_pack_errors_say_what_was_given():
         torch.ops.dfqvit.unpack_weight(packed, 4, 64, 16)
     with pytest.raises(KernelInputError, match="storage_bits=5"):
         torch.ops.dfqvit.pack_weight(codes, 5, 16)
+
+
+def test_pack_weight_checks_w_zero_before_the_int32_conversion():
+    """2**32 + 3 converted to int32 first wrapped to 3 and passed the range check."""
+    codes, scale, zero = random_weight(4, 4, 32, GEN)
+    with pytest.raises(KernelInputError, match="w_zero spans"):
+        pack_weight(codes, scale, zero.to(torch.int64) + 2 ** 32, 4)
+    with pytest.raises(KernelInputError, match="w_zero spans"):
+        pack_weight(codes, scale, zero.float() + 2 ** 32, 4)
+
+
+def test_int8_rows_take_zero_points_in_the_int8_code_range():
+    """int8 rows accepted any w_zero: 2**24 overflowed the kernels' int32 accumulators (Triton and native then
+    disagreed with the reference). The int8 code range [-128, 127] is allowed, its bounds included."""
+    codes, scale, zero = random_weight(8, 4, 32, GEN)
+    for bad in (128, -129, 2 ** 24, 2 ** 32 + 3):
+        with pytest.raises(KernelInputError, match=r"w_zero spans .*allow \[-128, 127\]"):
+            pack_weight(codes, scale, torch.full((4,), bad, dtype=torch.int64), 8)
+    for bits in (5, 8):
+        w = pack_weight(codes, scale, torch.tensor([-128, 127, 0, 5]), bits)
+        assert w.w_zero.tolist() == [-128, 127, 0, 5]
+
+
+@pytest.mark.parametrize("bits,group_k", [(4, 16), (3, 32)])
+def test_reference_unpack_of_no_rows(bits, group_k):
+    """N = 0: unpack_int4_reference's reshape(n, -1) raised 'cannot reshape tensor of 0 elements'."""
+    packed = torch.empty((0, reference.packed_row_bytes(20, bits, group_k)), dtype=torch.uint8)
+    assert reference.unpack_weight_reference(packed, bits, 20, group_k).shape == (0, 20)
+    x = torch.randn(3, 20).half()
+    y = torch.ops.dfqvit.qgemm_w16(x, packed, torch.empty(0), torch.empty(0, dtype=torch.int32), None, None, bits, 20,
+                                   group_k, False, torch.float16)
+    assert y.shape == (3, 0)

@@ -253,6 +253,96 @@ def test_default_interpreter_config_and_several_groups_per_block():
         assert torch.equal(acc.cpu(), expected)
 
 
+@requires_triton
+def test_default_config_covers_a_default_int3_group():
+    """config=None with the default int3 group (128 K positions, more than the interpreter's BLOCK_K of 64): the
+    default launch must take BLOCK_K >= group_k, not refuse a config nobody passed (it did on the CPU)."""
+    codes, scale, zero = random_weight(3, 17, 40, GEN)
+    w = pack_weight(codes, scale, zero, 3)
+    assert w.group_k == 128
+    a = random_int8((3, 40), GEN)
+    dev = _to(TRITON_DEVICE, a, w.data, w.w_scale, w.w_zero, w.w_col_sums)
+    tail = (None, None, 3, 40, 128, False, None, 0, 0, 0, torch.float32)
+    expected = reference.qgemm_reference(a, 0.02, 3, w.data, w.w_scale, w.w_zero, w.w_col_sums, *tail)
+    assert torch.allclose(qgemm_triton(dev[0], 0.02, 3, *dev[1:], *tail).cpu(), expected, rtol=1e-5, atol=1e-6)
+    x = torch.randn(3, 40, generator=GEN).half()
+    expected = reference.qgemm_w16_reference(x, w.data, w.w_scale, w.w_zero, None, None, 3, 40, 128, False,
+                                             torch.float32)
+    got = qgemm_w16_triton(*_to(TRITON_DEVICE, x), *dev[1:4], None, None, 3, 40, 128, False, torch.float32)
+    assert sqnr_db(expected, got.cpu()) >= 100
+
+
+def test_per_column_grid_values_are_checked():
+    """The per-column grid's values follow check_requant_grid's rules (scale 0, qmin > qmax, a range past int8
+    wrapped -885 to -117; zero points up to 2**24, as the engine's q, k, v grids may lie outside int8); only its shape
+    was checked. On CPU tensors: the check runs before any launch."""
+    n, k = 5, 40
+    _, w = _packed(4, n, k)
+    a = random_int8((3, k), GEN)
+    good = [0.1, 0.0, -128.0, 127.0]
+    for column in ([0.0, 0.0, -128.0, 127.0], [0.1, 0.0, 100.0, -100.0], [0.1, 0.0, -1000.0, 1000.0],
+                   [0.1, 0.5, -128.0, 127.0], [1e-42, 0.0, -128.0, 127.0], [0.1, 3e7, -128.0, 127.0]):
+        grid = torch.tensor([good, good, column, good, good]).T.contiguous()  # (4, N), column 2 bad
+        with pytest.raises(KernelInputError, match="out_grid column 2 has"):
+            qgemm_columns_triton(a, 0.02, 3, w.data, w.w_scale, w.w_zero, w.w_col_sums, None, 4, k, w.group_k, grid)
+
+
+def test_requant_scales_outside_normal_fp32_are_refused():
+    """out_scale must be a normal fp32 number whose reciprocal is one too: 1e-42 (subnormal) and 1e39 (past fp32)
+    reached the interpreted kernel, which failed with a raw InterpreterError (Triton typed them fp64)."""
+    _, w = _packed(4, 17, 40)
+    a = random_int8((3, 40), GEN)
+    for out_scale in (1e-42, 1e-50, 1e39, float("inf"), float("nan")):
+        with pytest.raises(KernelInputError, match="normal fp32"):
+            qgemm_triton(a, 0.1, 0, w.data, w.w_scale, w.w_zero, w.w_col_sums, None, None, 4, 40, w.group_k, False,
+                         out_scale, 0, -128, 127, torch.int8)
+
+
+@requires_triton
+@pytest.mark.filterwarnings("ignore:overflow encountered in divide:RuntimeWarning")  # y / 2**-126 -> inf, clamped
+@pytest.mark.parametrize("out_scale", [2.0 ** -126, 2.0 ** 126])
+def test_requant_scales_at_the_normal_fp32_bounds_run(out_scale):
+    """The bounds themselves are accepted and give the reference's codes (2**-126 saturates, 2**126 gives zeros)."""
+    _, w = _packed(4, 17, 40)
+    a = random_int8((3, 40), GEN)
+    args = (0.1, 0, w.data, w.w_scale, w.w_zero, w.w_col_sums, None, None, 4, 40, w.group_k, False, out_scale, 0,
+            -128, 127, torch.int8)
+    a_d, data, scale, zero, col = _to(TRITON_DEVICE, a, *args[2:6])
+    got = qgemm_triton(a_d, *args[:2], data, scale, zero, col, *args[6:], config=_config(w))
+    assert torch.equal(got.cpu(), reference.qgemm_reference(a, *args))
+
+
+def test_ops_refuse_tensors_on_different_devices():
+    """A meta bias (or residual) beside CPU tensors ran the CPU kernel on it and returned uninitialized memory."""
+    _, w = _packed(4, 6, 40)
+    a = random_int8((4, 40), GEN)
+
+    def call(bias=None, residual=None):
+        return torch.ops.dfqvit.qgemm(a, 0.1, 0, w.data, w.w_scale, w.w_zero, w.w_col_sums, bias, residual, 4, 40,
+                                      w.group_k, False, None, 0, 0, 0, torch.float32)
+
+    with pytest.raises(KernelInputError, match="bias on meta"):
+        call(bias=torch.zeros(6, device="meta"))
+    with pytest.raises(KernelInputError, match="residual on meta"):
+        call(residual=torch.zeros(4, 6, device="meta"))
+    with pytest.raises(KernelInputError, match="different devices"):
+        torch.ops.dfqvit.qgemm_w16(a.half(), w.data, w.w_scale.to("meta"), w.w_zero, None, None, 4, 40, w.group_k,
+                                   False, torch.float16)
+
+
+def test_linear_front_ends_refuse_a_residual_of_another_shape():
+    """A (6, 4) residual for a (4, 6) output has the right element count: a reshape alone added it in the wrong
+    layout. The residual must have the output's shape (..., N)."""
+    _, w = _packed(4, 6, 40)
+    a = random_int8((4, 40), GEN)
+    with pytest.raises(KernelInputError, match=r"residual has shape \(6, 4\); expected \(4, 6\)"):
+        linear_a8(a, 0.1, 0, w, residual=torch.randn(6, 4))
+    with pytest.raises(KernelInputError, match=r"residual has shape \(24,\)"):
+        linear_w16(torch.randn(4, 40).half(), w, residual=torch.randn(24).half())
+    y = linear_a8(a.view(2, 2, 40), 0.1, 0, w, residual=torch.randn(2, 2, 6))
+    assert y.shape == (2, 2, 6)
+
+
 def test_reference_is_the_dequantized_linear():
     """The reference computes a_scale * w_scale * sum (A - za)(W - zw) + bias: compare with fp64 F.linear."""
     codes, w = _packed(4, 17, 72)

@@ -11,7 +11,6 @@ Both take int8 activation codes with their ``ActGrid`` and a ``PackedLinear``; n
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional
 
 import torch
@@ -20,7 +19,7 @@ from dfqvit.errors import DFQViTError, MissingGPUError
 from dfqvit.kernels import (attention_linear_triton, attention_log2_triton, layernorm_quant_triton, native,
                             qgemm_columns_triton, qgemm_triton, qgemm_w16_triton, reference)
 from dfqvit.kernels._common import kernel_is_interpreted
-from dfqvit.kernels.qgemm import INTERPRETER_CONFIG, _qgemm_kernel
+from dfqvit.kernels.qgemm import _qgemm_kernel
 
 from .pack import ActGrid, PackedLinear, SoftmaxGrid
 
@@ -149,21 +148,19 @@ class TritonKernels(_FusedAttentionTokens, TorchKernels):
         g = layer.act
         return qgemm_triton(a, g.scale, g.zero, layer.data, layer.w_scale, layer.w_zero, layer.w_col_sums,
                             layer.bias, residual, layer.layout.storage_bits, layer.k, layer.group_k, gelu,
-                            *_out_args(out, out_dtype), config=_interpreter_config(a, layer))
+                            *_out_args(out, out_dtype))
 
     def gemm_codes_per_column(self, a, layer: PackedLinear, grid: torch.Tensor, out_dtype) -> torch.Tensor:
         """Re-quantized per column in the GEMM epilogue (after rounding to ``out_dtype``, as the torch path)."""
         g = layer.act
         return qgemm_columns_triton(a, g.scale, g.zero, layer.data, layer.w_scale, layer.w_zero, layer.w_col_sums,
-                                    layer.bias, layer.layout.storage_bits, layer.k, layer.group_k, grid, out_dtype,
-                                    config=_interpreter_config(a, layer))
+                                    layer.bias, layer.layout.storage_bits, layer.k, layer.group_k, grid, out_dtype)
 
     def gemm_w16(self, x, layer: PackedLinear, residual, gelu: bool, out_dtype):
         # The weight-only kernel takes fp16/bf16 activations (exact W - w_zero in fp16, fp32 accumulate).
         x = x if x.dtype in (torch.float16, torch.bfloat16) else x.half()
         return qgemm_w16_triton(x, layer.data, layer.w_scale, layer.w_zero, layer.bias, residual,
-                                layer.layout.storage_bits, layer.k, layer.group_k, gelu, out_dtype,
-                                config=_interpreter_config(x, layer))
+                                layer.layout.storage_bits, layer.k, layer.group_k, gelu, out_dtype)
 
     def attention(self, q, k, v, grids, sm_scale: float, bias, mask, p: SoftmaxGrid, out_dtype, **launch):
         """``launch``: the kernel's ``out_grid`` / ``token_major`` (see ``attention_tokens``)."""
@@ -172,14 +169,6 @@ class TritonKernels(_FusedAttentionTokens, TorchKernels):
         if p.log2:
             return attention_log2_triton(*args, p.param, p.bits, out_dtype, **launch)
         return attention_linear_triton(*args, p.param, p.zero, p.bits, out_dtype, **launch)
-
-
-def _interpreter_config(a: torch.Tensor, layer: PackedLinear):
-    """None on CUDA (autotune). Interpreted on CPU: the small default tiles, with BLOCK_K covering a whole
-    packing group (int3 packs 128 K positions per group, more than the default BLOCK_K of 64)."""
-    if a.device.type == "cuda":
-        return None
-    return dataclasses.replace(INTERPRETER_CONFIG, block_k=max(INTERPRETER_CONFIG.block_k, layer.group_k))
 
 
 def _out_args(out: Optional[ActGrid], out_dtype):
