@@ -164,6 +164,21 @@ def test_triton_engine_matches_fake_quant(name, bits):
     assert agreement(fake, real) >= 0.99
 
 
+def test_triton_engine_takes_zero_points_outside_int8():
+    """A max-pooled head input is all positive, so its grid's zero point lies below int8 (-185 here, after the
+    -128 shift); the Triton GEMM refused it on every call, though the native and torch backends ran it."""
+    from dfqvit.engine.pack import act_grid
+
+    model = tiny_swin(global_pool="max", img_size=16, embed_dim=16, num_heads=(2, 2))
+    torch.manual_seed(1)
+    qmodel = dfqvit.compile(model, bits=8, calib=torch.randn(8, 3, 16, 16), recon=None, progress=False,
+                            backend="fake")
+    assert act_grid(qmodel.model.head.fc.input_quantizer, "head.fc").zero < -128
+    x = images(2, 16)
+    fake, real = logits(qmodel, x), logits(build_engine(qmodel, backend="triton"), x)
+    assert cosine(fake, real) >= 0.9999
+
+
 @pytest.mark.parametrize("name,bits", [("vit_depth1", (4, 8)), ("swin_small", (3, 8)), ("vit_depth1", (3, 16))])
 def test_triton_engine_gives_the_same_logits_on_both_gemm_paths(name, bits):
     """Unpack-first (batch 8 and up on a GPU) and the in-loop unpack, forced here at a tiny batch: identical
@@ -475,3 +490,27 @@ def test_state_dict_of_another_calibration_is_refused():
     with pytest.raises(DFQViTError, match="other grids"):
         b.load_state_dict(a.state_dict())
     assert torch.equal(logits(b, x), before), "refused before any buffer was copied"
+    without_grids = {k: v for k, v in a.state_dict().items() if k != "_extra_state"}
+    for strict in (True, False):  # strict=False skipped the grid check and mixed the two calibrations
+        with pytest.raises(DFQViTError, match="lacks the engine's grids"):
+            b.load_state_dict(without_grids, strict=strict)
+    assert torch.equal(logits(b, x), before)
+
+
+def test_engine_owns_its_tensors():
+    """The position embedding and weight scales were the fake-quant model's own tensors: loading another
+    calibration into the fake model changed the engine built from it (cosine 0.992, a mix of both)."""
+    model = TINY_MODELS["vit"]()
+
+    def fake(seed):
+        torch.manual_seed(seed)
+        return dfqvit.compile(model, bits=(4, 8), calib=torch.randn(4, 3, 32, 32), recon=None, correction=None,
+                              progress=False, backend="fake")
+
+    qmodel, x = fake(1), images(4)
+    with torch.no_grad():
+        qmodel.model.pos_embed.add_(0)  # the fake model keeps its own tensors (no copy needed to test aliasing)
+    engine = build_engine(qmodel, backend="torch")
+    before = logits(engine, x)
+    qmodel.load_state_dict(fake(2).state_dict())
+    assert torch.equal(logits(engine, x), before)

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Optional
 
 import torch
@@ -126,6 +127,20 @@ TRUNKS = {"vit": ViTTrunk, "swin": SwinTrunk}
 ENGINE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # of the residual stream (build_engine(dtype=))
 
 
+def _own_tensors(trunk: nn.Module, qmodel: QuantizedModel) -> None:
+    """Copy every tensor of ``trunk`` that shares storage with ``qmodel`` (``detach()`` / ``.float()`` of an fp32
+    tensor copy nothing): the position embedding and weight scales were shared, so loading a state dict into the
+    fake-quant model changed the engine built from it, which then mixed two calibrations without a word."""
+    source = {t.untyped_storage().data_ptr() for t in itertools.chain(qmodel.parameters(), qmodel.buffers())}
+    for module in trunk.modules():
+        for name, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            if tensor is not None and tensor.untyped_storage().data_ptr() in source:
+                owned = tensor.detach().clone()
+                if isinstance(tensor, nn.Parameter):
+                    owned = nn.Parameter(owned, requires_grad=tensor.requires_grad)
+                setattr(module, name, owned)
+
+
 class QuantizedViT(nn.Module):
     """The integer engine of a calibrated model. Call it on normalized images (B, C, H, W); it returns
     fp32 logits. ``backend``: "auto" (Triton on CUDA, the native C++ kernels on a CPU where ``dfqvit._C`` is
@@ -163,6 +178,7 @@ class QuantizedViT(nn.Module):
                               f"{', '.join(map(str, ENGINE_DTYPES))} (default: float16 on CUDA, float32 on a CPU)")
         with torch.no_grad():
             self.trunk = TRUNKS[qmodel.family](qmodel.model).to(device)
+            _own_tensors(self.trunk, qmodel)
             self.kernels.prepare(self.trunk)
         use_graphs = (device.type == "cuda" and self.backend == "triton") if cuda_graphs is None else cuda_graphs
         if use_graphs and device.type != "cuda":  # it was accepted, then every call failed
@@ -261,6 +277,15 @@ class QuantizedViT(nn.Module):
                 f"this state dict comes from an engine with other grids, bits or backend ({', '.join(differ[:4])}"
                 f"{', ...' if len(differ) > 4 else ''} differ): an engine's grids are fixed when it is built. Build "
                 "that engine again from its artifact (dfqvit.save / dfqvit.load, or build_engine(artifact))")
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Runs before the trunk's buffers load: a dict without the grids (strict=False, or "_extra_state" deleted)
+        # skipped set_extra_state and loaded another calibration's buffers into this engine's grids.
+        if f"{prefix}_extra_state" not in state_dict and any(k.startswith(f"{prefix}trunk.") for k in state_dict):
+            raise DFQViTError("this state dict lacks the engine's grids ('_extra_state'), so it cannot be checked "
+                              "against this engine's; load a complete QuantizedViT state dict, or build the engine "
+                              "from its artifact (dfqvit.save / dfqvit.load)")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def weight_nbytes(self) -> int:
         """Bytes of all weights as stored: packed codes + per-channel parameters of quantized layers, plus
