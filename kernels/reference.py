@@ -70,11 +70,26 @@ FP64_EXACT_SUM = 2 ** 53
 
 def ieee_fp32_matmul(device: torch.device) -> bool:
     """Whether fp32 matmuls on ``device`` are plain IEEE fp32: on the CPU unless the user allowed a reduced
-    precision (``torch.set_float32_matmul_precision``, oneDNN's bf16 fp32 math); never assumed on CUDA (TF32)."""
-    if device.type != "cpu" or torch.get_float32_matmul_precision() != "highest":
-        return False
-    mkldnn_matmul = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
-    return getattr(mkldnn_matmul, "fp32_precision", "none") in ("none", "ieee")
+    precision (``torch.set_float32_matmul_precision``, oneDNN's bf16 / tf32 fp32 math); never assumed on CUDA
+    (TF32). Unknown counts as reduced (the callers then take float64, exact either way)."""
+    return device.type == "cpu" and _cpu_fp32_matmul_precision() == "ieee"
+
+
+def _cpu_fp32_matmul_precision() -> str:
+    """oneDNN's fp32 matmul precision: the per-backend setting, inherited upward while "none" (all "none": IEEE).
+    Not the legacy torch.get_float32_matmul_precision(), which raises once a caller mixed the two APIs
+    (torch.backends.cuda.matmul.fp32_precision = "tf32", a common GPU line, made every torch-backend forward
+    raise); it is read only on a PyTorch without the per-backend API."""
+    mkldnn = getattr(torch.backends, "mkldnn", None)
+    nodes = (getattr(mkldnn, "matmul", None), mkldnn, torch.backends)
+    if hasattr(nodes[0], "fp32_precision"):  # the per-backend API (it mirrors the legacy setting too)
+        return next((node.fp32_precision for node in nodes if getattr(node, "fp32_precision", "none") != "none"),
+                    "ieee")
+    try:
+        legacy = torch.get_float32_matmul_precision()
+    except RuntimeError:
+        return "unknown"
+    return "ieee" if legacy == "highest" else legacy
 
 
 def _exact_matmul(a: torch.Tensor, b: torch.Tensor, bound: float) -> torch.Tensor:

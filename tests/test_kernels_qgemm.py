@@ -527,3 +527,23 @@ def test_reduced_fp32_matmul_precision_sends_the_reference_to_float64():
     finally:
         torch.set_float32_matmul_precision(before)
     assert not ieee_fp32_matmul(torch.device("meta"))
+
+
+def test_the_per_backend_precision_api_is_read_and_a_gpu_setting_does_not_break_the_cpu_reference():
+    """torch.backends.cuda.matmul.fp32_precision = "tf32" made torch.get_float32_matmul_precision() raise ("mix of the
+    legacy and new APIs"): every torch-backend forward failed. oneDNN's own bf16 setting must still send it to float64."""
+    from dfqvit.kernels.reference import ieee_fp32_matmul
+
+    cuda, mkldnn = torch.backends.cuda.matmul, torch.backends.mkldnn.matmul
+    before = cuda.fp32_precision, mkldnn.fp32_precision
+    try:
+        cuda.fp32_precision = "tf32"
+        assert ieee_fp32_matmul(torch.device("cpu"))
+        a = torch.randint(-128, 128, (4, 8), dtype=torch.int8)
+        w = pack_weight(torch.randint(0, 16, (3, 8), dtype=torch.uint8), torch.ones(3), torch.full((3,), 8), 4)
+        reference.qgemm_reference(a, 0.1, 0, w.data, w.w_scale, w.w_zero, w.w_col_sums, None, None, 4, 8, w.group_k,
+                                  False, None, 0, 0, 0, torch.float32)
+        mkldnn.fp32_precision = "bf16"
+        assert not ieee_fp32_matmul(torch.device("cpu"))
+    finally:
+        cuda.fp32_precision, mkldnn.fp32_precision = before
