@@ -85,10 +85,26 @@ def gelu(y: torch.Tensor) -> torch.Tensor:
     return _blockwise(_gelu_block, y)
 
 
+_POWER_TABLES: dict = {}  # device -> 2**e for e in [-126, 127], fp32
+
+
+def power_of_two(exponent: torch.Tensor) -> torch.Tensor:
+    """``2**exponent`` in fp32, exactly, for int32 exponents in [-126, 127]: the exponent bits viewed as fp32. Under
+    torch.jit.trace, which cannot record ``Tensor.view(dtype)`` (an internal assert in alias analysis: tracing the
+    torch backend failed), the same values come from a table."""
+    if not torch.jit.is_tracing():
+        return ((exponent + 127) << 23).view(torch.float32)
+    table = _POWER_TABLES.get(exponent.device)
+    if table is None:
+        table = torch.tensor([2.0 ** e for e in range(-126, 128)], dtype=torch.float32, device=exponent.device)
+        _POWER_TABLES[exponent.device] = table
+    return table[(exponent + 126).long()]
+
+
 def _exp2_block(d: torch.Tensor) -> torch.Tensor:
     n = torch.round(d)
     f = d - n
-    two_n = n.clamp_(min=EXP2_MIN_EXPONENT).to(torch.int32).add_(127).bitwise_left_shift_(23).view(torch.float32)
+    two_n = power_of_two(n.clamp_(min=EXP2_MIN_EXPONENT).to(torch.int32))
     return _horner(f, EXP2_POLY).mul_(two_n).masked_fill_(d < EXP2_MIN_EXPONENT, 0.0)
 
 

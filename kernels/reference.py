@@ -364,8 +364,8 @@ def attention_log2_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     codes = attention_log2_codes_reference(q, k, q_scale, q_zero, k_scale, k_zero, sm_scale, bias, mask,
                                            p_delta, p_bits).to(torch.int32)
     shift = log2_pv_shift(p_bits)
-    # 2**(S - k) as fp32 exponent bits (S <= 32: exact), 0 for the levels past S
-    weights = ((127 + shift - codes) << 23).view(torch.float32).masked_fill_(codes > shift, 0.0)
+    # 2**(S - k) exactly (S <= 32), 0 for the levels past S
+    weights = portable_math.power_of_two((shift - codes).clamp_(min=-126)).masked_fill_(codes > shift, 0.0)
     out = _attention_pv(weights, v, v_zero, 2.0 ** -shift, torch.float32)
     return (out * torch.tensor(float(p_delta) * float(v_scale), dtype=torch.float32)).to(out_dtype)
 

@@ -81,3 +81,12 @@ def test_sequential_sum_is_the_float64_loop():
     for j in range(197):
         acc = acc + x[:, j].double()
     assert torch.equal(portable_math.sequential_sum(x)[:, 0], acc.float())
+
+
+def test_powers_of_two_are_the_same_under_tracing(monkeypatch):
+    """The table the tracer uses (it cannot record Tensor.view(dtype)) gives the exponent-bit values exactly."""
+    exponents = torch.arange(-126, 128, dtype=torch.int32)
+    bits = portable_math.power_of_two(exponents)
+    monkeypatch.setattr(torch.jit, "is_tracing", lambda: True)
+    table = portable_math.power_of_two(exponents)
+    assert torch.equal(bits, table) and torch.equal(table, torch.tensor([2.0 ** e for e in range(-126, 128)]))
