@@ -61,3 +61,29 @@ def test_cuda_graph_runner_refuses_cpu_inputs():
     runner = CUDAGraphRunner(lambda images: images)
     with pytest.raises(InputShapeError, match="CUDA"):
         runner(torch.randn(2, 3, 8, 8))
+
+
+class _EmulatedGraph:
+    """torch.cuda.CUDAGraph on the CPU: capture records nothing, replay is not needed here."""
+
+    def pool(self):
+        return None
+
+
+def test_cuda_graph_runner_empty_batch_and_inputs_that_require_grad(monkeypatch):
+    """An empty batch failed in torch.cat (no chunk to replay); an input that requires grad was cloned with its
+    graph into the static input, and each replay's copy chained onto it (memory grew on every call)."""
+    import contextlib
+    from types import SimpleNamespace
+
+    runner = CUDAGraphRunner(lambda images: ("eager", images.shape[0]))
+    assert runner(SimpleNamespace(device=torch.device("cuda"), shape=(0, 3, 8, 8))) == ("eager", 0)
+    stream = SimpleNamespace(wait_stream=lambda other: None)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _EmulatedGraph)
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph, pool=None: contextlib.nullcontext())
+    runner = CUDAGraphRunner(lambda images: images * 2)
+    captured = runner._capture(torch.randn(2, 3, 8, 8, requires_grad=True))
+    assert not captured.static_in.requires_grad and not captured.static_out.requires_grad

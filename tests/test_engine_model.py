@@ -514,3 +514,21 @@ def test_engine_owns_its_tensors():
     before = logits(engine, x)
     qmodel.load_state_dict(fake(2).state_dict())
     assert torch.equal(logits(engine, x), before)
+
+
+def test_engine_artifact_must_be_its_own_and_fake_takes_no_engine_options():
+    """Another model's artifact was taken (dfqvit.save then wrote that model); a string failed on .compact();
+    build_engine(backend="fake", dtype=...) ignored dtype and cuda_graphs."""
+    _, qmodel = calibrated("vit", (4, 8))
+    _, other = calibrated("vit", (8, 8))
+    engine = dfqvit.compile(TINY_MODELS["vit"](depth=1), bits=(4, 8), calib=images(4), recon=None, correction=None,
+                            progress=False, backend="torch")
+    from dfqvit.artifact import QuantArtifact
+    with pytest.raises(DFQViTError, match="other layers or bits"):
+        engine.artifact = QuantArtifact.from_model(other)
+    with pytest.raises(DFQViTError, match="takes a QuantArtifact or None, got str"):
+        engine.artifact = "model.safetensors"
+    with pytest.raises(DFQViTError, match="dtype: no effect with backend='fake'"):
+        build_engine(qmodel, backend="fake", dtype=torch.float16)
+    with pytest.raises(InputShapeError, match="meta device"):  # was "Tensor.item() cannot be called on meta tensors"
+        qmodel(torch.empty(1, 3, 32, 32, device="meta"))

@@ -48,6 +48,9 @@ def build_engine(source, backend: str = "auto", *, model: Optional[nn.Module] = 
     elif device is not None:
         source = source.to(device)
     if backend == "fake":
+        if kwargs:  # dtype / cuda_graphs shape the engine only: they were accepted and ignored
+            raise DFQViTError(f"{', '.join(sorted(kwargs))}: no effect with backend='fake' (the fake-quant model runs "
+                              "in float32); drop them or pick an engine backend")
         return source
     engine = QuantizedViT(source, backend, **kwargs)
     engine.artifact = artifact  # an engine of an artifact can be saved again (dfqvit.save)

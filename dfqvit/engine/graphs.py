@@ -58,10 +58,13 @@ class CUDAGraphRunner:
         self.graphs: Dict[Tuple[int, Tuple[int, ...], torch.dtype, torch.device], _Captured] = {}
         self.pool = None  # one memory pool shared by every captured graph
 
+    @torch.no_grad()  # inputs that require grad chained every replay's copy into one autograd graph (a leak)
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if images.device.type != "cuda":
             raise InputShapeError(f"CUDA graphs replay on a CUDA device; images are on {images.device}. Move them "
                                   "to the engine's device, or build the engine with cuda_graphs=False")
+        if images.shape[0] == 0:  # no bucket to replay (torch.cat of no chunks failed): the eager path's answer
+            return self.fn(images)
         outs = [self._replay(images[start:stop], bucket)
                 for start, stop, bucket in split_batches(images.shape[0], self.buckets)]
         return outs[0] if len(outs) == 1 else torch.cat(outs)
@@ -77,7 +80,7 @@ class CUDAGraphRunner:
         return captured.static_out[: x.shape[0]].clone()
 
     def _capture(self, example: torch.Tensor) -> _Captured:
-        static_in = example.clone()
+        static_in = example.detach().clone()
         # Warm up on a side stream (allocations, Triton compilation and autotuning happen here, not in capture).
         stream = torch.cuda.Stream(device=static_in.device)
         stream.wait_stream(torch.cuda.current_stream(static_in.device))

@@ -212,6 +212,17 @@ class QuantizedViT(nn.Module):
 
     @artifact.setter
     def artifact(self, artifact) -> None:
+        """The calibration's artifact (what dfqvit.save writes); another model's was taken and saved silently."""
+        from dfqvit.artifact import QuantArtifact
+
+        if artifact is not None and not isinstance(artifact, QuantArtifact):
+            raise DFQViTError(f"QuantizedViT.artifact takes a QuantArtifact or None, got {type(artifact).__name__}")
+        if artifact is not None and self._modules.get("trunk") is not None:
+            saved = {name: layer.get("w_bits") for name, layer in artifact.config.get("layers", {}).items()}
+            mine = {m.where: m.bits for m in self.trunk.modules() if isinstance(m, PackedLinear)}
+            if saved != mine:
+                raise DFQViTError("this artifact quantizes other layers or bits than the engine; give the engine the "
+                                  "artifact it was built from (build_engine(artifact) keeps it)")
         self._artifact = None if artifact is None else artifact.compact()
 
     @property

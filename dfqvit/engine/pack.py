@@ -117,6 +117,7 @@ class PackedLinear(nn.Module):
         self.register_buffer("bias", bias)
         self.register_buffer("panels", None)  # CPU panels once to_cpu_panels ran (then ``data`` is None)
         self.n, self.k, self.bits, self.layout, self.group_k = packed.n, packed.k, bits, packed.layout, packed.group_k
+        self.where = where  # the layer's name in the quantized model (and in its artifact)
         self.act = act_grid(layer.input_quantizer, where)
 
     def to_cpu_panels(self, prepack) -> None:
