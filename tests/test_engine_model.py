@@ -532,3 +532,14 @@ def test_engine_artifact_must_be_its_own_and_fake_takes_no_engine_options():
         build_engine(qmodel, backend="fake", dtype=torch.float16)
     with pytest.raises(InputShapeError, match="meta device"):  # was "Tensor.item() cannot be called on meta tensors"
         qmodel(torch.empty(1, 3, 32, 32, device="meta"))
+
+
+def test_engine_built_under_inference_mode_loads_state_dicts():
+    """Its buffers were inference tensors: load_state_dict raised "Inplace update to inference tensor"."""
+    _, qmodel = calibrated("vit", (4, 8))
+    with torch.inference_mode():
+        engine = build_engine(qmodel, backend="torch")
+    x = images(4)
+    before = logits(engine, x)
+    engine.load_state_dict(engine.state_dict())
+    assert torch.equal(logits(engine, x), before)

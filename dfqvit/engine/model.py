@@ -176,7 +176,8 @@ class QuantizedViT(nn.Module):
         if self.dtype not in ENGINE_DTYPES:
             raise DFQViTError(f"dtype={self.dtype}: the engine's residual stream runs in one of "
                               f"{', '.join(map(str, ENGINE_DTYPES))} (default: float16 on CUDA, float32 on a CPU)")
-        with torch.no_grad():
+        # Not inference tensors even when built under inference_mode: load_state_dict could not write them later
+        with torch.inference_mode(False), torch.no_grad():
             self.trunk = TRUNKS[qmodel.family](qmodel.model).to(device)
             _own_tensors(self.trunk, qmodel)
             self.kernels.prepare(self.trunk)
