@@ -85,7 +85,9 @@ def gelu(y: torch.Tensor) -> torch.Tensor:
     return _blockwise(_gelu_block, y)
 
 
-_POWER_TABLES: dict = {}  # device -> 2**e for e in [-126, 127], fp32
+# 2**e for e in [-126, 127], made at import: a table made during a trace was recorded differently from a cached one,
+# and the tracer's check failed ("Graphs differed across invocations").
+_POWERS_OF_TWO = torch.tensor([2.0 ** e for e in range(-126, 128)], dtype=torch.float32)
 
 
 def power_of_two(exponent: torch.Tensor) -> torch.Tensor:
@@ -94,11 +96,7 @@ def power_of_two(exponent: torch.Tensor) -> torch.Tensor:
     torch backend failed), the same values come from a table."""
     if not torch.jit.is_tracing():
         return ((exponent + 127) << 23).view(torch.float32)
-    table = _POWER_TABLES.get(exponent.device)
-    if table is None:
-        table = torch.tensor([2.0 ** e for e in range(-126, 128)], dtype=torch.float32, device=exponent.device)
-        _POWER_TABLES[exponent.device] = table
-    return table[(exponent + 126).long()]
+    return _POWERS_OF_TWO.to(exponent.device)[(exponent + 126).long()]
 
 
 def _exp2_block(d: torch.Tensor) -> torch.Tensor:

@@ -117,10 +117,16 @@ def exact_int_matmul(a: torch.Tensor, b: torch.Tensor, max_abs_a: int = 255, max
 
 
 def centered(codes: torch.Tensor, zero) -> Tuple[torch.Tensor, int]:
-    """(codes - zero as fp32, max |codes - zero|): exact for integer codes of up to 24 bits. ``zero``: an int or
-    a tensor that broadcasts against ``codes``."""
+    """(codes - zero as fp32, a bound on |codes - zero|): exact for integer codes of up to 24 bits. ``zero``: an int or
+    a tensor that broadcasts against ``codes``. The bound is the data's maximum, except for int8 / uint8 codes under
+    torch.jit.trace: there it is their dtype's range, since a maximum read from the example input would be baked
+    into the trace and could pick fp32 sums that are not exact for another input."""
     c = codes.to(torch.float32)
     c = c - (zero.to(torch.float32) if isinstance(zero, torch.Tensor) else float(zero))
+    if torch.jit.is_tracing() and codes.dtype in (torch.int8, torch.uint8):
+        info = torch.iinfo(codes.dtype)
+        largest_zero = int(zero.abs().amax()) if isinstance(zero, torch.Tensor) else abs(int(zero))
+        return c, max(-info.min, info.max) + largest_zero
     return c, int(c.abs().amax()) if c.numel() else 0
 
 

@@ -547,3 +547,23 @@ def test_the_per_backend_precision_api_is_read_and_a_gpu_setting_does_not_break_
         assert not ieee_fp32_matmul(torch.device("cpu"))
     finally:
         cuda.fp32_precision, mkldnn.fp32_precision = before
+
+
+def test_a_traced_reference_gemm_stays_exact_for_larger_inputs():
+    """The fp32-or-float64 choice read the example input's largest code: traced on small codes, the trace summed
+    large ones in fp32 past 2**24 and lost bits (the torch backend under torch.jit.trace)."""
+    import warnings
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randint(101, 128, (16, 8192), dtype=torch.int8, generator=g)
+    w_zero = torch.zeros(16, dtype=torch.int64)
+
+    def accumulator(a):
+        return reference.qgemm_accumulator_fp32(a, 0, w, w_zero)
+
+    small = torch.randint(-5, 6, (4, 8192), dtype=torch.int8, generator=g)
+    large = torch.randint(101, 128, (4, 8192), dtype=torch.int8, generator=g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes on Python values
+        traced = torch.jit.trace(accumulator, small, check_trace=False)
+    assert torch.equal(traced(large), (large.long() @ w.long().T).float())
