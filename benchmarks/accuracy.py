@@ -18,21 +18,21 @@ The paper's tables score the fake-quant model (``--backend fake``, the default);
 ``native`` / ``torch`` / ``triton``) scores the integer engine ``dfqvit.compile`` returns by default, built from the
 same calibration.
 
-Writes ``accuracy_<grid>_<device>_<timestamp>.json``, ``.md`` and ``.png`` to ``--out`` and prints the
-markdown table with the per-cell and total time.
+Writes ``accuracy_<grid>_<device>_<timestamp>.json``, ``.md`` and ``.png`` to ``--out`` (``-2`` etc. after the
+timestamp when another run has that name) and prints the markdown table with the per-cell and total time.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
+import re
 import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Collection, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -41,7 +41,7 @@ from dfqvit.config import CorrectionConfig, QuantConfig, ReconConfig, SynthConfi
 from dfqvit.environment import describe_environment
 from dfqvit.cli import BACKEND_CHOICES
 from dfqvit.errors import CalibrationError, CheckpointNotFoundError, DFQViTError, MissingGPUError
-from dfqvit.paths import output_folder
+from dfqvit.paths import output_folder, unique_stem, write_json
 
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parents[1] / "shared"
@@ -81,20 +81,28 @@ class Setting:
                            calib_images=calib_images)
 
 
+# The accepted forms (as dfqvit.cli's --bits, plus the softmax quantizer): the old letter stripping read "A8" as
+# W8A8, "W4A" as W4A4, ",8" as W8A8 and "W4AA8" as W4A8, and accepted a trailing "-".
+_SETTING_FORM = re.compile(r"^(?:(?P<one>\d+)|(?P<w>\d+)\s*[,/]\s*(?P<a>\d+)|w(?P<wl>\d+)a(?P<al>\d+))"
+                           r"(?:[:-](?P<softmax>[a-z0-9]+))?$")
+SETTING_FORMS = "4 (= W4A4), 4,8 (or 4/8), W4A8 (or w4a8), each optionally with :uniform / -uniform (or :log2)"
+
+
 def parse_setting(text: str) -> Setting:
-    """"4" / "4,8" / "W4A8" / "8,8:uniform" / "W8A8-uniform" -> Setting; bad bits raise UnsupportedBitsError."""
-    body, _, softmax = str(text).strip().replace("-", ":").partition(":")
-    softmax = softmax or "log2"
+    """"4" / "4,8" / "4/8" / "W4A8" / "w4a8", optionally with ":uniform" / "-uniform" / ":log2" (the softmax
+    quantizer; log2 by default) -> Setting. Any other text raises DFQViTError, bad bits UnsupportedBitsError."""
+    match = _SETTING_FORM.match(str(text).strip().lower())
+    if match is None:
+        raise DFQViTError(f"setting {text!r} is not a bit width; give {SETTING_FORMS}")
+    groups = match.groupdict()
+    softmax = groups["softmax"] or "log2"
     if softmax not in ("log2", "uniform"):
         raise DFQViTError(f"setting {text!r}: softmax quantizer {softmax!r} is not one of 'log2', 'uniform'")
-    parts = body.lower().replace("w", "").replace("a", ",").replace("/", ",").split(",")
-    try:
-        values = [int(p) for p in parts if p]
-    except ValueError:
-        raise DFQViTError(f"setting {text!r} is not a bit width; give 4, 4,8, W4A8 or W8A8-uniform") from None
-    if not values:
-        raise DFQViTError(f"setting {text!r} is empty; give 4, 4,8, W4A8 or W8A8-uniform")
-    w_bits, a_bits = parse_bits(values[0] if len(values) == 1 else tuple(values))
+    if groups["one"] is not None:
+        bits = int(groups["one"])
+    else:
+        bits = (int(groups["w"] or groups["wl"]), int(groups["a"] or groups["al"]))
+    w_bits, a_bits = parse_bits(bits)
     if a_bits == 16 and softmax != "log2":
         raise DFQViTError(f"setting {text!r}: weight-only bits do not quantize the softmax; drop the '{softmax}'")
     return Setting(w_bits, a_bits, softmax)
@@ -162,15 +170,27 @@ class Cell:
         return f"{SOURCE_LABELS[self.source]}{variant} {self.setting.name} seed {self.seed}"
 
 
-def grid_cells(grid: Grid) -> List[Cell]:
-    """Every run of the grid, main table first, without duplicates (the ablation's APA+MSR+SL cells are
-    the main SPDFQ W4A4 cells)."""
+def main_cells(grid: Grid) -> List[Cell]:
+    """The runs of the main table (Table 2): every source at each of its settings."""
     cells: List[Cell] = []
     for source in grid.sources:
         variant = FULL_SPDFQ if source == "spdfq" else None
         for setting in grid.settings_for(source):
             seeds = grid.seeds if setting.name == MULTI_SEED_SETTING else grid.seeds[:1]
             cells += [Cell(source, setting, seed, variant) for seed in seeds]
+    return cells
+
+
+def has_spdfq_w4a4(grid: Grid) -> bool:
+    """Whether the main table has the SPDFQ W4A4 cell the ablation (Table 3) varies."""
+    return "spdfq" in grid.sources and any(s.name == MULTI_SEED_SETTING for s in grid.settings_for("spdfq"))
+
+
+def grid_cells(grid: Grid) -> List[Cell]:
+    """Every run of the grid, main table first, without duplicates (the ablation's APA+MSR+SL cells are
+    the main SPDFQ W4A4 cells). build_grid drops the ablation from a grid without SPDFQ W4A4 unless
+    --ablations asks for it."""
+    cells = main_cells(grid)
     w4a4 = Setting(4, 4)
     for name in grid.ablations:
         cells += [Cell("spdfq", w4a4, seed, name) for seed in (grid.ablation_seeds or grid.seeds)]
@@ -353,15 +373,19 @@ def summarize(values: Sequence[float]) -> dict:
 
 
 def aggregate(results: Sequence[CellResult], fp32_top1: Optional[float] = None,
-              ablations: Sequence[str] = (), ablation_seeds: Optional[Sequence[int]] = None) -> dict:
+              ablations: Sequence[str] = (), ablation_seeds: Optional[Sequence[int]] = None,
+              main_keys: Optional[Collection[tuple]] = None) -> dict:
     """{"main": {source: {setting: summary}}, "ablation": {variant: summary}}, each summary over seeds.
 
     The ablation holds the ``ablations`` variants of SPDFQ at W4A4 over ``ablation_seeds`` (None = every
-    seed run); its APA+MSR+SL row is made of the main SPDFQ W4A4 runs of those seeds."""
+    seed run); its APA+MSR+SL row is made of the main SPDFQ W4A4 runs of those seeds. ``main_keys``: the
+    ``Cell.key`` of each main-table run (``main_cells``); None = every run that is not an ablation variant
+    (an ablation's APA+MSR+SL run without SPDFQ W4A4 in the main grid added an SPDFQ row to the main table)."""
     main: Dict[str, Dict[str, List[float]]] = {}
     ablation: Dict[str, List[float]] = {name: [] for name in ablations}
     for r in results:
-        if r.variant in (None, FULL_SPDFQ):
+        in_main = main_keys is None or (r.source, r.setting, r.seed, r.variant) in main_keys
+        if r.variant in (None, FULL_SPDFQ) and in_main:
             main.setdefault(r.source, {}).setdefault(r.setting, []).append(r.top1)
         if (r.source == "spdfq" and r.setting == MULTI_SEED_SETTING and r.variant in ablation
                 and (ablation_seeds is None or r.seed in ablation_seeds)):
@@ -585,6 +609,9 @@ def build_grid(args) -> Grid:
         if unknown:
             raise DFQViTError(f"--ablations {unknown}: unknown; choose from {', '.join(ABLATIONS)} (or none)")
         changes["ablations"] = tuple(args.ablations)
+    elif not has_spdfq_w4a4(dataclasses.replace(grid, **changes)):
+        # the grid's own ablation varies SPDFQ at W4A4: not run when --sources / --bits leave that cell out
+        changes["ablations"] = ()
     for flag, field, low in (("synth_iters", "synth_iters", 1), ("recon_iters", "recon_iters", 0),
                              ("limit", "eval_limit", 1), ("calib_images", "calib_images", 1)):
         value = getattr(args, flag)
@@ -674,15 +701,18 @@ def run(args) -> dict:
     fp32 = runner.evaluate(runner.model)
     print(f"full precision: top-1 {fp32.top1:.2f}% ({time.perf_counter() - t0:.1f} s)")
     header = report_header(args, grid, device, spec, eval_set, real_set, fp32)
-    stem = f"accuracy_{grid.name}_{device_tag(device)}_{time.strftime('%Y%m%d_%H%M%S')}"
+    # unique: a run started in the same second wrote over this one's files and deleted its partial
+    stem = unique_stem(out, f"accuracy_{grid.name}_{device_tag(device)}_{time.strftime('%Y%m%d_%H%M%S')}",
+                       (".partial.json", ".json", ".md", ".png"))
     partial = out / f"{stem}.partial.json"  # what is done so far, should a long run be stopped
 
     def save_partial(done):
-        partial.write_text(json.dumps({**header, "cells_planned": len(cells),
-                                       "cells": [dataclasses.asdict(r) for r in done]}, indent=1))
+        write_json(partial, {**header, "cells_planned": len(cells), "cells": [dataclasses.asdict(r) for r in done]})
 
+    save_partial([])  # the reserved file is never left empty
     results = runner.run(cells, on_result=save_partial)
-    summary = aggregate(results, fp32.top1, grid.ablations, grid.ablation_seeds or grid.seeds)
+    summary = aggregate(results, fp32.top1, grid.ablations, grid.ablation_seeds or grid.seeds,
+                        main_keys={c.key for c in main_cells(grid)})
     report = {**header, "cells": [dataclasses.asdict(r) for r in results], "summary": summary,
               "targets": check_targets(summary), "ordering": paper_ordering(summary, grid.to_dict()["settings"]),
               "seconds_per_source": _seconds_per_source(results),
@@ -704,7 +734,7 @@ def write_reports(report: dict, out: Path, stem: str) -> Dict[str, Path]:
     """``<stem>.json``, ``.md`` and ``.png`` in ``out``; prints the markdown and the time per source."""
     paths = {ext: out / f"{stem}.{ext}" for ext in ("json", "md", "png")}
     text = markdown(report)
-    paths["json"].write_text(json.dumps(report, indent=1))
+    write_json(paths["json"], report)
     paths["md"].write_text(text)
     plot(report, paths["png"])
     print("\n" + text)

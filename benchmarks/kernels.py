@@ -11,8 +11,9 @@ both paths, ``fused`` (unpacked inside the K loop) and ``unpack_first`` (a dense
 attention SDPA fp16 against our log2-quantized attention (P4 and P8 codes, each with softmax math ``fast``, the
 CUDA default, and ``exact``; the target reads P4 ``fast``). Times are ``triton.testing.do_bench`` medians (20th and
 80th percentiles kept) after a warm-up call that also runs the autotuner. It prints a table and writes
-JSON (device, torch / triton / CUDA versions, shapes, every timing, the weight-byte ratios and the issue's
-targets with pass/fail) to ``--out``.
+JSON (device, torch / triton / CUDA versions, ``DFQVIT_AUTOTUNE`` as ``autotune``, shapes, every timing, the
+weight-byte ratios and the issue's targets with pass/fail) to ``--out``; a second run in the same second gets a
+``-2`` name, never the first one's.
 
 Without CUDA it says that every GPU figure is unmeasured, still writes the packed weight-byte ratios
 (they need no GPU), and exits 0.
@@ -33,8 +34,8 @@ from dfqvit.environment import describe_environment
 from dfqvit.errors import DFQViTError
 from dfqvit.kernels import autotune_choices, pack_weight, packed_nbytes
 from dfqvit.kernels.attention import attention_log2_triton
-from dfqvit.kernels.qgemm import gemm_path, qgemm_triton, qgemm_w16_triton, use_unpack_first
-from dfqvit.paths import output_folder
+from dfqvit.kernels.qgemm import autotune_mode, gemm_path, qgemm_triton, qgemm_w16_triton, use_unpack_first
+from dfqvit.paths import output_folder, unique_stem, write_json
 
 TOKENS = 197  # 224 px / 16 px patches + class token
 
@@ -53,6 +54,7 @@ class ModelShape:
 
 
 MODELS = {"deit_s": ModelShape("deit_s", 384, 1536, 6), "vit_b": ModelShape("vit_b", 768, 3072, 12)}
+BATCHES = (1, 8, 64, 256)
 
 
 @dataclass(frozen=True)
@@ -249,29 +251,61 @@ def environment() -> dict:
     return {**describe_environment(torch.device("cuda")), "capability": list(torch.cuda.get_device_capability())}
 
 
+CPU_ONLY_FLAGS = ("quick", "engine_batch", "default_malloc")  # what kernels_cpu.run takes
+GPU_ONLY_FLAGS = ("batches", "models")  # the CPU benchmark times fixed shapes (kernels_cpu.GEMM_CASES)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_args(args) -> None:
+    """Refuse, before any timing, flags the chosen benchmark would ignore and counts below 1."""
+    if args.cpu:
+        ignored = [_flag(n) for n in GPU_ONLY_FLAGS if getattr(args, n) is not None]
+        if ignored:
+            raise DFQViTError(f"{' and '.join(ignored)} {'has' if len(ignored) == 1 else 'have'} no effect with --cpu "
+                              "(the CPU benchmark times fixed shapes: the CIFAR reference ViT and DeiT-S); drop it")
+    else:
+        ignored = [_flag(n) for n in CPU_ONLY_FLAGS if getattr(args, n) not in (None, False)]
+        if ignored:
+            raise DFQViTError(f"{' and '.join(ignored)} {'applies' if len(ignored) == 1 else 'apply'} only with --cpu; "
+                              "add --cpu or drop it")
+    if args.batches is not None and min(args.batches) < 1:
+        raise DFQViTError(f"--batches must be >= 1, got {' '.join(map(str, args.batches))}")
+    if args.engine_batch is not None and args.engine_batch < 1:
+        raise DFQViTError(f"--engine-batch must be >= 1, got {args.engine_batch}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64, 256])
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    # None = not given: with --cpu, --batches / --models are refused instead of silently ignored
+    parser.add_argument("--batches", type=int, nargs="+", help=f"default: {' '.join(map(str, BATCHES))}")
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), help=f"default: {' '.join(MODELS)}")
     parser.add_argument("--cpu", action="store_true", help="benchmark the native CPU backend instead (no GPU needed)")
     parser.add_argument("--quick", action="store_true", help="with --cpu: few repetitions (smoke test)")
-    parser.add_argument("--engine-batch", type=int, default=64, help="with --cpu: batch of the whole-model run")
+    parser.add_argument("--engine-batch", type=int, help="with --cpu: batch of the whole-model run (default 64)")
     parser.add_argument("--default-malloc", action="store_true",
                         help="with --cpu: keep glibc's malloc thresholds (default: raised, see kernels_cpu.py)")
     args = parser.parse_args(argv)
     try:
+        check_args(args)
+        autotune = None if args.cpu else autotune_mode()  # a bad DFQVIT_AUTOTUNE: before the timing
         out_dir = output_folder(args.out)  # before minutes of timing, not after
     except DFQViTError as exc:
         parser.error(str(exc))
     if args.cpu:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from kernels_cpu import run
-        return run(args.out, engine_batch=args.engine_batch, quick=args.quick, steady_malloc=not args.default_malloc)
+        engine_batch = 64 if args.engine_batch is None else args.engine_batch
+        return run(str(out_dir), engine_batch=engine_batch, quick=args.quick, steady_malloc=not args.default_malloc)
+    batches, models = args.batches or list(BATCHES), args.models or list(MODELS)
 
+    # autotune: DFQVIT_AUTOTUNE (quick = 3 GEMM tiles per shape, full = all), so runs can be told apart
     report = {"benchmark": "kernels", "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"), "env": environment(),
-              "tokens": TOKENS, "batches": args.batches, "models": {m: asdict(MODELS[m]) for m in args.models},
-              "weight_bytes": weight_byte_ratios(args.models)}
+              "autotune": autotune, "tokens": TOKENS, "batches": batches,
+              "models": {m: asdict(MODELS[m]) for m in models}, "weight_bytes": weight_byte_ratios(models)}
     print("packed weight bytes (incl. scales, zero points, column sums) / fp16 bytes:")
     for row in report["weight_bytes"]:
         verdict = ""
@@ -286,10 +320,10 @@ def main(argv=None) -> int:
         report["gemm"] = report["attention"] = None
         report["targets"] = "unmeasured: no CUDA device"
     else:
-        gemm_exps = [GemmExperiment(m, layer, b, b * TOKENS, n, k) for m in args.models
-                     for b in args.batches for layer, (n, k) in MODELS[m].linear_layers().items()]
+        gemm_exps = [GemmExperiment(m, layer, b, b * TOKENS, n, k) for m in models
+                     for b in batches for layer, (n, k) in MODELS[m].linear_layers().items()]
         attn_exps = [AttentionExperiment(m, b, MODELS[m].heads, TOKENS, MODELS[m].dim // MODELS[m].heads)
-                     for m in args.models for b in args.batches]
+                     for m in models for b in batches]
         gemm = [time_gemm(e) for e in gemm_exps]
         attention = [time_attention(e) for e in attn_exps]
         print_table("GEMM (median ms; x = speed-up over cuBLAS fp16)", gemm, ["model", "layer", "batch", "m", "n", "k"],
@@ -303,8 +337,8 @@ def main(argv=None) -> int:
         print("\ntargets:", json.dumps(report["targets"], indent=1))
 
     device_tag = (report["env"]["device"] or "nogpu").lower().replace(" ", "_")
-    path = out_dir / f"kernels_{device_tag}_{time.strftime('%Y%m%d_%H%M%S')}.json"
-    path.write_text(json.dumps(report, indent=1))
+    path = out_dir / (unique_stem(out_dir, f"kernels_{device_tag}_{time.strftime('%Y%m%d_%H%M%S')}") + ".json")
+    write_json(path, report)
     print(f"\nwrote {path}")
     return 0
 

@@ -20,7 +20,8 @@ first gets mmap and trim thresholds of 1 GiB (``keep_freed_memory_in_heap``; ``-
 with the defaults, some runs gave memory back to the kernel after every call and faulted it in again on the next
 one (the fp32 timm model: ~22,700 minor faults, ~90 MB, per batch-64 forward, and the provider run after it
 ~5,000), others none, which moved the whole-model ratio by +-10% between runs. Writes JSON and a markdown table
-to ``--out``; without ``dfqvit._C`` it says so and exits 0.
+to ``--out`` (``kernels_cpu_<timestamp>``, ``-2`` etc. when that name is taken); without ``dfqvit._C`` it says so
+and exits 0.
 """
 from __future__ import annotations
 
@@ -35,8 +36,9 @@ import torch
 import torch.nn.functional as F
 
 from dfqvit.environment import describe_environment
+from dfqvit.errors import DFQViTError
 from dfqvit.kernels import native, pack_weight
-from dfqvit.paths import output_folder
+from dfqvit.paths import output_folder, unique_stem, write_json
 
 CIFAR_MODEL = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "vit_mini_c10.json"
 SHAPES = {"cifar_vit": (192, 768, 65), "deit_s": (384, 1536, 197)}
@@ -344,7 +346,15 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def check_engine_batch(engine_batch) -> None:
+    """Before any timing: a batch below 1 crashed after minutes of work (negative) or wrote a report of zeros."""
+    if isinstance(engine_batch, bool) or not isinstance(engine_batch, int) or engine_batch < 1:
+        raise DFQViTError(f"engine_batch (--engine-batch) must be an integer >= 1, got {engine_batch!r}")
+
+
 def run(out_dir: str, engine_batch: int = 64, quick: bool = False, steady_malloc: bool = False) -> int:
+    check_engine_batch(engine_batch)
+    out = output_folder(out_dir)  # before the timing, not after
     if not native.available():
         print("dfqvit._C is not built: the native CPU backend is UNMEASURED in this run. Build it with "
               "`DFQVIT_BUILD_EXT=1 pip install --no-build-isolation --no-deps -e .` and run again.")
@@ -369,9 +379,8 @@ def run(out_dir: str, engine_batch: int = 64, quick: bool = False, steady_malloc
         report["deit_engine"] = deit_engine_row(batch=8, rounds=7)
     report["targets"] = targets(report["gemm"], report["engine"])
     print("targets:", json.dumps(report["targets"], indent=1))
-    out = output_folder(out_dir)
-    stem = f"kernels_cpu_{time.strftime('%Y%m%d_%H%M%S')}"
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=1))
+    stem = unique_stem(out, f"kernels_cpu_{time.strftime('%Y%m%d_%H%M%S')}", (".json", ".md"))
+    write_json(out / f"{stem}.json", report)
     (out / f"{stem}.md").write_text(markdown(report))
     print(f"wrote {out / stem}.json and .md")
     return 0

@@ -26,7 +26,6 @@ LayerNorm+quantize, PyTorch ops) and the top kernels, from torch.profiler on the
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -293,6 +292,16 @@ def ratios(rows):
     return out
 
 
+def check_counts(args) -> None:
+    """Before any model is built: --iters 0 ended in a StatisticsError (median of no timings) after the builds."""
+    from dfqvit.errors import DFQViTError
+
+    for flag, value, low in (("--iters", args.iters, 1), ("--warmup", args.warmup, 0),
+                             ("--batches", min(args.batches), 1)):
+        if value < low:
+            raise DFQViTError(f"{flag} must be >= {low}, got {value}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS))
@@ -314,9 +323,10 @@ def main(argv=None) -> int:
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     from dfqvit.errors import DFQViTError
-    from dfqvit.paths import output_folder
+    from dfqvit.paths import output_folder, unique_stem, write_json
     try:
-        output_folder(args.out_dir, "--out-dir")
+        check_counts(args)
+        out_dir = output_folder(args.out_dir, "--out-dir")
     except DFQViTError as exc:
         parser.error(str(exc))
     if not torch.cuda.is_available():
@@ -330,24 +340,26 @@ def main(argv=None) -> int:
             "timing": "median of iters synchronised calls after warmup; first_call_s is the first call alone "
                       "(compile, autotune, graph capture)"}
     device_tag = meta["device"].lower().replace(" ", "_")
-    stem = args.out_dir / f"latency_{device_tag}_{time.strftime('%Y%m%d_%H%M%S')}"
+    base = f"latency_{device_tag}_{time.strftime('%Y%m%d_%H%M%S')}"
+    stem = out_dir / unique_stem(out_dir, base, (".json", ".md"))  # a run in the same second gets "-2"
     rows = []
 
-    def write_json(complete: bool):
+    def write_report(complete: bool):
         from dfqvit.kernels import autotune_choices
 
-        Path(f"{stem}.json").write_text(json.dumps({"meta": meta, "complete": complete, "rows": rows,
-                                                    "ratios": ratios(rows), "autotune_choices": autotune_choices()},
-                                                   indent=2))
+        write_json(f"{stem}.json", {"meta": meta, "complete": complete, "rows": rows, "ratios": ratios(rows),
+                                    "autotune_choices": autotune_choices()}, indent=2)
 
     def on_row(row):
         rows.append(row)
-        write_json(complete=False)
+        write_report(complete=False)
+
+    write_report(complete=False)  # the reserved file is never left empty
 
     for name in args.models:
         bench_model(name, args.batches, args.bits, args.baselines, args.warmup, args.iters, on_row,
                     args.gemm_paths, args.softmax_maths, args.profile)
-    write_json(complete=True)
+    write_report(complete=True)
     Path(f"{stem}.md").write_text(markdown(rows, meta))
     print(markdown(rows, meta))
     return 0

@@ -40,10 +40,13 @@ def cpu_model() -> str:
 
 
 def describe_environment(device: torch.device) -> dict:
+    """The record of where a measurement on ``device`` was taken: the CUDA device's name, "cpu (<processor>)", or
+    any other device as torch names it; CPU model, threads, versions and the git commit."""
     import timm
 
     import dfqvit
 
+    device = torch.device(device)  # a name such as "cuda:0" as well
     try:
         import triton
         triton_version = triton.__version__
@@ -51,8 +54,10 @@ def describe_environment(device: torch.device) -> dict:
         triton_version = None
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-    else:
+    elif device.type == "cpu":
         name = f"cpu ({platform.processor() or platform.machine()})"
+    else:  # named as given: every non-CUDA device used to be recorded as "cpu"
+        name = str(device)
     return {"device": name, "device_type": device.type, "cpu_model": cpu_model(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "timm": timm.__version__, "triton": triton_version,
             "dfqvit": dfqvit.__version__, "git_commit": git_commit(), "python": platform.python_version(),

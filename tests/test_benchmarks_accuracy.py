@@ -109,7 +109,8 @@ def test_synthetic_sets_are_shared_across_bits_except_dfqvit(acc):
 
 @pytest.mark.parametrize("text, expected", [("4", (4, 4, "log2")), ("4,8", (4, 8, "log2")),
                                             ("W3A16", (3, 16, "log2")), ("8,8:uniform", (8, 8, "uniform")),
-                                            ("W4A8-uniform", (4, 8, "uniform"))])
+                                            ("W4A8-uniform", (4, 8, "uniform")), ("w4a8", (4, 8, "log2")),
+                                            ("4/8", (4, 8, "log2")), ("W8A8:log2", (8, 8, "log2"))])
 def test_parse_setting(acc, text, expected):
     s = acc.parse_setting(text)
     assert (s.w_bits, s.a_bits, s.softmax) == expected
@@ -121,6 +122,42 @@ def test_parse_setting(acc, text, expected):
 def test_bad_settings_raise_typed_errors(acc, text, error):
     with pytest.raises(error, match="not|allowed"):
         acc.parse_setting(text)
+
+
+@pytest.mark.parametrize("text", ["A8", "W4A", ",8", "W4AA8", "wa4", "W4A8-", "4,8:", "4,8,8", "W4 A8", "8w8a"])
+def test_settings_outside_the_documented_forms_are_refused(acc, text):
+    """The letter stripping read "A8" as W8A8, "W4A" as W4A4, ",8" as W8A8, "W4AA8" as W4A8 and took "W4A8-"."""
+    with pytest.raises(DFQViTError, match="is not a bit width; give 4 .*W4A8.*:uniform"):
+        acc.parse_setting(text)
+
+
+def grid_of(acc, *argv):
+    return acc.build_grid(acc.build_parser().parse_args(["--quick", *argv]))
+
+
+def test_sources_and_bits_without_spdfq_w4a4_leave_out_the_ablation(acc):
+    """--quick --sources real --bits 8 ran 3 SPDFQ W4A4 ablation runs as well."""
+    for argv in (["--sources", "real", "--bits", "8"], ["--sources", "spdfq", "--bits", "8"],
+                 ["--bits", "4,8"]):
+        grid = grid_of(acc, *argv)
+        assert grid.ablations == () and acc.grid_cells(grid) == acc.main_cells(grid), argv
+    assert {c.source for c in acc.grid_cells(grid_of(acc, "--sources", "real", "--bits", "8"))} == {"real"}
+    # the ablation's SPDFQ W4A4 cell is selected, or --ablations asks for it: it runs
+    assert grid_of(acc, "--sources", "spdfq", "--bits", "4").ablations == ("baseline", "APA", "APA+MSR+SL")
+    explicit = grid_of(acc, "--sources", "real", "--bits", "8", "--ablations", "APA")
+    assert [(c.source, c.setting.name, c.variant) for c in acc.grid_cells(explicit)] == [
+        ("real", "W8A8", None), ("spdfq", "W4A4", "APA")]
+
+
+def test_ablation_runs_outside_the_main_grid_stay_out_of_the_main_table(acc):
+    """An ablation's APA+MSR+SL run, without SPDFQ W4A4 in the main grid, became an SPDFQ row of the main table."""
+    grid = grid_of(acc, "--sources", "real", "--bits", "8", "--ablations", "baseline", "APA+MSR+SL")
+    rows = [result(acc, "real", "W8A8", 0, 64.0), result(acc, "spdfq", "W4A4", 0, 55.0, "baseline"),
+            result(acc, "spdfq", "W4A4", 0, 60.0, "APA+MSR+SL")]
+    summary = acc.aggregate(rows, 65.0, grid.ablations, grid.ablation_seeds,
+                            main_keys={c.key for c in acc.main_cells(grid)})
+    assert set(summary["main"]) == {"fp32", "real"} and set(summary["main"]["fp32"]) == {"W8A8"}
+    assert summary["ablation"]["APA+MSR+SL"]["values"] == [60.0]
 
 
 # ------------------------------------------------------------------------------------------- aggregation
@@ -319,3 +356,23 @@ def test_too_few_real_images_is_a_calibration_error(acc, tiny_files, tmp_path, c
                     "--ablations", "--limit", "10")  # 32 calibration images wanted, the pack has 24
     assert acc.main(argv) == 2
     assert "holds 24 images; the grid needs 32" in capsys.readouterr().err
+
+
+def test_a_run_in_the_same_second_leaves_the_other_runs_files_alone(acc, tiny_files, tmp_path, monkeypatch):
+    """Both runs named their files by the second, so the later one overwrote the first one's reports and deleted
+    its .partial.json; the JSON is strict (no NaN)."""
+    monkeypatch.setattr(acc.time, "strftime", lambda fmt, *args: "20260101_000000")
+    other = tmp_path / "accuracy_quick_custom_cpu_20260101_000000.partial.json"
+    other.write_text('{"cells": ["another run, still going"]}')
+    argv = args_for(tiny_files, tmp_path, "--quick", "--sources", "gaussian", "--bits", "8", "--seeds", "0",
+                    "--ablations", "--synth-iters", "1", "--calib-images", "4", "--limit", "10")
+    assert acc.main(argv) == 0
+    assert other.read_text() == '{"cells": ["another run, still going"]}'
+    ours = sorted(p.name for p in tmp_path.iterdir() if p != other)
+    assert ours == [f"accuracy_quick_custom_cpu_20260101_000000-2.{ext}" for ext in ("json", "md", "png")]
+
+    def refuse(constant):
+        raise AssertionError(f"non-standard JSON constant {constant}")
+
+    report = json.loads((tmp_path / ours[0]).read_text(), parse_constant=refuse)
+    assert [c["source"] for c in report["cells"]] == ["gaussian"] and report["grid"]["ablations"] == []

@@ -37,3 +37,21 @@ def test_cpu_benchmark_writes_json_and_markdown(tmp_path, monkeypatch):
             assert row["speedup_vs_avx2"]["avx2"] == 1.0
     assert (tmp_path / (report_path.stem + ".md")).read_text().startswith("# Native CPU backend")
     sys.modules.pop("kernels_cpu", None)
+
+
+@pytest.mark.parametrize("engine_batch", [0, -3])
+def test_engine_batch_below_1_is_refused_before_any_work(tmp_path, monkeypatch, engine_batch):
+    """-3 crashed after every measurement (nothing written); 0 wrote a report of zeros with a NaN in its JSON."""
+    from dfqvit.errors import DFQViTError
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    import kernels_cpu
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("timed before checking engine_batch")
+
+    monkeypatch.setattr(kernels_cpu, "gemm_rows", no_work)
+    with pytest.raises(DFQViTError, match="engine_batch .*must be an integer >= 1"):
+        kernels_cpu.run(str(tmp_path), engine_batch=engine_batch, quick=True)
+    assert not list(tmp_path.iterdir())
+    sys.modules.pop("kernels_cpu", None)

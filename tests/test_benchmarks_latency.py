@@ -95,3 +95,14 @@ def test_profile_groups_kernel_time_per_call_by_the_engine_part(latency):
     assert got["by_group"] == {"gemm": 1.0, "attention": 0.5, "layernorm_quant": 0.1, "torch": 0.05}
     assert list(got["by_group"]) == ["gemm", "attention", "layernorm_quant", "torch"]  # largest first
     assert got["top"][0] == ["_qgemm_kernel", 1.0, 49.0] and len(got["top"]) == 5
+
+
+@pytest.mark.parametrize("extra, message", [(["--iters", "0"], "--iters must be >= 1, got 0"),
+                                            (["--warmup", "-1"], "--warmup must be >= 0, got -1"),
+                                            (["--batches", "1", "0"], "--batches must be >= 1, got 0")])
+def test_bad_counts_are_refused_before_any_model_is_built(latency, capsys, tmp_path, extra, message):
+    """--iters 0 raised StatisticsError (median of no timings) after the models were built on the GPU."""
+    with pytest.raises(SystemExit) as exit_info:
+        latency.main([*extra, "--out-dir", str(tmp_path)])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
