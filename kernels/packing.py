@@ -142,22 +142,25 @@ def _check_group_k(entry: str, storage_bits: int, group_k: int) -> None:
                                f"(default {DEFAULT_GROUP_K.get(storage_bits)}).")
 
 
+INT8_ROW_ZERO_BOUND = 2048 - 128  # |W - w_zero| <= 2048 for int8 codes W: integers exact in fp16
+
+
 def _check_w_zero(entry: str, w_zero: torch.Tensor, bits: int, storage_bits: int) -> None:
     """Zero points the GEMMs handle exactly, checked on the given values (before the int32 conversion, which would
     wrap 2**32 + 3 to 3).
 
     int4/int3: [2**bits - 128, 127], so that W - w_zero fits int8 (subtracted while unpacking, fed to int8 tensor
-    cores). int8 rows: [-128, 127], the int8 code range, where ``engine.pack`` puts the quantizer's zero points (5- to
-    7-bit ones lie in [0, 2**bits - 1], 8-bit ones are shifted by -128 with their codes): |W - w_zero| <= 255 is then
-    exact in the fp16/bf16 of the weight-only GEMM, and the int32 accumulator cannot overflow below K = 33,000.
+    cores). int8 rows: [-1920, 1919], so that |W - w_zero| <= 2048 is exact in the fp16 of the weight-only GEMM and
+    the int32 row-sum correction ``a_rowsum * w_zero`` cannot overflow below K = 8,192. A quantizer's zero point lies
+    outside its code range when a channel's weights all have one sign (an int8 bound refused such 8-bit rows).
     """
     if w_zero.is_floating_point() and not torch.equal(w_zero, w_zero.round()):
         raise KernelInputError(f"{entry}: w_zero must hold integers; got non-integral values.")
-    lo, hi = (2 ** storage_bits - 128, 127) if storage_bits in (3, 4) else (-128, 127)
+    lo, hi = (2 ** storage_bits - 128, 127) if storage_bits in (3, 4) else (-INT8_ROW_ZERO_BOUND, INT8_ROW_ZERO_BOUND - 1)
     zmin, zmax = w_zero.min().item(), w_zero.max().item()
     if zmin < lo or zmax > hi:
-        why = ("so that W - w_zero fits int8 (quantizer zero points lie in [0, 2**bits - 1])" if storage_bits in (3, 4)
-               else "(int8 rows: the int8 code range; shift 8-bit unsigned codes and their zero points by -128)")
+        why = ("so that W - w_zero fits int8 (a row whose weights all have one sign puts it outside)" if storage_bits in (3, 4)
+               else "(int8 rows: W - w_zero exact in fp16, the row-sum correction in int32)")
         raise KernelInputError(f"{entry}: w_zero spans [{zmin}, {zmax}]; {bits}-bit weights allow [{lo}, {hi}] {why}.")
 
 

@@ -16,14 +16,21 @@ from . import portable_math
 def uniform_quantize(x: torch.Tensor, scale, zero_point, qmin: int, qmax: int) -> torch.Tensor:
     """SPDFQ eq. 1: ``clamp(round(x / scale) + zero_point, qmin, qmax)``; integral values, x's dtype.
 
-    ``scale`` and ``zero_point`` broadcast against ``x`` (scalars for per-tensor, shaped for per-channel). NaN
-    gives ``qmin``, as in the native (``fmax``) and Triton kernels: ``torch.clamp`` keeps NaN, whose cast to an
-    integer is undefined (0 on x86).
+    ``scale`` and ``zero_point`` broadcast against ``x`` (scalars for per-tensor, shaped for per-channel). NaN stays
+    NaN (the fake-quant model returns NaN for a NaN input); :func:`quantize_codes` gives integer codes.
     """
-    q = torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax)
+    return torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax)
+
+
+def quantize_codes(x: torch.Tensor, scale, zero_point, qmin, qmax, dtype: torch.dtype = torch.int8) -> torch.Tensor:
+    """:func:`uniform_quantize` as integer codes of ``dtype``. NaN gives ``qmin``, as in the native (``fmax``) and
+    Triton kernels: ``torch.clamp`` keeps NaN, whose cast to an integer is undefined (0 on x86)."""
+    q = uniform_quantize(x, scale, zero_point, qmin, qmax)
     if isinstance(qmin, torch.Tensor):
-        return torch.where(q.isnan(), qmin, q)
-    return q.nan_to_num(nan=float(qmin))  # one pass; q holds no inf after the clamp to finite bounds
+        q = torch.where(q.isnan(), qmin, q)
+    else:
+        q = q.nan_to_num_(nan=float(qmin))  # in place: q is a new tensor, without inf after the clamp
+    return q.to(dtype)
 
 
 def uniform_dequantize(q: torch.Tensor, scale, zero_point) -> torch.Tensor:
@@ -252,7 +259,7 @@ def gemm_epilogue_reference(acc_fp32: torch.Tensor, row_scale: torch.Tensor, bia
     if residual is not None:
         y = y + residual.to(torch.float32)
     if out_scale is not None:
-        return uniform_quantize(y, float(out_scale), float(out_zero), out_qmin, out_qmax).to(torch.int8)
+        return quantize_codes(y, float(out_scale), float(out_zero), out_qmin, out_qmax)
     return y.to(out_dtype)
 
 
@@ -338,7 +345,7 @@ def attention_linear_codes_reference(q, k, q_scale, q_zero, k_scale, k_zero, sm_
                                      p_scale: float, p_zero: int, p_bits: int) -> torch.Tensor:
     """Linear codes of the softmax (int16): ``uniform_quantize(p, p_scale, p_zero, 0, 2**p_bits - 1)``."""
     p = attention_probs_reference(q, k, q_scale, q_zero, k_scale, k_zero, sm_scale, bias, mask)
-    return uniform_quantize(p, float(p_scale), float(p_zero), 0, 2 ** p_bits - 1).to(torch.int16)
+    return quantize_codes(p, float(p_scale), float(p_zero), 0, 2 ** p_bits - 1, torch.int16)
 
 
 def log2_pv_shift(p_bits: int) -> int:
@@ -410,4 +417,4 @@ def layernorm_quant_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch
     """Op ``dfqvit::layernorm_quant``: ``uniform_quantize(layer_norm(x), out_scale, out_zero, qmin, qmax)``
     as int8, same shape as ``x``."""
     y = layer_norm_reference(x, weight, bias, eps)
-    return uniform_quantize(y, float(out_scale), float(out_zero), out_qmin, out_qmax).to(torch.int8)
+    return quantize_codes(y, float(out_scale), float(out_zero), out_qmin, out_qmax)

@@ -92,3 +92,21 @@ def test_fold_gives_the_channelwise_codes():
         out_after = torch.nn.functional.linear(per_tensor.fake(norm(x)), layer.weight, layer.bias)
     assert (codes_before != codes_after).float().mean() < 1e-3  # ties at .5 may flip by float rounding
     assert sqnr_db(out_before, out_after) > 80
+
+
+def test_a_nearly_constant_layernorm_channel_is_not_folded():
+    """A LayerNorm channel with gamma = 0 and beta = 0.5 is constant: its channel-wise zero point was -1e6, the fold
+    shifted it by ~2e4 and the next layer's quantized weights carried that (W8A8 cosine to fp32: -0.41)."""
+    from conftest import cosine, tiny_vit
+    import dfqvit
+
+    model = tiny_vit(depth=1)
+    with torch.no_grad():
+        model.blocks[0].norm1.weight[3] = 0.0
+        model.blocks[0].norm1.bias[3] = 0.5
+    qmodel = dfqvit.compile(model, bits=(8, 8), calib=_images(8), recon=None, correction=None, progress=False,
+                            backend="fake")
+    x = _images(16, seed=1)
+    with torch.no_grad():
+        assert cosine(model(x), qmodel(x)) >= 0.999
+    assert abs(float(qmodel.model.blocks[0].attn.qkv.input_quantizer.zero_point)) <= 255

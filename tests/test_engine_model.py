@@ -543,3 +543,34 @@ def test_engine_built_under_inference_mode_loads_state_dicts():
     before = logits(engine, x)
     engine.load_state_dict(engine.state_dict())
     assert torch.equal(logits(engine, x), before)
+
+
+def test_without_input_checks_a_nan_image_gives_nan_logits_on_the_fake_model():
+    """README (check_inputs=False): the fake-quant model returns NaN for a NaN image, the engine finite logits; a NaN
+    -> qmin change in the shared rounding once made the fake model's logits finite too."""
+    model = TINY_MODELS["vit"]()
+    torch.manual_seed(1)
+    qmodel = dfqvit.compile(model, config=dfqvit.QuantConfig(8, 8, check_inputs=False), calib=images(4), recon=None,
+                            correction=None, progress=False, backend="fake")
+    x = images(2)
+    x[0, 0, 0, 0] = float("nan")
+    fake, real = logits(qmodel, x), logits(build_engine(qmodel, backend="torch"), x)
+    assert fake[0].isnan().all() and not fake[1].isnan().any()
+    assert torch.isfinite(real).all()
+
+
+def test_weights_the_engine_cannot_pack_exactly_fall_back_under_auto():
+    """A constant weight row puts its 4-bit zero point far outside the codes (-3e7): the default compile raised a
+    raw KernelInputError after the whole calibration; now "auto" warns and returns the fake-quant model, and a
+    named backend raises UnsupportedModelError naming the layer."""
+    from dfqvit.errors import UnsupportedModelError
+
+    model = TINY_MODELS["vit"](depth=1)
+    with torch.no_grad():
+        model.blocks[0].attn.proj.weight[2] = 0.3
+    torch.manual_seed(1)
+    with pytest.warns(UserWarning, match="blocks.0.attn.proj: the engine cannot pack these weights exactly"):
+        qmodel = dfqvit.compile(model, bits=(4, 8), calib=images(4), recon=None, correction=None, progress=False)
+    assert isinstance(qmodel, dfqvit.QuantizedModel)
+    with pytest.raises(UnsupportedModelError, match="blocks.0.attn.proj"):
+        build_engine(qmodel, backend="torch")

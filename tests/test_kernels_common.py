@@ -174,10 +174,11 @@ def test_nan_quantizes_to_qmin_in_the_kernels_and_the_reference():
     cast gave 0 -- not the "identical bits" the backends promise. Per-tensor and per-column bounds alike."""
     x = torch.tensor([float("nan"), 1.0, -1.0, float("inf"), -float("inf")])
     got = _run(4, x, torch.int32, 0.05)
-    expected = reference.uniform_quantize(x, 0.05, 3.0, -128, 127).to(torch.int32)
+    expected = reference.quantize_codes(x, 0.05, 3.0, -128, 127, torch.int32)
     assert torch.equal(got, expected) and int(expected[0]) == -128
-    columns = reference.uniform_quantize(x, 0.05, 3.0, torch.full((5,), -8.0), torch.full((5,), 7.0))
-    assert columns.tolist() == [-8.0, 7.0, -8.0, 7.0, -8.0]
+    columns = reference.quantize_codes(x, 0.05, 3.0, torch.full((5,), -8.0), torch.full((5,), 7.0), torch.int32)
+    assert columns.tolist() == [-8, 7, -8, 7, -8]
+    assert reference.uniform_quantize(x, 0.05, 3.0, -128, 127)[0].isnan()  # the fake-quant values keep NaN
 
 
 def test_requant_scale_must_be_a_normal_fp32_with_a_normal_reciprocal():
@@ -191,3 +192,16 @@ def test_requant_scale_must_be_a_normal_fp32_with_a_normal_reciprocal():
     for scale in (below, 2.0 ** 126 * 1.0000001, 1e-42, 1e39, 0.0, -0.1, float("inf"), float("nan")):
         with pytest.raises(KernelInputError, match="normal fp32"):
             check_requant_grid("test", scale, 0, -128, 127)
+
+
+def test_column_grids_are_checked_once_per_version():
+    """The native qkv GEMM passes the same grid (as a fresh view) on every forward: checked once (each check cost
+    ~10% of a batch-1 forward), and again after anything writes into it."""
+    from dfqvit.kernels._common import check_requant_columns
+
+    grid = torch.tensor([[0.1, 0.2], [0.0, 3.0], [-128.0, -8.0], [127.0, 7.0], [10.0, 5.0]])
+    check_requant_columns("test", grid[:4])
+    assert grid._dfqvit_checked is not None
+    grid[0, 1] = float("nan")
+    with pytest.raises(KernelInputError, match="column 1"):
+        check_requant_columns("test", grid[:4])

@@ -157,16 +157,17 @@ def test_pack_weight_checks_w_zero_before_the_int32_conversion():
         pack_weight(codes, scale, zero.float() + 2 ** 32, 4)
 
 
-def test_int8_rows_take_zero_points_in_the_int8_code_range():
+def test_int8_rows_take_zero_points_where_the_kernels_stay_exact():
     """int8 rows accepted any w_zero: 2**24 overflowed the kernels' int32 accumulators (Triton and native then
-    disagreed with the reference). The int8 code range [-128, 127] is allowed, its bounds included."""
+    disagreed with the reference). [-1920, 1919] keeps W - w_zero exact in fp16 and the row-sum correction in int32;
+    a row whose weights all have one sign puts its zero point outside the int8 codes (-187 at W8: refused once)."""
     codes, scale, zero = random_weight(8, 4, 32, GEN)
-    for bad in (128, -129, 2 ** 24, 2 ** 32 + 3):
-        with pytest.raises(KernelInputError, match=r"w_zero spans .*allow \[-128, 127\]"):
+    for bad in (1920, -1921, 2 ** 24, 2 ** 32 + 3):
+        with pytest.raises(KernelInputError, match=r"w_zero spans .*allow \[-1920, 1919\]"):
             pack_weight(codes, scale, torch.full((4,), bad, dtype=torch.int64), 8)
     for bits in (5, 8):
-        w = pack_weight(codes, scale, torch.tensor([-128, 127, 0, 5]), bits)
-        assert w.w_zero.tolist() == [-128, 127, 0, 5]
+        w = pack_weight(codes, scale, torch.tensor([-1920, 1919, -187, 5]), bits)
+        assert w.w_zero.tolist() == [-1920, 1919, -187, 5]
 
 
 @pytest.mark.parametrize("bits,group_k", [(4, 16), (3, 32)])
@@ -178,3 +179,17 @@ def test_reference_unpack_of_no_rows(bits, group_k):
     y = torch.ops.dfqvit.qgemm_w16(x, packed, torch.empty(0), torch.empty(0, dtype=torch.int32), None, None, bits, 20,
                                    group_k, False, torch.float16)
     assert y.shape == (3, 0)
+
+
+@requires_triton
+def test_int8_rows_with_zero_points_past_int8_stay_exact():
+    """At the bounds of the int8-row range the Triton accumulator (row-sum correction) equals the exact sums."""
+    from dfqvit.kernels.qgemm import qgemm_accumulator_triton
+
+    codes = torch.randint(-128, 128, (4, 96), dtype=torch.int8, generator=GEN)
+    w = pack_weight(codes, torch.ones(4), torch.tensor([-1920, 1919, -187, 0]), 8)
+    a = torch.randint(-128, 128, (5, 96), dtype=torch.int8, generator=GEN)
+    expected = (a.long() + 7) @ (codes.long() - w.w_zero.long()[:, None]).T
+    got = qgemm_accumulator_triton(a.to(TRITON_DEVICE), -7, w.data.to(TRITON_DEVICE), w.w_zero.to(TRITON_DEVICE),
+                                   w.w_col_sums.to(TRITON_DEVICE), 8, 96, w.group_k)
+    assert torch.equal(got.cpu().long(), expected)

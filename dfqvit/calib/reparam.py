@@ -11,7 +11,8 @@ same codes:
     next Linear: W[:, c] ← W[:, c] · r_c,   bias ← bias + W_new · b  (same float output)
 
 z̃ is rounded (RepQ keeps the mean): with z_c − z̃ an integer, x'/Δ̃ + z̃ = x/Δ_c + z_c, so rounding and
-clipping give exactly the per-channel codes; a fractional z̃ would shift the rounding points.
+clipping give exactly the per-channel codes; a fractional z̃ would shift the rounding points. Nearly constant
+channels are not folded (see ``fold_into_per_tensor``).
 """
 from __future__ import annotations
 
@@ -31,6 +32,10 @@ from dfqvit.quant import UniformQuantizer
 _PRE_NORM_BLOCKS = (Block, SwinTransformerBlock)
 
 PostNormPair = Tuple[nn.LayerNorm, QuantLinear]
+
+# Channels with a step below this fraction of the median step are not folded (see fold_into_per_tensor). Random
+# LayerNorms span ~1/800 to 2x the median; gamma = 1e-4 gave ~1e-4 (W8A8 cosine 0.879 when folded).
+FOLD_MIN_STEP = 1e-3
 
 
 def _foldable(norm: nn.Module, layer: nn.Module) -> bool:
@@ -77,10 +82,16 @@ def fold_into_per_tensor(norm: nn.LayerNorm, layer: QuantLinear, channelwise: Un
     """Fold the calibrated ``channelwise`` grid into ``norm`` and ``layer`` and set ``per_tensor`` to
     the equivalent per-tensor grid (``layer.input_quantizer`` is left to the caller)."""
     delta_c, zero_c = channelwise.scale.double(), channelwise.zero_point.double()
-    delta = delta_c.mean()
-    zero = torch.round(zero_c.mean())
-    r = delta_c / delta
-    b = delta * (zero - zero_c)
+    # A nearly constant channel (a LayerNorm gamma near 0 with beta != 0) gets a tiny step and a zero point far
+    # outside the codes (-1e6 for gamma = 0): folded, its shift b_c reached ~2e4, which the next layer's bias cancels
+    # in float but its quantized weights' rounding errors did not (cosine -0.41 at W8A8). Channels whose step is
+    # under FOLD_MIN_STEP of the median are left as they are (r_c = 1, b_c = 0) and quantized with the per-tensor
+    # grid; z~ is the others' mean.
+    folded = delta_c >= FOLD_MIN_STEP * delta_c.median()
+    delta = delta_c[folded].mean()
+    zero = torch.round(zero_c[folded].mean())
+    r = torch.where(folded, delta_c / delta, torch.ones_like(delta_c))
+    b = torch.where(folded, delta * (zero - zero_c), torch.zeros_like(delta_c))
     norm.weight.copy_((norm.weight.double() / r).to(norm.weight.dtype))
     norm.bias.copy_((norm.bias.double() / r - b).to(norm.bias.dtype))
     new_weight = layer.weight.double() * r

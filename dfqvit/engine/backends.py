@@ -34,13 +34,13 @@ class TorchKernels:
 
     def quantize(self, x: torch.Tensor, grid: ActGrid) -> torch.Tensor:
         """Float activations -> int8 codes on ``grid`` (the shared rounding of ``kernels.reference``)."""
-        return reference.uniform_quantize(x.float(), grid.scale, grid.zero, grid.qmin, grid.qmax).to(torch.int8)
+        return reference.quantize_codes(x.float(), grid.scale, grid.zero, grid.qmin, grid.qmax)
 
     def gemm_codes_per_column(self, a, layer: PackedLinear, grid: torch.Tensor, out_dtype) -> torch.Tensor:
         """``layer`` on int8 ``a``, output re-quantized with one grid per column (``grid`` (5, N): scale, zero,
         qmin, qmax, 1 / scale): the qkv GEMM, whose q, k and v parts have grids of their own."""
         y = self.gemm(a, layer, None, False, None, out_dtype)
-        return reference.uniform_quantize(y.float(), grid[0], grid[1], grid[2], grid[3]).to(torch.int8)
+        return reference.quantize_codes(y.float(), grid[0], grid[1], grid[2], grid[3])
 
     def layernorm_quant(self, x, norm, grid: ActGrid) -> torch.Tensor:
         return reference.layernorm_quant_reference(x, norm.weight, norm.bias, norm.eps, grid.scale, grid.zero,

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from dfqvit.errors import UnsupportedModelError
-from dfqvit.kernels import PackedWeight, pack_weight, packed_nbytes
+from dfqvit.kernels import KernelInputError, PackedWeight, pack_weight, packed_nbytes
 from dfqvit.nn.linear import _QuantWeightLayer
 from dfqvit.quant import Log2Quantizer, UniformQuantizer
 
@@ -109,7 +109,10 @@ class PackedLinear(nn.Module):
     def __init__(self, layer: _QuantWeightLayer, where: str):
         super().__init__()
         codes, scale, zero, bits = weight_codes(layer)
-        packed = pack_weight(codes.cpu(), scale.cpu(), zero.cpu(), bits)
+        try:
+            packed = pack_weight(codes.cpu(), scale.cpu(), zero.cpu(), bits)
+        except KernelInputError as exc:  # an UnsupportedModelError lets "auto" fall back to the fake-quant model
+            raise UnsupportedModelError(f"{where}: the engine cannot pack these weights exactly ({exc})") from None
         device = layer.weight.device
         for name in ("data", "w_scale", "w_zero", "w_col_sums"):
             self.register_buffer(name, getattr(packed, name).to(device))
