@@ -192,6 +192,16 @@ def _not_finite_numbers(config, text_fields=()) -> list:
 RETIRED_FIELDS = {"QuantConfig": ("calib_batch_size",)}
 
 
+def _read_as_today(name: str, data: Dict[str, Any]) -> Dict[str, Any]:
+    """Saved values that no longer validate but never changed a result: an A16 config with the uniform softmax
+    quantizer (A16 has none; refused for new configs) reads as log2, so artifacts and stage files saved so still
+    load."""
+    data = {k: v for k, v in data.items() if k not in RETIRED_FIELDS.get(name, ())}
+    if name == "QuantConfig" and data.get("a_bits") == 16:
+        data["softmax_quantizer"] = SoftmaxQuantizer.LOG2.value
+    return data
+
+
 def config_from_dict(payload: Dict[str, Any]):
     """Rebuild a config written by :func:`config_to_dict`; only allow-listed classes are built."""
     try:
@@ -206,7 +216,7 @@ def config_from_dict(payload: Dict[str, Any]):
     if not isinstance(data, dict):
         raise DFQViTError(f"{name} payload: _data must be a JSON object, got {type(data).__name__}")
     known = {f.name: f for f in dataclasses.fields(cls)}
-    data = {k: v for k, v in data.items() if k not in RETIRED_FIELDS.get(name, ())}
+    data = _read_as_today(name, data)
     unknown = set(data) - set(known)
     if unknown:
         raise DFQViTError(f"{name} has no fields {sorted(unknown)}")

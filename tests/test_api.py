@@ -478,6 +478,13 @@ def test_seed_must_be_an_int(seed):
         dfqvit.compile(TINY_MODELS["vit"](), seed=seed, **FAST)
 
 
+def test_the_largest_seeds_run_through_the_reconstruction():
+    """check_seed allows up to 2**64 - 1; the reconstruction's batch generator multiplied it past 64 bits."""
+    for seed in (2 ** 62, 2 ** 64 - 1, -(2 ** 63)):
+        dfqvit.compile(TINY_MODELS["vit"](depth=1), bits=8, seed=seed, calib=torch.randn(4, 3, 32, 32),
+                       recon=dfqvit.ReconConfig(iterations=1), correction=None, progress=False, backend="fake")
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(progress="no"), "progress='no': give True or False"),  # showed the bars
     (dict(stages_dir=5), "stages_dir=5: give a folder path"),  # a raw TypeError

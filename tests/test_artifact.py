@@ -318,3 +318,15 @@ def test_config_json_is_plain_json(saved):
     _, path = saved
     with safe_open(path, framework="pt") as f:
         json.loads(f.metadata()["config"])
+
+
+def test_an_a16_config_saved_with_the_uniform_softmax_still_reads():
+    """Older dfqvit saved QuantConfig(a_bits=16, softmax_quantizer='uniform') (no effect at A16); refused for new
+    configs since, it must still load from artifacts and stage files, as log2."""
+    from dfqvit.config import QuantConfig, config_from_dict
+
+    payload = QuantConfig(4, 16).to_dict()
+    payload["_data"]["softmax_quantizer"] = "uniform"
+    assert config_from_dict(payload) == QuantConfig(4, 16)
+    with pytest.raises(DFQViTError, match="no effect at a_bits=16"):
+        QuantConfig(4, 16, softmax_quantizer="uniform")

@@ -574,3 +574,24 @@ def test_weights_the_engine_cannot_pack_exactly_fall_back_under_auto():
     assert isinstance(qmodel, dfqvit.QuantizedModel)
     with pytest.raises(UnsupportedModelError, match="blocks.0.attn.proj"):
         build_engine(qmodel, backend="torch")
+
+
+def test_attention_zero_points_outside_int8_are_refused_when_built():
+    """All-positive q activations put q's zero point outside int8 (-145 here): the native attention then failed on
+    every forward with a KernelInputError. The torch backend runs it; native and Triton refuse it when built."""
+    from dfqvit.errors import UnsupportedModelError
+
+    model = TINY_MODELS["vit"](depth=1)
+    x = images(8)
+    block = model.blocks[0]
+    with torch.no_grad():
+        tokens = block.norm1(model.norm_pre(model._pos_embed(model.patch_embed(x))))
+        q = torch.nn.functional.linear(tokens, block.attn.qkv.weight, block.attn.qkv.bias)[..., :48]
+        block.attn.qkv.bias[:48] += 0.05 - q.amin(dim=(0, 1))
+    torch.manual_seed(1)
+    qmodel = dfqvit.compile(model, bits=8, calib=x, recon=None, correction=None, progress=False, backend="fake")
+    fake, real = logits(qmodel, x[:2]), logits(build_engine(qmodel, backend="torch"), x[:2])
+    assert cosine(fake, real) >= 0.9999
+    for backend in ("native", "triton"):
+        with pytest.raises(UnsupportedModelError, match="q_zero=.*outside int8"):
+            build_engine(qmodel, backend=backend)

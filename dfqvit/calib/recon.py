@@ -60,7 +60,8 @@ class UnitReport:
 
 
 def _generator_for(seed: int, stage: int, index: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + stage * 1_009 + index)
+    # modulo 2**64: manual_seed takes 64 bits, and a large seed times the multiplier overflowed it
+    return torch.Generator().manual_seed((seed * 1_000_003 + stage * 1_009 + index) % 2 ** 64)
 
 
 @torch.inference_mode(False)  # Adam on the unit's parameters, whatever the caller's grad mode

@@ -48,9 +48,10 @@ def build_engine(source, backend: str = "auto", *, model: Optional[nn.Module] = 
     elif device is not None:
         source = source.to(device)
     if backend == "fake":
-        if kwargs:  # dtype / cuda_graphs shape the engine only: they were accepted and ignored
-            raise DFQViTError(f"{', '.join(sorted(kwargs))}: no effect with backend='fake' (the fake-quant model runs "
-                              "in float32); drop them or pick an engine backend")
+        given = sorted(k for k, v in kwargs.items() if v is not None)  # None: the defaults, harmless
+        if given:  # dtype / cuda_graphs shape the engine only: they were accepted and ignored
+            raise DFQViTError(f"{', '.join(given)}: no effect with backend='fake' (the fake-quant model runs in "
+                              "float32); drop them or pick an engine backend")
         return source
     engine = QuantizedViT(source, backend, **kwargs)
     engine.artifact = artifact  # an engine of an artifact can be saved again (dfqvit.save)

@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from dfqvit.errors import DFQViTError, MissingGPUError
+from dfqvit.errors import DFQViTError, MissingGPUError, UnsupportedModelError
 from dfqvit.kernels import (attention_linear_triton, attention_log2_triton, layernorm_quant_triton, native,
                             qgemm_columns_triton, qgemm_triton, qgemm_w16_triton, reference)
 from dfqvit.kernels._common import kernel_is_interpreted
@@ -90,11 +90,28 @@ class _FusedAttentionTokens:
         return o.view(batch, seq, heads * dim)
 
 
+def require_int8_attention_zeros(module: torch.nn.Module, backend: str) -> None:
+    """The native and Triton attention kernels take q / k / v zero points in int8 (their exact int16 / int32 sums
+    assume it); a grid of one-sign activations lies outside. Refused when the engine is built (an
+    UnsupportedModelError: "auto" falls back to the fake-quant model), not on the first forward."""
+    from .blocks import Attention
+
+    for name, attention in module.named_modules():
+        zeros = {n: g.zero for n, g in zip("qkv", attention.grids) if g is not None} \
+            if isinstance(attention, Attention) else {}
+        outside = {n: z for n, z in zeros.items() if not -128 <= z <= 127}
+        if outside:
+            raise UnsupportedModelError(
+                f"{name}: {', '.join(f'{n}_zero={z}' for n, z in outside.items())} lies outside int8 (those "
+                f"activations have one sign); backend={backend!r} takes int8 zero points. backend='torch' runs it")
+
+
 class NativeKernels(_FusedAttentionTokens, TorchKernels):
     name = "native"
 
     def prepare(self, module: torch.nn.Module) -> None:
         """Convert every PackedLinear of ``module`` to CPU panels once (its GPU-layout bytes are dropped)."""
+        require_int8_attention_zeros(module, self.name)
         for layer in module.modules():
             if isinstance(layer, PackedLinear) and layer.act is not None:
                 layer.to_cpu_panels(native.prepack)
@@ -139,6 +156,9 @@ class NativeKernels(_FusedAttentionTokens, TorchKernels):
 
 class TritonKernels(_FusedAttentionTokens, TorchKernels):
     name = "triton"
+
+    def prepare(self, module: torch.nn.Module) -> None:
+        require_int8_attention_zeros(module, self.name)
 
     def layernorm_quant(self, x, norm, grid: ActGrid) -> torch.Tensor:
         return layernorm_quant_triton(x.contiguous(), norm.weight, norm.bias, norm.eps, grid.scale, grid.zero,
