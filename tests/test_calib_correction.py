@@ -76,3 +76,12 @@ def test_closed_forms_recover_a_known_affine_map():
 def test_correction_config_validation(bad):
     with pytest.raises(CalibrationError, match="invalid CorrectionConfig"):
         CorrectionConfig(**bad)
+
+
+def test_a_constant_channel_gets_scale_one_without_shrinkage():
+    """shrinkage=0 with a channel of zero variance gave s = 0 / 0: NaN weights after folding."""
+    a = torch.randn(50, 4, dtype=torch.float64)
+    a[:, 2] = 3.0
+    r = a * 1.1 + 0.5
+    s, t = fit_diag(a, r, CorrectionConfig(shrinkage=0.0))
+    assert torch.isfinite(s).all() and float(s[2]) == 1.0 and torch.allclose(a * s + t, r)

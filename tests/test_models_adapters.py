@@ -3,6 +3,8 @@ import pytest
 import torch
 from torch import nn
 
+import dfqvit
+
 from conftest import TINY_MODELS, tiny_vit
 from dfqvit.errors import DFQViTError, UnsupportedModelError
 from dfqvit.models import adapt
@@ -130,3 +132,14 @@ def test_head_can_stay_float():
     qmodel = adapt(TINY_MODELS["deit_distilled"](), QuantConfig(quantize_head=False))
     assert set(qmodel.skipped) == {"patch_embed.proj", "head", "head_dist"}
     assert not isinstance(qmodel.model.head, QuantLinear)
+
+
+def test_weights_with_nan_or_inf_are_named():
+    """NaN weights spread into other layers' scales through calibration (NaN logits), or failed late while packing."""
+    model = tiny_vit()
+    with torch.no_grad():
+        model.blocks[1].mlp.fc1.weight[0, 0] = float("nan")
+        model.cls_token[0, 0, 0] = float("inf")
+    with pytest.raises(DFQViTError, match="cls_token, blocks.1.mlp.fc1.weight hold NaN or Inf"):
+        dfqvit.compile(model, bits=8, calib=torch.randn(4, 3, 32, 32), progress=False, backend="fake")
+    adapt(model)  # a skeleton for an artifact's weights may hold anything

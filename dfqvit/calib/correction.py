@@ -104,6 +104,9 @@ def fit_diag(a: torch.Tensor, r: torch.Tensor, config: CorrectionConfig) -> Tupl
     cov = ((a - mean_a) * (r - mean_r)).mean(0)
     lam = config.shrinkage * var.mean()
     s = ((cov + lam) / (var + lam)).clamp(*config.scale_range)
+    # A channel without variance (constant over the calibration rows) says nothing about a scale: s = 1, and the
+    # shift still matches the means (with shrinkage 0 it was 0 / 0: NaN weights).
+    s = torch.where(var + lam > 0, s, torch.ones_like(s))
     return s, mean_r - s * mean_a
 
 

@@ -16,6 +16,7 @@ from dfqvit.caller_state import training_state
 from dfqvit.config import CalibConfig, CorrectionConfig, QuantConfig, ReconConfig, config_to_dict
 from dfqvit.errors import warn_user
 from dfqvit.models import QuantizedModel, adapt
+from dfqvit.models.quantized import check_finite_weights
 from dfqvit.synth import SyntheticSet
 
 from .blockwise import calibrate_model
@@ -84,6 +85,7 @@ def run_pipeline(
 ) -> PipelineResult:
     """Quantize ``model``; ``recon`` / ``correction`` = None skip those stages."""
     calibration = calibration or CalibConfig()
+    check_finite_weights(model)
     store = StageStore(stages_dir)
     qmodel = adapt(model, config, normalization=normalization).to(device)
     if not isinstance(calib, (str, SyntheticSet, torch.Tensor)):

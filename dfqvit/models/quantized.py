@@ -211,6 +211,17 @@ def checked_normalization(normalization, channels: int) -> Tuple[Tuple[float, ..
     return parts[0], parts[1]
 
 
+def check_finite_weights(model: nn.Module) -> None:
+    """Refuse a model to be calibrated whose weights hold NaN / Inf: they spread into other layers' scales through the
+    calibration (NaN logits), or failed late in the weight packing. (Not in ``adapt``: a skeleton whose weights an
+    artifact replaces may hold anything.)"""
+    bad = [name for name, t in itertools.chain(model.named_parameters(), model.named_buffers())
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise DFQViTError(f"the model's {', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''} hold NaN or Inf values; "
+                          "load finite weights (a diverged or damaged checkpoint?)")
+
+
 _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
                "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
 
