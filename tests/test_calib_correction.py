@@ -85,3 +85,15 @@ def test_a_constant_channel_gets_scale_one_without_shrinkage():
     r = a * 1.1 + 0.5
     s, t = fit_diag(a, r, CorrectionConfig(shrinkage=0.0))
     assert torch.isfinite(s).all() and float(s[2]) == 1.0 and torch.allclose(a * s + t, r)
+
+
+def test_full_correction_from_one_distinct_image_warns():
+    """One image (or copies of it): the C x C fit overfits (held-out cosine to fp32 0.08)."""
+    qmodel = calibrate_blockwise(adapt(TINY_MODELS["vit"](depth=1), QuantConfig(8, 8)), _one_image_copies(),
+                                 progress=False)
+    with pytest.warns(UserWarning, match="fewer than 2 distinct calibration images"):
+        correct_activations(qmodel, _one_image_copies(), CorrectionConfig(form="full"), progress=False)
+
+
+def _one_image_copies():
+    return torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(3)).repeat(4, 1, 1, 1)
