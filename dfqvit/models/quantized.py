@@ -215,8 +215,9 @@ def check_finite_weights(model: nn.Module) -> None:
     """Refuse a model to be calibrated whose weights hold NaN / Inf: they spread into other layers' scales through the
     calibration (NaN logits), or failed late in the weight packing. (Not in ``adapt``: a skeleton whose weights an
     artifact replaces may hold anything.)"""
+    # meta tensors hold no values: adapt names a model on the meta device
     bad = [name for name, t in itertools.chain(model.named_parameters(), model.named_buffers())
-           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+           if t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all())]
     if bad:
         raise DFQViTError(f"the model's {', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''} hold NaN or Inf values; "
                           "load finite weights (a diverged or damaged checkpoint?)")
