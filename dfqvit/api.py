@@ -5,6 +5,7 @@ import dataclasses
 import os
 from typing import Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -106,8 +107,9 @@ def compile(
     config = _resolve_config(bits, config)
     device = _resolve_device(device)
     seed = check_seed(seed)
-    if not isinstance(progress, bool):  # progress="no" showed the bars
+    if isinstance(progress, str) or not isinstance(progress, (bool, int, np.bool_)):  # progress="no" showed the bars
         raise DFQViTError(f"progress={progress!r}: give True or False")
+    progress = bool(progress)  # 0 / 1 (argparse counts) and numpy bools too
     if stages_dir is not None and not isinstance(stages_dir, (str, os.PathLike)):
         raise DFQViTError(f"stages_dir={stages_dir!r}: give a folder path or None")
     _check_type("calibration", calibration, CalibConfig, optional=False)

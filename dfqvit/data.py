@@ -117,6 +117,17 @@ def _npz_loaders(path: str):
     return loaders, labels, classes, None
 
 
+def _class_images(folder: str) -> List[str]:
+    """The image files of one class folder, its sub-folders included (as torchvision's ImageFolder), sorted; hidden
+    files and folders are left out."""
+    found = []
+    for here, subfolders, files in os.walk(folder, followlinks=True):
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+        found += [os.path.join(here, f) for f in sorted(files)
+                  if f.lower().endswith(_IMAGE_EXTENSIONS) and not f.startswith(".")]
+    return found
+
+
 def _folder_loaders(root: str):
     """(loaders, labels, class names, file names to show in errors)."""
     # Hidden folders (.ipynb_checkpoints, .git) are not classes: one shifted every label after it.
@@ -125,13 +136,11 @@ def _folder_loaders(root: str):
         raise DFQViTError(f"image folder {root!r} has no class sub-folders (expected root/<class>/<image>)")
     loaders, labels, names = [], [], []
     for label, name in enumerate(classes):
-        files = [f for f in sorted(os.listdir(os.path.join(root, name)))
-                 if f.lower().endswith(_IMAGE_EXTENSIONS) and not f.startswith(".")]
+        files = _class_images(os.path.join(root, name))
         if not files:  # as torchvision's ImageFolder: a class without images would still take a label
             raise DFQViTError(f"class folder {os.path.join(root, name)!r} holds no {', '.join(_IMAGE_EXTENSIONS)} "
                               "images; remove it or add its images (every sub-folder is a class, in sorted order)")
-        for file in files:
-            path = os.path.join(root, name, file)
+        for path in files:
             loaders.append(lambda p=path: Image.open(p))
             names.append(repr(path))
             labels.append(label)

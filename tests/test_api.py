@@ -478,6 +478,14 @@ def test_seed_must_be_an_int(seed):
         dfqvit.compile(TINY_MODELS["vit"](), seed=seed, **FAST)
 
 
+def test_progress_takes_counts_and_numpy_bools():
+    import numpy as np
+
+    for progress in (0, np.bool_(False)):  # argparse action="count" gives an int
+        dfqvit.compile(TINY_MODELS["vit"](depth=1), bits=8, calib=torch.randn(4, 3, 32, 32), recon=None,
+                       correction=None, progress=progress, backend="fake")
+
+
 def test_the_largest_seeds_run_through_the_reconstruction():
     """check_seed allows up to 2**64 - 1; the reconstruction's batch generator multiplied it past 64 bits."""
     for seed in (2 ** 62, 2 ** 64 - 1, -(2 ** 63)):
@@ -487,6 +495,7 @@ def test_the_largest_seeds_run_through_the_reconstruction():
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(progress="no"), "progress='no': give True or False"),  # showed the bars
+    (dict(progress=None), "progress=None: give True or False"),
     (dict(stages_dir=5), "stages_dir=5: give a folder path"),  # a raw TypeError
     (dict(device="meta"), "runs on 'cpu' or 'cuda'"),  # failed on .item() in the calibration
     (dict(calib=torch.randn(4, 3, 32, 32), synth=dfqvit.SynthConfig(iterations=2)),

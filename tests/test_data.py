@@ -87,6 +87,9 @@ def test_hidden_and_empty_class_folders(tmp_path):
     (tmp_path / "data" / ".ipynb_checkpoints").mkdir()
     data = load_images(str(tmp_path / "data"), SIZE, MEAN, STD)
     assert data.classes == ["cat", "dog"] and data.labels == [0, 1]
+    (tmp_path / "data" / "dog" / "more").mkdir()  # images in a class's sub-folders belong to it (as ImageFolder)
+    Image.fromarray(_pixels(1, seed=5)[0]).save(tmp_path / "data" / "dog" / "more" / "b.png")
+    assert load_images(str(tmp_path / "data"), SIZE, MEAN, STD).labels == [0, 1, 1]
     (tmp_path / "data" / "bird").mkdir()
     with pytest.raises(DFQViTError, match="bird' holds no .png"):
         load_images(str(tmp_path / "data"), SIZE, MEAN, STD)
