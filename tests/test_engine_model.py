@@ -524,8 +524,14 @@ def test_engine_artifact_must_be_its_own_and_fake_takes_no_engine_options():
     engine = dfqvit.compile(TINY_MODELS["vit"](depth=1), bits=(4, 8), calib=images(4), recon=None, correction=None,
                             progress=False, backend="torch")
     from dfqvit.artifact import QuantArtifact
-    with pytest.raises(DFQViTError, match="other layers or bits"):
+    with pytest.raises(DFQViTError, match="other layers, bits or weight scales"):
         engine.artifact = QuantArtifact.from_model(other)
+    torch.manual_seed(7)  # the same architecture, another calibration: other weight scales
+    again = dfqvit.compile(TINY_MODELS["vit"](depth=1), bits=(4, 8), calib=images(4) * 3, recon=None,
+                           correction=None, progress=False, backend="fake")
+    with pytest.raises(DFQViTError, match="another model or calibration"):
+        engine.artifact = QuantArtifact.from_model(again)
+    engine.artifact = engine.artifact  # its own is taken
     with pytest.raises(DFQViTError, match="takes a QuantArtifact or None, got str"):
         engine.artifact = "model.safetensors"
     with pytest.raises(DFQViTError, match="dtype: no effect with backend='fake'"):

@@ -218,13 +218,21 @@ class QuantizedViT(nn.Module):
 
         if artifact is not None and not isinstance(artifact, QuantArtifact):
             raise DFQViTError(f"QuantizedViT.artifact takes a QuantArtifact or None, got {type(artifact).__name__}")
-        if artifact is not None and self._modules.get("trunk") is not None:
-            saved = {name: layer.get("w_bits") for name, layer in artifact.config.get("layers", {}).items()}
-            mine = {m.where: m.bits for m in self.trunk.modules() if isinstance(m, PackedLinear)}
-            if saved != mine:
-                raise DFQViTError("this artifact quantizes other layers or bits than the engine; give the engine the "
-                                  "artifact it was built from (build_engine(artifact) keeps it)")
+        if artifact is not None and self._modules.get("trunk") is not None and not self._is_mine(artifact):
+            raise DFQViTError("this artifact quantizes other layers, bits or weight scales than the engine (another "
+                              "model or calibration); give the engine the artifact it was built from "
+                              "(build_engine(artifact) keeps it)")
         self._artifact = None if artifact is None else artifact.compact()
+
+    def _is_mine(self, artifact) -> bool:
+        """Same quantized layers, bits and weight scales (another calibration of the same model differs in them)."""
+        saved = {name: layer.get("w_bits") for name, layer in artifact.config.get("layers", {}).items()}
+        layers = [m for m in self.trunk.modules() if isinstance(m, PackedLinear)]
+        if saved != {m.where: m.bits for m in layers}:
+            return False
+        scales = (artifact.tensors.get(f"{m.where}.weight_quantizer.scale") for m in layers)
+        return all(isinstance(s, torch.Tensor) and torch.equal(s.float().flatten(), m.w_scale.float().flatten().cpu())
+                   for s, m in zip(scales, layers))
 
     @property
     def backend(self) -> str:
