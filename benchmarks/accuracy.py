@@ -37,7 +37,7 @@ from typing import Collection, Dict, List, Optional, Sequence, Tuple
 import torch
 
 import dfqvit
-from dfqvit.config import CorrectionConfig, QuantConfig, ReconConfig, SynthConfig, parse_bits
+from dfqvit.config import CorrectionConfig, QuantConfig, ReconConfig, SynthConfig, bits_from_text, parse_bits
 from dfqvit.environment import describe_environment
 from dfqvit.cli import BACKEND_CHOICES
 from dfqvit.errors import CalibrationError, CheckpointNotFoundError, DFQViTError, MissingGPUError
@@ -81,27 +81,22 @@ class Setting:
                            calib_images=calib_images)
 
 
-# The accepted forms (as dfqvit.cli's --bits, plus the softmax quantizer): the old letter stripping read "A8" as
-# W8A8, "W4A" as W4A4, ",8" as W8A8 and "W4AA8" as W4A8, and accepted a trailing "-".
-_SETTING_FORM = re.compile(r"^(?:(?P<one>\d+)|(?P<w>\d+)\s*[,/]\s*(?P<a>\d+)|w(?P<wl>\d+)a(?P<al>\d+))"
-                           r"(?:[:-](?P<softmax>[a-z0-9]+))?$")
+# The bits as dfqvit's --bits writes them (config.bits_from_text), then an optional softmax quantizer: the old letter
+# stripping read "A8" as W8A8, "W4A" as W4A4, ",8" as W8A8 and "W4AA8" as W4A8, and accepted a trailing "-".
+_SOFTMAX_SUFFIX = re.compile(r"^(?P<bits>.*?)(?:[:-](?P<softmax>[a-z0-9]+))?$")
 SETTING_FORMS = "4 (= W4A4), 4,8 (or 4/8), W4A8 (or w4a8), each optionally with :uniform / -uniform (or :log2)"
 
 
 def parse_setting(text: str) -> Setting:
     """"4" / "4,8" / "4/8" / "W4A8" / "w4a8", optionally with ":uniform" / "-uniform" / ":log2" (the softmax
     quantizer; log2 by default) -> Setting. Any other text raises DFQViTError, bad bits UnsupportedBitsError."""
-    match = _SETTING_FORM.match(str(text).strip().lower())
-    if match is None:
+    parts = _SOFTMAX_SUFFIX.match(str(text).strip().lower())
+    bits = bits_from_text(parts["bits"])
+    if bits is None:
         raise DFQViTError(f"setting {text!r} is not a bit width; give {SETTING_FORMS}")
-    groups = match.groupdict()
-    softmax = groups["softmax"] or "log2"
+    softmax = parts["softmax"] or "log2"
     if softmax not in ("log2", "uniform"):
         raise DFQViTError(f"setting {text!r}: softmax quantizer {softmax!r} is not one of 'log2', 'uniform'")
-    if groups["one"] is not None:
-        bits = int(groups["one"])
-    else:
-        bits = (int(groups["w"] or groups["wl"]), int(groups["a"] or groups["al"]))
     w_bits, a_bits = parse_bits(bits)
     if a_bits == 16 and softmax != "log2":
         raise DFQViTError(f"setting {text!r}: weight-only bits do not quantize the softmax; drop the '{softmax}'")

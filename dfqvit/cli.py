@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 from typing import List, Optional
@@ -13,19 +12,15 @@ from typing import List, Optional
 from .errors import DFQViTError
 
 
-_BITS_FORMS = (re.compile(r"^(\d+)$"), re.compile(r"^(\d+)\s*[,/]\s*(\d+)$"), re.compile(r"^w(\d+)a(\d+)$"))
-
-
 def _bits(text: str):
-    """``4`` -> 4; ``4,8`` / ``4/8`` / ``w4a8`` -> (4, 8) (the values are checked by parse_bits). Anything else is
-    refused: the old letter stripping read ``a8`` as W8A8 and ``w4a`` as W4A4."""
-    for form in _BITS_FORMS:
-        match = form.match(text.strip().lower())
-        if match:
-            parts = [int(p) for p in match.groups()]
-            return parts[0] if len(parts) == 1 else tuple(parts)
-    raise argparse.ArgumentTypeError(f"{text!r}: give 4 (= W4A4) or weight,activation bits such as 4,8 "
-                                     "(also 4/8 or w4a8)")
+    """``4`` -> 4; ``4,8`` / ``4/8`` / ``w4a8`` -> (4, 8) (``config.bits_from_text``); anything else is refused."""
+    from .config import bits_from_text
+
+    bits = bits_from_text(text)
+    if bits is None:
+        raise argparse.ArgumentTypeError(f"{text!r}: give 4 (= W4A4) or weight,activation bits such as 4,8 "
+                                         "(also 4/8 or w4a8)")
+    return bits
 
 
 def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:

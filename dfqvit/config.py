@@ -6,6 +6,7 @@ import dataclasses
 import enum
 import math
 import operator
+import re
 from typing import Any, Dict, Optional, Tuple, Union
 
 from .errors import CalibrationError, DFQViTError, UnsupportedBitsError
@@ -47,6 +48,21 @@ def check_seed(seed) -> int:
     if not SEED_RANGE[0] <= value <= SEED_RANGE[1]:
         raise CalibrationError(f"seed={seed}: give an int from -2**63 to 2**64 - 1 (what torch.manual_seed takes)")
     return value
+
+
+# The written forms of bits (the CLI's --bits, the accuracy benchmark's settings): 4, 4,8 (or 4/8), w4a8.
+_BITS_TEXT_FORMS = (re.compile(r"^(\d+)$"), re.compile(r"^(\d+)\s*[,/]\s*(\d+)$"), re.compile(r"^w(\d+)a(\d+)$"))
+
+
+def bits_from_text(text: str) -> Optional[Union[int, Tuple[int, int]]]:
+    """``4`` -> 4; ``4,8`` / ``4/8`` / ``w4a8`` (any case) -> (4, 8); None for any other text. The values are checked
+    by :func:`parse_bits`. (Stripping letters instead read ``a8`` as W8A8 and ``w4a`` as W4A4.)"""
+    for form in _BITS_TEXT_FORMS:
+        match = form.match(str(text).strip().lower())
+        if match:
+            parts = [int(p) for p in match.groups()]
+            return parts[0] if len(parts) == 1 else tuple(parts)
+    return None
 
 
 def parse_bits(bits: Union[int, Tuple[int, int]]) -> Tuple[int, int]:

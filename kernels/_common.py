@@ -269,14 +269,13 @@ def check_fp32_scale(entry: str, name: str, value: float) -> None:
 ZERO_POINT_BOUND = 2 ** 24
 
 
-def check_requant_grid(entry: str, out_scale: float, out_zero: int, out_qmin: int, out_qmax: int,
-                       zero_bound: int = ZERO_POINT_BOUND) -> None:
+def check_requant_grid(entry: str, out_scale: float, out_zero: int, out_qmin: int, out_qmax: int) -> None:
     """The int8 output grid of a fused re-quantizing epilogue (GEMM, attention, LayerNorm): codes in
-    -128 <= qmin <= qmax <= 127 (wider ones would wrap in the int8 store), ``-zero_bound <= out_zero < zero_bound``."""
+    -128 <= qmin <= qmax <= 127 (wider ones would wrap in the int8 store), |out_zero| under ``ZERO_POINT_BOUND``."""
     check_fp32_scale(entry, "out_scale", out_scale)
     check_int_range(entry, "out_qmin", out_qmin, -128, 127)
     check_int_range(entry, "out_qmax", out_qmax, out_qmin, 127)
-    check_int_range(entry, "out_zero", out_zero, -zero_bound, zero_bound - 1)
+    check_int_range(entry, "out_zero", out_zero, -ZERO_POINT_BOUND, ZERO_POINT_BOUND - 1)
 
 
 def check_requant_columns(entry: str, grid: torch.Tensor) -> None:

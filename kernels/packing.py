@@ -156,11 +156,14 @@ def _check_w_zero(entry: str, w_zero: torch.Tensor, bits: int, storage_bits: int
     """
     if w_zero.is_floating_point() and not torch.equal(w_zero, w_zero.round()):
         raise KernelInputError(f"{entry}: w_zero must hold integers; got non-integral values.")
-    lo, hi = (2 ** storage_bits - 128, 127) if storage_bits in (3, 4) else (-INT8_ROW_ZERO_BOUND, INT8_ROW_ZERO_BOUND - 1)
+    if storage_bits in (3, 4):
+        lo, hi = 2 ** storage_bits - 128, 127
+        why = "so that W - w_zero fits int8 (a row whose weights all have one sign puts it outside)"
+    else:
+        lo, hi = -INT8_ROW_ZERO_BOUND, INT8_ROW_ZERO_BOUND - 1
+        why = "(int8 rows: W - w_zero exact in fp16, the row-sum correction in int32)"
     zmin, zmax = w_zero.min().item(), w_zero.max().item()
     if zmin < lo or zmax > hi:
-        why = ("so that W - w_zero fits int8 (a row whose weights all have one sign puts it outside)" if storage_bits in (3, 4)
-               else "(int8 rows: W - w_zero exact in fp16, the row-sum correction in int32)")
         raise KernelInputError(f"{entry}: w_zero spans [{zmin}, {zmax}]; {bits}-bit weights allow [{lo}, {hi}] {why}.")
 
 
@@ -173,7 +176,7 @@ def pack_weight(codes: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor
             for 5..8 bits (8-bit unsigned codes must be shifted by -128 first, and ``w_zero`` with them).
         w_scale: (N,) per-output-channel scales (stored fp32).
         w_zero: (N,) integer zero points (stored int32): in [2**bits - 128, 127] for 3/4 bits (W - w_zero fits
-            int8), in [-128, 127] for 5..8 bits (the int8 code range).
+            int8), in [-1920, 1919] for 5..8 bits (see ``_check_w_zero``).
         bits: weight bit width, 3..8.
         group_k: K packing group (power of two >= 16); defaults to 64 for int4 and 128 for int3.
     """

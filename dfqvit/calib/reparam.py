@@ -21,15 +21,11 @@ from typing import List, Tuple
 import torch
 from timm.layers import Mlp
 from timm.models.swin_transformer import SwinTransformerBlock
-from timm.models.vision_transformer import Block
 from torch import nn
 
+from dfqvit.models.base import PRE_NORM_BLOCKS
 from dfqvit.nn import QuantAttentionBase, QuantLinear
 from dfqvit.quant import UniformQuantizer
-
-# Blocks whose norm1 output feeds only attn.qkv and whose norm2 output feeds only mlp.fc1 (pre-norm
-# blocks; e.g. timm's ResPostBlock normalises after the branch and must not be paired).
-_PRE_NORM_BLOCKS = (Block, SwinTransformerBlock)
 
 PostNormPair = Tuple[nn.LayerNorm, QuantLinear]
 
@@ -56,7 +52,7 @@ def pads_windows(block: nn.Module) -> bool:
 
 def post_norm_pairs(block: nn.Module) -> List[PostNormPair]:
     """(LayerNorm, Linear that reads only its output) pairs of a block, in forward order."""
-    if type(block) not in _PRE_NORM_BLOCKS:
+    if type(block) not in PRE_NORM_BLOCKS:
         return []
     pairs = []
     if (isinstance(block.attn, QuantAttentionBase) and _foldable(block.norm1, block.attn.qkv)

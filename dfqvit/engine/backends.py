@@ -97,9 +97,9 @@ def require_int8_attention_zeros(module: torch.nn.Module, backend: str) -> None:
     from .blocks import Attention
 
     for name, attention in module.named_modules():
-        zeros = {n: g.zero for n, g in zip("qkv", attention.grids) if g is not None} \
-            if isinstance(attention, Attention) else {}
-        outside = {n: z for n, z in zeros.items() if not -128 <= z <= 127}
+        if not isinstance(attention, Attention):
+            continue
+        outside = {n: g.zero for n, g in zip("qkv", attention.grids) if g is not None and not -128 <= g.zero <= 127}
         if outside:
             raise UnsupportedModelError(
                 f"{name}: {', '.join(f'{n}_zero={z}' for n, z in outside.items())} lies outside int8 (those "

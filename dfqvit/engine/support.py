@@ -12,6 +12,7 @@ from typing import Dict, List
 from torch import nn
 
 from dfqvit.errors import UnsupportedModelError
+from dfqvit.models.base import PRE_NORM_BLOCKS
 
 # What the engine does not implement, said once however many blocks have it.
 DYNAMIC_MASK = "dynamic_mask=True (the engine uses each block's precomputed attn_mask)"
@@ -40,15 +41,6 @@ def _is_erf_gelu_mlp(mlp: nn.Module) -> bool:
     from timm.layers import Mlp
 
     return type(mlp) is Mlp and _is_erf_gelu(mlp.act) and isinstance(mlp.norm, nn.Identity)
-
-
-def _is_engine_block(block: nn.Module) -> bool:
-    """The pre-norm blocks the engine computes (x + attn(norm1(x)), ...): a post-norm ResPostBlock or a parallel
-    block runs other math on the same parameters."""
-    from timm.models.swin_transformer import SwinTransformerBlock
-    from timm.models.vision_transformer import Block
-
-    return type(block) in (Block, SwinTransformerBlock)
 
 
 def _fused_norms(model: nn.Module, blocks) -> List[nn.Module]:
@@ -89,7 +81,7 @@ def check_engine_support(model: nn.Module, config) -> None:
         where = names[id(block)]
         if getattr(block, "dynamic_mask", False):
             flag(DYNAMIC_MASK, where)
-        if not _is_engine_block(block):
+        if type(block) not in PRE_NORM_BLOCKS:  # ResPostBlock ran as pre-norm (cosine 0.32 to fp32)
             flag(f"{NOT_PRE_NORM_BLOCK} ({type(block).__name__})", where)
         elif not _is_erf_gelu_mlp(block.mlp):
             mlp = block.mlp

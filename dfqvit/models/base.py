@@ -6,11 +6,18 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, List, Optional, Sequence, Tuple, Type
 
+from timm.models.swin_transformer import SwinTransformerBlock
+from timm.models.vision_transformer import Block
 from torch import nn
 
 from dfqvit.config import QuantConfig
 from dfqvit.errors import UnsupportedModelError
 from dfqvit.nn import QuantConv2d, QuantLinear
+
+# timm's pre-norm blocks (x + attn(norm1(x)); x + mlp(norm2(x))): norm1 feeds only attn.qkv, norm2 only mlp.fc1.
+# Others run other math on the same parameters (ResPostBlock normalises after the branch, parallel blocks add
+# branches side by side): the post-LayerNorm fold and the integer engine take these two only.
+PRE_NORM_BLOCKS = (Block, SwinTransformerBlock)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
