@@ -109,7 +109,8 @@ class QuantConfig:
             on all of them in one forward (its percentiles are over all images), so this also bounds memory.
         search_max_elements: activation tensors larger than this are range-searched on a fixed,
             evenly strided subsample (torch.quantile / sort cost, Pitfall 5).
-        check_inputs: validate shape and finiteness of every input of the quantized model.
+        check_inputs: check that every input of the quantized model is finite (a reduction and a device sync per
+            call). Type, shape, size and dtype are checked either way.
     """
 
     w_bits: int = 4

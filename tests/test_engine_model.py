@@ -601,3 +601,18 @@ def test_attention_zero_points_outside_int8_are_refused_when_built():
     for backend in ("native", "triton"):
         with pytest.raises(UnsupportedModelError, match="q_zero=.*outside int8"):
             build_engine(qmodel, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", "fake"])
+def test_without_input_checks_a_wrong_image_size_is_still_refused(backend):
+    """check_inputs=False skips the finiteness check (a device sync), not the shape checks: a Swin engine ran its
+    windows over a 40 x 40 image built for 32 x 32 and returned logits (timm asserts on the fake model)."""
+    model = tiny_swin()
+    torch.manual_seed(1)
+    qmodel = dfqvit.compile(model, config=dfqvit.QuantConfig(8, 8, check_inputs=False), calib=images(4), recon=None,
+                            correction=None, progress=False, backend="fake")
+    module = qmodel if backend == "fake" else build_engine(qmodel, backend=backend)
+    assert torch.isfinite(logits(module, images(2))).all()
+    for bad in (images(2, size=40), images(2)[:, :2], images(2).to(torch.uint8)):
+        with pytest.raises(InputShapeError):
+            logits(module, bad)

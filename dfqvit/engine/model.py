@@ -16,7 +16,7 @@ from torch import nn
 
 from dfqvit.errors import CalibrationError, DFQViTError, InputShapeError, UnsupportedModelError
 from dfqvit.models import QuantizedModel
-from dfqvit.models.quantized import EXPORT_HELP, refuse_export, validate_images
+from dfqvit.models.quantized import EXPORT_HELP, refuse_export, validate_image_shape, validate_images
 from dfqvit.nn.linear import _QuantWeightLayer
 
 from .backends import select_kernels
@@ -324,8 +324,8 @@ class QuantizedViT(nn.Module):
                                   f"with images.to('{self.device}')")
         if self.check_inputs:
             validate_images(images, self.input_spec, "images")
-        elif not isinstance(images, torch.Tensor) or images.dim() != 4:
-            raise InputShapeError(f"images must be a (B, C, H, W) tensor, got {getattr(images, 'shape', images)}")
+        else:
+            validate_image_shape(images, self.input_spec, "images")
 
     @torch.no_grad()
     def run(self, images: torch.Tensor) -> torch.Tensor:
