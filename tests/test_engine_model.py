@@ -616,3 +616,24 @@ def test_without_input_checks_a_wrong_image_size_is_still_refused(backend):
     for bad in (images(2, size=40), images(2)[:, :2], images(2).to(torch.uint8)):
         with pytest.raises(InputShapeError):
             logits(module, bad)
+
+
+def test_loading_into_the_engines_trunk_is_refused():
+    """engine.trunk (or one block) took another calibration's buffers under this engine's grids: the grids are
+    checked only when the whole engine loads. Loading the whole engine, also inside a wrapper, still works."""
+    _, qmodel = calibrated("vit", (4, 8))
+    engine = build_engine(qmodel, backend="torch")
+    x = images(4)
+    before = logits(engine, x)
+    for part in (engine.trunk, engine.trunk.blocks[0]):
+        with pytest.raises(DFQViTError, match="belongs to a QuantizedViT"):
+            part.load_state_dict(part.state_dict())
+    wrapper = torch.nn.Sequential(engine)
+    wrapper.load_state_dict(wrapper.state_dict())
+    engine.load_state_dict(engine.state_dict())
+    assert torch.equal(logits(engine, x), before)
+    import copy
+    clone = copy.deepcopy(engine)
+    clone.load_state_dict(engine.state_dict())
+    with pytest.raises(DFQViTError, match="belongs to a QuantizedViT"):
+        clone.trunk.load_state_dict(engine.trunk.state_dict())

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from typing import Optional
 
@@ -23,6 +24,26 @@ from .backends import select_kernels
 from .blocks import Attention, PatchEmbedding, PatchMerging, SwinBlock, ViTBlock, layer_norm, linear
 from .pack import PackedLinear, float_copy
 from .support import check_engine_support
+
+
+class _LoadGate:
+    """Open while a whole engine loads a state dict, from the check of its grids (its own ``_extra_state``, which
+    loads before its children) until its post-hook; the trunk's modules load only through it."""
+
+    open = False
+
+
+def _refuse_load_without_grids(path: str, gate: _LoadGate, *args) -> None:
+    """load_state_dict pre-hook of every module of an engine's trunk (``path``: its place in the engine). Loading
+    into ``engine.trunk`` (or a block) took another calibration's buffers under this engine's grids without a word."""
+    if not gate.open:
+        raise DFQViTError(f"{path} belongs to a QuantizedViT, whose grids are checked when the whole engine loads: "
+                          "call load_state_dict on the engine with its full state dict (or build the engine from its "
+                          "artifact: dfqvit.save / dfqvit.load)")
+
+
+def _close_load_gate(engine: nn.Module, incompatible_keys) -> None:
+    engine._load_gate.open = False
 
 
 def head_layer(module: nn.Module, where: str) -> nn.Module:
@@ -181,6 +202,11 @@ class QuantizedViT(nn.Module):
             self.trunk = TRUNKS[qmodel.family](qmodel.model).to(device)
             _own_tensors(self.trunk, qmodel)
             self.kernels.prepare(self.trunk)
+        self._load_gate = _LoadGate()
+        for name, module in self.trunk.named_modules():
+            module.register_load_state_dict_pre_hook(
+                functools.partial(_refuse_load_without_grids, f"trunk.{name}" if name else "trunk", self._load_gate))
+        self.register_load_state_dict_post_hook(_close_load_gate)
         use_graphs = (device.type == "cuda" and self.backend == "triton") if cuda_graphs is None else cuda_graphs
         if use_graphs and device.type != "cuda":  # it was accepted, then every call failed
             raise DFQViTError(f"cuda_graphs=True needs the model on a CUDA device (it is on {device}); move the "
@@ -305,7 +331,8 @@ class QuantizedViT(nn.Module):
             raise DFQViTError("this state dict lacks the engine's grids ('_extra_state'), so it cannot be checked "
                               "against this engine's; load a complete QuantizedViT state dict, or build the engine "
                               "from its artifact (dfqvit.save / dfqvit.load)")
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # set_extra_state checks the grids
+        self._load_gate.open = True  # the trunk loads next; _close_load_gate closes it after
 
     def weight_nbytes(self) -> int:
         """Bytes of all weights as stored: packed codes + per-channel parameters of quantized layers, plus
