@@ -66,12 +66,28 @@ def write_container(path: str, tensors: Dict[str, torch.Tensor], fmt: str, versi
     save_safetensors_atomically(path, tensors, header)
 
 
+# Names that promise another format: a safetensors file named model.pt was written without a word, and
+# torch.load / numpy / json then failed on it with errors that do not say what it is.
+OTHER_FORMAT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle", ".npz", ".npy", ".json", ".onnx",
+                         ".tar", ".zip", ".png", ".jpg")
+
+
+def check_safetensors_name(path: str, what: str = "the file") -> None:
+    """Refuse a path whose suffix names another format than the safetensors file dfqvit writes."""
+    suffix = os.path.splitext(os.fspath(path))[1].lower()
+    if suffix in OTHER_FORMAT_SUFFIXES:
+        stem = os.path.splitext(os.fspath(path))[0]
+        raise DFQViTError(f"{what} {os.fspath(path)!r}: dfqvit writes a safetensors file, not a {suffix} file; name it "
+                          f"{stem + '.safetensors'!r}")
+
+
 def save_safetensors_atomically(path: str, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str]) -> None:
     """``safetensors`` ``save_file`` through a temporary file and a rename, making missing folders; an
-    unwritable place is a DFQViTError that names the path."""
+    unwritable place or a name of another format (``model.pt``) is a DFQViTError that names the path."""
     from safetensors.torch import save_file
 
     path = os.path.expanduser(os.fspath(path))
+    check_safetensors_name(path, "cannot write")
     if os.path.isdir(path):
         example = os.path.join(path, "model.safetensors")
         raise DFQViTError(f"{path!r} is a folder; give the file to write, e.g. {example!r}")

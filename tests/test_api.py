@@ -362,6 +362,12 @@ def test_saving_an_engine_without_its_artifact_says_what_to_save(tmp_path):
         dfqvit.save(QuantizedViT(fake, "torch"), str(tmp_path / "a.safetensors"))
     with pytest.raises(DFQViTError, match="QuantizedViT engine or a QuantizedModel.*Linear"):
         dfqvit.save(torch.nn.Linear(3, 3), str(tmp_path / "b.safetensors"))
+    # a safetensors file named model.pt was written; torch.load then failed on it without saying what it is
+    for name in ("model.pt", "model.PTH", "model.json"):
+        with pytest.raises(DFQViTError, match=f"not a .* file; name it .*model.safetensors"):
+            dfqvit.save(fake, str(tmp_path / name))
+        assert not (tmp_path / name).exists()
+    dfqvit.save(fake, str(tmp_path / "model.dfq"))  # a name of no other format is taken as it is
 
 
 def test_tracing_works_and_export_is_refused_with_a_clear_error(tmp_path):

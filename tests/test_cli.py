@@ -117,6 +117,7 @@ def test_quantize_checks_eval_data_and_outputs_before_calibrating(tmp_path, monk
              (["--eval", str(CIFAR_TEST), "--limit", "0"], "limit=0"),
              (["--eval", str(CIFAR_TEST), "--batch-size", "0"], "--batch-size 0"),
              (["--out", str(tmp_path)], "--out .*is a folder"),
+             (["--out", str(tmp_path / "model.pt")], "--out .*model.pt: .*name it .*model.safetensors"),
              (["--report", "/proc/no/such/report.json"], "--report .*cannot create its folder"),
              (["--limit", "10"], "--limit 10: no effect here .*--eval"),
              (["--backend", "torch"], "--backend torch: no effect here"),
