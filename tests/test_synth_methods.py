@@ -122,6 +122,28 @@ def test_synthetic_set_round_trips_through_safetensors(tmp_path):
         result.save(path + "/inside.safetensors")
 
 
+def test_synthetic_set_indexes_like_a_dataset_and_slices_to_a_set():
+    """It had no indexing: a DataLoader could not read it and calibrating on fewer images meant rebuilding it."""
+    made = synthesize("spdfq", qmodel_of("vit"), num_images=4, seed=3, config=FAST, progress=False)
+    image, target = made[2]
+    assert torch.equal(image, made.images[2]) and torch.equal(target, made.targets[2])
+    batches = list(torch.utils.data.DataLoader(made, batch_size=3))
+    assert torch.equal(torch.cat([b[0] for b in batches]), made.images) and len(batches[0]) == 2
+    for index, rows in ((slice(1, 3), [1, 2]), ([3, 0], [3, 0]), (torch.tensor([True, False, True, False]), [0, 2])):
+        part = made[index]
+        assert isinstance(part, SyntheticSet) and (part.method, part.seed, part.config) == ("spdfq", 3, made.config)
+        assert torch.equal(part.images, made.images[rows]) and torch.equal(part.targets, made.targets[rows])
+    no_targets = synthesize("gaussian", qmodel_of("vit"), num_images=2, seed=0)
+    assert no_targets.targets is None and len(no_targets[0]) == 1 and no_targets[:1].targets is None
+    for bad in (True, "0", 1.0):
+        with pytest.raises(TypeError, match="SyntheticSet indices"):
+            made[bad]
+    moved = made.to("cpu")
+    assert torch.equal(moved.images, made.images) and moved.method == made.method
+    kwargs = dict(bits=8, recon=None, correction=None, progress=False, backend="fake", normalization=NORM)
+    assert dfqvit.compile(TINY_MODELS["vit"](), calib=made[:2], **kwargs).calib_images_used == 2
+
+
 def test_batches_cover_all_images():
     config = dataclasses.replace(FAST, batch_size=2)
     result = synthesize("spdfq", qmodel_of("vit"), num_images=5, seed=0, config=config, progress=False)

@@ -37,6 +37,26 @@ class SyntheticSet:
     def __len__(self) -> int:
         return self.images.shape[0]
 
+    def __getitem__(self, index):
+        """An int gives one sample as ``TensorDataset`` does: ``(image, target)``, or ``(image,)`` without targets,
+        so a ``DataLoader`` reads the set directly. A slice, index list or mask gives a ``SyntheticSet`` of those
+        images (same method, seed and config, e.g. ``synthetic[:16]`` to calibrate on fewer)."""
+        if isinstance(index, bool):  # a bool is an int to Python: set[True] gave image 1
+            raise TypeError("SyntheticSet indices are ints, slices, index lists or masks, not bool")
+        if isinstance(index, int):
+            image = self.images[index]
+            return (image,) if self.targets is None else (image, self.targets[index])
+        if not isinstance(index, (slice, list, tuple, torch.Tensor)):
+            raise TypeError(f"SyntheticSet indices are ints, slices, index lists or masks, not {type(index).__name__}")
+        rows = torch.as_tensor(index) if isinstance(index, (list, tuple)) else index
+        return dataclasses.replace(self, images=self.images[rows],
+                                   targets=None if self.targets is None else self.targets[rows])
+
+    def to(self, device=None) -> "SyntheticSet":
+        """The same set with its images (and targets) on ``device``."""
+        return dataclasses.replace(self, images=self.images.to(device),
+                                   targets=None if self.targets is None else self.targets.to(device))
+
     def save(self, path: str) -> None:
         """One safetensors file (written atomically, folders made); the metadata holds method, seed and config as
         JSON."""
