@@ -32,7 +32,9 @@ def _resolve_config(bits: Optional[Bits], config: Optional[QuantConfig]) -> Quan
     return config
 
 
-def _resolve_device(device) -> torch.device:
+def resolve_device(device) -> torch.device:
+    """``device`` (None: the CPU) as a torch.device dfqvit runs on, or an error that says what to give: the one
+    check of compile, load, evaluate and the command lines."""
     try:
         device = torch.device(device) if device is not None else torch.device("cpu")
     except (RuntimeError, TypeError):
@@ -105,7 +107,7 @@ def compile(
             what "auto" does with a model the engine cannot run, and what the engine keeps for ``dfqvit.save``.
     """
     config = _resolve_config(bits, config)
-    device = _resolve_device(device)
+    device = resolve_device(device)
     seed = check_seed(seed)
     if isinstance(progress, str) or not isinstance(progress, (bool, int, np.bool_)):  # progress="no" showed the bars
         raise DFQViTError(f"progress={progress!r}: give True or False")
@@ -150,7 +152,7 @@ def preflight_backend(model: nn.Module, backend: str = "auto", config: Optional[
     _check_backend(backend)
     if config is not None and not isinstance(config, QuantConfig):
         raise DFQViTError(f"config must be a dfqvit.QuantConfig or None, got {type(config).__name__}")
-    device = _resolve_device(device)  # MissingGPUError for a CUDA device that is not there
+    device = resolve_device(device)  # MissingGPUError for a CUDA device that is not there
     find_adapter(model)  # a model dfqvit cannot quantize at all is an error under every backend
     if backend == "fake":
         return backend
@@ -235,7 +237,7 @@ def load(path: str, model: Optional[nn.Module] = None, device=None, backend: str
 
     _check_backend(backend)
     artifact = QuantArtifact.load(path)
-    qmodel = artifact.to_model(model, device=_resolve_device(device) if device is not None else None)
+    qmodel = artifact.to_model(model, device=resolve_device(device) if device is not None else None)
     return as_backend(qmodel, backend, artifact=artifact)
 
 

@@ -325,8 +325,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     default_format, warnings.formatwarning = warnings.formatwarning, _format_warning
     try:
         if getattr(args, "device", None) is not None:  # "cuda" without a GPU / "gpu": torch's raw errors
-            from .api import _resolve_device
-            args.device = str(_resolve_device(args.device))
+            from .api import resolve_device
+            args.device = str(resolve_device(args.device))
         return args.func(args)
     except DFQViTError as exc:
         print(f"dfqvit: error: {exc}", file=sys.stderr)

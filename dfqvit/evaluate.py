@@ -25,11 +25,11 @@ def evaluate(model, dataset, batch_size: int = 128, reference=None, device="cpu"
     ``dataset``: a Dataset of ``(image, label)`` (as ``dfqvit.data.load_images`` gives), a DataLoader that
     yields ``(images, labels)`` batches (``batch_size`` is then the loader's), or two tensors ``(images,
     labels)``. Labels are class indices."""
-    from dfqvit.api import _resolve_device
+    from dfqvit.api import resolve_device
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise DFQViTError(f"batch size {batch_size!r}: it must be an int >= 1 (--batch-size)")
-    device = _resolve_device(device)  # "cuda" without a GPU was torch's "Found no NVIDIA driver"
+    device = resolve_device(device)  # "cuda" without a GPU was torch's "Found no NVIDIA driver"
     if isinstance(dataset, (tuple, list)) and len(dataset) != 2 and dataset \
             and all(isinstance(t, torch.Tensor) for t in dataset):
         raise DFQViTError(f"evaluation data of {len(dataset)} tensors; give two, (images, labels)")

@@ -47,9 +47,9 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
 def _device(name) -> torch.device:
     """``--device``, checked as ``compile(device=)`` checks it; none given: CUDA when there is one."""
-    from dfqvit.api import _resolve_device
+    from dfqvit.api import resolve_device
 
-    return _resolve_device(name if name is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    return resolve_device(name if name is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 GRID_FORMATS = (".png", ".jpg", ".jpeg", ".pdf", ".svg")
