@@ -90,7 +90,7 @@ def test_grid_shape():
 
 # -- MSR ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("k_msr,cells", [(4, 4), (2, 4), (5, 9), (9, 9)])
+@pytest.mark.parametrize("k_msr,cells", [(4, 4), (2, 4), (1, 4), (5, 9), (9, 9)])
 def test_msr_grid_cells_tile_the_image_without_overlap(k_msr, cells):
     boxes = grid_cells(30, 32, k_msr)
     assert len(boxes) == cells
@@ -98,6 +98,13 @@ def test_msr_grid_cells_tile_the_image_without_overlap(k_msr, cells):
     for top, left, h, w in boxes:
         cover[top:top + h, left:left + w] += 1
     assert (cover == 1).all()
+
+
+def test_msr_single_crop_is_a_quarter_not_the_whole_image():
+    """METHODS §2.7: boxes are cells of a 2 x 2 grid (S/2 x S/2) for K_MSR <= 4, so K_MSR = 1 crops a quarter (a 1 x 1
+    grid made the crop the whole image: a copy of the full image with the same class, MSR off in effect)."""
+    plan = draw_crop_plan([1, 1], 32, 32, 1, gen())
+    assert [box[2:] for box in plan.boxes.tolist()] == [[16, 16], [16, 16]]
 
 
 def test_msr_crops_of_an_image_never_overlap():

@@ -2,8 +2,8 @@
 
 Each image gets m non-overlapping boxes, each cropped and resized (bilinear) to the input size and
 fed as an extra image with its own class. A crop is a slice of the image parameter, so its loss
-reaches only its box. [PROPOSED] layout: the boxes are m distinct cells of a g x g grid with
-g = ceil(sqrt(K_MSR)) (2 x 2 for the paper's K_MSR = 4), drawn once and fixed for the run.
+reaches only its box. [PROPOSED] layout: the boxes are m distinct cells of a g x g grid, g = 2 (S/2 x S/2
+cells) for K_MSR <= 4 and 3 for K_MSR > 4, drawn once and fixed for the run.
 """
 from __future__ import annotations
 
@@ -31,8 +31,10 @@ class CropPlan:
 
 
 def grid_cells(height: int, width: int, k_msr: int) -> List[Tuple[int, int, int, int]]:
-    """Boxes (top, left, height, width) of the g x g grid that holds K_MSR non-overlapping crops."""
-    g = math.ceil(math.sqrt(k_msr))
+    """Boxes (top, left, height, width) of the g x g grid that holds K_MSR non-overlapping crops: METHODS §2.7
+    "m distinct cells of a 2x2 grid (S/2 x S/2; a 3x3 grid if K_MSR > 4)". At least 2 x 2: with K_MSR = 1 a 1 x 1
+    grid made the crop the whole image (the full image again, with the same class)."""
+    g = max(2, math.ceil(math.sqrt(k_msr)))
     rows = [round(i * height / g) for i in range(g + 1)]
     cols = [round(j * width / g) for j in range(g + 1)]
     return [(rows[i], cols[j], rows[i + 1] - rows[i], cols[j + 1] - cols[j]) for i in range(g) for j in range(g)]
