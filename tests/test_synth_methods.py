@@ -269,6 +269,20 @@ def test_group_split_and_levels():
     assert curriculum_prefix(32, 0, 100) == 16 and curriculum_prefix(32, 100, 100) == 32
 
 
+def test_hard_group_images_carry_exactly_two_classes():
+    """METHODS §4.1: the hard group has "two classes per image with Z ~ U(5, 10) each (≈0.36 mass each)"; it drew
+    2..K_MSR classes (at K_MSR = 4 a third of the images carried four)."""
+    from dfqvit.synth.progressive import HARD, MEDIUM, level_hardness
+
+    layout = probe_layout(qmodel_of("vit"))
+    config = SynthConfig()
+    for level, allowed in ((HARD, {2}), (MEDIUM, {1, 2, 3, 4})):
+        plan = draw_plan(layout, 64, config, level_hardness(level, config, 10), torch.Generator().manual_seed(0),
+                         "cpu")
+        crops_per_image = torch.bincount(plan.crops.image_index, minlength=64)
+        assert set(crops_per_image.tolist()) == allowed, level
+
+
 def test_progressive_orders_easy_to_hard_with_adversary():
     config = SynthConfig(iterations=3, mining_ratio=2)
     result = synthesize("dfqvit", qmodel_of("vit"), num_images=6, seed=0, config=config, progress=False)

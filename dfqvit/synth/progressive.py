@@ -35,8 +35,8 @@ from .spdfq import Hardness, model_name, synthesize_batch
 
 EASY, MEDIUM, HARD = 0, 1, 2
 LEVEL_NAMES = ("easy", "medium", "hard")
-# METHODS §4.1: the hard group's images carry at least two classes.
-HARD_MIN_CLASSES = 2
+# METHODS §4.1: the hard group's images carry "two classes per image ... (≈0.36 mass each)" (it drew 2..K_MSR).
+HARD_CLASSES = 2
 
 
 def group_sizes(num_images: int, groups: int) -> List[int]:
@@ -58,7 +58,7 @@ def level_hardness(level: int, config: SynthConfig, num_classes: int) -> Hardnes
         return Hardness(sl_eps=eps(config.easy_sl_eps), msr=False)
     if level == MEDIUM:
         return Hardness(sl_eps=eps(config.sl_eps), msr=config.msr)
-    return Hardness(sl_eps=eps(config.sl_eps), msr=config.msr, min_classes=HARD_MIN_CLASSES)
+    return Hardness(sl_eps=eps(config.sl_eps), msr=config.msr, classes=HARD_CLASSES)
 
 
 def curriculum_prefix(num_images: int, step: int, total_steps: int) -> int:

@@ -35,11 +35,12 @@ ExtraTerms = Callable[[torch.Tensor, torch.Tensor], Dict[str, LossTerm]]
 
 @dataclasses.dataclass(frozen=True)
 class Hardness:
-    """How demanding one batch's targets are. SPDFQ: eps (5, 10), MSR with 1..K_MSR classes."""
+    """How demanding one batch's targets are. SPDFQ: eps (5, 10), MSR with 1..K_MSR classes; ``classes`` fixes
+    the count instead (the dfqvit method's hard group: two)."""
 
     sl_eps: Tuple[float, float]
     msr: bool
-    min_classes: int = 1
+    classes: Optional[int] = None
 
 
 def spdfq_hardness(config: SynthConfig, num_classes: int) -> Hardness:
@@ -72,11 +73,12 @@ def draw_plan(layout: ModelLayout, num_images: int, config: SynthConfig, hardnes
     _, height, width = layout.image_shape
     num_classes = layout.num_classes
     k_max = min(config.k_msr, num_classes)
-    low = min(hardness.min_classes, k_max)
-    if hardness.msr:
-        counts = torch.randint(low, k_max + 1, (num_images,), generator=generator).tolist()
+    if hardness.classes is not None:
+        counts = [min(hardness.classes, k_max)] * num_images
+    elif hardness.msr:
+        counts = torch.randint(1, k_max + 1, (num_images,), generator=generator).tolist()
     else:
-        counts = [low] * num_images
+        counts = [1] * num_images
     classes = draw_classes(counts, num_classes, generator)
     crops = draw_crop_plan(counts if hardness.msr else [0] * num_images, height, width, config.k_msr, generator)
     labels = draw_labels(classes, crops.image_index.tolist(), crops.slot.tolist(), num_classes,
