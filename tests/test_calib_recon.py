@@ -103,3 +103,19 @@ def test_a_unit_that_training_makes_worse_keeps_its_weights():
     head_reports = [r for r in reports if r.unit == "head"]
     assert head_reports and all(r.after == r.before for r in head_reports)
     assert torch.equal(calibrated.model.head.weight, head_before)
+
+
+def test_reconstruct_called_directly_ignores_the_callers_torch_state():
+    """reconstruct is public: under a caller's inference_mode its cached block inputs were inference tensors, and
+    under autocast it trained in bf16 (another model than the same call outside it)."""
+    model, images = TINY_MODELS["vit"](depth=1), _images(8)
+    calibrated = calibrate_blockwise(adapt(model, QuantConfig(4, 8)), images, progress=False)
+    config = ReconConfig(iterations=3)
+    expected = copy.deepcopy(calibrated)
+    reconstruct(expected, images, config, progress=False)
+    for state in (torch.inference_mode, torch.no_grad, lambda: torch.autocast("cpu", dtype=torch.bfloat16)):
+        qmodel = copy.deepcopy(calibrated)
+        with state():
+            reconstruct(qmodel, images, config, progress=False)
+        for (name, a), b in zip(expected.state_dict().items(), qmodel.state_dict().values()):
+            assert torch.equal(a, b), (state, name)

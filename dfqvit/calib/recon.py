@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from dfqvit.caller_state import training_state
 from dfqvit.config import ReconConfig
 from dfqvit.models import QuantizedModel
 from dfqvit.nn import QuantWindowAttention
@@ -64,8 +65,7 @@ def _generator_for(seed: int, stage: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + stage * 1_009 + index) % 2 ** 64)
 
 
-@torch.inference_mode(False)  # Adam on the unit's parameters, whatever the caller's grad mode
-@torch.enable_grad()
+@training_state  # Adam on the unit's parameters, whatever the caller's grad mode, autocast or default dtype
 def train_unit(module: nn.Module, inputs: UnitInput, target: torch.Tensor, config: ReconConfig,
                generator: torch.Generator) -> UnitReport:
     """``config.iterations`` Adam steps on ``module``'s learnable parameters (cosine lr decay to 0)."""
@@ -124,6 +124,7 @@ def _stage(qmodel: QuantizedModel, reference: QuantizedModel, units: List[Unit],
     return reports
 
 
+@training_state  # the cached block inputs too: under a caller's inference_mode autograd could not save them
 def reconstruct(qmodel: QuantizedModel, images: torch.Tensor, config: Optional[ReconConfig] = None,
                 reference: Optional[QuantizedModel] = None, seed: int = 0,
                 progress: bool = True) -> List[UnitReport]:
