@@ -9,8 +9,20 @@ Math (``reference.layernorm_quant_reference``)::
 The static per-tensor ``out_scale``/``out_zero`` come from calibration; the int8 output is the next
 GEMM's ``A`` with ``a_scale = out_scale`` and ``a_zero = out_zero``. A whole row (C = 384 or 768 for ViT;
 any C, not only powers of two) sits in one tile padded to a power of two, so the mean and variance are
-single-tile reductions. Under the interpreter the codes equal the reference exactly except where a value
-lands within fp32 rounding of a rounding tie (summation order differs); the tests state the bound.
+single-tile reductions.
+
+The two sums are the reference's ``portable_math.sequential_sum``: fp32 of a float64 sum in index order. fp32 sums
+in another order (the interpreter's ``tl.sum`` is numpy's pairwise fp32 sum) moved the mean or the variance by an
+ulp in ~30% of random rows, hence y, and a y within an ulp of a rounding tie of ``y / out_scale`` got the
+neighbouring code (280.5 -> 281 instead of 280 with a zero point outside int8; inside int8 just as well). So the
+kernel sums the reference's way where it can (constexpr ``SEQUENTIAL_SUMS``, set off CUDA): float64 ``tl.cumsum``,
+which the interpreter runs as ``np.cumsum`` (``np.add.accumulate``: one add per element in index order), read at
+the last column. Under the interpreter the codes equal the reference (and the native kernel) bit for bit.
+
+On a GPU a scan would cost far more than the single-tile tree reduction, so there the sums stay fp32 ``tl.sum``
+(a tree; same PTX as before), and the compiler contracts ``(x - mean) * rstd * weight + bias`` into an FMA anyway:
+the codes are within one of the reference there (tests/test_kernels_act_quant.py). Zero points past int8: the
+rounding of ``uniform_quantize_int`` (kernels/_common.py).
 """
 from __future__ import annotations
 
@@ -27,18 +39,32 @@ MAX_CHANNELS = 16384
 
 
 @triton.jit
+def _row_sum(v, cols, BLOCK_C: tl.constexpr, SEQUENTIAL: tl.constexpr):
+    """Sum of each row of the fp32 tile ``v`` (padding columns hold 0). ``SEQUENTIAL``: the reference's
+    ``sequential_sum``, fp32 of ``((v0 + v1) + v2) + ...`` in float64, as the last column of a float64 cumsum
+    (the interpreter's ``np.cumsum`` adds in index order; the trailing zeros of the padding add nothing). Else
+    an fp32 tree (``tl.sum``, the GPU's single-tile reduction)."""
+    if SEQUENTIAL:
+        running = tl.cumsum(v.to(tl.float64), axis=1)
+        return tl.sum(tl.where(cols[None, :] == BLOCK_C - 1, running, 0.0), axis=1).to(tl.float32)
+    else:
+        return tl.sum(v, axis=1)
+
+
+@triton.jit
 def _layernorm_quant_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, C, C_FLOAT, stride_xm, stride_om,
                             eps, out_scale, out_inv_scale, out_zero, out_qmin, out_qmax,
-                            BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, HW_FMA: tl.constexpr):
+                            BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, HW_FMA: tl.constexpr,
+                            SEQUENTIAL_SUMS: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_C)
     row_ok = rows[:, None] < M
     col_ok = cols[None, :] < C
     ok = row_ok & col_ok
     x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-    mean = tl.math.div_rn(tl.sum(x, axis=1), C_FLOAT)
+    mean = tl.math.div_rn(_row_sum(x, cols, BLOCK_C, SEQUENTIAL_SUMS), C_FLOAT)
     centered = tl.where(col_ok, x - mean[:, None], 0.0)
-    var = tl.math.div_rn(tl.sum(centered * centered, axis=1), C_FLOAT)
+    var = tl.math.div_rn(_row_sum(centered * centered, cols, BLOCK_C, SEQUENTIAL_SUMS), C_FLOAT)
     rstd = tl.math.div_rn(1.0, tl.math.sqrt_rn(var + eps))
     weight = tl.load(w_ptr + cols, mask=cols < C, other=0.0).to(tl.float32)
     bias = tl.load(b_ptr + cols, mask=cols < C, other=0.0).to(tl.float32)
@@ -82,7 +108,8 @@ def layernorm_quant_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         _layernorm_quant_kernel[(triton.cdiv(m, block_m),)](
             x2, weight, bias, out, m, c, float(c), x2.stride(0), out.stride(0), float(eps), float(out_scale),
             reciprocal_fp32(out_scale), float(out_zero), float(out_qmin), float(out_qmax), BLOCK_M=block_m,
-            BLOCK_C=block_c, HW_FMA=device.type == "cuda", num_warps=4 if block_c >= 512 else 2)
+            BLOCK_C=block_c, HW_FMA=device.type == "cuda", SEQUENTIAL_SUMS=device.type != "cuda",
+            num_warps=4 if block_c >= 512 else 2)
     return out.reshape(x.shape)
 
 

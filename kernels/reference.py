@@ -400,8 +400,9 @@ def attention_linear_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 def layer_norm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
     """LayerNorm over the last dim in the kernels' fp32 order (two-pass mean/variance, biased variance,
     ``(x - mean) * (1 / sqrt(var + eps)) * weight + bias``); equals ``F.layer_norm`` up to fp32 rounding.
-    Both sums are ``portable_math.sequential_sum`` (float64, index order), which the native kernel repeats
-    bit for bit; the Triton kernel sums as a tree (the tests bound the difference)."""
+    Both sums are ``portable_math.sequential_sum`` (float64, index order), which the native kernel and the
+    interpreted Triton kernel repeat bit for bit; compiled for a GPU, the Triton kernel sums in fp32 as a tree
+    (and contracts the affine into FMAs): codes within one there (kernels/act_quant.py)."""
     xf = x.to(torch.float32)
     c = xf.shape[-1]
     mean = portable_math.sequential_sum(xf) / c

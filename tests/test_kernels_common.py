@@ -168,6 +168,60 @@ def test_uniform_quantize_int_equals_the_reference(scale):
     assert torch.equal(got, reference.uniform_quantize(x, scale, 3.0, -128, 127).to(torch.int32))
 
 
+@triton.jit
+def _quantize_zero(x_ptr, z_ptr, y_ptr, n, scale, inv_scale, zero, PER_ELEMENT: tl.constexpr, BLOCK: tl.constexpr,
+                   HW_FMA: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + i, mask=i < n)
+    if PER_ELEMENT:  # a tensor of zero points, as the GEMM's per-column grids
+        y = uniform_quantize_int(x, scale, inv_scale, tl.load(z_ptr + i, mask=i < n), -128.0, 127.0, HW_FMA)
+    else:
+        y = uniform_quantize_int(x, scale, inv_scale, zero, -128.0, 127.0, HW_FMA)
+    tl.store(y_ptr + i, y, mask=i < n)
+
+
+LARGE_ZEROS = [2 ** 21 - 1, 2 ** 21, -2 ** 21, 2 ** 21 + 1, -2 ** 21 - 1, 2 ** 22 - 1, 2 ** 22, -2 ** 22 - 3, 5_000_000,
+               -5_000_001, 2 ** 23 - 1, 2 ** 23, -2 ** 23, 2 ** 23 + 1, 12_345_677, 2 ** 24 - 1, -2 ** 24]
+
+
+@requires_triton
+@pytest.mark.parametrize("scale", [1.0, 0.37])
+def test_uniform_quantize_int_with_zero_points_up_to_the_bound(scale):
+    """Zero points up to ZERO_POINT_BOUND = 2**24 (grids outside int8 are allowed): an unclamped code then comes from
+    x / scale near -zero, past the 2**22 up to which the magic-constant rint rounds. It rounded 5000001 to 5000000
+    (zero -5000000: code 0 instead of 1, and 8388607 with zero -8388600 gave 8 instead of 7); the reference and the
+    native kernel were right. Now the zero point goes into the rounding's magic constant. Checked around -zero in
+    quarter steps, next to every half, and spread over all magnitudes; small zero points too."""
+    gen = torch.Generator().manual_seed(11)
+    zeros = [0, 3, -100, 127, -128, 300, -5000, 1_000_001] + LARGE_ZEROS
+    xs, zs = [], []
+    for z in zeros:
+        steps = -z + torch.arange(-600, 601, dtype=torch.float64) / 4
+        halves = (-z + torch.arange(-140, 140, dtype=torch.float64) + 0.5).float()
+        near = torch.cat([halves.nextafter(torch.tensor(float("inf"))), halves.nextafter(torch.tensor(-float("inf")))])
+        spread = (torch.rand(500, generator=gen) * 2 - 1) * 2.0 ** torch.randint(-4, 26, (500,), generator=gen)
+        d = torch.cat([steps.float(), halves, near, spread.float(), torch.tensor([2.0 ** 24, -2.0 ** 24, 3e37, -3e37])])
+        xs.append((d.double() * scale).float())
+        zs.append(torch.full_like(d, float(z)))
+    x, z_col = torch.cat(xs), torch.cat(zs)
+    expected = reference.quantize_codes(x, scale, z_col, -128, 127, torch.int32)
+    assert int((expected.abs() < 128).sum()) > 30_000  # mostly unclamped codes
+    n = x.numel()
+    got = torch.empty(n, dtype=torch.int32, device=TRITON_DEVICE)
+    _quantize_zero[(triton.cdiv(n, BLOCK),)](x.to(TRITON_DEVICE), z_col.to(TRITON_DEVICE), got, n, scale,
+                                             reciprocal_fp32(scale), 0.0, PER_ELEMENT=True, BLOCK=BLOCK,
+                                             HW_FMA=TRITON_DEVICE == "cuda")
+    wrong = (got.cpu() != expected).nonzero()[:, 0]
+    assert not len(wrong), f"{len(wrong)} differ, first x={x[wrong[:3]].tolist()} zero={z_col[wrong[:3]].tolist()}"
+    for z in (-5_000_000, 2 ** 23 - 1, 7, -2 ** 24):  # a scalar zero point, as the per-tensor grids
+        sel = z_col == z
+        one = torch.empty(int(sel.sum()), dtype=torch.int32, device=TRITON_DEVICE)
+        _quantize_zero[(triton.cdiv(one.numel(), BLOCK),)](x[sel].to(TRITON_DEVICE), one, one, one.numel(), scale,
+                                                           reciprocal_fp32(scale), float(z), PER_ELEMENT=False,
+                                                           BLOCK=BLOCK, HW_FMA=TRITON_DEVICE == "cuda")
+        assert torch.equal(one.cpu(), expected[sel])
+
+
 @requires_triton
 def test_nan_quantizes_to_qmin_in_the_kernels_and_the_reference():
     """NaN: the kernels' max/min (and native's fmax/fmin) give qmin; the reference's torch.clamp kept NaN, whose int8
