@@ -353,7 +353,14 @@ def check_attention_scalars(entry: str, q_zero: int, k_zero: int, v_zero: int, p
     else:
         raise KernelInputError(f"{entry}: p_mode={p_mode}; allowed {P_MODE_LOG2} (log2 softmax codes) or "
                                f"{P_MODE_LINEAR} (linear).")
-    if out_dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    check_attention_out_dtype(entry, out_dtype)
+
+
+ATTENTION_OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_attention_out_dtype(entry: str, out_dtype: torch.dtype) -> None:
+    if out_dtype not in ATTENTION_OUT_DTYPES:
         raise KernelInputError(f"{entry}: out_dtype={out_dtype}; allowed float16, bfloat16, float32.")
 
 

@@ -10,17 +10,26 @@ The engine's ``native`` backend goes one step further: it converts each packed w
 functions here (qgemm_prepacked*, attention, layernorm_quant, quantize) call the module's direct entry points
 (``kernels/csrc/bindings.cpp``: the same registered ops through typed dispatcher handles, without torch.ops'
 argument boxing, ~11 us a call less on the 2-core VM).
+
+Each public function checks its numbers (grids, eps, attention scalars) before the call; the C++ kernels check
+the tensors only. The engine calls their ``_*_unchecked`` twins: its grids are fixed when it is built, and
+``NativeKernels.prepare`` checks them once there (repeated on every call they cost 1.3-1.7% of a batch-1 CIFAR
+W4A8 forward's CPU time, ~2% on a two-block tiny ViT). What can change between its calls is still checked on
+every call: tensors (by the kernel), dtypes, LayerNorm eps (``norm.eps``, a module attribute outside the engine's
+grids: one comparison) and the qkv column grids (a buffer ``load_state_dict`` writes: ``check_requant_columns``,
+again after each write).
 """
 from __future__ import annotations
 
 import importlib
+import math
 import os
 from typing import Optional
 
 import torch
 
-from ._common import (P_MODE_LINEAR, P_MODE_LOG2, check_attention_scalars, check_layernorm_eps,
-                      check_requant_columns, check_requant_grid)
+from ._common import (ATTENTION_OUT_DTYPES, P_MODE_LINEAR, P_MODE_LOG2, check_attention_out_dtype,
+                      check_attention_scalars, check_layernorm_eps, check_requant_columns, check_requant_grid)
 from .errors import KernelInputError, MissingBackendError
 
 _LOADED: Optional[bool] = None
@@ -105,10 +114,8 @@ def qgemm_prepacked(a: torch.Tensor, a_scale: float, a_zero: int, panels: torch.
     """``dfqvit::qgemm`` on prepacked panels (same math and bits; ``w_col_sums`` must be the true sums)."""
     if out_scale is not None:  # the C++ kernel checks tensors, not the grid (codes past int8 would wrap)
         check_requant_grid("native.qgemm_prepacked", out_scale, out_zero, out_qmin, out_qmax)
-    return _ext().qgemm_prepacked(a, float(a_scale), int(a_zero), panels, int(n), w_scale, w_zero, w_col_sums, bias,
-                                  residual, int(storage_bits), int(k), bool(gelu),
-                                  None if out_scale is None else float(out_scale), int(out_zero), int(out_qmin),
-                                  int(out_qmax), out_dtype, None)
+    return _qgemm_prepacked_unchecked(a, a_scale, a_zero, panels, n, w_scale, w_zero, w_col_sums, bias, residual,
+                                      storage_bits, k, gelu, out_scale, out_zero, out_qmin, out_qmax, out_dtype)
 
 
 def qgemm_prepacked_norm(a: torch.Tensor, a_scale: float, a_zero: int, panels: torch.Tensor, n: int,
@@ -120,16 +127,17 @@ def qgemm_prepacked_norm(a: torch.Tensor, a_scale: float, a_zero: int, panels: t
     branch and the next GEMM's input)."""
     check_layernorm_eps("native.qgemm_prepacked_norm", eps)
     check_requant_grid("native.qgemm_prepacked_norm", scale, zero, qmin, qmax)
-    return _ext().qgemm_prepacked_norm(a, float(a_scale), int(a_zero), panels, int(n), w_scale, w_zero, w_col_sums,
-                                       bias, residual, int(storage_bits), int(k), norm_weight, norm_bias, float(eps),
-                                       float(scale), int(zero), int(qmin), int(qmax))
+    return _qgemm_prepacked_norm_unchecked(a, a_scale, a_zero, panels, n, w_scale, w_zero, w_col_sums, bias,
+                                           residual, storage_bits, k, norm_weight, norm_bias, eps, scale, zero, qmin,
+                                           qmax)
 
 
 def qgemm_prepacked_columns(a: torch.Tensor, a_scale: float, a_zero: int, panels: torch.Tensor, n: int,
                             w_scale, w_zero, w_col_sums, bias, storage_bits: int, k: int,
                             out_grid: torch.Tensor) -> torch.Tensor:
     """The GEMM re-quantized to int8 with a grid per output column: ``out_grid`` (4, N) = scale, zero, qmin,
-    qmax (bit for bit ``uniform_quantize(fp32 GEMM output, *out_grid)``)."""
+    qmax (bit for bit ``uniform_quantize(fp32 GEMM output, *out_grid)``). The engine calls this one too: its grid
+    is a buffer, checked once per version (no unchecked twin)."""
     if (isinstance(out_grid, torch.Tensor) and out_grid.dtype == torch.float32 and out_grid.dim() == 2
             and out_grid.shape[0] == 4):  # else the C++ kernel refuses it
         check_requant_columns("native.qgemm_prepacked_columns", out_grid)
@@ -142,13 +150,13 @@ def layernorm_quant(x: torch.Tensor, weight, bias, eps: float, scale: float, zer
     """``reference.layernorm_quant_reference`` in one pass per row."""
     check_layernorm_eps("native.layernorm_quant", eps)
     check_requant_grid("native.layernorm_quant", scale, zero, qmin, qmax)
-    return _ext().layernorm_quant(x, weight, bias, float(eps), float(scale), int(zero), int(qmin), int(qmax))
+    return _layernorm_quant_unchecked(x, weight, bias, eps, scale, zero, qmin, qmax)
 
 
 def quantize(x: torch.Tensor, scale: float, zero: int, qmin: int, qmax: int) -> torch.Tensor:
     """``reference.uniform_quantize(x, scale, zero, qmin, qmax).to(int8)`` in one pass."""
     check_requant_grid("native.quantize", scale, zero, qmin, qmax)
-    return _ext().quantize(x, float(scale), int(zero), int(qmin), int(qmax))
+    return _quantize_unchecked(x, scale, zero, qmin, qmax)
 
 
 def attention(q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale, v_zero, sm_scale, bias, mask, p_mode: int,
@@ -164,6 +172,46 @@ def attention(q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale, v_zero, sm_sca
     check_attention_scalars("native.attention", q_zero, k_zero, v_zero, p_mode, p_param, p_bits, out_dtype)
     if out_grid is not None:
         check_requant_grid("native.attention", scale, zero, qmin, qmax)
+    return _attention_unchecked(q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale, v_zero, sm_scale, bias, mask,
+                                p_mode, p_param, p_zero, p_bits, out_dtype, out_grid, token_major)
+
+
+# The engine's entry points (see the module docstring): the functions above without the checks of numbers the
+# engine fixed and checked when it was built. Only for it: here a wrong grid reaches the kernels, which trust it
+# (codes past int8 would wrap in the store).
+
+def _qgemm_prepacked_unchecked(a, a_scale, a_zero, panels, n, w_scale, w_zero, w_col_sums, bias, residual,
+                               storage_bits, k, gelu, out_scale, out_zero, out_qmin, out_qmax, out_dtype):
+    return _ext().qgemm_prepacked(a, float(a_scale), int(a_zero), panels, int(n), w_scale, w_zero, w_col_sums, bias,
+                                  residual, int(storage_bits), int(k), bool(gelu),
+                                  None if out_scale is None else float(out_scale), int(out_zero), int(out_qmin),
+                                  int(out_qmax), out_dtype, None)
+
+
+def _qgemm_prepacked_norm_unchecked(a, a_scale, a_zero, panels, n, w_scale, w_zero, w_col_sums, bias, residual,
+                                    storage_bits, k, norm_weight, norm_bias, eps, scale, zero, qmin, qmax) -> tuple:
+    if not 0.0 < eps < math.inf:  # the message, and NaN
+        check_layernorm_eps("native.qgemm_prepacked_norm", eps)
+    return _ext().qgemm_prepacked_norm(a, float(a_scale), int(a_zero), panels, int(n), w_scale, w_zero, w_col_sums,
+                                       bias, residual, int(storage_bits), int(k), norm_weight, norm_bias, float(eps),
+                                       float(scale), int(zero), int(qmin), int(qmax))
+
+
+def _layernorm_quant_unchecked(x, weight, bias, eps, scale, zero, qmin, qmax) -> torch.Tensor:
+    if not 0.0 < eps < math.inf:
+        check_layernorm_eps("native.layernorm_quant", eps)
+    return _ext().layernorm_quant(x, weight, bias, float(eps), float(scale), int(zero), int(qmin), int(qmax))
+
+
+def _quantize_unchecked(x, scale, zero, qmin, qmax) -> torch.Tensor:
+    return _ext().quantize(x, float(scale), int(zero), int(qmin), int(qmax))
+
+
+def _attention_unchecked(q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale, v_zero, sm_scale, bias, mask, p_mode,
+                         p_param, p_zero, p_bits, out_dtype, out_grid=None, token_major=False) -> torch.Tensor:
+    if out_dtype not in ATTENTION_OUT_DTYPES:  # a dtype, not a number fixed at build
+        check_attention_out_dtype("native.attention", out_dtype)
+    scale, zero, qmin, qmax = (None, 0, 0, 0) if out_grid is None else out_grid
     return _ext().attention(q, k, v, float(q_scale), int(q_zero), float(k_scale), int(k_zero), float(v_scale),
                             int(v_zero), float(sm_scale), bias, mask, int(p_mode), float(p_param), int(p_zero),
                             int(p_bits), out_dtype, None if scale is None else float(scale), int(zero), int(qmin),

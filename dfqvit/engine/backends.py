@@ -16,9 +16,9 @@ from typing import Optional
 import torch
 
 from dfqvit.errors import DFQViTError, MissingGPUError, UnsupportedModelError
-from dfqvit.kernels import (attention_linear_triton, attention_log2_triton, layernorm_quant_triton, native,
-                            qgemm_columns_triton, qgemm_triton, qgemm_w16_triton, reference)
-from dfqvit.kernels._common import kernel_is_interpreted
+from dfqvit.kernels import (KernelInputError, attention_linear_triton, attention_log2_triton, layernorm_quant_triton,
+                            native, qgemm_columns_triton, qgemm_triton, qgemm_w16_triton, reference)
+from dfqvit.kernels._common import check_attention_scalars, check_requant_grid, kernel_is_interpreted
 from dfqvit.kernels.qgemm import _qgemm_kernel
 
 from .pack import ActGrid, PackedLinear, SoftmaxGrid
@@ -106,52 +106,82 @@ def require_int8_attention_zeros(module: torch.nn.Module, backend: str) -> None:
                 f"activations have one sign); backend={backend!r} takes int8 zero points. backend='torch' runs it")
 
 
+def check_native_grids(module: torch.nn.Module) -> None:
+    """The numbers of every grid the engine holds, checked once when it is built with the checks the public
+    ``native.*`` functions run on every call: NativeKernels calls their ``_*_unchecked`` twins. Every ``ActGrid``
+    attribute (PackedLinear.act, whose grids the blocks hand the kernels, and Attention.grids) and each attention's
+    zero points and softmax quantizer. They are fixed: frozen dataclasses that no state dict can replace (a state
+    dict with other grids does not load, QuantizedViT.set_extra_state). An UnsupportedModelError, as
+    ``require_int8_attention_zeros``: "auto" falls back to the fake-quant model."""
+    from .blocks import Attention
+
+    for name, m in module.named_modules():
+        try:
+            for attr, value in vars(m).items():
+                for i, grid in enumerate(value if isinstance(value, tuple) else (value,)):
+                    if isinstance(grid, ActGrid):
+                        where = f"{name}.{attr}".lstrip(".") + (f"[{i}]" if isinstance(value, tuple) else "")
+                        check_requant_grid(where, grid.scale, grid.zero, grid.qmin, grid.qmax)
+            if isinstance(m, Attention) and m.softmax is not None:
+                (qg, kg, vg), p = m.grids, m.softmax
+                mode = native.P_MODE_LOG2 if p.log2 else native.P_MODE_LINEAR
+                # out_dtype (the residual stream's) is checked on every call
+                check_attention_scalars(name, qg.zero, kg.zero, vg.zero, mode, p.param, p.bits, torch.float32)
+        except KernelInputError as exc:
+            raise UnsupportedModelError(f"{exc} backend='native' takes no such grid; backend='torch' runs it") from None
+
+
 class NativeKernels(_FusedAttentionTokens, TorchKernels):
+    """The C++ kernels through ``native``'s unchecked entry points: ``prepare`` checked the grids they take."""
+
     name = "native"
 
     def prepare(self, module: torch.nn.Module) -> None:
-        """Convert every PackedLinear of ``module`` to CPU panels once (its GPU-layout bytes are dropped)."""
+        """Check the grids once (``check_native_grids``), convert every PackedLinear of ``module`` to CPU panels
+        once (its GPU-layout bytes are dropped)."""
         require_int8_attention_zeros(module, self.name)
+        check_native_grids(module)
         for layer in module.modules():
             if isinstance(layer, PackedLinear) and layer.act is not None:
                 layer.to_cpu_panels(native.prepack)
 
     def quantize(self, x: torch.Tensor, grid: ActGrid) -> torch.Tensor:
-        return native.quantize(x, grid.scale, grid.zero, grid.qmin, grid.qmax)
+        return native._quantize_unchecked(x, grid.scale, grid.zero, grid.qmin, grid.qmax)
 
     def layernorm_quant(self, x, norm, grid: ActGrid) -> torch.Tensor:
-        return native.layernorm_quant(x, norm.weight, norm.bias, norm.eps, grid.scale, grid.zero, grid.qmin,
-                                      grid.qmax)
+        return native._layernorm_quant_unchecked(x, norm.weight, norm.bias, norm.eps, grid.scale, grid.zero,
+                                                 grid.qmin, grid.qmax)
 
     def gemm_codes_per_column(self, a, layer: PackedLinear, grid: torch.Tensor, out_dtype) -> torch.Tensor:
         if out_dtype != torch.float32:  # the fused epilogue re-quantizes the fp32 value
             return super().gemm_codes_per_column(a, layer, grid, out_dtype)
         g = layer.act
+        # The checked entry: the grid is a buffer (load_state_dict writes it), checked again after each write.
         return native.qgemm_prepacked_columns(a, g.scale, g.zero, layer.panels, layer.n, layer.w_scale, layer.w_zero,
                                               layer.w_col_sums, layer.bias, layer.layout.storage_bits, layer.k,
                                               grid[:4])  # rows 0-3: scale, zero, qmin, qmax
 
     def gemm(self, a, layer: PackedLinear, residual, gelu: bool, out: Optional[ActGrid], out_dtype):
         g = layer.act
-        return native.qgemm_prepacked(a, g.scale, g.zero, layer.panels, layer.n, layer.w_scale, layer.w_zero,
-                                      layer.w_col_sums, layer.bias, residual, layer.layout.storage_bits, layer.k,
-                                      gelu, *_out_args(out, out_dtype))
+        return native._qgemm_prepacked_unchecked(a, g.scale, g.zero, layer.panels, layer.n, layer.w_scale,
+                                                 layer.w_zero, layer.w_col_sums, layer.bias, residual,
+                                                 layer.layout.storage_bits, layer.k, gelu, *_out_args(out, out_dtype))
 
     def gemm_norm(self, a, layer: PackedLinear, residual, out_dtype, norm, grid: ActGrid):
         if out_dtype != torch.float32:  # the LayerNorm reads the fp32 rows
             return super().gemm_norm(a, layer, residual, out_dtype, norm, grid)
         g = layer.act
-        return native.qgemm_prepacked_norm(a, g.scale, g.zero, layer.panels, layer.n, layer.w_scale, layer.w_zero,
-                                           layer.w_col_sums, layer.bias, residual, layer.layout.storage_bits,
-                                           layer.k, norm.weight, norm.bias, norm.eps, grid.scale, grid.zero,
-                                           grid.qmin, grid.qmax)
+        return native._qgemm_prepacked_norm_unchecked(a, g.scale, g.zero, layer.panels, layer.n, layer.w_scale,
+                                                      layer.w_zero, layer.w_col_sums, layer.bias, residual,
+                                                      layer.layout.storage_bits, layer.k, norm.weight, norm.bias,
+                                                      norm.eps, grid.scale, grid.zero, grid.qmin, grid.qmax)
 
     def attention(self, q, k, v, grids, sm_scale: float, bias, mask, p: SoftmaxGrid, out_dtype, **launch):
         """``launch``: ``out_grid`` / ``token_major`` of :func:`native.attention` (see ``attention_tokens``)."""
         qg, kg, vg = grids
         mode = native.P_MODE_LOG2 if p.log2 else native.P_MODE_LINEAR
-        return native.attention(q, k, v, qg.scale, qg.zero, kg.scale, kg.zero, vg.scale, vg.zero, sm_scale, bias,
-                                mask, mode, p.param, p.zero, p.bits, out_dtype, **launch)
+        return native._attention_unchecked(q, k, v, qg.scale, qg.zero, kg.scale, kg.zero, vg.scale, vg.zero, sm_scale,
+                                           bias, mask, mode, p.param, p.zero, p.bits, out_dtype, **launch)
 
 
 class TritonKernels(_FusedAttentionTokens, TorchKernels):
