@@ -57,7 +57,7 @@ def time_synthesis(shape: str, method: str, iterations: int, num_images: int, de
 
 def check_args(args) -> torch.device:
     """The flags, checked before the model is built (they failed with tracebacks after it); returns the device."""
-    from dfqvit.api import _resolve_device
+    from dfqvit.api import resolve_device
     from dfqvit.synth import available_methods
 
     if args.method not in available_methods():
@@ -66,7 +66,7 @@ def check_args(args) -> torch.device:
     for flag, value in (("--iterations", args.iterations), ("--images", args.images)):
         if value is not None and value < 1:  # --iterations 0 used to run the shape's default instead
             raise DFQViTError(f"{flag} must be >= 1, got {value}")
-    return _resolve_device(args.device)  # cpu or cuda only: "meta" was recorded as cpu
+    return resolve_device(args.device)  # cpu or cuda only: "meta" was recorded as cpu
 
 
 def run(args) -> int:
