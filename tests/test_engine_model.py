@@ -443,6 +443,21 @@ def test_engine_from_saved_artifact(tmp_path):
     torch.testing.assert_close(logits(from_file, x), logits(build_engine(qmodel, backend="torch"), x))
 
 
+def test_build_engine_takes_an_engine():
+    """dfqvit.compile returns the engine by default, which build_engine refused ("expects a QuantizedModel
+    (dfqvit.compile)"): an engine with its artifact gives another backend of the same calibration."""
+    _, qmodel = calibrated("vit", (4, 8))
+    from dfqvit.artifact import QuantArtifact
+
+    skeleton = TINY_MODELS["vit"]  # a model built in code records no constructor arguments: model= rebuilds it
+    engine = build_engine(QuantArtifact.from_model(qmodel), backend="torch", model=skeleton())  # as compile's
+    x = images(4)
+    assert torch.equal(logits(build_engine(engine, backend="torch", model=skeleton()), x), logits(engine, x))
+    assert isinstance(build_engine(engine, backend="fake", model=skeleton()), dfqvit.QuantizedModel)
+    with pytest.raises(DFQViTError, match="keeps no artifact: give build_engine that QuantizedModel"):
+        build_engine(build_engine(qmodel, backend="torch"), backend="torch")
+
+
 def test_engine_ignores_autocast_and_refuses_a_float64_stream():
     """Autocast would cast the float layers behind the engine's back (a W4A4 ViT under CPU bfloat16 autocast gave
     cosine 0.96 against itself): the engine turns it off. A float64 residual stream is refused when the engine is

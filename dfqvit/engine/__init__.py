@@ -25,8 +25,9 @@ from .model import QuantizedViT
 
 def build_engine(source, backend: str = "auto", *, model: Optional[nn.Module] = None, device=None,
                  **kwargs) -> Union[QuantizedViT, QuantizedModel]:
-    """The engine of ``source``: a calibrated ``QuantizedModel``, a ``QuantArtifact`` or the path of a saved
-    artifact (``model``/``device`` are passed to the artifact loader).
+    """The engine of ``source``: a calibrated ``QuantizedModel``, a ``QuantArtifact``, the path of a saved
+    artifact, or a ``QuantizedViT`` (its artifact: another backend or device of the same calibration);
+    ``model``/``device`` are passed to the artifact loader.
 
     ``backend``: "auto" (Triton on CUDA, native C++ kernels on CPU when ``dfqvit._C`` is built, else PyTorch),
     "triton", "native", "torch", or "fake" to get the fake-quant
@@ -38,12 +39,17 @@ def build_engine(source, backend: str = "auto", *, model: Optional[nn.Module] = 
     if isinstance(source, (str, os.PathLike)):
         from dfqvit.artifact import QuantArtifact
         source = QuantArtifact.load(os.fspath(source))
+    if isinstance(source, QuantizedViT):  # what dfqvit.compile / dfqvit.load return by default
+        if source.artifact is None:
+            raise DFQViTError("this engine was built from a QuantizedModel directly and keeps no artifact: give "
+                              "build_engine that QuantizedModel")
+        source = source.artifact
     artifact = None
     if not isinstance(source, QuantizedModel):
         from dfqvit.artifact import QuantArtifact
         if not isinstance(source, QuantArtifact):
-            raise DFQViTError(f"build_engine expects a QuantizedModel (dfqvit.compile), a QuantArtifact or a path, "
-                              f"got {type(source).__name__}")
+            raise DFQViTError(f"build_engine expects an engine or a QuantizedModel (dfqvit.compile), a QuantArtifact "
+                              f"or a path, got {type(source).__name__}")
         artifact, source = source, source.to_model(model, device=device)
     elif device is not None:
         source = source.to(device)
