@@ -32,17 +32,27 @@ def _resolve_config(bits: Optional[Bits], config: Optional[QuantConfig]) -> Quan
     return config
 
 
-def resolve_device(device) -> torch.device:
+def resolve_device(device, name: str = "device") -> torch.device:
     """``device`` (None: the CPU) as a torch.device dfqvit runs on, or an error that says what to give: the one
-    check of compile, load, evaluate and the command lines."""
+    check of compile, load, evaluate and the command lines (``name="--device"`` words it as a flag)."""
+    flag = name.startswith("--")
+
+    def value(text) -> str:
+        return str(text) if flag else repr(str(text))
+
+    def given(text) -> str:
+        return f"{name} {text}" if flag else f"{name}={text!r}"
+
     try:
         device = torch.device(device) if device is not None else torch.device("cpu")
     except (RuntimeError, TypeError):
-        raise DFQViTError(f"device={device!r}: give 'cpu' or 'cuda' (or 'cuda:N')") from None
+        raise DFQViTError(f"{given(device)}: give {value('cpu')} or {value('cuda')} (or {value('cuda:N')})") from None
     if device.type not in ("cpu", "cuda"):  # "meta" failed on .item() deep in the calibration
-        raise DFQViTError(f"device={str(device)!r}: dfqvit runs on 'cpu' or 'cuda' (or 'cuda:N')")
+        raise DFQViTError(f"{given(str(device))}: dfqvit runs on {value('cpu')} or {value('cuda')} (or "
+                          f"{value('cuda:N')})")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise MissingGPUError(f"device={device} was requested but no CUDA device is available; use device='cpu'")
+        raise MissingGPUError(f"{given(str(device))} was requested but no CUDA device is available; use "
+                              f"{given('cpu')}")
     return device
 
 

@@ -243,8 +243,10 @@ def cmd_eval(args) -> int:
                               "model), not both")
         qmodel = load(args.artifact, device=args.device, backend=args.backend or "auto")
         saved = (qmodel.config.w_bits, qmodel.config.a_bits)
-        if args.bits is not None and parse_bits(args.bits) != saved:
-            raise DFQViTError(f"--bits {args.bits} does not match the artifact, which is W{saved[0]}A{saved[1]}: a saved "
+        wanted = None if args.bits is None else parse_bits(args.bits)
+        if wanted is not None and wanted != saved:
+            raise DFQViTError(f"--bits W{wanted[0]}A{wanted[1]} does not match the artifact, which is "
+                              f"W{saved[0]}A{saved[1]}: a saved "
                               "model keeps its bits. Drop --bits, or quantize again with `dfqvit quantize --bits "
                               "W,A --out FILE`.")
         data = _images_for(args.data, qmodel.input_spec, args.limit)
@@ -326,7 +328,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if getattr(args, "device", None) is not None:  # "cuda" without a GPU / "gpu": torch's raw errors
             from .api import resolve_device
-            args.device = str(resolve_device(args.device))
+            args.device = str(resolve_device(args.device, "--device"))
         return args.func(args)
     except DFQViTError as exc:
         print(f"dfqvit: error: {exc}", file=sys.stderr)

@@ -2,6 +2,7 @@
 import json
 import re
 
+import pytest
 import torch
 
 from conftest import CIFAR_MODEL_JSON, CIFAR_TEST, load_cifar_model
@@ -38,7 +39,7 @@ def test_quantize_and_eval_on_reference_model(tmp_path, capsys):
     assert rc == 0 and "fake-quant) top-1" in capsys.readouterr().out
     # options that cannot apply to a saved model are refused, not ignored
     assert main(["eval", "--artifact", str(artifact), "--bits", "4", "--data", str(CIFAR_TEST)]) == 2
-    assert "W4A8" in capsys.readouterr().err
+    assert "--bits W4A4 does not match the artifact, which is W4A8" in capsys.readouterr().err  # said "(4, 4)"
     assert main(["eval", "--artifact", str(artifact), "--bits", "4,8", "--data", str(CIFAR_TEST), "--limit", "10"]) == 0
     assert main(["eval", "--artifact", str(artifact), "--model", str(CIFAR_MODEL_JSON), "--data", str(CIFAR_TEST)]) == 2
     assert main(["eval", "--model", str(CIFAR_MODEL_JSON), "--backend", "torch", "--data", str(CIFAR_TEST)]) == 2
@@ -167,7 +168,7 @@ def test_paths_and_devices_that_are_not_there_are_named(tmp_path, capsys):
     assert main(base + ["--calib", str(tmp_path / "missing.npz")]) == 2  # was "unknown calibration method"
     assert "no such file or folder" in capsys.readouterr().err
     assert main(base + ["--device", "gpu"]) == 2  # was a torch RuntimeError traceback
-    assert "device='gpu'" in capsys.readouterr().err
+    assert "--device gpu: give cpu or cuda (or cuda:N)" in capsys.readouterr().err  # said device='gpu'
     (tmp_path / "stages").write_text("")
     assert main(base + ["--calib", "gaussian", "--stages-dir", str(tmp_path / "stages")]) == 2
     assert "is a file" in capsys.readouterr().err
@@ -228,3 +229,11 @@ def test_warnings_print_as_one_line_and_unsaved_models_are_mentioned(tmp_path, c
                  "--recon-iters", "0", "--correction", "none"]) == 0
     assert "the quantized model is not saved (--out FILE.safetensors keeps it)" in capsys.readouterr().out
     assert warnings.formatwarning is default  # restored for whoever called main()
+
+
+def test_device_errors_are_worded_as_the_flag(capsys):
+    """The command line said "use device='cpu'" (the Python argument) for --device cuda without a GPU."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert main(["quantize", "--model", str(CIFAR_MODEL_JSON), "--device", "cuda"]) == 2
+    assert "--device cuda was requested but no CUDA device is available; use --device cpu" in capsys.readouterr().err

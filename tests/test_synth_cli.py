@@ -116,7 +116,7 @@ def test_run_synth_rejects_missing_gpu(tmp_path):
         pytest.skip("a GPU is present")
     with pytest.raises(MissingGPUError):
         run_synth(parse("--model", write_model_json(tmp_path), "--grid", str(tmp_path / "g.png"), "--device", "cuda"))
-    with pytest.raises(DFQViTError, match="device='gpu': give 'cpu' or 'cuda'"):  # was torch's RuntimeError
+    with pytest.raises(DFQViTError, match="--device gpu: give cpu or cuda"):  # was torch's RuntimeError
         run_synth(parse("--model", write_model_json(tmp_path), "--grid", str(tmp_path / "g.png"), "--device", "gpu"))
 
 

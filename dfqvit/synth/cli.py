@@ -49,7 +49,7 @@ def _device(name) -> torch.device:
     """``--device``, checked as ``compile(device=)`` checks it; none given: CUDA when there is one."""
     from dfqvit.api import resolve_device
 
-    return resolve_device(name if name is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    return resolve_device(name if name is not None else ("cuda" if torch.cuda.is_available() else "cpu"), "--device")
 
 
 GRID_FORMATS = (".png", ".jpg", ".jpeg", ".pdf", ".svg")
