@@ -59,9 +59,13 @@ def available() -> bool:
 def require() -> None:
     global _ISA_CHECKED
     if not available():
-        reason = "DFQVIT_NATIVE=0 is set" if _disabled_by_env() else "dfqvit._C is not built"
+        if _disabled_by_env():  # building again would not help
+            raise MissingBackendError(
+                f"the native CPU backend is switched off (DFQVIT_NATIVE={os.environ.get('DFQVIT_NATIVE')} is set): "
+                "unset DFQVIT_NATIVE (in a new process: it is read once) or use backend='torch' (the PyTorch "
+                "reference, same results, slower)")
         raise MissingBackendError(
-            f"the native CPU backend is unavailable ({reason}). Build it with "
+            "the native CPU backend is unavailable (dfqvit._C is not built). Build it with "
             "`DFQVIT_BUILD_EXT=1 pip install --no-build-isolation --no-deps -e .` (needs cmake, ninja, a C++ "
             "compiler), or use backend='torch' (the PyTorch reference, same results, slower).")
     if not _ISA_CHECKED:  # the extension reads DFQVIT_NATIVE_ISA at its first call and raises a RuntimeError

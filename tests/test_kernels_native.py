@@ -288,6 +288,11 @@ def test_direct_entry_points_without_the_extension(monkeypatch):
     monkeypatch.setattr(native, "_EXT", None)
     with pytest.raises(MissingBackendError, match="DFQVIT_BUILD_EXT=1"):
         native.quantize(torch.zeros(3), 0.1, 0, -128, 127)
+    # switched off by the environment: building again would not help (the message said to build it)
+    monkeypatch.setenv("DFQVIT_NATIVE", "0")
+    with pytest.raises(MissingBackendError, match="switched off .DFQVIT_NATIVE=0 is set.: unset DFQVIT_NATIVE") as err:
+        native.quantize(torch.zeros(3), 0.1, 0, -128, 127)
+    assert "DFQVIT_BUILD_EXT" not in str(err.value)
 
 
 # --- attention ------------------------------------------------------------------------------------------
