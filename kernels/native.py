@@ -142,9 +142,11 @@ def qgemm_prepacked_columns(a: torch.Tensor, a_scale: float, a_zero: int, panels
     """The GEMM re-quantized to int8 with a grid per output column: ``out_grid`` (4, N) = scale, zero, qmin,
     qmax (bit for bit ``uniform_quantize(fp32 GEMM output, *out_grid)``). The engine calls this one too: its grid
     is a buffer, checked once per version (no unchecked twin)."""
-    if (isinstance(out_grid, torch.Tensor) and out_grid.dtype == torch.float32 and out_grid.dim() == 2
-            and out_grid.shape[0] == 4):  # else the C++ kernel refuses it
-        check_requant_columns("native.qgemm_prepacked_columns", out_grid)
+    if not (isinstance(out_grid, torch.Tensor) and out_grid.dtype == torch.float32 and out_grid.dim() == 2
+            and out_grid.shape[0] == 4):  # the C++ kernel took float64 / float16 grids unchecked
+        raise KernelInputError(f"native.qgemm_prepacked_columns: out_grid must be a float32 (4, N) tensor (scale, "
+                               f"zero, qmin, qmax per column), got {_describe(out_grid)}")
+    check_requant_columns("native.qgemm_prepacked_columns", out_grid)
     return _ext().qgemm_prepacked(a, float(a_scale), int(a_zero), panels, int(n), w_scale, w_zero, w_col_sums, bias,
                                   None, int(storage_bits), int(k), False, None, 0, 0, 0, torch.int8, out_grid)
 
@@ -178,6 +180,10 @@ def attention(q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale, v_zero, sm_sca
         check_requant_grid("native.attention", scale, zero, qmin, qmax)
     return _attention_unchecked(q, k, v, q_scale, q_zero, k_scale, k_zero, v_scale, v_zero, sm_scale, bias, mask,
                                 p_mode, p_param, p_zero, p_bits, out_dtype, out_grid, token_major)
+
+
+def _describe(value) -> str:
+    return f"{value.dtype} {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
 
 
 # The engine's entry points (see the module docstring): the functions above without the checks of numbers the

@@ -652,3 +652,11 @@ def test_loading_into_the_engines_trunk_is_refused():
     clone.load_state_dict(engine.state_dict())
     with pytest.raises(DFQViTError, match="belongs to a QuantizedViT"):
         clone.trunk.load_state_dict(engine.trunk.state_dict())
+    # a load that raises half way (here a tensor of another dtype, assign=True) leaves the gate closed
+    broken = engine.state_dict()
+    broken["trunk.blocks.1.attn.qkv_grid"] = broken["trunk.blocks.1.attn.qkv_grid"].double()
+    with pytest.raises(DFQViTError, match="holds torch.float64, the engine torch.float32"):
+        engine.load_state_dict(broken, assign=True)
+    with pytest.raises(DFQViTError, match="belongs to a QuantizedViT"):
+        engine.trunk.load_state_dict(engine.trunk.state_dict())
+    assert torch.equal(logits(engine, x), before)

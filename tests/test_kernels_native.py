@@ -262,6 +262,11 @@ def test_direct_entry_points_check_their_numbers():
         grid = torch.tensor([column] * n).T.contiguous()
         with pytest.raises(KernelInputError, match="out_grid column 0"):
             native.qgemm_prepacked_columns(*gemm[:9], 4, k, grid)
+    # the C++ kernel took a float64 / float16 grid without the column check: qmax 300 saturated codes at 127
+    bad = torch.tensor([(0.001, 3.0, -300.0, 300.0)] * n).T.contiguous()
+    for dtype in (torch.float64, torch.float16):
+        with pytest.raises(KernelInputError, match=f"float32 \\(4, N\\) tensor .*got {dtype}"):
+            native.qgemm_prepacked_columns(*gemm[:9], 4, k, bad.to(dtype))
     for eps in (-1.0, float("nan")):
         with pytest.raises(KernelInputError, match="eps="):
             native.layernorm_quant(torch.randn(2, n), torch.ones(n), torch.zeros(n), eps, 0.1, 0, -128, 127)

@@ -28,22 +28,29 @@ from .support import check_engine_support
 
 class _LoadGate:
     """Open while a whole engine loads a state dict, from the check of its grids (its own ``_extra_state``, which
-    loads before its children) until its post-hook; the trunk's modules load only through it."""
+    loads before its children) until its post-hook (or the end of its load_state_dict, if the load raised):
+    ``prefix`` is the engine's key prefix in that load, so only the keys below it pass."""
 
-    open = False
+    prefix: Optional[str] = None
 
 
-def _refuse_load_without_grids(path: str, gate: _LoadGate, *args) -> None:
+def _check_trunk_load(path: str, gate: _LoadGate, module: nn.Module, state_dict, prefix: str, *args) -> None:
     """load_state_dict pre-hook of every module of an engine's trunk (``path``: its place in the engine). Loading
-    into ``engine.trunk`` (or a block) took another calibration's buffers under this engine's grids without a word."""
-    if not gate.open:
+    into ``engine.trunk`` (or a block) took another calibration's buffers under this engine's grids without a word;
+    a tensor of another dtype (``assign=True``: a float64 qkv grid) skipped the grid check and changed codes."""
+    if gate.prefix is None or prefix != f"{gate.prefix}{path}.":
         raise DFQViTError(f"{path} belongs to a QuantizedViT, whose grids are checked when the whole engine loads: "
                           "call load_state_dict on the engine with its full state dict (or build the engine from its "
                           "artifact: dfqvit.save / dfqvit.load)")
+    for name, own in itertools.chain(module.named_parameters(recurse=False), module.named_buffers(recurse=False)):
+        given = state_dict.get(prefix + name)
+        if own is not None and isinstance(given, torch.Tensor) and given.dtype != own.dtype:
+            raise DFQViTError(f"{path}.{name}: the state dict holds {given.dtype}, the engine {own.dtype}; an engine's "
+                              "tensors keep the dtypes they were built with (load a state dict of this engine)")
 
 
 def _close_load_gate(engine: nn.Module, incompatible_keys) -> None:
-    engine._load_gate.open = False
+    engine._load_gate.prefix = None
 
 
 def head_layer(module: nn.Module, where: str) -> nn.Module:
@@ -205,7 +212,7 @@ class QuantizedViT(nn.Module):
         self._load_gate = _LoadGate()
         for name, module in self.trunk.named_modules():
             module.register_load_state_dict_pre_hook(
-                functools.partial(_refuse_load_without_grids, f"trunk.{name}" if name else "trunk", self._load_gate))
+                functools.partial(_check_trunk_load, f"trunk.{name}" if name else "trunk", self._load_gate))
         self.register_load_state_dict_post_hook(_close_load_gate)
         use_graphs = (device.type == "cuda" and self.backend == "triton") if cuda_graphs is None else cuda_graphs
         if use_graphs and device.type != "cuda":  # it was accepted, then every call failed
@@ -324,6 +331,12 @@ class QuantizedViT(nn.Module):
                 f"{', ...' if len(differ) > 4 else ''} differ): an engine's grids are fixed when it is built. Build "
                 "that engine again from its artifact (dfqvit.save / dfqvit.load, or build_engine(artifact))")
 
+    def load_state_dict(self, *args, **kwargs):
+        try:
+            return super().load_state_dict(*args, **kwargs)
+        finally:  # a load that raised half way skipped the post-hook that closes the gate
+            self._load_gate.prefix = None
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Runs before the trunk's buffers load: a dict without the grids (strict=False, or "_extra_state" deleted)
         # skipped set_extra_state and loaded another calibration's buffers into this engine's grids.
@@ -332,7 +345,7 @@ class QuantizedViT(nn.Module):
                               "against this engine's; load a complete QuantizedViT state dict, or build the engine "
                               "from its artifact (dfqvit.save / dfqvit.load)")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # set_extra_state checks the grids
-        self._load_gate.open = True  # the trunk loads next; _close_load_gate closes it after
+        self._load_gate.prefix = prefix  # the trunk loads next; _close_load_gate closes it after
 
     def weight_nbytes(self) -> int:
         """Bytes of all weights as stored: packed codes + per-channel parameters of quantized layers, plus
