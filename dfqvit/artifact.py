@@ -77,6 +77,7 @@ def check_safetensors_name(path: str, what: str = "the file") -> None:
     suffix = os.path.splitext(os.fspath(path))[1].lower()
     if suffix in OTHER_FORMAT_SUFFIXES:
         stem = os.path.splitext(os.fspath(path))[0]
+        stem = stem[:-len(".safetensors")] if stem.lower().endswith(".safetensors") else stem  # m.safetensors.pt
         raise DFQViTError(f"{what} {os.fspath(path)!r}: dfqvit writes a safetensors file, not a {suffix} file; name it "
                           f"{stem + '.safetensors'!r}")
 
@@ -198,7 +199,7 @@ def rebuild_float_model(info: Dict[str, Any]) -> nn.Module:
     """A randomly initialised float model of the recorded architecture (only timm classes are built)."""
     if not isinstance(info, dict):
         raise ArtifactError(f"the artifact's build record is {type(info).__name__}, not a JSON object; pass "
-                            "model=<a float model of the same architecture> to dfqvit.load")
+                            "model=<a float model of the same architecture> to dfqvit.load / build_engine")
     try:
         return _build_recorded(info)
     except TypeError as exc:  # a keyword this timm does not take (an artifact from another timm version)
@@ -210,8 +211,8 @@ def _build_recorded(info: Dict[str, Any]) -> nn.Module:
     if info.get("kwargs") is None:
         raise ArtifactError(
             f"the artifact does not record the constructor arguments of its {info.get('class')} model; pass "
-            f"model=<a float model of the same architecture> to dfqvit.load (or record them before saving "
-            f"with dfqvit.artifact.set_build_info)")
+            f"model=<a float model of the same architecture> to dfqvit.load / build_engine (or record them before "
+            f"saving with dfqvit.artifact.set_build_info)")
     if info.get("timm_name"):
         import timm
         return timm.create_model(info["timm_name"], pretrained=False, **info["kwargs"]).eval()

@@ -183,7 +183,7 @@ def cmd_quantize(args) -> int:
     if not args.eval:
         _refuse_unused(args, {**EVAL_DEFAULTS, "backend": "auto"}, "used only with --eval, which is not given")
     out, report_path = _output_path(args.out, "--out"), _output_path(args.report, "--report")
-    if out is not None and not out.endswith(".safetensors"):  # as `dfqvit synth --out`; x.pt was written as is
+    if out is not None and not out.lower().endswith(".safetensors"):  # as `dfqvit synth --out`; x.pt was written as is
         raise DFQViTError(f"--out {out}: the quantized model is saved as a QuantArtifact, a .safetensors file; name it "
                           f"{os.path.splitext(out)[0]}.safetensors")
     refuse_overwriting_inputs(args, {"--out": out, "--report": report_path})

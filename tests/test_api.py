@@ -368,6 +368,8 @@ def test_saving_an_engine_without_its_artifact_says_what_to_save(tmp_path):
             dfqvit.save(fake, str(tmp_path / name))
         assert not (tmp_path / name).exists()
     dfqvit.save(fake, str(tmp_path / "model.dfq"))  # a name of no other format is taken as it is
+    with pytest.raises(DFQViTError, match="name it .*model.safetensors'$"):  # was model.safetensors.safetensors
+        dfqvit.save(fake, str(tmp_path / "model.safetensors.pt"))
 
 
 def test_tracing_works_and_export_is_refused_with_a_clear_error(tmp_path):

@@ -456,6 +456,8 @@ def test_build_engine_takes_an_engine():
     assert isinstance(build_engine(engine, backend="fake", model=skeleton()), dfqvit.QuantizedModel)
     with pytest.raises(DFQViTError, match="keeps no artifact: give build_engine that QuantizedModel"):
         build_engine(build_engine(qmodel, backend="torch"), backend="torch")
+    with pytest.raises(DFQViTError, match="device='gpu': give 'cpu' or 'cuda'"):  # was torch's raw RuntimeError
+        build_engine(engine, backend="torch", model=skeleton(), device="gpu")
 
 
 def test_engine_ignores_autocast_and_refuses_a_float64_stream():
@@ -628,6 +630,7 @@ def test_without_input_checks_a_wrong_image_size_is_still_refused(backend):
                             correction=None, progress=False, backend="fake")
     module = qmodel if backend == "fake" else build_engine(qmodel, backend=backend)
     assert torch.isfinite(logits(module, images(2))).all()
+    assert logits(module, images(2)[:0]).shape == (0, 10)  # timm's Swin failed to reshape an empty batch
     for bad in (images(2, size=40), images(2)[:, :2], images(2).to(torch.uint8)):
         with pytest.raises(InputShapeError):
             logits(module, bad)

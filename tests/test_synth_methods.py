@@ -138,6 +138,16 @@ def test_synthetic_set_indexes_like_a_dataset_and_slices_to_a_set():
     for bad in (True, "0", 1.0):
         with pytest.raises(TypeError, match="SyntheticSet indices"):
             made[bad]
+    # numpy ints and arrays (np.random.choice), 0-d tensors, [] (a float tensor to torch); 2-D indices refused
+    import numpy as np
+    assert torch.equal(made[np.int64(2)][0], made.images[2]) and torch.equal(made[torch.tensor(2)][0], made.images[2])
+    assert torch.equal(made[np.array([3, 1])].images, made.images[[3, 1]]) and len(made[range(2)]) == 2
+    assert len(made[[]]) == 0 and made[[]].targets.shape[0] == 0
+    for bad in ([[0, 1]], torch.tensor([[0], [1]]), torch.tensor([0.0, 1.0])):
+        with pytest.raises(TypeError, match="1-D list of ints or a bool mask"):
+            made[bad]
+    with pytest.raises(TypeError):
+        made.to(torch.float16)  # cast the int64 targets too
     moved = made.to("cpu")
     assert torch.equal(moved.images, made.images) and moved.method == made.method
     kwargs = dict(bits=8, recon=None, correction=None, progress=False, backend="fake", normalization=NORM)

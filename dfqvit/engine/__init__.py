@@ -36,6 +36,9 @@ def build_engine(source, backend: str = "auto", *, model: Optional[nn.Module] = 
     """
     if backend not in BACKENDS:
         raise DFQViTError(f"backend={backend!r}; allowed: {', '.join(repr(b) for b in BACKENDS)}")
+    if device is not None:  # "gpu" was torch's raw RuntimeError, "cuda" without a GPU a driver message
+        from dfqvit.api import resolve_device
+        device = resolve_device(device)
     if isinstance(source, (str, os.PathLike)):
         from dfqvit.artifact import QuantArtifact
         source = QuantArtifact.load(os.fspath(source))

@@ -33,7 +33,7 @@ def validate_images(x, spec: InputSpec, what: str = "input") -> None:
 
 
 def validate_image_shape(x, spec: InputSpec, what: str = "input") -> None:
-    """The checks of :func:`validate_images` that read no data (no device sync): type, shape, dtype, device.
+    """The checks of :func:`validate_images` that read no data (no device sync): type, shape, size, dtype, meta.
     They run even with ``check_inputs=False``: the integer engine has no timm assert behind it, and a Swin of
     another image size ran its windows over the wrong grid without a word."""
     if not isinstance(x, torch.Tensor):
@@ -86,6 +86,9 @@ class QuantizedModel(nn.Module):
             validate_image_shape(x, self.input_spec)
         if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != torch.float32:
             x = x.float()  # the model is float32 (adapt); fp16 / bf16 / fp64 images are read as the engine reads them
+        if x.shape[0] == 0:  # timm's Swin cannot reshape an empty batch; the engine and timm's ViT give (0, classes)
+            width = getattr(self.model, "num_classes", 0) or self.model.num_features
+            return x.new_zeros((0, width))
         return self.model(x)
 
     # -- structure -------------------------------------------------------------------------------------

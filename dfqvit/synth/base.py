@@ -9,6 +9,7 @@ import json
 import os
 from typing import Any, Callable, Dict, Optional
 
+import numpy as np
 import torch
 
 from dfqvit.caller_state import training_state
@@ -39,21 +40,32 @@ class SyntheticSet:
 
     def __getitem__(self, index):
         """An int gives one sample as ``TensorDataset`` does: ``(image, target)``, or ``(image,)`` without targets,
-        so a ``DataLoader`` reads the set directly. A slice, index list or mask gives a ``SyntheticSet`` of those
-        images (same method, seed and config, e.g. ``synthetic[:16]`` to calibrate on fewer)."""
-        if isinstance(index, bool):  # a bool is an int to Python: set[True] gave image 1
+        so a ``DataLoader`` reads the set directly. A slice, a 1-D index list / array / tensor or a bool mask gives a
+        ``SyntheticSet`` of those images (same method, seed and config, e.g. ``synthetic[:16]`` to calibrate on
+        fewer)."""
+        if isinstance(index, (bool, np.bool_)):  # a bool is an int to Python: set[True] gave image 1
             raise TypeError("SyntheticSet indices are ints, slices, index lists or masks, not bool")
-        if isinstance(index, int):
-            image = self.images[index]
-            return (image,) if self.targets is None else (image, self.targets[index])
-        if not isinstance(index, (slice, list, tuple, torch.Tensor)):
+        if isinstance(index, torch.Tensor) and index.dim() == 0 and not index.is_floating_point():
+            index = index.item()  # a 0-d tensor gave a "set" whose images were one image's channels
+        if isinstance(index, (int, np.integer)):
+            image = self.images[int(index)]
+            return (image,) if self.targets is None else (image, self.targets[int(index)])
+        if isinstance(index, slice):
+            rows = index
+        elif isinstance(index, (list, tuple, range, np.ndarray, torch.Tensor)):
+            rows = torch.as_tensor(index, device=self.images.device)
+            rows = rows.long() if rows.numel() == 0 else rows  # [] is a float tensor to torch
+            if rows.dim() != 1 or rows.is_floating_point():
+                raise TypeError(f"SyntheticSet takes a 1-D list of ints or a bool mask, got {rows.dtype} of shape "
+                                f"{tuple(rows.shape)}")
+        else:
             raise TypeError(f"SyntheticSet indices are ints, slices, index lists or masks, not {type(index).__name__}")
-        rows = torch.as_tensor(index) if isinstance(index, (list, tuple)) else index
         return dataclasses.replace(self, images=self.images[rows],
                                    targets=None if self.targets is None else self.targets[rows])
 
-    def to(self, device=None) -> "SyntheticSet":
-        """The same set with its images (and targets) on ``device``."""
+    def to(self, device) -> "SyntheticSet":
+        """The same set with its images (and targets) on ``device`` (images stay float32: the set is made in it)."""
+        device = torch.device(device)  # a dtype here cast the int64 targets too
         return dataclasses.replace(self, images=self.images.to(device),
                                    targets=None if self.targets is None else self.targets.to(device))
 

@@ -66,7 +66,7 @@ def run_synth(args: argparse.Namespace) -> int:
     # Checked before the synthesis (minutes), not after it.
     if args.num_images < 1:
         raise DFQViTError(f"--num-images {args.num_images}: make at least 1 image")
-    if args.out and not args.out.endswith(".safetensors"):
+    if args.out and not args.out.lower().endswith(".safetensors"):
         raise DFQViTError(f"--out {args.out}: a SyntheticSet is a .safetensors file; name it PATH.safetensors")
     if args.grid and os.path.splitext(args.grid)[1].lower() not in GRID_FORMATS:
         raise DFQViTError(f"--grid {args.grid}: give an image file name ending in one of {', '.join(GRID_FORMATS)}")
