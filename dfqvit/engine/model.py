@@ -17,7 +17,7 @@ from torch import nn
 
 from dfqvit.errors import CalibrationError, DFQViTError, InputShapeError, UnsupportedModelError
 from dfqvit.models import QuantizedModel
-from dfqvit.models.quantized import EXPORT_HELP, refuse_export, validate_image_shape, validate_images
+from dfqvit.models.quantized import EXPORT_HELP, refuse_export, validate_images
 from dfqvit.nn.linear import _QuantWeightLayer
 
 from .backends import select_kernels
@@ -362,10 +362,7 @@ class QuantizedViT(nn.Module):
         if isinstance(images, torch.Tensor) and images.device != self.device:
             raise InputShapeError(f"images are on device {images.device} but the engine is on {self.device}; move them "
                                   f"with images.to('{self.device}')")
-        if self.check_inputs:
-            validate_images(images, self.input_spec, "images")
-        else:
-            validate_image_shape(images, self.input_spec, "images")
+        validate_images(images, self.input_spec, "images", finite=self.check_inputs)
 
     @torch.no_grad()
     def run(self, images: torch.Tensor) -> torch.Tensor:
