@@ -135,7 +135,7 @@ def test_synthetic_set_indexes_like_a_dataset_and_slices_to_a_set():
         assert torch.equal(part.images, made.images[rows]) and torch.equal(part.targets, made.targets[rows])
     no_targets = synthesize("gaussian", qmodel_of("vit"), num_images=2, seed=0)
     assert no_targets.targets is None and len(no_targets[0]) == 1 and no_targets[:1].targets is None
-    for bad in (True, "0", 1.0):
+    for bad in (True, "0", 1.0, torch.tensor(True)):  # a 0-d bool tensor was read as image 1
         with pytest.raises(TypeError, match="SyntheticSet indices"):
             made[bad]
     # numpy ints and arrays (np.random.choice), 0-d tensors, [] (a float tensor to torch); 2-D indices refused

@@ -43,10 +43,10 @@ class SyntheticSet:
         so a ``DataLoader`` reads the set directly. A slice, a 1-D index list / array / tensor or a bool mask gives a
         ``SyntheticSet`` of those images (same method, seed and config, e.g. ``synthetic[:16]`` to calibrate on
         fewer)."""
-        if isinstance(index, (bool, np.bool_)):  # a bool is an int to Python: set[True] gave image 1
-            raise TypeError("SyntheticSet indices are ints, slices, index lists or masks, not bool")
         if isinstance(index, torch.Tensor) and index.dim() == 0 and not index.is_floating_point():
             index = index.item()  # a 0-d tensor gave a "set" whose images were one image's channels
+        if isinstance(index, (bool, np.bool_)):  # a bool is an int to Python: set[True] gave image 1
+            raise TypeError("SyntheticSet indices are ints, slices, index lists or masks, not bool")
         if isinstance(index, (int, np.integer)):
             image = self.images[int(index)]
             return (image,) if self.targets is None else (image, self.targets[int(index)])
