@@ -1,9 +1,35 @@
-"""Work that trains (synthesis, reconstruction) must not depend on the caller's global torch state."""
+"""Work that calibrates or trains (synthesis, calibration, reconstruction, correction) must not depend on the
+caller's global torch state."""
 from __future__ import annotations
 
 import functools
 
 import torch
+
+
+def _float32_numerics(fn):
+    """Run ``fn`` outside inference mode and autocast, under the float32 default dtype; give the caller's state back
+    after."""
+    @functools.wraps(fn)
+    @torch.inference_mode(False)
+    @torch.autocast("cpu", enabled=False)
+    @torch.autocast("cuda", enabled=False)
+    def wrapper(*args, **kwargs):
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float32)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_default_dtype(previous)
+    return wrapper
+
+
+def calibration_state(fn):
+    """Run ``fn`` (which measures the model, it takes no gradients) under float32 numerics, whatever the caller's
+    state: a caller's bf16 autocast made the calibration see bf16 activations and give other scales than the same
+    call outside it, and torch.set_default_dtype(float64) other scales too. Outside inference mode, so that what it
+    stores on the model can still be trained by a later reconstruction."""
+    return _float32_numerics(torch.no_grad()(fn))
 
 
 def training_state(fn):
@@ -15,16 +41,4 @@ def training_state(fn):
     inputs inference tensors that autograd cannot save. A caller's autocast made them run in bf16 / fp16 and give
     other images and another model than the same call outside it; a caller's torch.set_default_dtype(float64) made
     the synthesis fail ("Input type (double) and bias type (float)") and other calibrations give another model."""
-    @functools.wraps(fn)
-    @torch.inference_mode(False)
-    @torch.enable_grad()
-    @torch.autocast("cpu", enabled=False)
-    @torch.autocast("cuda", enabled=False)
-    def wrapper(*args, **kwargs):
-        previous = torch.get_default_dtype()
-        torch.set_default_dtype(torch.float32)
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            torch.set_default_dtype(previous)
-    return wrapper
+    return _float32_numerics(torch.enable_grad()(fn))

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny timm models built in code, paths to ../shared, and the SQNR helper."""
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -28,6 +29,21 @@ def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))
 
+
+@contextlib.contextmanager
+def float64_default_dtype():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+# Global torch states an inference script may hold around a public dfqvit call.
+CALLER_STATES = {"inference_mode": torch.inference_mode, "no_grad": torch.no_grad,
+                 "autocast_bf16": lambda: torch.autocast("cpu", dtype=torch.bfloat16),
+                 "float64_default": float64_default_dtype}
 
 def tiny_vit(**overrides):
     from timm.models.vision_transformer import VisionTransformer

@@ -3,7 +3,7 @@ post-LayerNorm re-parameterisation keeps both the float function and the quantiz
 import pytest
 import torch
 
-from conftest import TINY_MODELS, sqnr_db
+from conftest import CALLER_STATES, TINY_MODELS, sqnr_db
 from dfqvit.calib import calibrate, calibrate_blockwise
 from dfqvit.calib.reparam import channelwise_input_quantizer, fold_into_per_tensor
 from dfqvit.calib.walk import model_units
@@ -110,3 +110,26 @@ def test_a_nearly_constant_layernorm_channel_is_not_folded():
     with torch.no_grad():
         assert cosine(model(x), qmodel(x)) >= 0.999
     assert abs(float(qmodel.model.blocks[0].attn.qkv.input_quantizer.zero_point)) <= 255
+
+
+@pytest.mark.parametrize("state", sorted(CALLER_STATES))
+@pytest.mark.parametrize("entry", ["calibrate", "calibrate_blockwise", "calibrate_model"])
+def test_calibration_called_directly_ignores_the_callers_torch_state(entry, state):
+    """The calibration functions are public: under a caller's bf16 autocast they calibrated on bf16 activations
+    (other scales than the same call outside it), and under inference_mode their buffers became inference tensors
+    that a later reconstruction could not update. They give the same model as outside, and the model still trains."""
+    from dfqvit.calib import calibrate_model, reconstruct
+    from dfqvit.config import ReconConfig
+
+    run = {"calibrate": lambda q, x: calibrate(q, x, progress=False),
+           "calibrate_blockwise": lambda q, x: calibrate_blockwise(q, x, progress=False),
+           "calibrate_model": lambda q, x: calibrate_model(q, x, progress=False)}[entry]
+    model, images = TINY_MODELS["vit"](depth=1), _images(8)
+    expected = run(adapt(model, QuantConfig(4, 4)), images)
+    qmodel = adapt(model, QuantConfig(4, 4))
+    with CALLER_STATES[state]():
+        run(qmodel, images)
+    for (name, a), b in zip(expected.state_dict().items(), qmodel.state_dict().values()):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    assert not any(t.is_inference() for t in qmodel.state_dict().values())
+    reconstruct(qmodel, images, ReconConfig(iterations=1), progress=False)

@@ -1,9 +1,11 @@
 """DFQ-ViT activation correction (METHODS §4.2): it lowers the gap between quantized and fp32 block
 outputs; the diag form folds into the weights at zero inference cost, the full form is an explicit op."""
+import copy
+
 import pytest
 import torch
 
-from conftest import TINY_MODELS, sqnr_db
+from conftest import CALLER_STATES, TINY_MODELS, sqnr_db
 from dfqvit.calib import calibrate_blockwise, correct_activations
 from dfqvit.calib.correction import BranchCorrection, fit_diag, fit_full
 from dfqvit.config import CorrectionConfig, QuantConfig
@@ -97,3 +99,18 @@ def test_full_correction_from_one_distinct_image_warns():
 
 def _one_image_copies():
     return torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(3)).repeat(4, 1, 1, 1)
+
+
+@pytest.mark.parametrize("state", ["inference_mode", "autocast_bf16", "float64_default"])
+def test_correction_called_directly_ignores_the_callers_torch_state(state):
+    """correct_activations is public: under a caller's bf16 autocast it fitted on bf16 branch outputs, and under
+    set_default_dtype(float64) it gave another model than the same call outside it."""
+    model = TINY_MODELS["vit"](depth=1)
+    images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    calibrated = calibrate_blockwise(adapt(model, QuantConfig(4, 4)), images, progress=False)
+    expected = copy.deepcopy(calibrated)
+    correct_activations(expected, images, progress=False)
+    with CALLER_STATES[state]():
+        correct_activations(calibrated, images, progress=False)
+    for (name, a), b in zip(expected.state_dict().items(), calibrated.state_dict().values()):
+        assert a.dtype == b.dtype and torch.equal(a, b), name

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from dfqvit.caller_state import calibration_state
 from dfqvit.config import CalibConfig
 from dfqvit.errors import CalibrationError
 from dfqvit.models import QuantizedModel
@@ -80,6 +81,7 @@ def calibrate_unit(module: nn.Module, inputs: UnitInput, reparam_post_ln: bool =
         raise CalibrationError(f"{len(missing)} activation quantizers of {type(module).__name__} saw no data")
 
 
+@calibration_state
 def calibrate_blockwise(qmodel: QuantizedModel, images: torch.Tensor, reparam_post_ln: bool = True,
                         progress: bool = True) -> QuantizedModel:
     """Calibrate ``qmodel`` in place, one unit (block or outside layer) at a time."""
@@ -92,6 +94,7 @@ def calibrate_blockwise(qmodel: QuantizedModel, images: torch.Tensor, reparam_po
     return qmodel
 
 
+@calibration_state
 def calibrate_model(qmodel: QuantizedModel, images: torch.Tensor, config: Optional[CalibConfig] = None,
                     progress: bool = True) -> QuantizedModel:
     """The calibration stage: block-wise (default) or the one-pass fast path, per ``config``."""

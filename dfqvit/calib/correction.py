@@ -32,6 +32,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 from tqdm.auto import tqdm
 
+from dfqvit.caller_state import calibration_state
 from dfqvit.config import CorrectionConfig
 from dfqvit.errors import warn_user
 from dfqvit.models import QuantizedModel
@@ -192,6 +193,7 @@ class BlockGap:
 FULL_MIN_IMAGES = 2  # distinct calibration images the full correction needs not to overfit them (see below)
 
 
+@calibration_state
 def correct_activations(qmodel: QuantizedModel, images: torch.Tensor, config: Optional[CorrectionConfig] = None,
                         reference: Optional[QuantizedModel] = None, progress: bool = True) -> List[BlockGap]:
     """Fit and apply the correction of every supported block of a calibrated ``qmodel`` (in place).

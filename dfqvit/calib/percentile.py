@@ -9,18 +9,19 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from dfqvit.caller_state import calibration_state
 from dfqvit.errors import CalibrationError
 from dfqvit.models import QuantizedModel
 
 
-@torch.no_grad()
+@calibration_state
 def calibrate_weights(qmodel: QuantizedModel, progress: bool = True) -> None:
     layers = list(qmodel.weight_layers())
     for _, layer in tqdm(layers, desc="calibrate weights", disable=not progress, leave=False):
         layer.calibrate_weight()
 
 
-@torch.no_grad()
+@calibration_state
 def calibrate_activations(qmodel: QuantizedModel, images: torch.Tensor, progress: bool = True) -> None:
     quantizers = list(qmodel.activation_quantizers())
     if not quantizers:
@@ -47,6 +48,7 @@ def calibrate_activations(qmodel: QuantizedModel, images: torch.Tensor, progress
         raise CalibrationError(f"these activation quantizers saw no data during calibration: {missing}")
 
 
+@calibration_state
 def calibrate(qmodel: QuantizedModel, images: torch.Tensor, progress: bool = True) -> QuantizedModel:
     """Initialise every weight and activation quantizer of ``qmodel`` from ``images`` (in place)."""
     qmodel.eval()
