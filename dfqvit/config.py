@@ -194,7 +194,7 @@ def _not_finite_numbers(config, text_fields=()) -> list:
         value = getattr(config, field.name)
         if field.name in text_fields and isinstance(value, str) or value is None:
             continue
-        if field.type in ("bool", bool):
+        if field.type in ("bool", bool, "Optional[bool]"):
             if not isinstance(value, bool):
                 problems.append(f"{field.name}={value!r} (True or False)")
             continue
@@ -460,6 +460,9 @@ class ReconConfig:
             stage 2 (everything quantized, inputs from the quantized model) ([I&S]); False = stage 2 only.
         layers: also reconstruct the quantized layers outside blocks (patch embedding, Swin patch-merging
             reduction, head) as single layers ([I&S]).
+        curriculum: draw step t of T's batch from the first ceil(n·(0.5 + 0.5·t/T)) images only (METHODS §4.1:
+            an easy -> hard set is used easy first). None (default): on for images of an easy -> hard method
+            (``dfqvit``) in their made order, off otherwise; True: the images are ordered easy -> hard; False: off.
     """
 
     iterations: int = 100
@@ -469,6 +472,7 @@ class ReconConfig:
     batch_size: int = 32
     two_stage: bool = True
     layers: bool = True
+    curriculum: Optional[bool] = None
 
     version = 1
 

@@ -194,3 +194,27 @@ def test_cifar_w4a4_spdfq_beats_gaussian():
         top1[method] = evaluate(qmodel, test, progress=False).top1
     print(f"W4A4 top-1 on {CIFAR_EVAL_IMAGES} CIFAR-10 test images: {top1}")
     assert top1["spdfq"] > top1["gaussian"]
+
+
+def test_pipeline_reconstructs_an_easy_to_hard_set_with_the_curriculum(tmp_path, monkeypatch):
+    """compile / run_pipeline with dfqvit images (given, or read back from the stage files) draws the
+    reconstruction's batches easy first (METHODS §4.1); other images keep uniform batches."""
+    import dfqvit.calib.recon as recon
+    from dfqvit.synth import SyntheticSet
+
+    seen = []
+    original = recon.batch_rows
+    monkeypatch.setattr(recon, "batch_rows", lambda *args: seen.append(args[4]) or original(*args))
+    model = TINY_MODELS["vit"](depth=1)
+    for method, expected in (("dfqvit", True), ("spdfq", False), ("images", False)):
+        seen.clear()
+        calib = SyntheticSet(images=_x(), targets=None, method=method, seed=0)
+        run_pipeline(model, QuantConfig(4, 4, calib_images=8), calib, progress=False, recon=FAST_RECON,
+                     correction=None, stages_dir=str(tmp_path / method))
+        assert seen and set(seen) == {expected}, method
+    for method, expected in (("dfqvit", True), ("gaussian", False)):
+        for recon_config in (FAST_RECON, ReconConfig(iterations=2)):  # the second reads the saved images back
+            seen.clear()
+            run_pipeline(model, QuantConfig(4, 4, calib_images=4), method, progress=False, recon=recon_config,
+                         correction=None, stages_dir=str(tmp_path / "made"), synth=SynthConfig(iterations=1, groups=2))
+            assert seen and set(seen) == {expected}, method

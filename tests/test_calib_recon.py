@@ -7,11 +7,12 @@ import torch
 
 from conftest import TINY_MODELS
 from dfqvit.calib import calibrate_blockwise, reconstruct
-from dfqvit.calib.recon import learnable_parameters, train_unit
+from dfqvit.calib.recon import batch_rows, learnable_parameters, train_unit
 from dfqvit.calib.walk import float_unit_io, model_units, unit_input
 from dfqvit.config import QuantConfig, ReconConfig
 from dfqvit.errors import CalibrationError
 from dfqvit.models import adapt
+from dfqvit.synth import SyntheticSet, curriculum_prefix
 
 # The paper's lr (4e-5) with few iterations keeps the test fast.
 TEST_RECON = ReconConfig(iterations=15)
@@ -82,7 +83,8 @@ def test_weight_only_skips_stage_one():
 
 
 @pytest.mark.parametrize("bad", [dict(iterations=-1), dict(lr=0), dict(batch_size=0), dict(betas=(0.9, 1.0)),
-                                 dict(lr=float("inf")), dict(weight_decay=float("nan")), dict(two_stage="no")])
+                                 dict(lr=float("inf")), dict(weight_decay=float("nan")), dict(two_stage="no"),
+                                 dict(curriculum="yes"), dict(curriculum=1)])
 def test_recon_config_validation(bad):
     with pytest.raises(CalibrationError, match="invalid ReconConfig"):
         ReconConfig(**bad)
@@ -119,3 +121,53 @@ def test_reconstruct_called_directly_ignores_the_callers_torch_state():
             reconstruct(qmodel, images, config, progress=False)
         for (name, a), b in zip(expected.state_dict().items(), qmodel.state_dict().values()):
             assert torch.equal(a, b), (state, name)
+
+
+# -- the easy -> hard curriculum (METHODS §4.1) -------------------------------------------------------
+
+def test_curriculum_batches_grow_from_the_easy_front():
+    """With the curriculum, step t of T draws only from the first ceil(n·(0.5 + 0.5·t/T)) rows (the easy end of a
+    dfqvit set): at step 0 the hard half is never drawn, by the end every row is. Without it, the batches are
+    exactly the uniform draws reconstruction always made."""
+    n, batch, steps = 32, 8, 50
+    seen_first, seen_last = set(), set()
+    generator = torch.Generator().manual_seed(0)
+    for step in range(steps):
+        rows = batch_rows(n, batch, step, steps, True, generator)
+        assert rows.numel() == batch and rows.unique().numel() == batch
+        assert int(rows.max()) < curriculum_prefix(n, step, steps)
+        (seen_first if step < 5 else seen_last).update(rows.tolist())
+        assert torch.equal(batch_rows(n, batch, step, steps, False, torch.Generator().manual_seed(step)),
+                           torch.randperm(n, generator=torch.Generator().manual_seed(step))[:batch])
+    assert max(seen_first) < 19 and max(seen_last) == n - 1
+    # A prefix smaller than the batch gives the whole prefix: SPDFQ's setting (32 images, batch 32) starts on 16.
+    assert sorted(batch_rows(32, 32, 0, 100, True, torch.Generator()).tolist()) == list(range(16))
+
+
+def _curriculum_runs(images, calibrated, **kwargs):
+    qmodel = copy.deepcopy(calibrated)
+    reconstruct(qmodel, images, ReconConfig(iterations=4, batch_size=4, **kwargs.pop("config", {})), progress=False,
+                **kwargs)
+    return qmodel.state_dict()
+
+
+def test_reconstruct_uses_the_curriculum_for_an_easy_to_hard_set_only():
+    """reconstruct turns the curriculum on for a dfqvit (easy -> hard) set or easy_to_hard=True; curriculum=True /
+    False in the config overrides; any other set keeps uniform batches."""
+    model, images = TINY_MODELS["vit"](depth=1), _images(8)
+    calibrated = calibrate_blockwise(adapt(model, QuantConfig(4, 8)), images, progress=False)
+    dfqvit_set = SyntheticSet(images=images, targets=None, method="dfqvit", seed=0)
+    runs = {"uniform": _curriculum_runs(images, calibrated),
+            "flag": _curriculum_runs(images, calibrated, easy_to_hard=True),
+            "dfqvit_set": _curriculum_runs(dfqvit_set, calibrated),
+            "spdfq_set": _curriculum_runs(SyntheticSet(images=images, targets=None, method="spdfq", seed=0),
+                                          calibrated),
+            "forced_on": _curriculum_runs(images, calibrated, config=dict(curriculum=True)),
+            "forced_off": _curriculum_runs(dfqvit_set, calibrated, config=dict(curriculum=False))}
+
+    def same(a, b):
+        return all(torch.equal(runs[a][k], runs[b][k]) for k in runs[a])
+
+    assert same("flag", "dfqvit_set") and same("flag", "forced_on")
+    assert same("uniform", "spdfq_set") and same("uniform", "forced_off")
+    assert not same("uniform", "flag")

@@ -18,6 +18,7 @@ from dfqvit.errors import warn_user
 from dfqvit.models import QuantizedModel, adapt
 from dfqvit.models.quantized import check_finite_weights
 from dfqvit.synth import SyntheticSet
+from dfqvit.synth.base import easy_to_hard
 
 from .blockwise import calibrate_model
 from .correction import BlockGap, correct_activations
@@ -99,6 +100,7 @@ def run_pipeline(
     correct_fp = fingerprint("correct", recon_fp, _dict(correction))
 
     images: List[torch.Tensor] = []
+    ordered: List[bool] = []  # whether those images run easy -> hard (a dfqvit set): the recon curriculum's default
 
     def get_images() -> torch.Tensor:
         if not images:
@@ -113,6 +115,7 @@ def run_pipeline(
                 warn_user(f"dfqvit: calibrating on {batch.shape[0]} images, fewer than calib_images="
                           f"{config.calib_images}: the calibration source holds no more")
             images.append(batch.clone() if batch.is_inference() else batch)  # made under the caller's inference_mode
+            ordered.append(easy_to_hard(saved.method))
             qmodel.calib_images_used = batch.shape[0]  # reports say what was used (None: every stage resumed)
         return images[0]
 
@@ -130,7 +133,7 @@ def run_pipeline(
         calibrate_model(qmodel, get_images(), calibration, progress)
 
     def run_recon():
-        result.recon = reconstruct(qmodel, get_images(), recon, reference(), seed, progress)
+        result.recon = reconstruct(qmodel, get_images(), recon, reference(), seed, progress, easy_to_hard=ordered[0])
 
     def run_correct():
         result.correction = correct_activations(qmodel, get_images(), correction, reference(), progress)

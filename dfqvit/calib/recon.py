@@ -28,6 +28,9 @@ from dfqvit.caller_state import training_state
 from dfqvit.config import ReconConfig
 from dfqvit.models import QuantizedModel
 from dfqvit.nn import QuantWindowAttention
+from dfqvit.synth.base import SyntheticSet
+from dfqvit.synth.base import easy_to_hard as synth_easy_to_hard
+from dfqvit.synth.progressive import curriculum_prefix
 
 from .walk import Unit, UnitInput, float_unit_io, model_units, unit_input, weight_layers_in
 
@@ -65,10 +68,19 @@ def _generator_for(seed: int, stage: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + stage * 1_009 + index) % 2 ** 64)
 
 
+def batch_rows(num_images: int, batch: int, step: int, iterations: int, curriculum: bool,
+               generator: torch.Generator) -> torch.Tensor:
+    """Step ``step``'s random mini-batch: ``batch`` distinct rows of all ``num_images``, or with ``curriculum`` of
+    the easy -> hard set's first ``curriculum_prefix`` rows (METHODS §4.1), fewer while that prefix is smaller."""
+    pool = curriculum_prefix(num_images, step, iterations) if curriculum else num_images
+    return torch.randperm(pool, generator=generator)[:batch]
+
+
 @training_state  # Adam on the unit's parameters, whatever the caller's grad mode, autocast or default dtype
 def train_unit(module: nn.Module, inputs: UnitInput, target: torch.Tensor, config: ReconConfig,
-               generator: torch.Generator) -> UnitReport:
-    """``config.iterations`` Adam steps on ``module``'s learnable parameters (cosine lr decay to 0)."""
+               generator: torch.Generator, curriculum: bool = False) -> UnitReport:
+    """``config.iterations`` Adam steps on ``module``'s learnable parameters (cosine lr decay to 0); with
+    ``curriculum`` the rows of ``target`` run easy -> hard and the batches grow from the easy half."""
     params = learnable_parameters(module)
     num_images = target.shape[0]
     batch = min(config.batch_size, num_images)
@@ -82,8 +94,8 @@ def train_unit(module: nn.Module, inputs: UnitInput, target: torch.Tensor, confi
     optimizer = torch.optim.Adam(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.iterations, eta_min=0.0)
     try:
-        for _ in range(config.iterations):
-            index = torch.randperm(num_images, generator=generator)[:batch].to(target.device)
+        for step in range(config.iterations):
+            index = batch_rows(num_images, batch, step, config.iterations, curriculum, generator).to(target.device)
             loss = reconstruction_loss(inputs.select(index).run(module), target[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -103,7 +115,7 @@ def train_unit(module: nn.Module, inputs: UnitInput, target: torch.Tensor, confi
 
 
 def _stage(qmodel: QuantizedModel, reference: QuantizedModel, units: List[Unit], images: torch.Tensor,
-           config: ReconConfig, stage: int, seed: int, progress: bool) -> List[UnitReport]:
+           config: ReconConfig, stage: int, seed: int, progress: bool, curriculum: bool) -> List[UnitReport]:
     reports = []
     bar = tqdm(units, desc=f"reconstruct (stage {stage})", disable=not progress, leave=False)
     for index, unit in enumerate(bar):
@@ -117,7 +129,7 @@ def _stage(qmodel: QuantizedModel, reference: QuantizedModel, units: List[Unit],
             inputs, weights = unit_input(qmodel, unit, images), True
         del fp_inputs
         with qmodel.quant_state(weights=weights, activations=True):
-            report = train_unit(module, inputs, target, config, _generator_for(seed, stage, index))
+            report = train_unit(module, inputs, target, config, _generator_for(seed, stage, index), curriculum)
         report.unit, report.stage = unit.name, stage
         bar.set_postfix(loss=f"{report.before:.3g}->{report.after:.3g}")
         reports.append(report)
@@ -127,21 +139,26 @@ def _stage(qmodel: QuantizedModel, reference: QuantizedModel, units: List[Unit],
 @training_state  # the cached block inputs too: under a caller's inference_mode autograd could not save them
 def reconstruct(qmodel: QuantizedModel, images: torch.Tensor, config: Optional[ReconConfig] = None,
                 reference: Optional[QuantizedModel] = None, seed: int = 0,
-                progress: bool = True) -> List[UnitReport]:
+                progress: bool = True, easy_to_hard: bool = False) -> List[UnitReport]:
     """Reconstruct a calibrated ``qmodel`` in place; returns per-unit losses.
 
     ``reference`` is the floating-point model whose unit outputs are the targets (any QuantizedModel of
     the same architecture; it runs with every quantizer off). Default: a copy of ``qmodel`` taken now,
     which is the FP model as long as ``qmodel``'s weights have not been trained yet.
+    ``easy_to_hard``: ``images`` run from easy to hard (a ``dfqvit`` set), which turns ``config.curriculum=None``
+    on. ``images`` may also be a SyntheticSet, whose method says it.
     """
     config = config or ReconConfig()
+    if isinstance(images, SyntheticSet):
+        easy_to_hard, images = easy_to_hard or synth_easy_to_hard(images.method), images.images
+    curriculum = easy_to_hard if config.curriculum is None else config.curriculum
     qmodel.eval()
     reference = copy.deepcopy(qmodel) if reference is None else reference
     units = [u for u in model_units(qmodel) if u.is_block or config.layers]
     reports: List[UnitReport] = []
     if config.two_stage and qmodel.config.quantize_activations:  # stage 1 quantizes activations only
-        reports += _stage(qmodel, reference, units, images, config, 1, seed, progress)
-    reports += _stage(qmodel, reference, units, images, config, 2, seed, progress)
+        reports += _stage(qmodel, reference, units, images, config, 1, seed, progress, curriculum)
+    reports += _stage(qmodel, reference, units, images, config, 2, seed, progress, curriculum)
     return reports
 
 

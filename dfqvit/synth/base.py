@@ -106,21 +106,30 @@ _METHODS: Dict[str, SynthFn] = {}
 
 
 _READS_QUANTIZED_MODEL = set()
+_EASY_TO_HARD = set()
 
 
-def register_synth(name: str, reads_quantized_model: bool = False):
+def register_synth(name: str, reads_quantized_model: bool = False, easy_to_hard: bool = False):
     """Decorator: register a synthesis function under ``name``; ``reads_quantized_model``: its images depend on
-    the quantization settings too (not only on the float model), so saved stages key on them."""
+    the quantization settings too (not only on the float model), so saved stages key on them; ``easy_to_hard``:
+    its sets run from easy to hard images, so the reconstruction may draw a growing prefix (METHODS §4.1)."""
     def deco(fn: SynthFn) -> SynthFn:
         _METHODS[name] = fn
         if reads_quantized_model:
             _READS_QUANTIZED_MODEL.add(name)
+        if easy_to_hard:
+            _EASY_TO_HARD.add(name)
         return fn
     return deco
 
 
 def reads_quantized_model(method: str) -> bool:
     return method in _READS_QUANTIZED_MODEL
+
+
+def easy_to_hard(method: str) -> bool:
+    """Whether ``method``'s images come ordered from easy to hard."""
+    return method in _EASY_TO_HARD
 
 
 def available_methods():

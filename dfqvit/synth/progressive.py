@@ -11,7 +11,7 @@ images, is pushed to disagree with the FP model: L_g = L_G - lambda_g · KL(p_FP
 reaching the images through Q's straight-through estimators (Q's weights are not trained).
 Each group may optimise r·n candidates and keep the n hardest by
 d(x) = CE(p_FP(x), T) + KL(p_FP(x) || p_Q(x)); within a group images are ordered by d, so the
-whole set runs easy -> hard. Consumers that iterate can draw from ``curriculum_prefix``.
+whole set runs easy -> hard; the reconstruction draws its batches from a growing ``curriculum_prefix``.
 """
 from __future__ import annotations
 
@@ -131,7 +131,7 @@ def synthesize_group(qmodel, layout: ModelLayout, num_images: int, level: int, a
                        sl_eps=hardness.sl_eps)
 
 
-@register_synth("dfqvit", reads_quantized_model=True)
+@register_synth("dfqvit", reads_quantized_model=True, easy_to_hard=True)
 def progressive_images(qmodel, num_images: int = 32, seed: int = 0, config: Optional[SynthConfig] = None,
                        progress: bool = True) -> SyntheticSet:
     """Easy -> hard images for ``qmodel``; targets = main class; the record lists group sizes,
