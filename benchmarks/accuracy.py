@@ -6,13 +6,14 @@
     python benchmarks/accuracy.py --quick --backend auto   # score the integer engine instead of the fake-quant model
 
 A trained model (a ``../shared/models`` JSON, or a timm name plus ``--checkpoint``) is quantized with each
-calibration source -- Real (32 training images), Gaussian noise, PSAQ-ViT, SPDFQ, DFQ-ViT -- at each
+calibration source -- Real (32 training images), Gaussian noise, PSAQ-ViT, PSAQ-ViT V2, SPDFQ, DFQ-ViT -- at each
 setting (W4A4, W5A5, W6A6, W4A8, W8A8, W4A8 and W8A8 with the uniform softmax quantizer of the paper's
 supplementary Table 3, W3A16 weight-only), and the SPDFQ terms APA / MSR / SL are ablated at W4A4 (Table 3).
 Every source goes through the same ``dfqvit.compile`` pipeline (calibration, reconstruction, correction);
 only the images differ. W4A4 is run with several seeds and reported as mean ± std (sample std).
 Synthetic sets are made once per (method, seed, synthesis settings) and reused across bit widths, except
-DFQ-ViT's, whose adversarial term uses the quantized model and so depends on the bit width.
+PSAQ-ViT V2's and DFQ-ViT's, whose student / adversarial term uses the quantized model and so depends on the bit
+width.
 
 The paper's tables score the fake-quant model (``--backend fake``, the default); ``--backend auto`` (or
 ``native`` / ``torch`` / ``triton``) scores the integer engine ``dfqvit.compile`` returns by default, built from the
@@ -42,6 +43,7 @@ from dfqvit.environment import describe_environment
 from dfqvit.cli import BACKEND_CHOICES
 from dfqvit.errors import CalibrationError, CheckpointNotFoundError, DFQViTError, MissingGPUError
 from dfqvit.paths import output_folder, unique_stem, write_json
+from dfqvit.synth.base import reads_quantized_model
 
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parents[1] / "shared"
@@ -51,12 +53,12 @@ DEFAULT_REAL = SHARED / "data" / "cifar10_train_1k.npz"
 RESULTS = HERE / "results"
 
 # Rows of Table 2, in the paper's order; "fp32" is the full-precision model (no calibration source).
-SOURCES = ("real", "gaussian", "psaq", "spdfq", "dfqvit")
+SOURCES = ("real", "gaussian", "psaq", "psaq_v2", "spdfq", "dfqvit")
 SOURCE_LABELS = {"fp32": "Full precision", "real": "Real", "gaussian": "Gaussian noise", "psaq": "PSAQ-ViT",
-                 "spdfq": "SPDFQ", "dfqvit": "DFQ-ViT"}
-DATA_FREE = ("gaussian", "psaq", "spdfq", "dfqvit")
-# Methods whose images depend on the quantized model (so on the bit width): DFQ-ViT's adversary.
-BITS_DEPENDENT_SYNTH = ("dfqvit",)
+                 "psaq_v2": "PSAQ-ViT V2", "spdfq": "SPDFQ", "dfqvit": "DFQ-ViT"}
+DATA_FREE = ("gaussian", "psaq", "psaq_v2", "spdfq", "dfqvit")
+# Methods whose images depend on the quantized model (so on the bit width): PSAQ-ViT V2's student, DFQ-ViT's adversary.
+BITS_DEPENDENT_SYNTH = tuple(source for source in DATA_FREE if reads_quantized_model(source))
 # Table 3 ablation: (APA, MSR, SL); the baseline uses the one-hot loss.
 ABLATIONS = {"baseline": (False, False, False), "APA": (True, False, False), "MSR": (False, True, False),
              "SL": (False, False, True), "APA+MSR": (True, True, False), "APA+SL": (True, False, True),
@@ -143,7 +145,7 @@ FULL_GRID = Grid("full", SOURCES, FULL_SETTINGS, seeds=(0, 1, 2), ablations=tupl
                  recon_iters=100, correction="diag", eval_limit=None)
 QUICK_GRID = Grid("quick", SOURCES, QUICK_SETTINGS, seeds=(0, 1, 2), ablations=("baseline", "APA", FULL_SPDFQ),
                   synth_iters=50, recon_iters=0, correction="diag", eval_limit=1000,
-                  only=(("dfqvit", ("W4A4", "W8A8", "W3A16")),), ablation_seeds=(0,))
+                  only=(("psaq_v2", ("W4A4", "W8A8")), ("dfqvit", ("W4A4", "W8A8", "W3A16"))), ablation_seeds=(0,))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -424,7 +426,8 @@ def check_targets(summary: dict) -> List[dict]:
 
 def paper_ordering(summary: dict, settings: Optional[Sequence[str]] = None) -> Dict[str, dict]:
     """Per setting (in ``settings`` order): does Real >= SPDFQ > PSAQ-ViT > Gaussian hold (the paper's
-    Table 2 ordering)? Settings where one of the four was not run are left out."""
+    Table 2 ordering), and PSAQ-ViT > PSAQ-ViT V2 > Gaussian where V2 was run? Settings where one of the four
+    was not run are left out."""
     out = {}
     if settings is None:
         settings = sorted({s for per in summary["main"].values() for s in per})
@@ -433,8 +436,11 @@ def paper_ordering(summary: dict, settings: Optional[Sequence[str]] = None) -> D
         if any(x is None for x in v):
             continue
         real, sp, ps, ga = v
-        broken = [name for name, ok in (("Real >= SPDFQ", real >= sp), ("SPDFQ > PSAQ-ViT", sp > ps),
-                                         ("PSAQ-ViT > Gaussian", ps > ga)) if not ok]
+        relations = [("Real >= SPDFQ", real >= sp), ("SPDFQ > PSAQ-ViT", sp > ps), ("PSAQ-ViT > Gaussian", ps > ga)]
+        v2 = _mean(summary, "psaq_v2", s)
+        if v2 is not None:
+            relations += [("PSAQ-ViT > PSAQ-ViT V2", ps > v2), ("PSAQ-ViT V2 > Gaussian", v2 > ga)]
+        broken = [name for name, ok in relations if not ok]
         out[s] = {"holds": not broken, "broken": broken}
     return out
 
@@ -494,7 +500,7 @@ def markdown(report: dict) -> str:
         verdict = {True: "met", False: "**not met**", None: "not measured"}[t["met"]]
         lines.append(f"- {t['target']}: {verdict} ({t['detail']})")
     if report["ordering"]:
-        lines += ["", "Paper ordering Real ≥ SPDFQ > PSAQ-ViT > Gaussian:", ""]
+        lines += ["", "Paper ordering Real ≥ SPDFQ > PSAQ-ViT > Gaussian (and PSAQ-ViT > PSAQ-ViT V2 > Gaussian):", ""]
         for s, o in report["ordering"].items():
             lines.append(f"- {s}: " + ("holds" if o["holds"] else "broken: " + ", ".join(o["broken"])))
     return "\n".join(lines) + "\n"

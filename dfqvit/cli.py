@@ -42,7 +42,7 @@ def _add_quant_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--bits", type=_bits, required=required, default=None,
                    help="4 (= W4A4) or w,a such as 4,8; activation bits 16 = weight-only")
     p.add_argument("--calib", default=d["calib"],
-                   help="data-free method name (spdfq = the default, as in dfqvit.compile; psaq, dfqvit, "
+                   help="data-free method name (spdfq = the default, as in dfqvit.compile; psaq, psaq_v2, dfqvit, "
                         "gaussian), an .npz / image folder of real images, or a saved SyntheticSet (.safetensors)")
     p.add_argument("--calib-images", type=int, default=d["calib_images"],
                    help="number of calibration images (paper: 32)")

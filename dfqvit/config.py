@@ -314,6 +314,9 @@ class SynthConfig:
     PSAQ-ViT (SPDFQ eq. 5, METHODS §2.3):
         pse_bandwidth, pse_points: KDE bandwidth 0.01 and 10 evaluation points ([PSAQ] code).
         onehot_weight: weight of the one-hot loss in PSAQ's total (1.0).
+    PSAQ-ViT V2 re-implementation (METHODS §2.4, [PROPOSED]; no labels, no one-hot term):
+        v2_kl_weight: lambda of the image step's -KL(p_T || p_S) against the student (1.0).
+        v2_student_lr: Adam learning rate of the student's weights, one step after each image step (1e-5).
     DFQ-ViT easy-to-hard synthesis (METHODS §4.1, [PROPOSED]):
         groups: images are synthesized in this many groups, easy to hard (3).
         adv_weights: lambda of -KL(p_FP || p_Q) per group (0, 0.5, 1.0).
@@ -346,6 +349,8 @@ class SynthConfig:
     pse_bandwidth: float = 0.01
     pse_points: int = 10
     onehot_weight: float = 1.0
+    v2_kl_weight: float = 1.0
+    v2_student_lr: float = 1e-5
     groups: int = 3
     adv_weights: Tuple[float, ...] = (0.0, 0.5, 1.0)
     easy_sl_eps: Tuple[float, float] = (8.0, 12.0)
@@ -397,6 +402,8 @@ class SynthConfig:
         need(self.pse_bandwidth > 0, f"pse_bandwidth={self.pse_bandwidth} (> 0)")
         need(is_int(self.pse_points) and self.pse_points >= 2, f"pse_points={self.pse_points!r} (an int >= 2)")
         need(self.onehot_weight >= 0, f"onehot_weight={self.onehot_weight} (>= 0)")
+        need(self.v2_kl_weight >= 0, f"v2_kl_weight={self.v2_kl_weight} (>= 0)")
+        need(self.v2_student_lr >= 0, f"v2_student_lr={self.v2_student_lr} (>= 0; 0 keeps the student fixed)")
         need(is_int(self.groups) and self.groups >= 1, f"groups={self.groups!r} (an int >= 1)")
         need(len(self.adv_weights) >= 1 and all(w >= 0 for w in self.adv_weights),
              f"adv_weights={self.adv_weights} (one or more values >= 0; the last is reused for extra groups)")

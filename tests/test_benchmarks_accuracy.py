@@ -76,7 +76,7 @@ def test_full_grid_has_every_row_column_seed_and_ablation(acc):
     assert len(keys) == len(cells), "duplicate runs in the grid"
     columns = ["W4A4", "W5A5", "W6A6", "W4A8", "W8A8", "W4A8-uniform", "W8A8-uniform", "W3A16"]
     assert [s.name for s in acc.FULL_GRID.settings] == columns
-    for source in ("real", "gaussian", "psaq", "spdfq", "dfqvit"):
+    for source in ("real", "gaussian", "psaq", "psaq_v2", "spdfq", "dfqvit"):
         variant = "APA+MSR+SL" if source == "spdfq" else None
         for column in columns:
             seeds = (0, 1, 2) if column == "W4A4" else (0,)
@@ -89,17 +89,18 @@ def test_full_grid_has_every_row_column_seed_and_ablation(acc):
     uniform = next(s for s in acc.FULL_GRID.settings if s.name == "W8A8-uniform")
     assert uniform.quant_config(32).softmax_quantizer.value == "uniform"
     assert acc.FULL_GRID.synth_iters == 1000 and acc.FULL_GRID.recon_iters == 100
-    # 5 sources x (7 columns + 3 W4A4 seeds) + 7 ablation variants x 3 seeds (APA+MSR+SL = the SPDFQ row)
-    assert len(cells) == 5 * 10 + 7 * 3
+    # 6 sources x (7 columns + 3 W4A4 seeds) + 7 ablation variants x 3 seeds (APA+MSR+SL = the SPDFQ row)
+    assert len(cells) == 6 * 10 + 7 * 3
 
 
-def test_synthetic_sets_are_shared_across_bits_except_dfqvit(acc):
+def test_synthetic_sets_are_shared_across_bits_except_psaq_v2_and_dfqvit(acc):
     grid = acc.QUICK_GRID
     w4, w8 = acc.parse_setting("W4A4"), acc.parse_setting("8,8")
     for source in ("gaussian", "psaq", "spdfq", "real"):
         assert acc.synth_key(acc.Cell(source, w4, 0), grid) == acc.synth_key(acc.Cell(source, w8, 0), grid)
         assert acc.synth_key(acc.Cell(source, w4, 0), grid) != acc.synth_key(acc.Cell(source, w4, 1), grid)
-    assert acc.synth_key(acc.Cell("dfqvit", w4, 0), grid) != acc.synth_key(acc.Cell("dfqvit", w8, 0), grid)
+    for source in ("psaq_v2", "dfqvit"):
+        assert acc.synth_key(acc.Cell(source, w4, 0), grid) != acc.synth_key(acc.Cell(source, w8, 0), grid)
     assert (acc.synth_key(acc.Cell("spdfq", w4, 0, "APA"), grid)
             != acc.synth_key(acc.Cell("spdfq", w4, 0, "APA+MSR+SL"), grid))
     baseline = acc.synth_config(acc.Cell("spdfq", w4, 0, "baseline"), grid)
@@ -196,9 +197,13 @@ def test_targets_and_paper_ordering(acc):
 
     good = summary_of({("real", "W4A4"): 64.0, ("spdfq", "W4A4"): 62.0, ("psaq", "W4A4"): 60.0,
                        ("gaussian", "W4A4"): 58.0, ("gaussian", "W8A8"): 64.5, ("psaq", "W8A8"): 64.2,
-                       ("spdfq", "W8A8"): 65.3, ("dfqvit", "W8A8"): 64.0})
+                       ("spdfq", "W8A8"): 65.3, ("dfqvit", "W8A8"): 64.0, ("psaq_v2", "W8A8"): 64.1,
+                       ("psaq_v2", "W4A4"): 59.0})
     assert all(t["met"] for t in acc.check_targets(good))
     assert acc.paper_ordering(good)["W4A4"] == {"holds": True, "broken": []}
+    swapped = summary_of({("real", "W4A4"): 64.0, ("spdfq", "W4A4"): 62.0, ("psaq", "W4A4"): 60.0,
+                          ("gaussian", "W4A4"): 58.0, ("psaq_v2", "W4A4"): 61.0})
+    assert acc.paper_ordering(swapped)["W4A4"]["broken"] == ["PSAQ-ViT > PSAQ-ViT V2"]
 
     bad = summary_of({("real", "W4A4"): 66.0, ("spdfq", "W4A4"): 62.5, ("psaq", "W4A4"): 63.0,
                       ("gaussian", "W4A4"): 62.0, ("gaussian", "W8A8"): 63.9})
@@ -208,6 +213,7 @@ def test_targets_and_paper_ordering(acc):
     assert verdicts["W4A4: SPDFQ within 3 points of Real"] is False      # 3.5 points
     assert verdicts["W8A8: Gaussian noise within 1 point of full precision"] is False
     assert verdicts["W8A8: DFQ-ViT within 1 point of full precision"] is None  # not run
+    assert verdicts["W8A8: PSAQ-ViT V2 within 1 point of full precision"] is None
     assert acc.paper_ordering(bad)["W4A4"]["broken"] == ["SPDFQ > PSAQ-ViT"]
 
 
@@ -243,9 +249,10 @@ def test_grid_on_tiny_model_writes_json_markdown_png(acc, tiny_files, tmp_path, 
     assert report["env"]["torch"] == torch.__version__ and report["env"]["device_type"] == "cpu"
     assert report["data"]["eval_images"] == 20
     main = report["summary"]["main"]
-    # quick grid: DFQ-ViT only at W4A4, W8A8, W3A16 (its images depend on the bit width)
-    for source in ("fp32", "real", "gaussian", "psaq", "spdfq", "dfqvit"):
-        assert set(main[source]) == {"W4A4", "W8A8", "W3A16"}, source
+    # quick grid: DFQ-ViT only at W4A4, W8A8, W3A16 and PSAQ-ViT V2 at W4A4, W8A8 (their images depend on the bits)
+    assert set(main["psaq_v2"]) == {"W4A4", "W8A8"}
+    for source in ("fp32", "real", "gaussian", "psaq", "psaq_v2", "spdfq", "dfqvit"):
+        assert set(main[source]) == ({"W4A4", "W8A8"} if source == "psaq_v2" else {"W4A4", "W8A8", "W3A16"}), source
         if source != "fp32":
             assert main[source]["W4A4"]["n"] == 2 and main[source]["W8A8"]["n"] == 1
             values = [c["top1"] for c in report["cells"] if c["source"] == source and c["setting"] == "W4A4"
@@ -253,8 +260,9 @@ def test_grid_on_tiny_model_writes_json_markdown_png(acc, tiny_files, tmp_path, 
             assert main[source]["W4A4"]["mean"] == pytest.approx(np.mean(values))
     assert set(report["summary"]["ablation"]) == {"baseline", "APA+MSR+SL"}
     assert report["summary"]["ablation"]["baseline"]["n"] == 1  # quick grid: ablation on the first seed
-    # 5 sources x (2 W4A4 seeds + 2 columns) + 1 ablation row (the full-SPDFQ one is the SPDFQ row)
-    assert len(report["cells"]) == 5 * 4 + 1
+    # 5 sources x (2 W4A4 seeds + 2 columns) + PSAQ-ViT V2 (2 seeds + W8A8) + 1 ablation row (the full-SPDFQ one
+    # is the SPDFQ row)
+    assert len(report["cells"]) == 5 * 4 + 3 + 1
     assert all(0 <= c["top1"] <= 100 and c["images"] == 20 for c in report["cells"])
 
     # one synthesis per (method, seed, variant); DFQ-ViT once per bit width as well
@@ -265,13 +273,14 @@ def test_grid_on_tiny_model_writes_json_markdown_png(acc, tiny_files, tmp_path, 
     methods = [c[0] for c in calls]
     assert methods.count("spdfq") == 3 and methods.count("psaq") == 2 and methods.count("gaussian") == 2
     assert sorted((b, s) for m, _, b, s in calls if m == "dfqvit") == [(4, 0), (4, 1), (8, 0), (16, 0)]
+    assert sorted((b, s) for m, _, b, s in calls if m == "psaq_v2") == [(4, 0), (4, 1), (8, 0)]
 
-    for label in ("Full precision", "Real", "Gaussian noise", "PSAQ-ViT", "SPDFQ", "DFQ-ViT"):
+    for label in ("Full precision", "Real", "Gaussian noise", "PSAQ-ViT", "PSAQ-ViT V2", "SPDFQ", "DFQ-ViT"):
         assert f"| {label} |" in md and f"| {label} |" in out
     assert "| method | W4A4 | W8A8 | W3A16 |" in md
     assert "±" in md and "Targets:" in md and "Device cpu" in md and "grid `quick_custom`" in md
     assert "|  |  |  |" in md  # the one-hot baseline row of the ablation
-    assert len(report["targets"]) == 7 and "total" in out
+    assert len(report["targets"]) == 8 and "total" in out
 
 
 def test_runner_evaluation_matches_dfqvit_evaluate(acc, tiny_files):

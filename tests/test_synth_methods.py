@@ -24,16 +24,20 @@ def qmodel_of(name="vit"):
     return dfqvit.adapt(TINY_MODELS[name](), normalization=NORM)
 
 
-def sharp_vit():
-    """Tiny ViT whose attention depends strongly on the input (random init is nearly uniform)."""
+def sharp_timm_vit():
+    """Tiny timm ViT whose attention depends strongly on the input (random init is nearly uniform)."""
     model = tiny_vit(depth=4)
     for block in model.blocks:
         block.attn.qkv.weight.data *= 4
-    return dfqvit.adapt(model, normalization=NORM)
+    return model
+
+
+def sharp_vit(config=None):
+    return dfqvit.adapt(sharp_timm_vit(), config, normalization=NORM)
 
 
 def test_all_methods_are_registered():
-    assert {"gaussian", "psaq", "spdfq", "dfqvit"} <= set(available_methods())
+    assert {"gaussian", "psaq", "psaq_v2", "spdfq", "dfqvit"} <= set(available_methods())
 
 
 # dfqvit runs the spdfq objective per group; its own cost is the adversary's calibration, so it is
@@ -59,13 +63,13 @@ def test_method_runs_on_every_family(method, family):
     assert result.method == method and result.seed == 0
 
 
-@pytest.mark.parametrize("method", ["psaq", "spdfq", "dfqvit"])
+@pytest.mark.parametrize("method", ["psaq", "psaq_v2", "spdfq", "dfqvit"])
 def test_same_seed_gives_identical_images(method):
     qmodel = qmodel_of("vit")
     a = synthesize(method, qmodel, num_images=3, seed=11, config=FAST, progress=False)
     b = synthesize(method, qmodel, num_images=3, seed=11, config=FAST, progress=False)
     c = synthesize(method, qmodel, num_images=3, seed=12, config=FAST, progress=False)
-    assert torch.equal(a.images, b.images) and torch.equal(a.targets, b.targets)
+    assert torch.equal(a.images, b.images) and (a.targets is None or torch.equal(a.targets, b.targets))
     assert not torch.equal(a.images, c.images)
 
 
@@ -317,6 +321,56 @@ def test_progressive_takes_the_batch_size():
     assert len(a.config["resolved"]["losses"]) == 2 and len(b.config["resolved"]["losses"]) == 4  # 4 candidates: 3 + 1
 
 
+
+# -- PSAQ-ViT V2 (METHODS §2.4, [PROPOSED] re-implementation) -----------------------------------------
+
+@pytest.mark.parametrize("family", sorted(TINY_MODELS))
+def test_psaq_v2_runs_on_every_family_without_labels(family):
+    qmodel = qmodel_of(family)
+    before = {k: v.clone() for k, v in qmodel.state_dict().items()}
+    result = synthesize("psaq_v2", qmodel, num_images=3, seed=0, config=FAST, progress=False)
+    spec = qmodel.input_spec
+    assert result.images.shape == (3, spec.channels, spec.height, spec.width) and torch.isfinite(result.images).all()
+    assert result.targets is None and result.method == "psaq_v2" and config_from_dict(result.config) == FAST
+    (losses,) = result.config["resolved"]["losses"]
+    assert set(losses) == {"pse", "kl", "tv", "total", "student_kl"}
+    # the student is a copy: the model the images were made for is not trained or re-calibrated
+    assert all(torch.equal(before[k], v) for k, v in qmodel.state_dict().items())
+
+
+def test_psaq_v2_student_learns_and_its_disagreement_reaches_the_images():
+    """The student's steps lower KL(p_T || p_S) on the images (lr 0 keeps it fixed); the image step's
+    -lambda·KL term (through the student's STE) changes the images (lambda 0 gives other images)."""
+    from dfqvit.synth.psaq_v2 import StudentStep, make_student
+
+    qmodel = sharp_vit(dfqvit.QuantConfig(4, 4))
+    images = gaussian_init(6, qmodel.input_spec, torch.Generator().manual_seed(0), "cpu")
+    student, params = make_student(qmodel, images)
+    assert params and not any(p.requires_grad for p in student.parameters())
+    with student.quant_state(True, True):
+        step = StudentStep(qmodel, student, params, lr=1e-3)
+        kl = [float(step(images)["student_kl"]) for _ in range(15)]
+        frozen = StudentStep(qmodel, student, params, lr=0.0)
+        assert float(frozen(images)["student_kl"]) == float(frozen(images)["student_kl"])
+    assert kl[-1] < 0.7 * kl[0], kl
+    assert not any(p.requires_grad or p.grad is not None for p in params)
+
+    config = dataclasses.replace(FAST, iterations=3)
+    with_kl = synthesize("psaq_v2", qmodel, num_images=3, seed=0, config=config, progress=False)
+    without = synthesize("psaq_v2", qmodel, num_images=3, seed=0, config=dataclasses.replace(config, v2_kl_weight=0.0),
+                         progress=False)
+    assert not torch.equal(with_kl.images, without.images)
+
+
+def test_psaq_v2_images_depend_on_the_bit_width():
+    """Its student is the quantized model, so stage files and the accuracy grid key its images on the bits."""
+    from dfqvit.synth.base import reads_quantized_model
+
+    assert reads_quantized_model("psaq_v2") and not reads_quantized_model("psaq")
+    a, b = (synthesize("psaq_v2", sharp_vit(dfqvit.QuantConfig(*bits)), num_images=2, seed=0, config=FAST,
+                       progress=False) for bits in ((4, 4), (8, 8)))
+    assert not torch.equal(a.images, b.images)
+
 # -- errors -------------------------------------------------------------------------------------------
 
 def test_unknown_method_names_the_allowed_ones():
@@ -331,7 +385,8 @@ def test_unknown_method_names_the_allowed_ones():
                                          # losses (lr) after minutes of synthesis; adam_eps=0 divides by 0
                                          ("alpha_apa", float("inf")), ("lr", float("inf")), ("adam_eps", 0.0),
                                          ("tv_weight", float("nan")), ("betas", (0.5, float("nan"))),
-                                         ("flip", 1), ("jitter", (True,))])
+                                         ("flip", 1), ("jitter", (True,)), ("v2_kl_weight", -1.0),
+                                         ("v2_student_lr", float("inf"))])
 def test_bad_config_values_are_typed_errors(field, value):
     with pytest.raises(CalibrationError, match=field) as info:
         SynthConfig(**{field: value})
@@ -352,7 +407,7 @@ def test_bad_arguments():
         synthesize("psaq", qmodel, num_images=2, config={"iterations": 3})
 
 
-@pytest.mark.parametrize("method", ["psaq", "spdfq", "dfqvit"])
+@pytest.mark.parametrize("method", ["psaq", "psaq_v2", "spdfq", "dfqvit"])
 def test_compile_selects_methods_by_name(method):
     """dfqvit.compile(calib=name) synthesizes with the method (reconstruction off to stay fast)."""
     qmodel = dfqvit.compile(TINY_MODELS["vit"](), bits=8, calib=method, synth=SynthConfig(iterations=2),

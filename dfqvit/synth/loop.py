@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Dict, List, NamedTuple, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from tqdm.auto import tqdm
@@ -31,6 +31,8 @@ class LossTerm(NamedTuple):
 
 
 Objective = Callable[[torch.Tensor, "Augmentation"], Dict[str, LossTerm]]
+# Called with the images after each step (and clamp); returns more values to record (PSAQ-ViT V2's student step).
+AfterStep = Callable[[torch.Tensor], Dict[str, torch.Tensor]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,12 +92,13 @@ def valid_range(spec, like: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 @torch.inference_mode(False)  # gradients w.r.t. the images, whatever the caller's grad mode
 @torch.enable_grad()
 def optimize_images(images: torch.Tensor, objective: Objective, *, config, spec, lr: float,
-                    generator: torch.Generator, progress: bool = True,
-                    desc: str = "synthesize") -> Tuple[torch.Tensor, Dict[str, List[float]]]:
-    """Run ``config.iterations`` Adam steps on ``images`` under ``objective``.
+                    generator: torch.Generator, progress: bool = True, desc: str = "synthesize",
+                    after_step: Optional[AfterStep] = None) -> Tuple[torch.Tensor, Dict[str, List[float]]]:
+    """Run ``config.iterations`` Adam steps on ``images`` under ``objective``; ``after_step`` (if given) runs
+    after each one on the (detached) images.
 
     Returns the optimised images (detached) and the history of every raw term value (before its
-    weight) and of the weighted total, one float per step."""
+    weight), of the weighted total and of what ``after_step`` returned, one float per step."""
     x = images.detach().clone().requires_grad_(True)
     optimizer = torch.optim.Adam([x], lr=lr, betas=tuple(config.betas), eps=config.adam_eps)
     low, high = valid_range(spec, x)
@@ -119,6 +122,8 @@ def optimize_images(images: torch.Tensor, objective: Objective, *, config, spec,
                 for name, term in terms.items():
                     records.setdefault(name, []).append(term.value.detach())
                 records.setdefault("total", []).append(total.detach())
+                for name, value in (after_step(x.detach()) if after_step else {}).items():
+                    records.setdefault(name, []).append(value.detach())
                 bar.update(1)
                 if progress and (bar.n % POSTFIX_EVERY == 0 or bar.n == config.iterations):
                     bar.set_postfix({name: f"{float(values[-1]):.4g}" for name, values in records.items()})
