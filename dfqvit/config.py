@@ -506,6 +506,7 @@ class ReconConfig:
 
 
 CORRECTION_FORMS = ("diag", "full")
+CORRECTION_SOLVERS = ("closed_form", "adam")
 
 
 @register_config
@@ -521,22 +522,38 @@ class CorrectionConfig:
             identity (1e-3).
         scale_range: clamp of the diag scales s_j ((0.5, 2)); keeps them positive so they fold into the
             weight scales.
+        solver: "closed_form" (default) or "adam": METHODS §4.2's option, ``adam_steps`` Adam steps (lr ``adam_lr``)
+            on the diag (s, t) from (1, 0) on the same shrunk loss, each step on the images of the E2H curriculum's
+            prefix for an easy -> hard (dfqvit) set, else on all of them; diag form only.
+        adam_steps, adam_lr: 200 and 1e-3 (METHODS §4.2).
     """
 
     form: str = "diag"
     shrinkage: float = 1e-3
     scale_range: Tuple[float, float] = (0.5, 2.0)
+    solver: str = "closed_form"
+    adam_steps: int = 200
+    adam_lr: float = 1e-3
 
     version = 1
 
     def __post_init__(self):
         object.__setattr__(self, "scale_range", tuple(self.scale_range))
-        problems = _not_finite_numbers(self, text_fields=("form",))
+        problems = _not_finite_numbers(self, text_fields=("form", "solver"))
         if problems:
             raise CalibrationError("invalid CorrectionConfig: " + "; ".join(problems))
         object.__setattr__(self, "scale_range", tuple(float(v) for v in self.scale_range))
         if self.form not in CORRECTION_FORMS:
             problems.append(f"form={self.form!r} (one of {CORRECTION_FORMS})")
+        if self.solver not in CORRECTION_SOLVERS:
+            problems.append(f"solver={self.solver!r} (one of {CORRECTION_SOLVERS})")
+        elif self.solver == "adam" and self.form != "diag":
+            problems.append(f"solver='adam' with form={self.form!r} (the Adam variant fits the diag (s, t); use "
+                            "form='diag' or solver='closed_form')")
+        if isinstance(self.adam_steps, bool) or not isinstance(self.adam_steps, int) or self.adam_steps < 1:
+            problems.append(f"adam_steps={self.adam_steps!r} (an int >= 1)")
+        if not self.adam_lr > 0:
+            problems.append(f"adam_lr={self.adam_lr} (> 0)")
         if not self.shrinkage >= 0:
             problems.append(f"shrinkage={self.shrinkage} (>= 0)")
         lo, hi = self.scale_range if len(self.scale_range) == 2 else (0.0, -1.0)

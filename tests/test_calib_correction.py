@@ -7,7 +7,7 @@ import torch
 
 from conftest import CALLER_STATES, TINY_MODELS, sqnr_db
 from dfqvit.calib import calibrate_blockwise, correct_activations
-from dfqvit.calib.correction import BranchCorrection, fit_diag, fit_full
+from dfqvit.calib.correction import BranchCorrection, fit_diag, fit_diag_adam, fit_full
 from dfqvit.config import CorrectionConfig, QuantConfig
 from dfqvit.errors import CalibrationError
 from dfqvit.models import adapt
@@ -21,7 +21,11 @@ def _calibrated(name, images):
     return calibrate_blockwise(adapt(TINY_MODELS[name](), QuantConfig(4, 4)), images, progress=False)
 
 
-@pytest.mark.parametrize("form", ["diag", "full"])
+FORMS = {"diag": CorrectionConfig(form="diag"), "full": CorrectionConfig(form="full"),
+         "diag_adam": CorrectionConfig(solver="adam")}
+
+
+@pytest.mark.parametrize("form", sorted(FORMS))
 @pytest.mark.parametrize("name", ["vit", "swin", "deit_distilled"])
 def test_correction_lowers_the_gap_in_every_block(name, form):
     images = _images()
@@ -29,7 +33,7 @@ def test_correction_lowers_the_gap_in_every_block(name, form):
     model = TINY_MODELS[name]()
     with torch.no_grad():
         before = sqnr_db(model(images), qmodel(images))
-    gaps = correct_activations(qmodel, images, CorrectionConfig(form=form), progress=False)
+    gaps = correct_activations(qmodel, images, FORMS[form], progress=False)
     with torch.no_grad():
         after = sqnr_db(model(images), qmodel(images))
     print(name, form, [f"{g.before:.3g}->{g.after:.3g}" for g in gaps], f"logits {before:.2f}->{after:.2f} dB")
@@ -38,13 +42,14 @@ def test_correction_lowers_the_gap_in_every_block(name, form):
     assert after > before
 
 
-def test_diag_folds_at_zero_cost():
+@pytest.mark.parametrize("solver", ["closed_form", "adam"])
+def test_diag_folds_at_zero_cost(solver):
     images = _images()
     qmodel = _calibrated("vit", images)
     keys = set(qmodel.state_dict())
     layers = [b.attn.proj for b in qmodel.blocks] + [b.mlp.fc2 for b in qmodel.blocks]
     codes = [layer.weight_quantizer.quantize(layer.weight) for layer in layers]
-    correct_activations(qmodel, images, CorrectionConfig(form="diag"), progress=False)
+    correct_activations(qmodel, images, CorrectionConfig(form="diag", solver=solver), progress=False)
     assert set(qmodel.state_dict()) == keys, "no new parameters or ops"
     assert not any(isinstance(m, BranchCorrection) for m in qmodel.modules())
     for layer, before in zip(layers, codes):
@@ -72,9 +77,43 @@ def test_closed_forms_recover_a_known_affine_map():
     assert torch.all(s == 2.0), "scales are clamped to the configured range"
 
 
+def test_adam_solver_converges_to_the_closed_form():
+    """METHODS §4.2's Adam option minimises the diag form's loss: run long enough it lands on the closed form
+    (shrinkage included), and its scales are clamped to the same range."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(2000, 6, generator=g, dtype=torch.float64) * torch.linspace(0.5, 2, 6, dtype=torch.float64)
+    r = a * torch.tensor([0.7, 0.9, 1.0, 1.2, 1.5, 1.9], dtype=torch.float64) + torch.linspace(-1, 1, 6,
+                                                                                                dtype=torch.float64)
+    r = r + 0.3 * torch.randn(2000, 6, generator=g, dtype=torch.float64)
+    config = CorrectionConfig(solver="adam", adam_steps=3000, adam_lr=1e-2, shrinkage=0.05)
+    s, t = fit_diag_adam(a, r, config, images=4)
+    s_closed, t_closed = fit_diag(a, r, config)
+    assert torch.allclose(s, s_closed, atol=1e-4) and torch.allclose(t, t_closed, atol=1e-4)
+    s, _ = fit_diag_adam(a, a * 5.0, config, images=4)
+    assert torch.all(s == 2.0)
+    # the paper setting (200 steps of lr 1e-3) moves (s, t) from (1, 0) by about 0.2 at most
+    s, t = fit_diag_adam(a, r, CorrectionConfig(solver="adam"), images=4)
+    assert (s - 1).abs().max() <= 0.21 and t.abs().max() <= 0.21 and (s - 1).abs().max() > 0.1
+
+
+def test_adam_solver_follows_the_curriculum():
+    """On an easy -> hard set the first steps see the easy images only: with one step, the rows of the second half
+    do not matter with the curriculum and do without it."""
+    g = torch.Generator().manual_seed(1)
+    a, r = (torch.randn(8 * 5, 3, generator=g, dtype=torch.float64) for _ in range(2))
+    r_other = r.clone()
+    r_other[20:] += 3.0  # images 4..7 (5 rows each)
+    config = CorrectionConfig(solver="adam", adam_steps=1)
+    assert all(torch.equal(x, y) for x, y in zip(fit_diag_adam(a, r, config, 8, curriculum=True),
+                                                fit_diag_adam(a, r_other, config, 8, curriculum=True)))
+    assert not torch.equal(fit_diag_adam(a, r, config, 8)[1], fit_diag_adam(a, r_other, config, 8)[1])
+
+
 @pytest.mark.parametrize("bad", [dict(form="matrix"), dict(shrinkage=-1), dict(scale_range=(0, 2)),
                                  dict(scale_range=(1.2, 2)), dict(shrinkage=float("inf")),
-                                 dict(scale_range=[0.5, float("inf")])])
+                                 dict(scale_range=[0.5, float("inf")]), dict(solver="sgd"),
+                                 dict(solver="adam", form="full"), dict(adam_steps=0), dict(adam_lr=0.0),
+                                 dict(adam_steps=1.5)])
 def test_correction_config_validation(bad):
     with pytest.raises(CalibrationError, match="invalid CorrectionConfig"):
         CorrectionConfig(**bad)

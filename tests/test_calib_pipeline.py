@@ -196,25 +196,29 @@ def test_cifar_w4a4_spdfq_beats_gaussian():
     assert top1["spdfq"] > top1["gaussian"]
 
 
-def test_pipeline_reconstructs_an_easy_to_hard_set_with_the_curriculum(tmp_path, monkeypatch):
+def test_pipeline_uses_the_curriculum_on_an_easy_to_hard_set(tmp_path, monkeypatch):
     """compile / run_pipeline with dfqvit images (given, or read back from the stage files) draws the
-    reconstruction's batches easy first (METHODS §4.1); other images keep uniform batches."""
+    reconstruction's batches and the Adam correction's steps easy first (METHODS §4.1); other images keep uniform
+    batches and all rows."""
+    import dfqvit.calib.correction as correction
     import dfqvit.calib.recon as recon
     from dfqvit.synth import SyntheticSet
 
-    seen = []
-    original = recon.batch_rows
-    monkeypatch.setattr(recon, "batch_rows", lambda *args: seen.append(args[4]) or original(*args))
+    seen, corrected = [], []
+    batch_rows, fit = recon.batch_rows, correction.fit_diag_adam
+    monkeypatch.setattr(recon, "batch_rows", lambda *args: seen.append(args[4]) or batch_rows(*args))
+    monkeypatch.setattr(correction, "fit_diag_adam", lambda *args: corrected.append(args[4]) or fit(*args))
     model = TINY_MODELS["vit"](depth=1)
+    adam = CorrectionConfig(solver="adam", adam_steps=2)
     for method, expected in (("dfqvit", True), ("spdfq", False), ("images", False)):
-        seen.clear()
+        seen.clear(), corrected.clear()
         calib = SyntheticSet(images=_x(), targets=None, method=method, seed=0)
         run_pipeline(model, QuantConfig(4, 4, calib_images=8), calib, progress=False, recon=FAST_RECON,
-                     correction=None, stages_dir=str(tmp_path / method))
-        assert seen and set(seen) == {expected}, method
+                     correction=adam, stages_dir=str(tmp_path / method))
+        assert seen and set(seen) == {expected} and corrected and set(corrected) == {expected}, method
     for method, expected in (("dfqvit", True), ("gaussian", False)):
         for recon_config in (FAST_RECON, ReconConfig(iterations=2)):  # the second reads the saved images back
-            seen.clear()
+            seen.clear(), corrected.clear()
             run_pipeline(model, QuantConfig(4, 4, calib_images=4), method, progress=False, recon=recon_config,
-                         correction=None, stages_dir=str(tmp_path / "made"), synth=SynthConfig(iterations=1, groups=2))
-            assert seen and set(seen) == {expected}, method
+                         correction=adam, stages_dir=str(tmp_path / "made"), synth=SynthConfig(iterations=1, groups=2))
+            assert seen and set(seen) == {expected} and set(corrected) == {expected}, method

@@ -1,4 +1,4 @@
-"""DFQ-ViT activation correction, closed form (METHODS §4.2, [PROPOSED]: DFQ-ViT publishes no equations).
+"""DFQ-ViT activation correction (METHODS §4.2, [PROPOSED]: DFQ-ViT publishes no equations).
 
 Block by block, so that block l sees the corrected quantized model up to block l − 1, an affine map of
 each residual branch is fitted on all image × token rows:
@@ -15,6 +15,9 @@ Forms:
 - ``full``: [M; t] = (ÃᵀÃ/T + λ·diag(1..1, 0))⁻¹ (Ãᵀr/T + λ·[I; 0]) with Ã = [a, 1]; kept as an explicit
   floating-point op (``BranchCorrection``) after the branch's last Linear: +C² MACs per token per branch.
   Folding M into the weights would change the integer codes and need another rounding, so it is not done.
+
+``CorrectionConfig(solver="adam")`` fits the diag (s, t) by Adam steps instead (§4.2's option), on the images of
+the E2H curriculum's growing prefix when they run easy -> hard.
 
 Branches with a LayerScale (timm ``ls1`` / ``ls2``) are fitted before the scale (a/γ, r/γ), where the fold
 and the explicit op sit.
@@ -37,6 +40,9 @@ from dfqvit.config import CorrectionConfig
 from dfqvit.errors import warn_user
 from dfqvit.models import QuantizedModel
 from dfqvit.nn import QuantAttentionBase, QuantLinear
+from dfqvit.synth.base import SyntheticSet
+from dfqvit.synth.base import easy_to_hard as synth_easy_to_hard
+from dfqvit.synth.progressive import curriculum_prefix
 
 from .walk import UnitInput, capture_input, model_units, unit_input
 
@@ -112,6 +118,27 @@ def fit_diag(a: torch.Tensor, r: torch.Tensor, config: CorrectionConfig) -> Tupl
     return s, mean_r - s * mean_a
 
 
+@torch.enable_grad()
+def fit_diag_adam(a: torch.Tensor, r: torch.Tensor, config: CorrectionConfig, images: int,
+                  curriculum: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """METHODS §4.2's option: per-channel (s, t) by ``config.adam_steps`` Adam steps from (1, 0) on the diag form's
+    loss, mean over rows of (a·s + t − r)² + λ·(s − 1)². ``a`` / ``r`` hold ``images`` images' rows one image after
+    the other; with ``curriculum`` step k of K uses the first ``curriculum_prefix(images, k, K)`` images only (an
+    easy -> hard set, METHODS §4.1), else all rows. s is clamped to ``config.scale_range`` at the end."""
+    per_image = a.shape[0] // images
+    lam = config.shrinkage * (a - a.mean(0)).pow(2).mean(0).mean()
+    s = torch.ones(a.shape[1], dtype=a.dtype, device=a.device, requires_grad=True)
+    t = torch.zeros_like(s, requires_grad=True)
+    optimizer = torch.optim.Adam([s, t], lr=config.adam_lr)
+    for step in range(config.adam_steps):
+        rows = per_image * (curriculum_prefix(images, step, config.adam_steps) if curriculum else images)
+        loss = ((a[:rows] * s + t - r[:rows]).pow(2).mean(0) + lam * (s - 1).pow(2)).sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return s.detach().clamp(*config.scale_range), t.detach()
+
+
 def fit_full(a: torch.Tensor, r: torch.Tensor, config: CorrectionConfig) -> Tuple[torch.Tensor, torch.Tensor]:
     """(M, t) with a·M + t ≈ r, ridge-shrunk toward M = I (the intercept is not shrunk)."""
     rows, channels = a.shape
@@ -173,9 +200,12 @@ def _pre_scale(x: torch.Tensor, gamma: Optional[torch.Tensor]) -> torch.Tensor:
     return x if gamma is None else x / gamma.double()
 
 
-def _correct_branch(branch: Branch, a: torch.Tensor, r: torch.Tensor, config: CorrectionConfig) -> None:
+def _correct_branch(branch: Branch, a: torch.Tensor, r: torch.Tensor, config: CorrectionConfig, images: int,
+                    curriculum: bool) -> None:
     a, r = _pre_scale(a, branch.gamma), _pre_scale(r, branch.gamma)
-    if config.form == "diag":
+    if config.solver == "adam":
+        fold_diag(branch, *fit_diag_adam(a, r, config, images, curriculum))
+    elif config.form == "diag":
         fold_diag(branch, *fit_diag(a, r, config))
     else:
         install_full(branch, *fit_full(a, r, config))
@@ -195,13 +225,18 @@ FULL_MIN_IMAGES = 2  # distinct calibration images the full correction needs not
 
 @calibration_state
 def correct_activations(qmodel: QuantizedModel, images: torch.Tensor, config: Optional[CorrectionConfig] = None,
-                        reference: Optional[QuantizedModel] = None, progress: bool = True) -> List[BlockGap]:
+                        reference: Optional[QuantizedModel] = None, progress: bool = True,
+                        easy_to_hard: bool = False) -> List[BlockGap]:
     """Fit and apply the correction of every supported block of a calibrated ``qmodel`` (in place).
 
     ``reference`` runs as the FP model (every quantizer off); default: a copy of ``qmodel`` taken now,
     correct only while ``qmodel`` still holds the FP weights (i.e. without reconstruction before).
+    ``easy_to_hard``: ``images`` run from easy to hard (a dfqvit set; a SyntheticSet says it itself), so the Adam
+    solver follows the E2H curriculum.
     """
     config = config or CorrectionConfig()
+    if isinstance(images, SyntheticSet):
+        easy_to_hard, images = easy_to_hard or synth_easy_to_hard(images.method), images.images
     if config.form == "full" and torch.unique(images.flatten(1), dim=0).shape[0] < FULL_MIN_IMAGES:
         # Measured on a tiny ViT: one image (or copies of it) gave held-out cosine 0.08 to fp32; two gave 0.9995
         warn_user(f"dfqvit: the full activation correction fits a C x C matrix per branch; from fewer than "
@@ -224,9 +259,9 @@ def correct_activations(qmodel: QuantizedModel, images: torch.Tensor, config: Op
             inputs = unit_input(qmodel, unit, images)
             x_q, h_q, y_q = residual_streams(block, inputs)
             before = float((y_q - y_fp).pow(2).mean())
-            _correct_branch(attn_branch, h_q - x_q, h_fp - x_q, config)
+            _correct_branch(attn_branch, h_q - x_q, h_fp - x_q, config, images.shape[0], easy_to_hard)
             _, h_q, y_q = residual_streams(block, inputs)
-            _correct_branch(mlp_branch, y_q - h_q, y_fp - h_q, config)
+            _correct_branch(mlp_branch, y_q - h_q, y_fp - h_q, config, images.shape[0], easy_to_hard)
             _, _, y_q = residual_streams(block, inputs)
             gaps.append(BlockGap(unit.name, before, float((y_q - y_fp).pow(2).mean())))
     return gaps

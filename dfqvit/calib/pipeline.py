@@ -136,7 +136,8 @@ def run_pipeline(
         result.recon = reconstruct(qmodel, get_images(), recon, reference(), seed, progress, easy_to_hard=ordered[0])
 
     def run_correct():
-        result.correction = correct_activations(qmodel, get_images(), correction, reference(), progress)
+        result.correction = correct_activations(qmodel, get_images(), correction, reference(), progress,
+                                                easy_to_hard=ordered[0])
 
     stages: List[Tuple[str, str, Callable[[], None]]] = [("calib", calib_fp, run_calib)]
     if recon is not None:
