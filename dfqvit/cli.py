@@ -35,6 +35,8 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 QUANT_DEFAULTS = {"calib": "spdfq", "calib_images": 32, "softmax": "log2", "seed": 0, "synth_iters": None,
                   "recon_iters": 100, "correction": "diag", "stages_dir": None}
 EVAL_DEFAULTS = {"limit": None, "batch_size": 128}
+# --correction's values: the CorrectionConfig each one means
+CORRECTION_CHOICES = {"diag": {"form": "diag"}, "diag-adam": {"form": "diag", "solver": "adam"}, "full": {"form": "full"}}
 
 
 def _add_quant_args(p: argparse.ArgumentParser, required: bool) -> None:
@@ -53,8 +55,9 @@ def _add_quant_args(p: argparse.ArgumentParser, required: bool) -> None:
                    help="Adam steps of the data-free synthesis (paper: 1000; 50-200 is enough on a CPU)")
     p.add_argument("--recon-iters", type=int, default=d["recon_iters"],
                    help="block-reconstruction steps per block and stage (paper: 100); 0 skips reconstruction")
-    p.add_argument("--correction", choices=["diag", "full", "none"], default=d["correction"],
-                   help="DFQ-ViT activation correction: diag folds into weights (free), full adds a CxC op")
+    p.add_argument("--correction", choices=list(CORRECTION_CHOICES) + ["none"], default=d["correction"],
+                   help="DFQ-ViT activation correction: diag folds into weights (free), diag-adam fits the same by "
+                        "Adam steps (METHODS 4.2 option), full adds a CxC op")
     p.add_argument("--stages-dir", default=d["stages_dir"],
                    help="save each pipeline stage here and resume from it on the next run")
 
@@ -166,7 +169,7 @@ def _pipeline_configs(args) -> dict:
     if args.recon_iters < 0:
         raise DFQViTError(f"--recon-iters must be >= 0 (0 skips reconstruction), got {args.recon_iters}")
     configs = {"recon": ReconConfig(iterations=args.recon_iters) if args.recon_iters else None,
-               "correction": None if args.correction == "none" else CorrectionConfig(form=args.correction),
+               "correction": None if args.correction == "none" else CorrectionConfig(**CORRECTION_CHOICES[args.correction]),
                "stages_dir": args.stages_dir}
     if args.synth_iters is not None:
         if args.synth_iters < 1:

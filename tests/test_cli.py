@@ -237,3 +237,18 @@ def test_device_errors_are_worded_as_the_flag(capsys):
         pytest.skip("a GPU is present")
     assert main(["quantize", "--model", str(CIFAR_MODEL_JSON), "--device", "cuda"]) == 2
     assert "--device cuda was requested but no CUDA device is available; use --device cpu" in capsys.readouterr().err
+
+
+def test_correction_flag_values_map_to_configs():
+    """--correction diag / diag-adam / full / none: the CorrectionConfig compile gets."""
+    import argparse
+
+    from dfqvit.cli import _pipeline_configs
+    from dfqvit.config import CorrectionConfig
+
+    def configs(value):
+        return _pipeline_configs(argparse.Namespace(recon_iters=0, correction=value, stages_dir=None,
+                                                    synth_iters=None))["correction"]
+
+    assert configs("diag") == CorrectionConfig() and configs("full") == CorrectionConfig(form="full")
+    assert configs("diag-adam") == CorrectionConfig(solver="adam") and configs("none") is None
