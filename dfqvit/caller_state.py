@@ -8,10 +8,8 @@ import torch
 
 
 def _float32_numerics(fn):
-    """Run ``fn`` outside inference mode and autocast, under the float32 default dtype; give the caller's state back
-    after."""
+    """Run ``fn`` outside autocast, under the float32 default dtype; give the caller's state back after."""
     @functools.wraps(fn)
-    @torch.inference_mode(False)
     @torch.autocast("cpu", enabled=False)
     @torch.autocast("cuda", enabled=False)
     def wrapper(*args, **kwargs):
@@ -27,8 +25,10 @@ def _float32_numerics(fn):
 def calibration_state(fn):
     """Run ``fn`` (which measures the model, it takes no gradients) under float32 numerics, whatever the caller's
     state: a caller's bf16 autocast made the calibration see bf16 activations and give other scales than the same
-    call outside it, and torch.set_default_dtype(float64) other scales too. Outside inference mode, so that what it
-    stores on the model can still be trained by a later reconstruction."""
+    call outside it, and torch.set_default_dtype(float64) other scales too. The caller's inference mode stays: the
+    calibration updates the model's tensors in place, which inference mode allows on normal tensors and requires
+    on a model built inside it (leaving it failed on those: "Inplace update to inference tensor outside
+    InferenceMode")."""
     return _float32_numerics(torch.no_grad()(fn))
 
 
@@ -41,4 +41,4 @@ def training_state(fn):
     inputs inference tensors that autograd cannot save. A caller's autocast made them run in bf16 / fp16 and give
     other images and another model than the same call outside it; a caller's torch.set_default_dtype(float64) made
     the synthesis fail ("Input type (double) and bias type (float)") and other calibrations give another model."""
-    return _float32_numerics(torch.enable_grad()(fn))
+    return torch.inference_mode(False)(_float32_numerics(torch.enable_grad()(fn)))

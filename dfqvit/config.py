@@ -196,7 +196,8 @@ def _not_finite_numbers(config, text_fields=()) -> list:
             continue
         if field.type in ("bool", bool, "Optional[bool]"):
             if not isinstance(value, bool):
-                problems.append(f"{field.name}={value!r} (True or False)")
+                allowed = "None, True or False" if field.type == "Optional[bool]" else "True or False"
+                problems.append(f"{field.name}={value!r} ({allowed})")
             continue
         values = tuple(value) if isinstance(value, (tuple, list)) else (value,)
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
@@ -467,7 +468,7 @@ class ReconConfig:
             stage 2 (everything quantized, inputs from the quantized model) ([I&S]); False = stage 2 only.
         layers: also reconstruct the quantized layers outside blocks (patch embedding, Swin patch-merging
             reduction, head) as single layers ([I&S]).
-        curriculum: draw step t of T's batch from the first ceil(n·(0.5 + 0.5·t/T)) images only (METHODS §4.1:
+        curriculum: draw step t = 1..T's batch from the first ceil(n·(0.5 + 0.5·t/T)) images only (METHODS §4.1:
             an easy -> hard set is used easy first). None (default): on for images of an easy -> hard method
             (``dfqvit``) in their made order, off otherwise; True: the images are ordered easy -> hard; False: off.
     """

@@ -424,6 +424,30 @@ def test_compile_inside_no_grad_inference_mode_or_autocast():
     assert torch.equal(real(x), dfqvit.compile(model, **{**settings, "calib": images(), "synth": None})(x))
 
 
+def test_a_model_built_under_inference_mode_quantizes():
+    """A model built (or adapted) inside torch.inference_mode() holds inference tensors: compile failed in the weight
+    check ("abs(): functions with out=... arguments don't support automatic differentiation"), synthesis and
+    reconstruction on its adapted copy with "Inference tensors cannot be saved for backward", and the stage functions
+    called inside inference mode on a model adapted there with "Inplace update to inference tensor"."""
+    from dfqvit.calib import calibrate_model, correct_activations, reconstruct
+    from dfqvit.config import ReconConfig, SynthConfig
+    from dfqvit.synth import synthesize
+
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    settings = dict(bits=4, calib=x, recon=ReconConfig(iterations=2), correction=None, progress=False,
+                    backend="fake")
+    expected = dfqvit.compile(TINY_MODELS["vit"](depth=1), **settings)(x)
+    with torch.inference_mode():
+        model = TINY_MODELS["vit"](depth=1)
+        inside = dfqvit.compile(model, **settings)(x)
+        qmodel = dfqvit.adapt(TINY_MODELS["vit"](depth=1), dfqvit.QuantConfig(4, 4))
+        assert not any(t.is_inference() for t in qmodel.state_dict().values())
+        synthesize("spdfq", qmodel, num_images=2, config=SynthConfig(iterations=1), progress=False)
+        calibrate_model(qmodel, x, progress=False)
+        correct_activations(qmodel, x, progress=False)
+        reconstruct(qmodel, x, ReconConfig(iterations=1), progress=False)
+    assert torch.equal(dfqvit.compile(model, **settings)(x), expected) and torch.equal(inside, expected)
+
 def test_preflight_checks_the_model_device_and_config_under_every_backend():
     """backend='fake' answered 'fake' for a model dfqvit cannot quantize, and a config of the wrong type raised
     AttributeError; compile refused both later."""

@@ -222,3 +222,22 @@ def test_pipeline_uses_the_curriculum_on_an_easy_to_hard_set(tmp_path, monkeypat
             run_pipeline(model, QuantConfig(4, 4, calib_images=4), method, progress=False, recon=recon_config,
                          correction=adam, stages_dir=str(tmp_path / "made"), synth=SynthConfig(iterations=1, groups=2))
             assert seen and set(seen) == {expected} and set(corrected) == {expected}, method
+
+
+def test_a_stage_trained_with_the_curriculum_is_not_resumed_without_it(tmp_path):
+    """The same images as a dfqvit set (curriculum on) and as a plain tensor (off) share the calibration stage, but
+    the tensor run resumed the set run's reconstruction (its logits, not its own)."""
+    from dfqvit.synth import SyntheticSet
+
+    model, x = TINY_MODELS["vit"](depth=1), _x()
+    kwargs = dict(progress=False, recon=ReconConfig(iterations=6, batch_size=2), correction=None)
+    as_set = SyntheticSet(images=x, targets=None, method="dfqvit", seed=0)
+    with_curriculum = run_pipeline(model, QuantConfig(4, 4, calib_images=8), as_set, stages_dir=str(tmp_path),
+                                   **kwargs)
+    resumed = run_pipeline(model, QuantConfig(4, 4, calib_images=8), x, stages_dir=str(tmp_path), **kwargs)
+    fresh = run_pipeline(model, QuantConfig(4, 4, calib_images=8), x, **kwargs)
+    assert resumed.resumed_from == "calib"
+    probe = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(resumed.qmodel(probe), fresh.qmodel(probe))
+        assert not torch.equal(resumed.qmodel(probe), with_curriculum.qmodel(probe))

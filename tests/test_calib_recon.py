@@ -126,8 +126,9 @@ def test_reconstruct_called_directly_ignores_the_callers_torch_state():
 # -- the easy -> hard curriculum (METHODS §4.1) -------------------------------------------------------
 
 def test_curriculum_batches_grow_from_the_easy_front():
-    """With the curriculum, step t of T draws only from the first ceil(n·(0.5 + 0.5·t/T)) rows (the easy end of a
-    dfqvit set): at step 0 the hard half is never drawn, by the end every row is. Without it, the batches are
+    """With the curriculum, step t = 1..T draws only from the first ceil(n·(0.5 + 0.5·t/T)) rows (the easy end of a
+    dfqvit set): in the first steps the hard half is never drawn, later it is, and the last step draws
+    from all of them (with t counted from 0 the last rows were never drawn at T <= n/2). Without it, the batches are
     exactly the uniform draws reconstruction always made."""
     n, batch, steps = 32, 8, 50
     seen_first, seen_last = set(), set()
@@ -135,13 +136,15 @@ def test_curriculum_batches_grow_from_the_easy_front():
     for step in range(steps):
         rows = batch_rows(n, batch, step, steps, True, generator)
         assert rows.numel() == batch and rows.unique().numel() == batch
-        assert int(rows.max()) < curriculum_prefix(n, step, steps)
+        assert int(rows.max()) < curriculum_prefix(n, step + 1, steps)
         (seen_first if step < 5 else seen_last).update(rows.tolist())
         assert torch.equal(batch_rows(n, batch, step, steps, False, torch.Generator().manual_seed(step)),
                            torch.randperm(n, generator=torch.Generator().manual_seed(step))[:batch])
-    assert max(seen_first) < 19 and max(seen_last) == n - 1
-    # A prefix smaller than the batch gives the whole prefix: SPDFQ's setting (32 images, batch 32) starts on 16.
-    assert sorted(batch_rows(32, 32, 0, 100, True, torch.Generator()).tolist()) == list(range(16))
+    assert max(seen_first) < 19 < max(seen_last)
+    # A prefix smaller than the batch gives the whole prefix: SPDFQ's setting (32 images, batch 32) starts on 17.
+    assert sorted(batch_rows(32, 32, 0, 100, True, torch.Generator()).tolist()) == list(range(17))
+    for n, steps in ((32, 10), (32, 2), (8, 3), (5, 1)):  # the last step's pool is the whole set
+        assert batch_rows(n, n, steps - 1, steps, True, torch.Generator()).numel() == n
 
 
 def _curriculum_runs(images, calibrated, **kwargs):
@@ -171,3 +174,33 @@ def test_reconstruct_uses_the_curriculum_for_an_easy_to_hard_set_only():
     assert same("flag", "dfqvit_set") and same("flag", "forced_on")
     assert same("uniform", "spdfq_set") and same("uniform", "forced_off")
     assert not same("uniform", "flag")
+
+
+def test_a_reordered_dfqvit_subset_is_not_easy_to_hard():
+    """s[[3, 1]] or a reversed dfqvit set kept method="dfqvit", so reconstruct trained it hard-first; prefixes,
+    increasing index lists and masks keep the order."""
+    model, images = TINY_MODELS["vit"](depth=1), _images(8)
+    calibrated = calibrate_blockwise(adapt(model, QuantConfig(4, 8)), images, progress=False)
+    dfqvit_set = SyntheticSet(images=images, targets=None, method="dfqvit", seed=0)
+    for kept in (dfqvit_set[:6], dfqvit_set[[0, 2, 5]], dfqvit_set[torch.arange(8) % 2 == 0], dfqvit_set[::2]):
+        assert kept.ordered_easy_to_hard
+    for reordered in (dfqvit_set[[3, 1]], dfqvit_set[[5, 5]], dfqvit_set[::-1], dfqvit_set[[-1, 0]]):
+        assert not reordered.ordered_easy_to_hard and reordered.config["reordered"]
+    assert torch.equal(dfqvit_set[::-1].images, images.flip(0))
+    reversed_set = dfqvit_set[::-1]
+    assert all(torch.equal(a, b) for a, b in zip(
+        _curriculum_runs(reversed_set, calibrated).values(),
+        _curriculum_runs(reversed_set.images, calibrated).values()))
+
+
+def test_reconstruct_refuses_a_set_of_another_normalization():
+    """compile refused a set synthesized for another mean / std; reconstruct given the set took it silently."""
+    from dfqvit.synth import synthesize
+    from dfqvit.config import SynthConfig
+
+    model = TINY_MODELS["vit"](depth=1)
+    made = synthesize("gaussian", adapt(model, normalization=((0.0,) * 3, (1.0,) * 3)), num_images=4,
+                      config=SynthConfig(iterations=1), progress=False)
+    qmodel = calibrate_blockwise(adapt(model, QuantConfig(4, 8)), made.images, progress=False)
+    with pytest.raises(CalibrationError, match="normalized with mean"):
+        reconstruct(qmodel, made, ReconConfig(iterations=1), progress=False)

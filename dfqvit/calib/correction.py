@@ -40,10 +40,9 @@ from dfqvit.config import CorrectionConfig
 from dfqvit.errors import warn_user
 from dfqvit.models import QuantizedModel
 from dfqvit.nn import QuantAttentionBase, QuantLinear
-from dfqvit.synth.base import SyntheticSet
-from dfqvit.synth.base import easy_to_hard as synth_easy_to_hard
 from dfqvit.synth.progressive import curriculum_prefix
 
+from .data import set_images
 from .walk import UnitInput, capture_input, model_units, unit_input
 
 _CORRECTABLE_BLOCKS = (Block, SwinTransformerBlock)
@@ -123,7 +122,7 @@ def fit_diag_adam(a: torch.Tensor, r: torch.Tensor, config: CorrectionConfig, im
                   curriculum: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """METHODS §4.2's option: per-channel (s, t) by ``config.adam_steps`` Adam steps from (1, 0) on the diag form's
     loss, mean over rows of (a·s + t − r)² + λ·(s − 1)². ``a`` / ``r`` hold ``images`` images' rows one image after
-    the other; with ``curriculum`` step k of K uses the first ``curriculum_prefix(images, k, K)`` images only (an
+    the other; with ``curriculum`` step k = 1..K uses the first ``curriculum_prefix(images, k, K)`` images only (an
     easy -> hard set, METHODS §4.1), else all rows. s is clamped to ``config.scale_range`` at the end."""
     per_image = a.shape[0] // images
     lam = config.shrinkage * (a - a.mean(0)).pow(2).mean(0).mean()
@@ -131,7 +130,7 @@ def fit_diag_adam(a: torch.Tensor, r: torch.Tensor, config: CorrectionConfig, im
     t = torch.zeros_like(s, requires_grad=True)
     optimizer = torch.optim.Adam([s, t], lr=config.adam_lr)
     for step in range(config.adam_steps):
-        rows = per_image * (curriculum_prefix(images, step, config.adam_steps) if curriculum else images)
+        rows = per_image * (curriculum_prefix(images, step + 1, config.adam_steps) if curriculum else images)
         loss = ((a[:rows] * s + t - r[:rows]).pow(2).mean(0) + lam * (s - 1).pow(2)).sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -160,7 +159,8 @@ def fold_diag(branch: Branch, s: torch.Tensor, t: torch.Tensor) -> None:
     layer.weight.mul_(s.unsqueeze(1))
     layer.weight_quantizer.scale.mul_(s)
     if layer.bias is None:
-        layer.bias = nn.Parameter(torch.zeros_like(t), requires_grad=False)
+        with torch.inference_mode(False):  # a normal tensor even under a caller's inference_mode: it may train later
+            layer.bias = nn.Parameter(torch.zeros_like(t), requires_grad=False)
     layer.bias.mul_(s).add_(t)
 
 
@@ -235,8 +235,8 @@ def correct_activations(qmodel: QuantizedModel, images: torch.Tensor, config: Op
     solver follows the E2H curriculum.
     """
     config = config or CorrectionConfig()
-    if isinstance(images, SyntheticSet):
-        easy_to_hard, images = easy_to_hard or synth_easy_to_hard(images.method), images.images
+    images, ordered = set_images(images, qmodel)
+    easy_to_hard = easy_to_hard or ordered
     if config.form == "full" and torch.unique(images.flatten(1), dim=0).shape[0] < FULL_MIN_IMAGES:
         # Measured on a tiny ViT: one image (or copies of it) gave held-out cosine 0.08 to fp32; two gave 0.9995
         warn_user(f"dfqvit: the full activation correction fits a C x C matrix per branch; from fewer than "

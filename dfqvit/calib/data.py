@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable
+from typing import Iterable, Tuple
 
 import torch
 
@@ -54,6 +54,15 @@ def _check_set_normalization(images: SyntheticSet, spec) -> None:
         raise CalibrationError(f"these {images.method} images were made for inputs normalized with mean {mean}, std "
                                f"{std}, but this model takes mean {spec.mean}, std {spec.std}; synthesize them for "
                                "this model (or give the normalization they were made for)")
+
+
+def set_images(images, qmodel: QuantizedModel) -> Tuple[torch.Tensor, bool]:
+    """(the image tensor, whether it runs easy -> hard) of what a stage function was given: a tensor (not ordered),
+    or a SyntheticSet, checked against ``qmodel``'s normalization as ``compile`` checks it."""
+    if isinstance(images, SyntheticSet):
+        _check_set_normalization(images, qmodel.input_spec)
+        return images.images, images.ordered_easy_to_hard
+    return images, False
 
 
 def calibration_images(calib, qmodel: QuantizedModel, num_images: int, seed: int = 0,

@@ -68,6 +68,13 @@ def _seeded_images(calib, qmodel: QuantizedModel, num_images: int, seed: int, pr
                                   as_set=True)
 
 
+def _runs_easy_to_hard(calib) -> bool:
+    """Whether the calibration source's images run from easy to hard (a dfqvit method name or set)."""
+    if isinstance(calib, str):
+        return easy_to_hard(calib)
+    return isinstance(calib, SyntheticSet) and calib.ordered_easy_to_hard
+
+
 @training_state
 def run_pipeline(
     model: nn.Module,
@@ -95,12 +102,14 @@ def run_pipeline(
         calib = _seeded_images(calib, qmodel, config.calib_images, seed, progress, synth)
     model_fp = model_fingerprint(model)
     source_fp, synthesized = _source_fingerprint(calib, config.calib_images, seed, synth, model_fp, qmodel)
+    # The curriculum's default, so part of the later stages' keys (the same images as a plain tensor resumed a stage
+    # trained with the curriculum)
+    ordered = _runs_easy_to_hard(calib)
     calib_fp = fingerprint("calib", model_fp, source_fp, _dict(config), _dict(calibration), qmodel.input_spec)
-    recon_fp = fingerprint("recon", calib_fp, _dict(recon), seed)
+    recon_fp = fingerprint("recon", calib_fp, _dict(recon), seed, ordered)
     correct_fp = fingerprint("correct", recon_fp, _dict(correction))
 
     images: List[torch.Tensor] = []
-    ordered: List[bool] = []  # whether those images run easy -> hard (a dfqvit set): the recon curriculum's default
 
     def get_images() -> torch.Tensor:
         if not images:
@@ -115,7 +124,6 @@ def run_pipeline(
                 warn_user(f"dfqvit: calibrating on {batch.shape[0]} images, fewer than calib_images="
                           f"{config.calib_images}: the calibration source holds no more")
             images.append(batch.clone() if batch.is_inference() else batch)  # made under the caller's inference_mode
-            ordered.append(easy_to_hard(saved.method))
             qmodel.calib_images_used = batch.shape[0]  # reports say what was used (None: every stage resumed)
         return images[0]
 
@@ -133,11 +141,11 @@ def run_pipeline(
         calibrate_model(qmodel, get_images(), calibration, progress)
 
     def run_recon():
-        result.recon = reconstruct(qmodel, get_images(), recon, reference(), seed, progress, easy_to_hard=ordered[0])
+        result.recon = reconstruct(qmodel, get_images(), recon, reference(), seed, progress, easy_to_hard=ordered)
 
     def run_correct():
         result.correction = correct_activations(qmodel, get_images(), correction, reference(), progress,
-                                                easy_to_hard=ordered[0])
+                                                easy_to_hard=ordered)
 
     stages: List[Tuple[str, str, Callable[[], None]]] = [("calib", calib_fp, run_calib)]
     if recon is not None:

@@ -28,10 +28,9 @@ from dfqvit.caller_state import training_state
 from dfqvit.config import ReconConfig
 from dfqvit.models import QuantizedModel
 from dfqvit.nn import QuantWindowAttention
-from dfqvit.synth.base import SyntheticSet
-from dfqvit.synth.base import easy_to_hard as synth_easy_to_hard
 from dfqvit.synth.progressive import curriculum_prefix
 
+from .data import set_images
 from .walk import Unit, UnitInput, float_unit_io, model_units, unit_input, weight_layers_in
 
 
@@ -70,9 +69,10 @@ def _generator_for(seed: int, stage: int, index: int) -> torch.Generator:
 
 def batch_rows(num_images: int, batch: int, step: int, iterations: int, curriculum: bool,
                generator: torch.Generator) -> torch.Tensor:
-    """Step ``step``'s random mini-batch: ``batch`` distinct rows of all ``num_images``, or with ``curriculum`` of
-    the easy -> hard set's first ``curriculum_prefix`` rows (METHODS §4.1), fewer while that prefix is smaller."""
-    pool = curriculum_prefix(num_images, step, iterations) if curriculum else num_images
+    """Step ``step``'s (0-based) random mini-batch: ``batch`` distinct rows of all ``num_images``, or with
+    ``curriculum`` of the easy -> hard set's first ``curriculum_prefix(n, step + 1, iterations)`` rows (METHODS §4.1:
+    iteration t = 1..T, so the last step draws from all of them), fewer while that prefix is smaller."""
+    pool = curriculum_prefix(num_images, step + 1, iterations) if curriculum else num_images
     return torch.randperm(pool, generator=generator)[:batch]
 
 
@@ -149,8 +149,8 @@ def reconstruct(qmodel: QuantizedModel, images: torch.Tensor, config: Optional[R
     on. ``images`` may also be a SyntheticSet, whose method says it.
     """
     config = config or ReconConfig()
-    if isinstance(images, SyntheticSet):
-        easy_to_hard, images = easy_to_hard or synth_easy_to_hard(images.method), images.images
+    images, ordered = set_images(images, qmodel)
+    easy_to_hard = easy_to_hard or ordered
     curriculum = easy_to_hard if config.curriculum is None else config.curriculum
     qmodel.eval()
     reference = copy.deepcopy(qmodel) if reference is None else reference

@@ -223,6 +223,7 @@ def checked_normalization(normalization, channels: int) -> Tuple[Tuple[float, ..
     return parts[0], parts[1]
 
 
+@torch.no_grad()  # a model built under inference_mode: isfinite on its tensors failed under grad mode
 def check_finite_weights(model: nn.Module) -> None:
     """Refuse a model to be calibrated whose weights hold NaN / Inf: they spread into other layers' scales through the
     calibration (NaN logits), or failed late in the weight packing. (Not in ``adapt``: a skeleton whose weights an
@@ -277,4 +278,19 @@ def adapt(model: nn.Module, config: Optional[QuantConfig] = None,
         p.requires_grad_(False)
     # Eval mode, swapped modules included (they are made in training mode): attention dropout ran in the float
     # path (weight-only models, the pipeline's float reference) and made every call and every compile differ.
-    return QuantizedModel(copied, adapter, config, skipped, spec).eval()
+    return _without_inference_tensors(QuantizedModel(copied, adapter, config, skipped, spec).eval())
+
+
+def _without_inference_tensors(module: nn.Module) -> nn.Module:
+    """Replace the inference tensors of ``module`` (a model built, or adapted, under torch.inference_mode()) by normal
+    copies: calibration updates them in place and reconstruction trains them outside inference mode, which failed
+    ("Inplace update to inference tensor outside InferenceMode", "Inference tensors cannot be saved for backward")."""
+    with torch.inference_mode(False), torch.no_grad():
+        for m in module.modules():
+            for name, p in m._parameters.items():
+                if p is not None and p.is_inference():
+                    m._parameters[name] = nn.Parameter(p.clone(), requires_grad=p.requires_grad)
+            for name, b in m._buffers.items():
+                if b is not None and b.is_inference():
+                    m._buffers[name] = b.clone()
+    return module

@@ -42,7 +42,8 @@ class SyntheticSet:
         """An int gives one sample as ``TensorDataset`` does: ``(image, target)``, or ``(image,)`` without targets,
         so a ``DataLoader`` reads the set directly. A slice, a 1-D index list / array / tensor or a bool mask gives a
         ``SyntheticSet`` of those images (same method, seed and config, e.g. ``synthetic[:16]`` to calibrate on
-        fewer)."""
+        fewer; one that reorders or repeats images records ``config["reordered"]``, so an easy -> hard set taken
+        out of order no longer counts as one)."""
         if isinstance(index, torch.Tensor) and index.dim() == 0 and not index.is_floating_point():
             index = index.item()  # a 0-d tensor gave a "set" whose images were one image's channels
         if isinstance(index, (bool, np.bool_)):  # a bool is an int to Python: set[True] gave image 1
@@ -50,8 +51,8 @@ class SyntheticSet:
         if isinstance(index, (int, np.integer)):
             image = self.images[int(index)]
             return (image,) if self.targets is None else (image, self.targets[int(index)])
-        if isinstance(index, slice):
-            rows = index
+        if isinstance(index, slice):  # through range: a negative step is not a tensor slice
+            rows = torch.as_tensor(range(len(self))[index], dtype=torch.long, device=self.images.device)
         elif isinstance(index, (list, tuple, range, np.ndarray, torch.Tensor)):
             rows = torch.as_tensor(index, device=self.images.device)
             rows = rows.long() if rows.numel() == 0 else rows  # [] is a float tensor to torch
@@ -60,8 +61,14 @@ class SyntheticSet:
                                 f"{tuple(rows.shape)}")
         else:
             raise TypeError(f"SyntheticSet indices are ints, slices, index lists or masks, not {type(index).__name__}")
-        return dataclasses.replace(self, images=self.images[rows],
+        config = self.config if _in_order(rows, len(self)) else {**self.config, "reordered": True}
+        return dataclasses.replace(self, images=self.images[rows], config=config,
                                    targets=None if self.targets is None else self.targets[rows])
+
+    @property
+    def ordered_easy_to_hard(self) -> bool:
+        """Whether the images run from easy to hard: made by such a method (``dfqvit``), not reordered since."""
+        return easy_to_hard(self.method) and not self.config.get("reordered", False)
 
     def to(self, device) -> "SyntheticSet":
         """The same set with its images (and targets) on ``device`` (images stay float32: the set is made in it)."""
@@ -99,6 +106,15 @@ class SyntheticSet:
                               f"{found or 'nothing'}); give a file written by dfqvit synth --out or SyntheticSet.save")
         return cls(images=tensors["images"], targets=tensors.get("targets"), method=meta["method"],
                    seed=int(meta["seed"]), config=json.loads(meta["config"]))
+
+
+def _in_order(rows: torch.Tensor, size: int) -> bool:
+    """Whether an index selection (a bool mask, or ints that may count from the end) keeps the rows' order without
+    repeats."""
+    if rows.dtype == torch.bool or rows.numel() < 2:
+        return True
+    rows = torch.where(rows < 0, rows + size, rows)
+    return bool((rows[1:] > rows[:-1]).all())
 
 
 SynthFn = Callable[..., SyntheticSet]

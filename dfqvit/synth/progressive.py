@@ -62,8 +62,8 @@ def level_hardness(level: int, config: SynthConfig, num_classes: int) -> Hardnes
 
 
 def curriculum_prefix(num_images: int, step: int, total_steps: int) -> int:
-    """How many images (from the front of an easy -> hard set) step t of T may draw from:
-    ceil(n · (0.5 + 0.5 · t / T))."""
+    """How many images (from the front of an easy -> hard set) step t of T (t = 1..T: the last step draws from all)
+    may draw from: ceil(n · (0.5 + 0.5 · t / T))."""
     fraction = 0.5 + 0.5 * min(max(step, 0), total_steps) / max(total_steps, 1)
     return max(1, min(num_images, math.ceil(num_images * fraction)))
 
