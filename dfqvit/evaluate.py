@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -22,9 +23,10 @@ def evaluate(model, dataset, batch_size: int = 128, reference=None, device="cpu"
              desc: str = "eval") -> EvalResult:
     """Top-1 of ``model`` on ``dataset``; with ``reference``, also its top-1 agreement with it.
 
-    ``dataset``: a Dataset of ``(image, label)`` (as ``dfqvit.data.load_images`` gives), a DataLoader that
-    yields ``(images, labels)`` batches (``batch_size`` is then the loader's), or two tensors ``(images,
-    labels)``. Labels are class indices."""
+    ``dataset``: a Dataset of ``(image, label)`` (as ``dfqvit.data.load_images`` gives; an IterableDataset too), a
+    DataLoader that yields ``(images, labels)`` batches (``batch_size`` is then the loader's), or ``(images,
+    labels)``: two tensors / arrays, images also as a list of (C, H, W) tensors, labels as a list. Labels are class
+    indices."""
     from dfqvit.api import resolve_device
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -33,10 +35,12 @@ def evaluate(model, dataset, batch_size: int = 128, reference=None, device="cpu"
     if isinstance(dataset, (tuple, list)) and len(dataset) != 2 and dataset \
             and all(isinstance(t, torch.Tensor) for t in dataset):
         raise DFQViTError(f"evaluation data of {len(dataset)} tensors; give two, (images, labels)")
-    if isinstance(dataset, (tuple, list)) and len(dataset) == 2 and all(hasattr(t, "__array__") for t in dataset):
+    if _is_images_and_labels(dataset):
         dataset = _tensor_pair(*dataset)
     if isinstance(dataset, torch.utils.data.DataLoader):
         loader = dataset
+    elif isinstance(dataset, torch.utils.data.IterableDataset):  # no len(): batched as it streams
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
     elif isinstance(dataset, torch.utils.data.Dataset) or hasattr(dataset, "__getitem__"):
         if len(dataset) == 0:
             raise DFQViTError("the evaluation data holds no images")
@@ -57,9 +61,33 @@ def evaluate(model, dataset, batch_size: int = 128, reference=None, device="cpu"
             m.train(training)
 
 
+def _is_image_list(x) -> bool:
+    return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(t, torch.Tensor) and t.dim() == 3 for t in x)
+
+
+def _is_images_and_labels(dataset) -> bool:
+    """Whether ``dataset`` is ``(images, labels)``: images a tensor / array or a list of (C, H, W) tensors, labels a
+    tensor / array / list (not two (image, label) samples)."""
+    if not (isinstance(dataset, (tuple, list)) and len(dataset) == 2):
+        return False
+    images, labels = dataset
+    label_list = isinstance(labels, (list, tuple)) and all(isinstance(v, (int, np.integer)) for v in labels)
+    return (hasattr(images, "__array__") or _is_image_list(images)) and (hasattr(labels, "__array__") or label_list)
+
+
 def _tensor_pair(images, labels) -> torch.utils.data.TensorDataset:
-    """(images, labels) given as two tensors (or numpy arrays) of one length."""
-    images, labels = (t if isinstance(t, torch.Tensor) else torch.as_tensor(t) for t in (images, labels))
+    """(images, labels) given as two tensors (or numpy arrays, a list of image tensors, a list of ints) of one
+    length."""
+    if _is_image_list(images):
+        shapes = sorted({tuple(t.shape) for t in images})
+        if len(shapes) > 1:
+            raise DFQViTError(f"evaluation images of different sizes {shapes[:4]}; resize them to one size")
+        images = torch.stack(list(images))
+    try:
+        labels = labels if isinstance(labels, torch.Tensor) else torch.as_tensor(labels)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise DFQViTError(f"labels of type {type(labels).__name__} are not class indices: {exc}") from exc
+    images = images if isinstance(images, torch.Tensor) else torch.as_tensor(images)
     if images.dim() == 0 or labels.dim() == 0 or images.shape[0] != labels.shape[0]:
         raise DFQViTError(f"{tuple(images.shape)} images and {tuple(labels.shape)} labels: give one label per image "
                           "(the first dimensions must match)")

@@ -2,6 +2,7 @@
 the default data-free path, and SPDFQ beating Gaussian images at W4A4 on the CIFAR reference model."""
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -241,3 +242,13 @@ def test_a_stage_trained_with_the_curriculum_is_not_resumed_without_it(tmp_path)
     with torch.no_grad():
         assert torch.equal(resumed.qmodel(probe), fresh.qmodel(probe))
         assert not torch.equal(resumed.qmodel(probe), with_curriculum.qmodel(probe))
+
+
+def test_calib_as_images_and_labels_or_a_numpy_array():
+    """calib=(images, labels) was read as a stream of two batches ("calibration images of different sizes"), and a
+    numpy array as one of single images ("calibration loader yielded ndarray")."""
+    model, x = TINY_MODELS["vit"](depth=1), _x()
+    kwargs = dict(progress=False, recon=None, correction=None)
+    expected = run_pipeline(model, QuantConfig(4, 4, calib_images=8), x, **kwargs).qmodel(x)
+    for calib in ((x, torch.zeros(8, dtype=torch.long)), [x, torch.arange(8)], x.numpy(), (x.numpy(), np.arange(8))):
+        assert torch.equal(run_pipeline(model, QuantConfig(4, 4, calib_images=8), calib, **kwargs).qmodel(x), expected)

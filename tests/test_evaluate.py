@@ -20,8 +20,14 @@ def model_and_data():
 def test_every_data_form_gives_the_same_top1(model_and_data):
     model, x, y, expected = model_and_data
     dataset = torch.utils.data.TensorDataset(x, y)
+    class Stream(torch.utils.data.IterableDataset):  # no len(): "object of type 'Stream' has no len()"
+        def __iter__(self):
+            return iter(zip(x, y))
+
     for data in (dataset, torch.utils.data.DataLoader(dataset, batch_size=3), (x, y), (x.numpy(), y.numpy()),
-                 torch.utils.data.TensorDataset(x, y[:, None])):  # (N, 1) labels: one index per image too
+                 torch.utils.data.TensorDataset(x, y[:, None]),  # (N, 1) labels: one index per image too
+                 # a list of images / of labels: torch.stack's and TensorDataset's raw errors
+                 Stream(), (list(x), y), (x, y.tolist()), (list(x), y.tolist())):
         result = evaluate(model, data, 4, progress=False)
         assert (result.top1, result.images) == (pytest.approx(expected), 10)
     assert 0 < expected < 100
@@ -46,10 +52,12 @@ def test_labels_that_are_not_class_indices_are_named(model_and_data, labels, mes
     ([], 4, "holds no images"),
     ("triple", 4, "evaluation data of 3 tensors"),  # was torch.stack's raw error
     ("short_labels", 4, r"\(10, 3, 2, 2\) images and \(9,\) labels"),  # was TensorDataset's AssertionError
+    ("mixed_sizes", 4, r"evaluation images of different sizes"),  # was torch.stack's raw error
 ])
 def test_bad_data_and_batch_sizes_are_named(model_and_data, data, batch_size, message):
     model, x, y, _ = model_and_data
-    data = {"ok": torch.utils.data.TensorDataset(x, y), "triple": (x, y, y), "short_labels": (x, y[:9])}.get(data, data) \
+    data = {"ok": torch.utils.data.TensorDataset(x, y), "triple": (x, y, y), "short_labels": (x, y[:9]),
+            "mixed_sizes": ([x[0], x[1, :, :1]], [0, 1])}.get(data, data) \
         if isinstance(data, str) else data
     with pytest.raises(DFQViTError, match=message):
         evaluate(model, data, batch_size, progress=False)

@@ -133,9 +133,11 @@ def test_synthetic_set_indexes_like_a_dataset_and_slices_to_a_set():
     assert torch.equal(image, made.images[2]) and torch.equal(target, made.targets[2])
     batches = list(torch.utils.data.DataLoader(made, batch_size=3))
     assert torch.equal(torch.cat([b[0] for b in batches]), made.images) and len(batches[0]) == 2
-    for index, rows in ((slice(1, 3), [1, 2]), ([3, 0], [3, 0]), (torch.tensor([True, False, True, False]), [0, 2])):
+    for index, rows in ((slice(1, 3), [1, 2]), ([3, 0], [3, 0]), (torch.tensor([True, False, True, False]), [0, 2]),
+                        (slice(None, None, -2), [3, 1])):
         part = made[index]
-        assert isinstance(part, SyntheticSet) and (part.method, part.seed, part.config) == ("spdfq", 3, made.config)
+        config = made.config if rows == sorted(rows) else {**made.config, "reordered": True}  # order kept or not
+        assert isinstance(part, SyntheticSet) and (part.method, part.seed, part.config) == ("spdfq", 3, config)
         assert torch.equal(part.images, made.images[rows]) and torch.equal(part.targets, made.targets[rows])
     no_targets = synthesize("gaussian", qmodel_of("vit"), num_images=2, seed=0)
     assert no_targets.targets is None and len(no_targets[0]) == 1 and no_targets[:1].targets is None
@@ -150,8 +152,11 @@ def test_synthetic_set_indexes_like_a_dataset_and_slices_to_a_set():
     for bad in ([[0, 1]], torch.tensor([[0], [1]]), torch.tensor([0.0, 1.0])):
         with pytest.raises(TypeError, match="1-D list of ints or a bool mask"):
             made[bad]
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="takes a device"):
         made.to(torch.float16)  # cast the int64 targets too
+    if not torch.cuda.is_available():
+        with pytest.raises(dfqvit.errors.MissingGPUError):  # was torch's "Found no NVIDIA driver"
+            made.to("cuda")
     moved = made.to("cpu")
     assert torch.equal(moved.images, made.images) and moved.method == made.method
     kwargs = dict(bits=8, recon=None, correction=None, progress=False, backend="fake", normalization=NORM)

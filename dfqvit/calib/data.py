@@ -44,6 +44,21 @@ def _take_images(batches: Iterable, limit: int) -> torch.Tensor:
     return torch.cat(images)[:limit]
 
 
+def _is_array(x) -> bool:
+    """A numpy array (or anything with ``__array__``) of images: it was read as a stream of batches of one image
+    ("calibration loader yielded ndarray")."""
+    return not isinstance(x, torch.Tensor) and hasattr(x, "__array__") and getattr(x, "ndim", 0) == 4
+
+
+def _is_images_and_labels(calib) -> bool:
+    """``(images (B, C, H, W), labels (B,))`` as one tuple or list."""
+    if not (isinstance(calib, (tuple, list)) and len(calib) == 2):
+        return False
+    images, labels = calib
+    return (isinstance(images, torch.Tensor) or _is_array(images)) and getattr(images, "ndim", 0) == 4 and \
+        hasattr(labels, "__array__") and getattr(labels, "ndim", 0) == 1 and len(labels) == len(images)
+
+
 def _check_set_normalization(images: SyntheticSet, spec) -> None:
     """A set synthesized for another mean / std holds images of another input space (it was used silently)."""
     made = images.config.get("normalization") if isinstance(images.config, dict) else None
@@ -78,8 +93,10 @@ def calibration_images(calib, qmodel: QuantizedModel, num_images: int, seed: int
     elif isinstance(calib, SyntheticSet):
         _check_set_normalization(calib, qmodel.input_spec)
         found = calib
-    elif isinstance(calib, torch.Tensor):
-        found = SyntheticSet(images=calib, targets=None, method="images", seed=seed)
+    elif isinstance(calib, torch.Tensor) or _is_array(calib):
+        found = SyntheticSet(images=torch.as_tensor(calib), targets=None, method="images", seed=seed)
+    elif _is_images_and_labels(calib):  # one (images, labels) batch: it was read as a stream of two batches
+        found = SyntheticSet(images=torch.as_tensor(calib[0]), targets=None, method="images", seed=seed)
     elif isinstance(calib, torch.utils.data.Dataset) and hasattr(calib, "__len__") and hasattr(calib, "__getitem__"):
         # a map-style Dataset (dfqvit.data.load_images, TensorDataset) has no __iter__: it was refused
         items = (calib[i] for i in range(len(calib)))

@@ -72,7 +72,12 @@ class SyntheticSet:
 
     def to(self, device) -> "SyntheticSet":
         """The same set with its images (and targets) on ``device`` (images stay float32: the set is made in it)."""
-        device = torch.device(device)  # a dtype here cast the int64 targets too
+        from dfqvit.api import resolve_device  # api imports synth: import at call time
+
+        if isinstance(device, torch.dtype):  # a dtype here cast the int64 targets too
+            raise TypeError(f"SyntheticSet.to takes a device, not {device}: the images stay float32 (cast "
+                            "set.images yourself)")
+        device = resolve_device(device)  # "cuda" without a GPU was torch's "Found no NVIDIA driver"
         return dataclasses.replace(self, images=self.images.to(device),
                                    targets=None if self.targets is None else self.targets.to(device))
 
