@@ -624,6 +624,12 @@ def build_grid(args) -> Grid:
         raise DFQViTError(f"--batch-size must be >= 1, got {args.batch_size}")
     if changes:
         grid = dataclasses.replace(grid, name=f"{grid.name}_custom", **changes)
+    idle = [s for s in grid.sources if not grid.settings_for(s)]
+    if idle and args.sources:  # asked for, and ran 0 cells (an empty table, exit 0) after minutes of fp32 evaluation
+        raise DFQViTError("; ".join(f"the {grid.name} grid runs {SOURCE_LABELS[s]} only at "
+                                    f"{', '.join(dict(grid.only)[s])}" for s in idle) +
+                          f", none of --bits {' '.join(s.name for s in grid.settings)}: add one of those settings, "
+                          "or drop the source from --sources")
     return grid
 
 

@@ -176,3 +176,33 @@ def load_images(path: str, size: Tuple[int, int], mean: Sequence[float], std: Se
 def stack_images(dataset: ImageDataset, count: int) -> torch.Tensor:
     """The first ``count`` images as one (count, 3, H, W) tensor (calibration batches)."""
     return torch.stack([dataset[i][0] for i in range(min(count, len(dataset)))])
+
+
+def _is_image(x) -> bool:
+    return (isinstance(x, torch.Tensor) or isinstance(x, np.ndarray)) and x.ndim == 3
+
+
+def _is_image_list(x) -> bool:
+    return isinstance(x, (list, tuple)) and len(x) > 0 and all(_is_image(t) for t in x)
+
+
+def images_and_labels(pair) -> Optional[Tuple[torch.Tensor, object]]:
+    """``(images, labels)`` given as one pair — images a tensor / array or a list of (C, H, W) tensors / arrays,
+    labels a tensor / array or a list of scalars — as (one images tensor, the labels as given); None for anything
+    else (e.g. a Dataset of two (image, label) samples). Images of different sizes are named."""
+    if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+        return None
+    images, labels = pair
+    scalars = isinstance(labels, (list, tuple)) and not any(hasattr(v, "__len__") and not isinstance(v, str)
+                                                            for v in labels)
+    label_array = hasattr(labels, "__array__") and getattr(labels, "ndim", 0) in (1, 2)  # (B,) or (B, 1)
+    image_array = hasattr(images, "__array__") and getattr(images, "ndim", 0) == 4     # not two batches of images
+    if not ((image_array or _is_image_list(images)) and (label_array or scalars)):
+        return None
+    if _is_image_list(images):
+        shapes = sorted({tuple(t.shape) for t in images})
+        if len(shapes) > 1:
+            raise DFQViTError(f"images of different sizes {shapes[:4]}; resize them to one size (e.g. torchvision "
+                              "Resize + CenterCrop)")
+        images = torch.stack([torch.as_tensor(t) for t in images])
+    return torch.as_tensor(images), labels

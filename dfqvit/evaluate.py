@@ -4,10 +4,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from dfqvit.data import images_and_labels
 from dfqvit.errors import DFQViTError
 
 
@@ -35,12 +35,13 @@ def evaluate(model, dataset, batch_size: int = 128, reference=None, device="cpu"
     if isinstance(dataset, (tuple, list)) and len(dataset) != 2 and dataset \
             and all(isinstance(t, torch.Tensor) for t in dataset):
         raise DFQViTError(f"evaluation data of {len(dataset)} tensors; give two, (images, labels)")
-    if _is_images_and_labels(dataset):
-        dataset = _tensor_pair(*dataset)
+    pair = images_and_labels(dataset)
+    if pair is not None:
+        dataset = _tensor_pair(*pair)
     if isinstance(dataset, torch.utils.data.DataLoader):
         loader = dataset
     elif isinstance(dataset, torch.utils.data.IterableDataset):  # no len(): batched as it streams
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, generator=torch.Generator())
     elif isinstance(dataset, torch.utils.data.Dataset) or hasattr(dataset, "__getitem__"):
         if len(dataset) == 0:
             raise DFQViTError("the evaluation data holds no images")
@@ -61,33 +62,12 @@ def evaluate(model, dataset, batch_size: int = 128, reference=None, device="cpu"
             m.train(training)
 
 
-def _is_image_list(x) -> bool:
-    return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(t, torch.Tensor) and t.dim() == 3 for t in x)
-
-
-def _is_images_and_labels(dataset) -> bool:
-    """Whether ``dataset`` is ``(images, labels)``: images a tensor / array or a list of (C, H, W) tensors, labels a
-    tensor / array / list (not two (image, label) samples)."""
-    if not (isinstance(dataset, (tuple, list)) and len(dataset) == 2):
-        return False
-    images, labels = dataset
-    label_list = isinstance(labels, (list, tuple)) and all(isinstance(v, (int, np.integer)) for v in labels)
-    return (hasattr(images, "__array__") or _is_image_list(images)) and (hasattr(labels, "__array__") or label_list)
-
-
-def _tensor_pair(images, labels) -> torch.utils.data.TensorDataset:
-    """(images, labels) given as two tensors (or numpy arrays, a list of image tensors, a list of ints) of one
-    length."""
-    if _is_image_list(images):
-        shapes = sorted({tuple(t.shape) for t in images})
-        if len(shapes) > 1:
-            raise DFQViTError(f"evaluation images of different sizes {shapes[:4]}; resize them to one size")
-        images = torch.stack(list(images))
+def _tensor_pair(images: torch.Tensor, labels) -> torch.utils.data.TensorDataset:
+    """(images, labels) of one length; labels a tensor, array or list of class indices."""
     try:
         labels = labels if isinstance(labels, torch.Tensor) else torch.as_tensor(labels)
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise DFQViTError(f"labels of type {type(labels).__name__} are not class indices: {exc}") from exc
-    images = images if isinstance(images, torch.Tensor) else torch.as_tensor(images)
+    except (TypeError, ValueError, RuntimeError) as exc:  # strings, ragged lists
+        raise DFQViTError(f"labels {str(labels)[:60]} are not class indices (integers, one per image)") from exc
     if images.dim() == 0 or labels.dim() == 0 or images.shape[0] != labels.shape[0]:
         raise DFQViTError(f"{tuple(images.shape)} images and {tuple(labels.shape)} labels: give one label per image "
                           "(the first dimensions must match)")

@@ -150,6 +150,16 @@ def test_sources_and_bits_without_spdfq_w4a4_leave_out_the_ablation(acc):
         ("real", "W8A8", None), ("spdfq", "W4A4", "APA")]
 
 
+def test_a_source_asked_for_at_bits_its_grid_does_not_run_is_refused(acc):
+    """--quick --sources psaq_v2 --bits 4,8 ran 0 cells and wrote an empty table (exit 0); without --sources the
+    sources the quick grid restricts are just not run at those bits."""
+    with pytest.raises(DFQViTError, match="runs PSAQ-ViT V2 only at W4A4, W8A8, none of --bits W4A8"):
+        grid_of(acc, "--sources", "psaq_v2", "--bits", "4,8")
+    with pytest.raises(DFQViTError, match="runs DFQ-ViT only at W4A4, W8A8, W3A16"):
+        grid_of(acc, "--sources", "dfqvit", "gaussian", "--bits", "4,8")
+    assert {c.source for c in acc.grid_cells(grid_of(acc, "--bits", "4,8"))} == {"real", "gaussian", "psaq", "spdfq"}
+
+
 def test_ablation_runs_outside_the_main_grid_stay_out_of_the_main_table(acc):
     """An ablation's APA+MSR+SL run, without SPDFQ W4A4 in the main grid, became an SPDFQ row of the main table."""
     grid = grid_of(acc, "--sources", "real", "--bits", "8", "--ablations", "baseline", "APA+MSR+SL")

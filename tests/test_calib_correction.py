@@ -146,16 +146,19 @@ def _one_image_copies():
     return torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(3)).repeat(4, 1, 1, 1)
 
 
+@pytest.mark.parametrize("solver", ["closed_form", "adam"])
 @pytest.mark.parametrize("state", ["inference_mode", "autocast_bf16", "float64_default"])
-def test_correction_called_directly_ignores_the_callers_torch_state(state):
-    """correct_activations is public: under a caller's bf16 autocast it fitted on bf16 branch outputs, and under
-    set_default_dtype(float64) it gave another model than the same call outside it."""
+def test_correction_called_directly_ignores_the_callers_torch_state(state, solver):
+    """correct_activations is public: under a caller's bf16 autocast it fitted on bf16 branch outputs, under
+    set_default_dtype(float64) it gave another model than the same call outside it, and the Adam solver failed
+    under inference_mode ("element 0 of tensors does not require grad")."""
     model = TINY_MODELS["vit"](depth=1)
     images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     calibrated = calibrate_blockwise(adapt(model, QuantConfig(4, 4)), images, progress=False)
     expected = copy.deepcopy(calibrated)
-    correct_activations(expected, images, progress=False)
+    config = CorrectionConfig(solver=solver, adam_steps=5)
+    correct_activations(expected, images, config, progress=False)
     with CALLER_STATES[state]():
-        correct_activations(calibrated, images, progress=False)
+        correct_activations(calibrated, images, config, progress=False)
     for (name, a), b in zip(expected.state_dict().items(), calibrated.state_dict().values()):
         assert a.dtype == b.dtype and torch.equal(a, b), name

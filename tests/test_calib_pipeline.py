@@ -250,5 +250,13 @@ def test_calib_as_images_and_labels_or_a_numpy_array():
     model, x = TINY_MODELS["vit"](depth=1), _x()
     kwargs = dict(progress=False, recon=None, correction=None)
     expected = run_pipeline(model, QuantConfig(4, 4, calib_images=8), x, **kwargs).qmodel(x)
-    for calib in ((x, torch.zeros(8, dtype=torch.long)), [x, torch.arange(8)], x.numpy(), (x.numpy(), np.arange(8))):
+    class SizedStream(torch.utils.data.IterableDataset):  # a __len__ sent it to the map-style path: raw error
+        def __len__(self):
+            return 8
+
+        def __iter__(self):
+            return iter(x)
+
+    for calib in ((x, torch.zeros(8, dtype=torch.long)), [x, torch.arange(8)], x.numpy(), (x.numpy(), np.arange(8)),
+                  (x, list(range(8))), (list(x), list(range(8))), (list(x), torch.arange(8)), SizedStream()):
         assert torch.equal(run_pipeline(model, QuantConfig(4, 4, calib_images=8), calib, **kwargs).qmodel(x), expected)

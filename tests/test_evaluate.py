@@ -40,11 +40,16 @@ def test_every_data_form_gives_the_same_top1(model_and_data):
     # outside the model's 10 classes: top-1 came out 0% without a word
     (lambda y: y + 100, "labels run from 10[0-9] to 10[0-9] but the model has 10 classes"),
     (lambda y: y - 100, "labels run from -"),
+    # as a list in an (images, labels) pair: the collate's raw "expected Tensor as element 1"
+    (lambda y: y.float().tolist(), "dtype torch.float32"),
+    (lambda y: [str(v) for v in y.tolist()], "are not class indices"),
 ])
 def test_labels_that_are_not_class_indices_are_named(model_and_data, labels, message):
     model, x, y, _ = model_and_data
+    labels = labels(y)
     with pytest.raises(DFQViTError, match=message):
-        evaluate(model, torch.utils.data.TensorDataset(x, labels(y)), 4, progress=False)
+        evaluate(model, (x, labels) if isinstance(labels, list) else torch.utils.data.TensorDataset(x, labels), 4,
+                 progress=False)
 
 
 @pytest.mark.parametrize("data, batch_size, message", [
@@ -52,7 +57,7 @@ def test_labels_that_are_not_class_indices_are_named(model_and_data, labels, mes
     ([], 4, "holds no images"),
     ("triple", 4, "evaluation data of 3 tensors"),  # was torch.stack's raw error
     ("short_labels", 4, r"\(10, 3, 2, 2\) images and \(9,\) labels"),  # was TensorDataset's AssertionError
-    ("mixed_sizes", 4, r"evaluation images of different sizes"),  # was torch.stack's raw error
+    ("mixed_sizes", 4, r"images of different sizes"),  # was torch.stack's raw error
 ])
 def test_bad_data_and_batch_sizes_are_named(model_and_data, data, batch_size, message):
     model, x, y, _ = model_and_data
@@ -82,3 +87,18 @@ def test_a_model_in_training_mode_is_scored_in_eval_mode_and_given_back():
     results = {evaluate(model, (x, y), 16, reference=model, progress=False) for _ in range(3)}
     assert len(results) == 1 and results.pop().agreement == 100.0
     assert model.training and torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_a_stream_does_not_move_the_callers_random_state(model_and_data):
+    """An IterableDataset's loader drew its base seed from the global RNG (the map-style one already had its own)."""
+    model, x, y, _ = model_and_data
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(zip(x, y))
+
+    torch.manual_seed(7)
+    evaluate(model, Stream(), 4, progress=False)
+    after = torch.rand(1)
+    torch.manual_seed(7)
+    assert torch.equal(after, torch.rand(1))

@@ -136,3 +136,29 @@ def test_save_grid_labels_and_denormalizes(tmp_path):
     assert torch.allclose(pixels[0, :, 0, 0], torch.tensor(MEAN))
     assert image_label(3, 2, ["a", "b", "cat"]) == "#3: cat"
     assert image_label(3, 7, None) == "#3: class 7" and image_label(0, None, None) == "#0"
+
+
+def test_run_synth_bits_reach_the_student_and_are_recorded(tmp_path):
+    """psaq_v2 / dfqvit images are made against a quantized model: dfqvit synth had no --bits (always W4A4) and the
+    set did not say which; a set used at other bits now warns. --bits on a method that ignores it is refused."""
+    import warnings
+
+    import dfqvit
+
+    model = write_model_json(tmp_path)
+    out = tmp_path / "v2.safetensors"
+    assert run_synth(parse("--model", model, "--method", "psaq_v2", "--bits", "8", "--num-images", "2",
+                           "--iterations", "1", "--out", str(out), "--device", "cpu", "--quiet")) == 0
+    made = SyntheticSet.load(str(out))
+    assert made.config["quant"] == {"w_bits": 8, "a_bits": 8, "softmax": "log2"}
+    from dfqvit.models.loading import load_model
+    float_model, norm = load_model(model)
+    settings = dict(calib=made, normalization=norm, recon=None, correction=None, progress=False, backend="fake")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dfqvit.compile(float_model, bits=8, **settings)
+        assert not [w for w in caught if "were made against" in str(w.message)]
+        dfqvit.compile(float_model, bits=4, **settings)
+    assert any("made against a W8A8 (log2 softmax) model, and this one is W4A4" in str(w.message) for w in caught)
+    with pytest.raises(DFQViTError, match="--bits: the spdfq method does not read the quantized model"):
+        run_synth(parse("--model", model, "--method", "spdfq", "--bits", "8", "--out", str(out)))

@@ -117,6 +117,7 @@ def fit_diag(a: torch.Tensor, r: torch.Tensor, config: CorrectionConfig) -> Tupl
     return s, mean_r - s * mean_a
 
 
+@torch.inference_mode(False)  # Adam takes gradients, also under a caller's inference_mode (correct_activations keeps it)
 @torch.enable_grad()
 def fit_diag_adam(a: torch.Tensor, r: torch.Tensor, config: CorrectionConfig, images: int,
                   curriculum: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -124,6 +125,7 @@ def fit_diag_adam(a: torch.Tensor, r: torch.Tensor, config: CorrectionConfig, im
     loss, mean over rows of (a·s + t − r)² + λ·(s − 1)². ``a`` / ``r`` hold ``images`` images' rows one image after
     the other; with ``curriculum`` step k = 1..K uses the first ``curriculum_prefix(images, k, K)`` images only (an
     easy -> hard set, METHODS §4.1), else all rows. s is clamped to ``config.scale_range`` at the end."""
+    a, r = (x.clone() if x.is_inference() else x for x in (a, r))  # rows made under inference_mode
     per_image = a.shape[0] // images
     lam = config.shrinkage * (a - a.mean(0)).pow(2).mean(0).mean()
     s = torch.ones(a.shape[1], dtype=a.dtype, device=a.device, requires_grad=True)

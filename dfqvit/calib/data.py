@@ -6,9 +6,11 @@ from typing import Iterable, Tuple
 
 import torch
 
-from dfqvit.errors import CalibrationError, InputShapeError
+from dfqvit.data import images_and_labels
+from dfqvit.errors import CalibrationError, InputShapeError, warn_user
 from dfqvit.models import QuantizedModel, validate_images
 from dfqvit.synth import SyntheticSet, synthesize
+from dfqvit.synth.base import quant_settings
 
 
 IMAGE_KEYS = ("pixel_values", "image", "images")  # where a dict batch keeps its images
@@ -50,15 +52,6 @@ def _is_array(x) -> bool:
     return not isinstance(x, torch.Tensor) and hasattr(x, "__array__") and getattr(x, "ndim", 0) == 4
 
 
-def _is_images_and_labels(calib) -> bool:
-    """``(images (B, C, H, W), labels (B,))`` as one tuple or list."""
-    if not (isinstance(calib, (tuple, list)) and len(calib) == 2):
-        return False
-    images, labels = calib
-    return (isinstance(images, torch.Tensor) or _is_array(images)) and getattr(images, "ndim", 0) == 4 and \
-        hasattr(labels, "__array__") and getattr(labels, "ndim", 0) == 1 and len(labels) == len(images)
-
-
 def _check_set_normalization(images: SyntheticSet, spec) -> None:
     """A set synthesized for another mean / std holds images of another input space (it was used silently)."""
     made = images.config.get("normalization") if isinstance(images.config, dict) else None
@@ -69,6 +62,20 @@ def _check_set_normalization(images: SyntheticSet, spec) -> None:
         raise CalibrationError(f"these {images.method} images were made for inputs normalized with mean {mean}, std "
                                f"{std}, but this model takes mean {spec.mean}, std {spec.std}; synthesize them for "
                                "this model (or give the normalization they were made for)")
+
+
+def _warn_other_quant_settings(images: SyntheticSet, qmodel: QuantizedModel) -> None:
+    """A psaq_v2 / dfqvit set was made against a quantized model of some bit width (its student / adversary); used
+    for another one it calibrates that model with images aimed at other quantization errors, which said nothing."""
+    made = images.config.get("quant") if isinstance(images.config, dict) else None
+    if made and made != quant_settings(qmodel.config):
+        warn_user(f"dfqvit: these {images.method} images were made against a {_settings(made)} model, and this one is "
+                  f"{_settings(quant_settings(qmodel.config))}; synthesize them for these settings (calib="
+                  f"{images.method!r}, or dfqvit synth --bits) to calibrate with images aimed at its errors")
+
+
+def _settings(quant: dict) -> str:
+    return f"W{quant['w_bits']}A{quant['a_bits']} ({quant['softmax']} softmax)"
 
 
 def set_images(images, qmodel: QuantizedModel) -> Tuple[torch.Tensor, bool]:
@@ -92,12 +99,14 @@ def calibration_images(calib, qmodel: QuantizedModel, num_images: int, seed: int
         found = synthesize(calib, qmodel, num_images=num_images, seed=seed, config=synth_config, progress=progress)
     elif isinstance(calib, SyntheticSet):
         _check_set_normalization(calib, qmodel.input_spec)
+        _warn_other_quant_settings(calib, qmodel)
         found = calib
     elif isinstance(calib, torch.Tensor) or _is_array(calib):
         found = SyntheticSet(images=torch.as_tensor(calib), targets=None, method="images", seed=seed)
-    elif _is_images_and_labels(calib):  # one (images, labels) batch: it was read as a stream of two batches
-        found = SyntheticSet(images=torch.as_tensor(calib[0]), targets=None, method="images", seed=seed)
-    elif isinstance(calib, torch.utils.data.Dataset) and hasattr(calib, "__len__") and hasattr(calib, "__getitem__"):
+    elif images_and_labels(calib) is not None:  # one (images, labels) batch: it was read as two batches
+        found = SyntheticSet(images=images_and_labels(calib)[0], targets=None, method="images", seed=seed)
+    elif isinstance(calib, torch.utils.data.Dataset) and not isinstance(calib, torch.utils.data.IterableDataset) \
+            and hasattr(calib, "__len__") and hasattr(calib, "__getitem__"):
         # a map-style Dataset (dfqvit.data.load_images, TensorDataset) has no __iter__: it was refused
         items = (calib[i] for i in range(len(calib)))
         found = SyntheticSet(images=_take_images(items, num_images), targets=None, method="images", seed=seed)

@@ -176,4 +176,11 @@ def synthesize(method: str, qmodel, num_images: int = 32, seed: int = 0, config=
     result = fn(qmodel, num_images=num_images, seed=seed, config=config, progress=progress)
     spec = qmodel.input_spec  # the images live in this normalized space: a model of another one must not use them
     result.config = {**result.config, "normalization": {"mean": list(spec.mean), "std": list(spec.std)}}
+    if reads_quantized_model(method):  # made against these quantization settings (a student / adversary)
+        result.config["quant"] = quant_settings(qmodel.config)
     return result
+
+
+def quant_settings(config) -> Dict[str, Any]:
+    """What a method that reads the quantized model depends on: bits and softmax quantizer."""
+    return {"w_bits": config.w_bits, "a_bits": config.a_bits, "softmax": config.softmax_quantizer.value}

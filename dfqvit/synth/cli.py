@@ -9,10 +9,10 @@ import time
 
 import torch
 
-from dfqvit.config import SynthConfig
+from dfqvit.config import QuantConfig, SynthConfig, parse_bits
 from dfqvit.errors import DFQViTError
 
-from .base import available_methods, synthesize
+from .base import available_methods, reads_quantized_model, synthesize
 
 DEFAULT_METHOD = "spdfq"
 
@@ -25,12 +25,21 @@ def _alpha(text: str):
         return text
 
 
+def _bits(text: str):
+    from dfqvit.cli import _bits as parse  # dfqvit.cli imports this module
+
+    return parse(text)
+
+
 def add_synth_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True,
                         help="reference-model JSON (e.g. ../shared/models/vit_mini_c10.json) or a timm model name")
     parser.add_argument("--checkpoint", default=None, help="state dict (.safetensors/.pth) for a timm model name")
     parser.add_argument("--method", default=DEFAULT_METHOD,
                         help=f"synthesis method, one of {available_methods()} (default {DEFAULT_METHOD})")
+    parser.add_argument("--bits", type=_bits, default=None,
+                        help="the quantized model the psaq_v2 / dfqvit methods make images against (their student / "
+                             "adversary): 4 (= W4A4, the default) or w,a such as 4,8; quantize with the same --bits")
     parser.add_argument("--num-images", type=int, default=32, help="images to make (paper: 32)")
     parser.add_argument("--iterations", type=int, default=None,
                         help="optimisation steps (paper: 1000); lower it for quick CPU runs")
@@ -78,8 +87,12 @@ def run_synth(args: argparse.Namespace) -> int:
     if args.alpha_apa is not None:
         changes["alpha_apa"] = args.alpha_apa
     config = SynthConfig(**changes)
+    if args.bits is not None and not reads_quantized_model(args.method):
+        raise DFQViTError(f"--bits: the {args.method} method does not read the quantized model (only "
+                          f"{', '.join(m for m in available_methods() if reads_quantized_model(m))} do); drop it")
+    quant = QuantConfig(*parse_bits(args.bits)) if args.bits is not None else None
     model, normalization = load_model(args.model, args.checkpoint)
-    qmodel = adapt(model, normalization=normalization).to(_device(args.device))
+    qmodel = adapt(model, quant, normalization=normalization).to(_device(args.device))
     start = time.perf_counter()
     result = synthesize(args.method, qmodel, num_images=args.num_images, seed=args.seed, config=config,
                         progress=not args.quiet)
