@@ -13,6 +13,7 @@ from .errors import CalibrationError, DFQViTError, UnsupportedBitsError
 
 WEIGHT_BITS = (3, 4, 5, 6, 7, 8)
 ACTIVATION_BITS = (4, 5, 6, 7, 8, 16)  # 16 = activations stay floating point (weight-only)
+IMAGE_BITS = (4, 5, 6, 7, 8)  # the image quantizer of a quantized patch embedding
 
 # [I&S] weight percentile candidates (METHODS §1.2); SPDFQ runs the I&S pipeline.
 IS_WEIGHT_PERCENTILES = (0.97, 0.98, 0.99, 0.995, 0.9995, 0.9997, 0.9999, 0.99995, 0.99999)
@@ -103,7 +104,10 @@ class QuantConfig:
             at ``a_bits``. LOG2 is SPDFQ eq. 2; UNIFORM reproduces the supplementary W8A8/W4A8 table.
         weight_percentiles: candidate upper percentiles for the weight range search (I&S list).
         act_percentiles: candidate upper percentiles for the activation range search (RepQ/I&S).
-        quantize_patch_embed: quantize the patch-embedding conv (RepQ: yes at 8 bits; I&S: no).
+        quantize_patch_embed: quantize the patch-embedding conv (RepQ: yes; I&S: no): its weights at ``w_bits``,
+            the image in front of it at ``image_bits`` (unless activations stay float, A16).
+        image_bits: bits of that image quantizer (RepQ: 8, whatever ``a_bits``; METHODS §1.5). Configs saved before
+            this field quantized the image at ``a_bits`` and read back so.
         quantize_head: quantize the classifier head(s) at the same bits (every nn.Linear, METHODS §1.5).
         calib_images: how many calibration images are used (SPDFQ §4.1: 32 in total). Each unit is calibrated
             on all of them in one forward (its percentiles are over all images), so this also bounds memory.
@@ -119,6 +123,7 @@ class QuantConfig:
     weight_percentiles: Tuple[float, ...] = IS_WEIGHT_PERCENTILES
     act_percentiles: Tuple[float, ...] = ACT_PERCENTILES
     quantize_patch_embed: bool = False
+    image_bits: int = 8
     quantize_head: bool = True
     calib_images: int = 32
     search_max_elements: int = 1 << 24
@@ -135,6 +140,10 @@ class QuantConfig:
             if value is None or value < 1:
                 raise DFQViTError(f"{name}={getattr(self, name)!r}: must be an integer >= 1")
             object.__setattr__(self, name, value)
+        if as_int(self.image_bits) not in IMAGE_BITS:
+            raise UnsupportedBitsError(f"image_bits={self.image_bits!r} not supported; allowed: {IMAGE_BITS} (the image "
+                                       "quantizer of a quantized patch embedding; RepQ: 8)")
+        object.__setattr__(self, "image_bits", as_int(self.image_bits))
         try:
             object.__setattr__(self, "softmax_quantizer", SoftmaxQuantizer(self.softmax_quantizer))
         except ValueError:
@@ -211,12 +220,14 @@ RETIRED_FIELDS = {"QuantConfig": ("calib_batch_size",)}
 
 
 def _read_as_today(name: str, data: Dict[str, Any]) -> Dict[str, Any]:
-    """Saved values that no longer validate but never changed a result: an A16 config with the uniform softmax
-    quantizer (A16 has none; refused for new configs) reads as log2, so artifacts and stage files saved so still
-    load."""
+    """Saved configs as today's fields mean them: an A16 config with the uniform softmax quantizer (A16 has none;
+    refused for new configs, it never changed a result) reads as log2, and one saved before ``image_bits`` quantized
+    the image at ``a_bits``, so artifacts and stage files saved so still load and run as they did."""
     data = {k: v for k, v in data.items() if k not in RETIRED_FIELDS.get(name, ())}
     if name == "QuantConfig" and data.get("a_bits") == 16:
         data["softmax_quantizer"] = SoftmaxQuantizer.LOG2.value
+    if name == "QuantConfig" and "image_bits" not in data and data.get("a_bits") in IMAGE_BITS:
+        data["image_bits"] = data["a_bits"]  # saved before the field: the image was quantized at a_bits
     return data
 
 

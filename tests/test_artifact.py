@@ -320,6 +320,23 @@ def test_config_json_is_plain_json(saved):
         json.loads(f.metadata()["config"])
 
 
+def test_a_config_saved_before_image_bits_reads_as_it_ran():
+    """A quantized patch embedding's image is quantized at image_bits (8, RepQ); configs saved before the field
+    quantized it at a_bits, and read back so (their artifacts keep their image grids)."""
+    from dfqvit.config import QuantConfig, config_from_dict
+    from dfqvit.errors import UnsupportedBitsError
+
+    payload = QuantConfig(4, 4, quantize_patch_embed=True).to_dict()
+    del payload["_data"]["image_bits"]
+    assert config_from_dict(payload) == QuantConfig(4, 4, quantize_patch_embed=True, image_bits=4)
+    payload = QuantConfig(4, 16).to_dict()
+    del payload["_data"]["image_bits"]
+    assert config_from_dict(payload).image_bits == 8  # no image quantizer at A16 anyway
+    for bad in (3, 16, 8.5, "8"):
+        with pytest.raises(UnsupportedBitsError, match="image_bits"):
+            QuantConfig(image_bits=bad)
+
+
 def test_an_a16_config_saved_with_the_uniform_softmax_still_reads():
     """Older dfqvit saved QuantConfig(a_bits=16, softmax_quantizer='uniform') (no effect at A16); refused for new
     configs since, it must still load from artifacts and stage files, as log2."""

@@ -434,6 +434,24 @@ def test_quantized_patch_embedding_runs_as_a_gemm(name, uneven):
         assert torch.equal(logits(build_engine(qmodel, backend="native"), x), real)
 
 
+@pytest.mark.parametrize("image_bits", [8, 4])
+def test_the_image_of_a_quantized_patch_embedding_is_quantized_at_image_bits(image_bits):
+    """METHODS §1.5 (RepQ): the image in front of a quantized patch embedding is quantized at 8 bits whatever the
+    activation bits (it was quantized at a_bits: 16 levels for the raw image at W4A4). The engine runs the 8-bit
+    image grid as it runs the fake-quant model: cosine >= 0.97 at W4A4 (the floor of every W4A4 engine test)."""
+    model = tiny_vit()
+    config = dfqvit.QuantConfig(w_bits=4, a_bits=4, quantize_patch_embed=True, image_bits=image_bits)
+    qmodel = dfqvit.compile(model, bits=None, config=config, calib=images(8), recon=None, correction=None,
+                            progress=False, backend="fake")
+    image_quantizer = qmodel.model.patch_embed.proj.input_quantizer
+    assert image_quantizer.num_bits == image_bits
+    assert qmodel.model.blocks[0].attn.qkv.input_quantizer.num_bits == 4
+    engine = build_engine(qmodel, backend="torch")
+    assert engine.trunk.patch_embed.gemm.act.qmax - engine.trunk.patch_embed.gemm.act.qmin == 2 ** image_bits - 1
+    x = images(16)
+    assert cosine(logits(qmodel, x), logits(engine, x)) >= 0.97
+
+
 def test_engine_from_saved_artifact(tmp_path):
     _, qmodel = calibrated("swin", (4, 8))
     path = tmp_path / "swin_w4a8.safetensors"

@@ -14,11 +14,11 @@ from dfqvit.config import QuantConfig
 from dfqvit.quant import UniformQuantizer
 
 
-def make_input_quantizer(config: QuantConfig) -> Optional[UniformQuantizer]:
-    """Layer-wise activation quantizer, or None for weight-only (A16) configs."""
+def make_input_quantizer(config: QuantConfig, bits: Optional[int] = None) -> Optional[UniformQuantizer]:
+    """Layer-wise activation quantizer at ``bits`` (default ``a_bits``), or None for weight-only (A16) configs."""
     if not config.quantize_activations:
         return None
-    return UniformQuantizer(config.a_bits, percentiles=config.act_percentiles,
+    return UniformQuantizer(bits or config.a_bits, percentiles=config.act_percentiles,
                             max_elements=config.search_max_elements)
 
 
@@ -28,12 +28,13 @@ def make_weight_quantizer(out_channels: int, config: QuantConfig) -> UniformQuan
 
 
 class _QuantWeightLayer(nn.Module):
-    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], config: QuantConfig):
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], config: QuantConfig,
+                 input_bits: Optional[int] = None):
         super().__init__()
         self.weight = nn.Parameter(weight.detach().clone())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
         self.weight_quantizer = make_weight_quantizer(weight.shape[0], config)
-        self.input_quantizer = make_input_quantizer(config)
+        self.input_quantizer = make_input_quantizer(config, input_bits)
 
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.input_quantizer is None else self.input_quantizer(x)
@@ -59,10 +60,11 @@ class QuantLinear(_QuantWeightLayer):
 
 
 class QuantConv2d(_QuantWeightLayer):
-    """Patch-embedding convolution (per output filter weight scales)."""
+    """Patch-embedding convolution (per output filter weight scales); the image in front of it is quantized at
+    ``config.image_bits`` (RepQ: 8 bits whatever the activation bits)."""
 
     def __init__(self, conv: nn.Conv2d, config: QuantConfig):
-        super().__init__(conv.weight, conv.bias, config)
+        super().__init__(conv.weight, conv.bias, config, input_bits=config.image_bits)
         self.kernel_size = conv.kernel_size
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
         if conv.padding_mode != "zeros":
