@@ -1,6 +1,6 @@
 """Accuracy study: every calibration source at every bit width, in the shape of SPDFQ Tables 2 and 3.
 
-    python benchmarks/accuracy.py --quick            # reduced grid: 19 min measured on 2 CPU cores, 48 s on an H200
+    python benchmarks/accuracy.py --quick            # reduced grid: 19 min on 2 CPU cores before the V2 row (48 min with it, shared), 48 s on an H200
     python benchmarks/accuracy.py                    # full grid (paper settings; uses the GPU when there is one)
     python benchmarks/accuracy.py --model deit_small_patch16_224 --checkpoint deit_s.pth --data imagenet_val/
     python benchmarks/accuracy.py --quick --backend auto   # score the integer engine instead of the fake-quant model
