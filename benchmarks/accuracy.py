@@ -624,12 +624,14 @@ def build_grid(args) -> Grid:
         raise DFQViTError(f"--batch-size must be >= 1, got {args.batch_size}")
     if changes:
         grid = dataclasses.replace(grid, name=f"{grid.name}_custom", **changes)
-    idle = [s for s in grid.sources if not grid.settings_for(s)]
-    if idle and args.sources:  # asked for, and ran 0 cells (an empty table, exit 0) after minutes of fp32 evaluation
-        raise DFQViTError("; ".join(f"the {grid.name} grid runs {SOURCE_LABELS[s]} only at "
-                                    f"{', '.join(dict(grid.only)[s])}" for s in idle) +
-                          f", none of --bits {' '.join(s.name for s in grid.settings)}: add one of those settings, "
-                          "or drop the source from --sources")
+    if args.sources and args.bits:  # cells asked for by name that the grid leaves out: ran without a word (or 0 cells)
+        left_out = {s: [b.name for b in grid.settings if b not in grid.settings_for(s)] for s in grid.sources}
+        left_out = {s: names for s, names in left_out.items() if names}
+        if left_out:
+            raise DFQViTError("; ".join(f"the {grid.name} grid runs {SOURCE_LABELS[s]} only at "
+                                        f"{', '.join(dict(grid.only)[s])}, not at {', '.join(names)}"
+                                        for s, names in left_out.items()) +
+                              ": drop those settings from --bits or the source from --sources")
     return grid
 
 

@@ -222,7 +222,8 @@ RETIRED_FIELDS = {"QuantConfig": ("calib_batch_size",)}
 def _read_as_today(name: str, data: Dict[str, Any]) -> Dict[str, Any]:
     """Saved configs as today's fields mean them: an A16 config with the uniform softmax quantizer (A16 has none;
     refused for new configs, it never changed a result) reads as log2, and one saved before ``image_bits`` quantized
-    the image at ``a_bits``, so artifacts and stage files saved so still load and run as they did."""
+    the image at ``a_bits``, so artifacts and stage files saved so still load and run as they did (stage files are
+    keyed on the whole config, so a run recomputes those saved before a field was added once)."""
     data = {k: v for k, v in data.items() if k not in RETIRED_FIELDS.get(name, ())}
     if name == "QuantConfig" and data.get("a_bits") == 16:
         data["softmax_quantizer"] = SoftmaxQuantizer.LOG2.value

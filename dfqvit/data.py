@@ -193,8 +193,9 @@ def images_and_labels(pair) -> Optional[Tuple[torch.Tensor, object]]:
     if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
         return None
     images, labels = pair
-    scalars = isinstance(labels, (list, tuple)) and not any(hasattr(v, "__len__") and not isinstance(v, str)
-                                                            for v in labels)
+    # a list of class indices (ints, 0-d tensors / arrays, strings to be named later) or of one-hot / (1,) rows
+    scalars = isinstance(labels, (list, tuple)) and not _is_image_list(labels) and \
+        all(isinstance(v, str) or np.ndim(v) <= 1 for v in labels)
     label_array = hasattr(labels, "__array__") and getattr(labels, "ndim", 0) in (1, 2)  # (B,) or (B, 1)
     image_array = hasattr(images, "__array__") and getattr(images, "ndim", 0) == 4     # not two batches of images
     if not ((image_array or _is_image_list(images)) and (label_array or scalars)):

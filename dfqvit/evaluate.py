@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -65,6 +66,8 @@ def evaluate(model, dataset, batch_size: int = 128, reference=None, device="cpu"
 def _tensor_pair(images: torch.Tensor, labels) -> torch.utils.data.TensorDataset:
     """(images, labels) of one length; labels a tensor, array or list of class indices."""
     try:
+        if isinstance(labels, (list, tuple)):  # of 0-d arrays too, which torch.as_tensor cannot take
+            labels = np.asarray(labels)
         labels = labels if isinstance(labels, torch.Tensor) else torch.as_tensor(labels)
     except (TypeError, ValueError, RuntimeError) as exc:  # strings, ragged lists
         raise DFQViTError(f"labels {str(labels)[:60]} are not class indices (integers, one per image)") from exc

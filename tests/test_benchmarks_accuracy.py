@@ -151,12 +151,15 @@ def test_sources_and_bits_without_spdfq_w4a4_leave_out_the_ablation(acc):
 
 
 def test_a_source_asked_for_at_bits_its_grid_does_not_run_is_refused(acc):
-    """--quick --sources psaq_v2 --bits 4,8 ran 0 cells and wrote an empty table (exit 0); without --sources the
-    sources the quick grid restricts are just not run at those bits."""
-    with pytest.raises(DFQViTError, match="runs PSAQ-ViT V2 only at W4A4, W8A8, none of --bits W4A8"):
+    """--quick --sources psaq_v2 --bits 4,8 ran 0 cells and wrote an empty table (exit 0), and --bits 4 4,8 its W4A4
+    cell only; without --sources the sources the quick grid restricts are just not run at those bits."""
+    with pytest.raises(DFQViTError, match="runs PSAQ-ViT V2 only at W4A4, W8A8, not at W4A8"):
         grid_of(acc, "--sources", "psaq_v2", "--bits", "4,8")
-    with pytest.raises(DFQViTError, match="runs DFQ-ViT only at W4A4, W8A8, W3A16"):
+    with pytest.raises(DFQViTError, match="runs DFQ-ViT only at W4A4, W8A8, W3A16, not at W4A8"):
         grid_of(acc, "--sources", "dfqvit", "gaussian", "--bits", "4,8")
+    with pytest.raises(DFQViTError, match="PSAQ-ViT V2 only at W4A4, W8A8, not at W4A8"):  # ran W4A4 only, exit 0
+        grid_of(acc, "--sources", "psaq_v2", "--bits", "4", "4,8")
+    assert len(acc.grid_cells(grid_of(acc, "--sources", "psaq_v2", "--bits", "4", "8", "--seeds", "0"))) == 2
     assert {c.source for c in acc.grid_cells(grid_of(acc, "--bits", "4,8"))} == {"real", "gaussian", "psaq", "spdfq"}
 
 

@@ -258,5 +258,6 @@ def test_calib_as_images_and_labels_or_a_numpy_array():
             return iter(x)
 
     for calib in ((x, torch.zeros(8, dtype=torch.long)), [x, torch.arange(8)], x.numpy(), (x.numpy(), np.arange(8)),
-                  (x, list(range(8))), (list(x), list(range(8))), (list(x), torch.arange(8)), SizedStream()):
+                  (x, list(range(8))), (list(x), list(range(8))), (list(x), torch.arange(8)), SizedStream(),
+                  (x, list(torch.arange(8))), (x, [[0]] * 8)):
         assert torch.equal(run_pipeline(model, QuantConfig(4, 4, calib_images=8), calib, **kwargs).qmodel(x), expected)

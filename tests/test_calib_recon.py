@@ -204,3 +204,18 @@ def test_reconstruct_refuses_a_set_of_another_normalization():
     qmodel = calibrate_blockwise(adapt(model, QuantConfig(4, 8)), made.images, progress=False)
     with pytest.raises(CalibrationError, match="normalized with mean"):
         reconstruct(qmodel, made, ReconConfig(iterations=1), progress=False)
+
+
+def test_reconstruct_warns_on_a_set_made_for_other_quantization():
+    """compile warned when a psaq_v2 / dfqvit set made against other bits calibrated a model; reconstruct given the
+    set did not."""
+    import warnings
+
+    model, images = TINY_MODELS["vit"](depth=1), _images(4)
+    made = SyntheticSet(images=images, targets=None, method="dfqvit", seed=0,
+                        config={"quant": {"w_bits": 4, "a_bits": 4}})
+    qmodel = calibrate_blockwise(adapt(model, QuantConfig(8, 8)), images, progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        reconstruct(qmodel, made, ReconConfig(iterations=1), progress=False)
+    assert any("made against a model quantized with a_bits=4" in str(w.message) for w in caught)

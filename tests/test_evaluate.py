@@ -27,7 +27,8 @@ def test_every_data_form_gives_the_same_top1(model_and_data):
     for data in (dataset, torch.utils.data.DataLoader(dataset, batch_size=3), (x, y), (x.numpy(), y.numpy()),
                  torch.utils.data.TensorDataset(x, y[:, None]),  # (N, 1) labels: one index per image too
                  # a list of images / of labels: torch.stack's and TensorDataset's raw errors
-                 Stream(), (list(x), y), (x, y.tolist()), (list(x), y.tolist())):
+                 Stream(), (list(x), y), (x, y.tolist()), (list(x), y.tolist()),
+                 (x, list(y)), (x, [v.numpy() for v in y])):  # 0-d tensors / arrays: [y for _, y in dataset]
         result = evaluate(model, data, 4, progress=False)
         assert (result.top1, result.images) == (pytest.approx(expected), 10)
     assert 0 < expected < 100
@@ -41,8 +42,9 @@ def test_every_data_form_gives_the_same_top1(model_and_data):
     (lambda y: y + 100, "labels run from 10[0-9] to 10[0-9] but the model has 10 classes"),
     (lambda y: y - 100, "labels run from -"),
     # as a list in an (images, labels) pair: the collate's raw "expected Tensor as element 1"
-    (lambda y: y.float().tolist(), "dtype torch.float32"),
+    (lambda y: y.float().tolist(), "dtype torch.float"),
     (lambda y: [str(v) for v in y.tolist()], "are not class indices"),
+    (lambda y: torch.nn.functional.one_hot(y, 10).tolist(), r"labels of shape \(4, 10\)"),  # one-hot rows as lists
 ])
 def test_labels_that_are_not_class_indices_are_named(model_and_data, labels, message):
     model, x, y, _ = model_and_data

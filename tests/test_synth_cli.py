@@ -150,7 +150,8 @@ def test_run_synth_bits_reach_the_student_and_are_recorded(tmp_path):
     assert run_synth(parse("--model", model, "--method", "psaq_v2", "--bits", "8", "--num-images", "2",
                            "--iterations", "1", "--out", str(out), "--device", "cpu", "--quiet")) == 0
     made = SyntheticSet.load(str(out))
-    assert made.config["quant"] == {"w_bits": 8, "a_bits": 8, "softmax": "log2"}
+    quant = made.config["quant"]
+    assert (quant["w_bits"], quant["a_bits"], quant["softmax_quantizer"], quant["image_bits"]) == (8, 8, "log2", 8)
     from dfqvit.models.loading import load_model
     float_model, norm = load_model(model)
     settings = dict(calib=made, normalization=norm, recon=None, correction=None, progress=False, backend="fake")
@@ -159,6 +160,7 @@ def test_run_synth_bits_reach_the_student_and_are_recorded(tmp_path):
         dfqvit.compile(float_model, bits=8, **settings)
         assert not [w for w in caught if "were made against" in str(w.message)]
         dfqvit.compile(float_model, bits=4, **settings)
-    assert any("made against a W8A8 (log2 softmax) model, and this one is W4A4" in str(w.message) for w in caught)
+    assert any("made against a model quantized with a_bits=8, w_bits=8, and this one has a_bits=4, w_bits=4"
+               in str(w.message) for w in caught)
     with pytest.raises(DFQViTError, match="--bits: the spdfq method does not read the quantized model"):
         run_synth(parse("--model", model, "--method", "spdfq", "--bits", "8", "--out", str(out)))

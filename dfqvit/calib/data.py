@@ -68,14 +68,16 @@ def _warn_other_quant_settings(images: SyntheticSet, qmodel: QuantizedModel) -> 
     """A psaq_v2 / dfqvit set was made against a quantized model of some bit width (its student / adversary); used
     for another one it calibrates that model with images aimed at other quantization errors, which said nothing."""
     made = images.config.get("quant") if isinstance(images.config, dict) else None
-    if made and made != quant_settings(qmodel.config):
-        warn_user(f"dfqvit: these {images.method} images were made against a {_settings(made)} model, and this one is "
-                  f"{_settings(quant_settings(qmodel.config))}; synthesize them for these settings (calib="
-                  f"{images.method!r}, or dfqvit synth --bits) to calibrate with images aimed at its errors")
+    now = quant_settings(qmodel.config)
+    if made and made != now:
+        fields = [k for k in sorted(set(made) | set(now)) if made.get(k) != now.get(k)]
+        warn_user(f"dfqvit: these {images.method} images were made against a model quantized with "
+                  f"{_fields(made, fields)}, and this one has {_fields(now, fields)}; synthesize them for it (calib="
+                  f"{images.method!r}, --calib {images.method}) to calibrate with images aimed at its errors")
 
 
-def _settings(quant: dict) -> str:
-    return f"W{quant['w_bits']}A{quant['a_bits']} ({quant['softmax']} softmax)"
+def _fields(quant: dict, fields) -> str:
+    return ", ".join(f"{k}={quant.get(k)!r}" for k in fields)
 
 
 def set_images(images, qmodel: QuantizedModel) -> Tuple[torch.Tensor, bool]:
@@ -83,6 +85,7 @@ def set_images(images, qmodel: QuantizedModel) -> Tuple[torch.Tensor, bool]:
     or a SyntheticSet, checked against ``qmodel``'s normalization as ``compile`` checks it."""
     if isinstance(images, SyntheticSet):
         _check_set_normalization(images, qmodel.input_spec)
+        _warn_other_quant_settings(images, qmodel)
         return images.images, images.ordered_easy_to_hard
     return images, False
 

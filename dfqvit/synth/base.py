@@ -181,6 +181,13 @@ def synthesize(method: str, qmodel, num_images: int = 32, seed: int = 0, config=
     return result
 
 
+# QuantConfig fields the images of a method that reads the quantized model do not depend on
+_NOT_IN_QUANT_RECORD = ("calib_images", "check_inputs")
+
+
 def quant_settings(config) -> Dict[str, Any]:
-    """What a method that reads the quantized model depends on: bits and softmax quantizer."""
-    return {"w_bits": config.w_bits, "a_bits": config.a_bits, "softmax": config.softmax_quantizer.value}
+    """What a method that reads the quantized model depends on: the QuantConfig's fields that shape its quantizers
+    (bits, softmax quantizer, patch embedding and image bits, head, percentiles, ...)."""
+    from dfqvit.config import config_to_dict
+
+    return {k: v for k, v in config_to_dict(config)["_data"].items() if k not in _NOT_IN_QUANT_RECORD}
