@@ -80,12 +80,17 @@ def _fields(quant: dict, fields) -> str:
     return ", ".join(f"{k}={quant.get(k)!r}" for k in fields)
 
 
+def _check_set(images: SyntheticSet, qmodel: QuantizedModel) -> None:
+    """A set for ``qmodel``: its normalization (refused if another), its quantization settings (a warning)."""
+    _check_set_normalization(images, qmodel.input_spec)
+    _warn_other_quant_settings(images, qmodel)
+
+
 def set_images(images, qmodel: QuantizedModel) -> Tuple[torch.Tensor, bool]:
     """(the image tensor, whether it runs easy -> hard) of what a stage function was given: a tensor (not ordered),
-    or a SyntheticSet, checked against ``qmodel``'s normalization as ``compile`` checks it."""
+    or a SyntheticSet, checked against ``qmodel`` as ``compile`` checks it."""
     if isinstance(images, SyntheticSet):
-        _check_set_normalization(images, qmodel.input_spec)
-        _warn_other_quant_settings(images, qmodel)
+        _check_set(images, qmodel)
         return images.images, images.ordered_easy_to_hard
     return images, False
 
@@ -101,13 +106,12 @@ def calibration_images(calib, qmodel: QuantizedModel, num_images: int, seed: int
     if isinstance(calib, str):
         found = synthesize(calib, qmodel, num_images=num_images, seed=seed, config=synth_config, progress=progress)
     elif isinstance(calib, SyntheticSet):
-        _check_set_normalization(calib, qmodel.input_spec)
-        _warn_other_quant_settings(calib, qmodel)
+        _check_set(calib, qmodel)
         found = calib
     elif isinstance(calib, torch.Tensor) or _is_array(calib):
         found = SyntheticSet(images=torch.as_tensor(calib), targets=None, method="images", seed=seed)
-    elif images_and_labels(calib) is not None:  # one (images, labels) batch: it was read as two batches
-        found = SyntheticSet(images=images_and_labels(calib)[0], targets=None, method="images", seed=seed)
+    elif (pair := images_and_labels(calib)) is not None:  # one (images, labels) batch: it was read as two batches
+        found = SyntheticSet(images=pair[0], targets=None, method="images", seed=seed)
     elif isinstance(calib, torch.utils.data.Dataset) and not isinstance(calib, torch.utils.data.IterableDataset) \
             and hasattr(calib, "__len__") and hasattr(calib, "__getitem__"):
         # a map-style Dataset (dfqvit.data.load_images, TensorDataset) has no __iter__: it was refused
