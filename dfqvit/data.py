@@ -178,6 +178,11 @@ def stack_images(dataset: ImageDataset, count: int) -> torch.Tensor:
     return torch.stack([dataset[i][0] for i in range(min(count, len(dataset)))])
 
 
+def is_image_batch(x) -> bool:
+    """A (B, C, H, W) tensor or array (anything with ``__array__``)."""
+    return hasattr(x, "__array__") and getattr(x, "ndim", 0) == 4
+
+
 def _is_image(x) -> bool:
     return (isinstance(x, torch.Tensor) or isinstance(x, np.ndarray)) and x.ndim == 3
 
@@ -196,9 +201,8 @@ def images_and_labels(pair) -> Optional[Tuple[torch.Tensor, object]]:
     # a list of class indices (ints, 0-d tensors / arrays, strings to be named later) or of one-hot / (1,) rows
     scalars = isinstance(labels, (list, tuple)) and not _is_image_list(labels) and \
         all(isinstance(v, str) or np.ndim(v) <= 1 for v in labels)
-    label_array = hasattr(labels, "__array__") and getattr(labels, "ndim", 0) in (1, 2)  # (B,) or (B, 1)
-    image_array = hasattr(images, "__array__") and getattr(images, "ndim", 0) == 4     # not two batches of images
-    if not ((image_array or _is_image_list(images)) and (label_array or scalars)):
+    label_array = hasattr(labels, "__array__") and getattr(labels, "ndim", 0) in (1, 2)  # (B,) or (B, 1): not 2 batches
+    if not ((is_image_batch(images) or _is_image_list(images)) and (label_array or scalars)):
         return None
     if _is_image_list(images):
         shapes = sorted({tuple(t.shape) for t in images})

@@ -40,7 +40,7 @@ from dfqvit.config import CorrectionConfig
 from dfqvit.errors import warn_user
 from dfqvit.models import QuantizedModel
 from dfqvit.nn import QuantAttentionBase, QuantLinear
-from dfqvit.synth.progressive import curriculum_prefix
+from dfqvit.synth.progressive import curriculum_pool
 
 from .data import set_images
 from .walk import UnitInput, capture_input, model_units, unit_input
@@ -104,12 +104,21 @@ def residual_streams(block: nn.Module, inputs: UnitInput) -> Tuple[torch.Tensor,
     return rows(inputs.args[0]), rows(seen[0]), rows(out)
 
 
+def _channel_variance(a: torch.Tensor) -> torch.Tensor:
+    return (a - a.mean(0)).pow(2).mean(0)
+
+
+def _ridge_strength(var: torch.Tensor, config: CorrectionConfig) -> torch.Tensor:
+    """λ = shrinkage · mean_j var(a_j), the pull toward the identity of every form."""
+    return config.shrinkage * var.mean()
+
+
 def fit_diag(a: torch.Tensor, r: torch.Tensor, config: CorrectionConfig) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-channel (s, t) with a·s + t ≈ r, ridge-shrunk toward s = 1."""
     mean_a, mean_r = a.mean(0), r.mean(0)
-    var = (a - mean_a).pow(2).mean(0)
+    var = _channel_variance(a)
     cov = ((a - mean_a) * (r - mean_r)).mean(0)
-    lam = config.shrinkage * var.mean()
+    lam = _ridge_strength(var, config)
     s = ((cov + lam) / (var + lam)).clamp(*config.scale_range)
     # A channel without variance (constant over the calibration rows) says nothing about a scale: s = 1, and the
     # shift still matches the means (with shrinkage 0 it was 0 / 0: NaN weights).
@@ -123,16 +132,16 @@ def fit_diag_adam(a: torch.Tensor, r: torch.Tensor, config: CorrectionConfig, im
                   curriculum: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """METHODS §4.2's option: per-channel (s, t) by ``config.adam_steps`` Adam steps from (1, 0) on the diag form's
     loss, mean over rows of (a·s + t − r)² + λ·(s − 1)². ``a`` / ``r`` hold ``images`` images' rows one image after
-    the other; with ``curriculum`` step k = 1..K uses the first ``curriculum_prefix(images, k, K)`` images only (an
-    easy -> hard set, METHODS §4.1), else all rows. s is clamped to ``config.scale_range`` at the end."""
+    the other; with ``curriculum`` each step uses the first ``curriculum_pool`` images only (an easy -> hard set,
+    METHODS §4.1), else all rows. s is clamped to ``config.scale_range`` at the end."""
     a, r = (x.clone() if x.is_inference() else x for x in (a, r))  # rows made under inference_mode
     per_image = a.shape[0] // images
-    lam = config.shrinkage * (a - a.mean(0)).pow(2).mean(0).mean()
+    lam = _ridge_strength(_channel_variance(a), config)
     s = torch.ones(a.shape[1], dtype=a.dtype, device=a.device, requires_grad=True)
     t = torch.zeros_like(s, requires_grad=True)
     optimizer = torch.optim.Adam([s, t], lr=config.adam_lr)
     for step in range(config.adam_steps):
-        rows = per_image * (curriculum_prefix(images, step + 1, config.adam_steps) if curriculum else images)
+        rows = per_image * (curriculum_pool(images, step, config.adam_steps) if curriculum else images)
         loss = ((a[:rows] * s + t - r[:rows]).pow(2).mean(0) + lam * (s - 1).pow(2)).sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -143,7 +152,7 @@ def fit_diag_adam(a: torch.Tensor, r: torch.Tensor, config: CorrectionConfig, im
 def fit_full(a: torch.Tensor, r: torch.Tensor, config: CorrectionConfig) -> Tuple[torch.Tensor, torch.Tensor]:
     """(M, t) with a·M + t ≈ r, ridge-shrunk toward M = I (the intercept is not shrunk)."""
     rows, channels = a.shape
-    lam = config.shrinkage * (a - a.mean(0)).pow(2).mean(0).mean()
+    lam = _ridge_strength(_channel_variance(a), config)
     design = torch.cat([a, a.new_ones(rows, 1)], dim=1)
     penalty = torch.ones(channels + 1, dtype=a.dtype, device=a.device)
     penalty[-1] = 0

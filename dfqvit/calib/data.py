@@ -6,7 +6,7 @@ from typing import Iterable, Tuple
 
 import torch
 
-from dfqvit.data import images_and_labels
+from dfqvit.data import images_and_labels, is_image_batch
 from dfqvit.errors import CalibrationError, InputShapeError, warn_user
 from dfqvit.models import QuantizedModel, validate_images
 from dfqvit.synth import SyntheticSet, synthesize
@@ -44,12 +44,6 @@ def _take_images(batches: Iterable, limit: int) -> torch.Tensor:
         raise InputShapeError(f"calibration images of different sizes {shapes[:4]}; resize them all to the model's "
                               "input size (e.g. torchvision Resize + CenterCrop)")
     return torch.cat(images)[:limit]
-
-
-def _is_array(x) -> bool:
-    """A numpy array (or anything with ``__array__``) of images: it was read as a stream of batches of one image
-    ("calibration loader yielded ndarray")."""
-    return not isinstance(x, torch.Tensor) and hasattr(x, "__array__") and getattr(x, "ndim", 0) == 4
 
 
 def _check_set_normalization(images: SyntheticSet, spec) -> None:
@@ -108,7 +102,7 @@ def calibration_images(calib, qmodel: QuantizedModel, num_images: int, seed: int
     elif isinstance(calib, SyntheticSet):
         _check_set(calib, qmodel)
         found = calib
-    elif isinstance(calib, torch.Tensor) or _is_array(calib):
+    elif isinstance(calib, torch.Tensor) or is_image_batch(calib):  # an array was read as batches of one image
         found = SyntheticSet(images=torch.as_tensor(calib), targets=None, method="images", seed=seed)
     elif (pair := images_and_labels(calib)) is not None:  # one (images, labels) batch: it was read as two batches
         found = SyntheticSet(images=pair[0], targets=None, method="images", seed=seed)

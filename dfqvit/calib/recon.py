@@ -28,7 +28,7 @@ from dfqvit.caller_state import training_state
 from dfqvit.config import ReconConfig
 from dfqvit.models import QuantizedModel
 from dfqvit.nn import QuantWindowAttention
-from dfqvit.synth.progressive import curriculum_prefix
+from dfqvit.synth.progressive import curriculum_pool
 
 from .data import set_images
 from .walk import Unit, UnitInput, float_unit_io, model_units, unit_input, weight_layers_in
@@ -70,9 +70,9 @@ def _generator_for(seed: int, stage: int, index: int) -> torch.Generator:
 def batch_rows(num_images: int, batch: int, step: int, iterations: int, curriculum: bool,
                generator: torch.Generator) -> torch.Tensor:
     """Step ``step``'s (0-based) random mini-batch: ``batch`` distinct rows of all ``num_images``, or with
-    ``curriculum`` of the easy -> hard set's first ``curriculum_prefix(n, step + 1, iterations)`` rows (METHODS §4.1:
-    iteration t = 1..T, so the last step draws from all of them), fewer while that prefix is smaller."""
-    pool = curriculum_prefix(num_images, step + 1, iterations) if curriculum else num_images
+    ``curriculum`` of the easy -> hard set's first ``curriculum_pool`` rows (METHODS §4.1), fewer while that prefix
+    is smaller."""
+    pool = curriculum_pool(num_images, step, iterations) if curriculum else num_images
     return torch.randperm(pool, generator=generator)[:batch]
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from dfqvit.caller_state import training_state
-from dfqvit.config import check_seed
+from dfqvit.config import check_seed, config_to_dict
 from dfqvit.errors import CalibrationError, CheckpointNotFoundError, DFQViTError
 
 from .common import check_num_images
@@ -188,6 +188,4 @@ _NOT_IN_QUANT_RECORD = ("calib_images", "check_inputs")
 def quant_settings(config) -> Dict[str, Any]:
     """What a method that reads the quantized model depends on: the QuantConfig's fields that shape its quantizers
     (bits, softmax quantizer, patch embedding and image bits, head, percentiles, ...)."""
-    from dfqvit.config import config_to_dict
-
     return {k: v for k, v in config_to_dict(config)["_data"].items() if k not in _NOT_IN_QUANT_RECORD}

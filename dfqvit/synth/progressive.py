@@ -68,6 +68,12 @@ def curriculum_prefix(num_images: int, step: int, total_steps: int) -> int:
     return max(1, min(num_images, math.ceil(num_images * fraction)))
 
 
+def curriculum_pool(num_images: int, step: int, total_steps: int) -> int:
+    """``curriculum_prefix`` for the 0-based ``step`` of a loop over ``total_steps``: iteration t = step + 1, so the
+    first step draws from just over half the set and the last from all of it."""
+    return curriculum_prefix(num_images, step + 1, total_steps)
+
+
 def calibrated_adversary(qmodel, images: torch.Tensor):
     """A copy of ``qmodel`` whose quantizers are initialised (METHODS §1.2) on ``images``."""
     from dfqvit.calib import calibrate  # calib imports synth: import at call time
